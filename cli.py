@@ -1,0 +1,278 @@
+"""The `lmzip` command: a thin click layer over the lmzip library.
+
+It parses arguments, calls the library and turns its exceptions into one-line
+messages at one boundary (`_each_file`). Exit codes: 0 success, 1 bad data or
+failed I/O or verification, 2 usage, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+import lmzip
+from lmzip.atomic import atomic_output
+from lmzip.codec import DEFAULT_TOKENS_PER_SEGMENT, METHODS, Progress
+from lmzip.fit import FitConfig
+
+SUFFIX = ".lmz"
+EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+_DEFAULTS = FitConfig()
+
+
+class _Failed(Exception):
+    """One file failed; the message is already printed."""
+
+
+class ProgressBar:
+    """A progress bar on stderr, shown only for a person watching a terminal (or -v)."""
+
+    def __init__(self, label: str, enabled: bool):
+        self.label, self.enabled, self.bar, self.last = label, enabled, None, 0
+
+    def __call__(self, p: Progress) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            self.bar = click.progressbar(length=p.total, label=self.label, file=sys.stderr,
+                                         show_eta=True, show_pos=True,
+                                         item_show_func=lambda s: s)
+            self.bar.__enter__()
+        self.bar.update(p.done - self.last, f"memory {p.memory}, zstd {p.zstd}")
+        self.last = p.done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+def _say(ctx_obj: dict, message: str) -> None:
+    if not ctx_obj["quiet"]:
+        click.echo(message, err=True)
+
+
+def _read_input(name: str) -> bytes:
+    if name == "-":
+        return sys.stdin.buffer.read()
+    path = Path(name)
+    if path.is_dir():
+        raise IsADirectoryError(f"{name} is a directory")
+    return path.read_bytes()
+
+
+def _error_text(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror and not isinstance(e, FileExistsError):
+        return e.strerror  # the file name already leads the line
+    return str(e)
+
+
+def _each_file(files, work) -> None:
+    """Run work(name) on each file; report failures one line each; exit 1 if any failed."""
+    failed = False
+    for name in files:
+        try:
+            work(name)
+        except KeyboardInterrupt:
+            click.echo("lmzip: interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except (lmzip.LmzError, OSError) as e:
+            click.echo(f"lmzip: {name}: {_error_text(e)}", err=True)
+            failed = True
+    if failed:
+        sys.exit(EXIT_FAILURE)
+
+
+def _write(name: str, output: str | None, to_stdout: bool, force: bool, produce) -> None:
+    """Send what produce(stream) writes to stdout or, atomically, to `output`."""
+    if to_stdout:
+        buffer = io.BytesIO()  # nothing reaches stdout unless the whole result checks out
+        produce(buffer)
+        sys.stdout.buffer.write(buffer.getvalue())
+        sys.stdout.buffer.flush()
+        return
+    with atomic_output(output, force=force) as f:
+        produce(f)
+
+
+def _check_output_args(files, output, to_stdout) -> None:
+    if output and len(files) > 1:
+        raise click.UsageError("-o takes one input file")
+    if output and to_stdout:
+        raise click.UsageError("-o and -c exclude each other")
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(lmzip.__version__, prog_name="lmzip")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Print a summary per file, and progress even off a terminal.")
+@click.pass_context
+def main(ctx, quiet, verbose):
+    """Lossless text compression into LLM memory vectors (.lmz).
+
+    Exit status: 0 success, 1 bad data or failed verification or I/O error,
+    2 usage error, 130 interrupted.
+    """
+    ctx.obj = {"quiet": quiet, "verbose": verbose and not quiet,
+               "progress": not quiet and (verbose or sys.stderr.isatty()),
+               "codec": lmzip.Codec()}
+
+
+def _output_flags(f):
+    f = click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to this file.")(f)
+    f = click.option("-c", "--stdout", "to_stdout", is_flag=True, help="Write to standard output.")(f)
+    f = click.option("-f", "--force", is_flag=True, help="Overwrite existing output files.")(f)
+    f = click.option("-k", "--keep", is_flag=True, help="Keep the input file (the default).")(f)
+    f = click.option("--rm", "remove", is_flag=True, help="Delete the input file after success.")(f)
+    return f
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("files", nargs=-1, required=True)
+@_output_flags
+@click.option("--model", envvar="LMZIP_MODEL", help="Model: hub ID or local directory "
+              "[env LMZIP_MODEL; default: the embedded SmolLM2-135M-Instruct].")
+@click.option("--method", type=click.Choice(METHODS), default="memory", show_default=True,
+              help="memory: fit memory vectors (zstd for what fails); zstd: no model.")
+@click.option("--tokens", "tokens_per_segment", type=click.IntRange(1), default=DEFAULT_TOKENS_PER_SEGMENT,
+              show_default=True, help="Tokens per memory segment.")
+@click.option("--vectors", type=click.IntRange(1, 1024), default=_DEFAULTS.vectors, show_default=True,
+              help="Memory vectors per segment.")
+@click.option("--max-steps", type=click.IntRange(0), default=_DEFAULTS.max_steps, show_default=True,
+              help="Optimization steps per segment before it goes to zstd.")
+@click.option("--margin", type=click.FloatRange(0), default=_DEFAULTS.margin, show_default=True,
+              help="Required top-1 minus top-2 logit gap at every decoded token.")
+@click.option("--batch-size", type=click.IntRange(1), default=_DEFAULTS.batch_size, show_default=True,
+              help="Segments fitted together.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=_DEFAULTS.lr, show_default=True,
+              help="Peak learning rate.")
+@click.option("--level", type=click.IntRange(1, 22), default=19, show_default=True,
+              help="zstd level for segments stored as zstd.")
+@click.pass_obj
+def compress(obj, files, output, to_stdout, force, keep, remove, model, method, tokens_per_segment,
+             vectors, max_steps, margin, batch_size, lr, level):
+    """Compress FILES (or - for standard input) to FILE.lmz."""
+    _check_output_args(files, output, to_stdout)
+    options = dict(method=method, model=model, tokens_per_segment=tokens_per_segment,
+                   vectors=vectors, max_steps=max_steps, margin=margin, batch_size=batch_size,
+                   lr=lr, zstd_level=level)
+
+    def work(name):
+        stdout = to_stdout or (name == "-" and not output)
+        if stdout and sys.stdout.isatty() and not force:
+            raise click.UsageError("will not write an archive to a terminal (use -o, or -f to force)")
+        data = _read_input(name)
+        bar = ProgressBar(name, obj["progress"])
+        reports = []
+        try:
+            _write(name, output or f"{name}{SUFFIX}", stdout, force,
+                   lambda f: reports.append(obj["codec"].encode_to(data, f, progress=bar, **options)))
+        finally:
+            bar.close()
+        r = reports[0]
+        if obj["verbose"]:
+            _say(obj, f"{name}: {r.original_size} -> {r.archive_size} bytes; {r.memory_segments} memory "
+                      f"segments ({r.memory_tokens} tokens in {r.memory_vectors} vectors), "
+                      f"{r.zstd_pieces} pieces as zstd")
+        if remove and name != "-":
+            os.unlink(name)
+
+    _each_file(files, work)
+
+
+def _decompressed_name(name: str) -> str:
+    if not name.endswith(SUFFIX) or name == SUFFIX:
+        raise lmzip.InputError(f"unknown suffix (expected {SUFFIX}); name the output with -o")
+    return name[: -len(SUFFIX)]
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("files", nargs=-1, required=True)
+@_output_flags
+@click.option("--model", help="Where to find the archive's model (hub ID or local directory), "
+              "if not where the archive says.")
+@click.pass_obj
+def decompress(obj, files, output, to_stdout, force, keep, remove, model):
+    """Decompress FILE.lmz to FILE (or - for standard input, to standard output)."""
+    _check_output_args(files, output, to_stdout)
+
+    def work(name):
+        stdout = to_stdout or (name == "-" and not output)
+        target = output or (None if stdout else _decompressed_name(name))
+        blob = _read_input(name)
+        bar = ProgressBar(name, obj["progress"])
+        try:
+            _write(name, target, stdout, force,
+                   lambda f: obj["codec"].decode_to(blob, f, model=model, progress=bar))
+        finally:
+            bar.close()
+        if remove and name != "-":
+            os.unlink(name)
+
+    _each_file(files, work)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("files", nargs=-1, required=True)
+@click.option("--model", help="Where to find the archive's model, if not where the archive says.")
+@click.pass_obj
+def test(obj, files, model):
+    """Decode FILES and verify every checksum, writing nothing."""
+
+    class Sink(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, b):
+            return len(b)
+
+    def work(name):
+        bar = ProgressBar(name, obj["progress"])
+        try:
+            obj["codec"].decode_to(_read_input(name), Sink(), model=model, progress=bar)
+        finally:
+            bar.close()
+        _say(obj, f"{name}: OK")
+
+    _each_file(files, work)
+
+
+def _info_table(name: str, info: dict) -> str:
+    lines = [f"{name}: lmz format v{info['format_version']}, {info['original_size']} bytes "
+             f"in {info['archive_size']}, {len(info['segments'])} segments"]
+    if info["model_id"]:
+        lines.append(f"  model {info['model_id']} (hidden size {info['hidden_size']}, "
+                     f"{info['compute_dtype']}, margin {info['margin']:g})")
+        lines.append(f"  weights sha256 {info['weights_sha256']}")
+        lines.append(f"  tokenizer sha256 {info['tokenizer_sha256']}")
+    lines.append(f"  {'#':>5} {'kind':<7} {'bytes':>8} {'payload':>8} {'tokens':>6} {'vectors':>7} crc32")
+    for s in info["segments"]:
+        lines.append(f"  {s['index']:>5} {s['kind']:<7} {s['original_length']:>8} {s['payload_length']:>8} "
+                     f"{s['token_count']:>6} {s['vector_count']:>7} {s['crc32']}")
+    return "\n".join(lines)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("files", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON, one object per file.")
+def info(files, as_json):
+    """Describe archives (header and segments) without decoding them."""
+
+    def work(name):
+        described = lmzip.inspect(_read_input(name))
+        if as_json:
+            click.echo(json.dumps({"file": name, **described}))
+        else:
+            click.echo(_info_table(name, described))
+
+    _each_file(files, work)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""The codec: encode bytes into a .lmz archive and decode them back, exactly.
+
+`Codec` holds the expensive state (loaded models) so that many calls share it;
+`lmzip.encode()` and `lmzip.decode()` are thin wrappers over a default Codec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import asdict, dataclass, replace
+from typing import BinaryIO, Callable
+
+import numpy as np
+import torch
+
+from . import container, segmenting, zstd_payload
+from .container import KIND_MEMORY, KIND_ZSTD, ArchiveWriter, Header
+from .errors import ContentChecksumError, InputError, ModelMismatchError, SegmentError
+from .fit import FitConfig, FitResult, fit_segments
+from .generate import greedy_decode
+from .models import LoadedModel, load_model
+
+METHODS = ("memory", "zstd")
+DEFAULT_TOKENS_PER_SEGMENT = 32
+# Runs of zstd segments are merged up to this size: one frame compresses better than many.
+ZSTD_SEGMENT_BYTES = 1 << 20
+
+
+@dataclass
+class Progress:
+    """What a progress display needs; passed to the callback after each segment."""
+
+    done: int
+    total: int
+    memory: int = 0
+    zstd: int = 0
+
+
+@dataclass
+class EncodeReport:
+    original_size: int
+    archive_size: int
+    segments: int
+    memory_segments: int
+    zstd_pieces: int  # pieces stored as zstd (runs of them share frames)
+    memory_tokens: int
+    memory_vectors: int
+    fits: dict[int, FitResult]  # by piece index
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+def _as_bytes(data) -> bytes:
+    if isinstance(data, str):
+        return data.encode("utf-8")
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    raise InputError(f"lmzip encodes bytes or str, not {type(data).__name__}")
+
+
+class _ZstdRun:
+    """Collects consecutive zstd-bound bytes and writes them as few large frames."""
+
+    def __init__(self, writer: ArchiveWriter, level: int):
+        self.writer, self.level, self.buffer = writer, level, bytearray()
+
+    def add(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            room = ZSTD_SEGMENT_BYTES - len(self.buffer)
+            self.buffer += view[:room]
+            view = view[room:]
+            if len(self.buffer) == ZSTD_SEGMENT_BYTES:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            data = bytes(self.buffer)
+            self.writer.add(KIND_ZSTD, data, zstd_payload.compress(data, self.level))
+            self.buffer.clear()
+
+
+class Codec:
+    """Encodes and decodes .lmz archives, keeping loaded models between calls."""
+
+    def __init__(self, model: str | None = None, device: str | None = None):
+        self.default_model = model
+        self.device = device
+        self._models: dict[str, LoadedModel] = {}
+
+    def model(self, spec: str | None = None) -> LoadedModel:
+        spec = spec or self.default_model
+        key = spec or ""
+        if key not in self._models:
+            self._models[key] = load_model(spec, self.device)
+        return self._models[key]
+
+    # -- encoding -----------------------------------------------------------------
+
+    def encode(self, data, **options) -> bytes:
+        out = io.BytesIO()
+        self.encode_to(data, out, **options)
+        return out.getvalue()
+
+    def encode_to(self, data, out: BinaryIO, *, method: str = "memory", model: str | None = None,
+                  tokens_per_segment: int = DEFAULT_TOKENS_PER_SEGMENT, fit: FitConfig | None = None,
+                  zstd_level: int = zstd_payload.DEFAULT_LEVEL,
+                  progress: ProgressCallback | None = None, **fit_options) -> EncodeReport:
+        """Encode `data` (bytes, or str as UTF-8) and write the archive to `out`.
+
+        Extra keyword options (vectors, max_steps, lr, batch_size, margin, …) set
+        fields of the FitConfig.
+        """
+        data = _as_bytes(data)
+        if method not in METHODS:
+            raise InputError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
+        if tokens_per_segment < 1:
+            raise InputError("tokens per segment must be at least 1")
+        try:
+            fit = replace(fit or FitConfig(), **fit_options)
+        except TypeError as e:
+            raise InputError(f"unknown encoder option: {e}") from None
+        if fit.vectors < 1 or fit.vectors > container.MAX_VECTORS_PER_SEGMENT or fit.max_steps < 0:
+            raise InputError(f"vectors must be in [1, {container.MAX_VECTORS_PER_SEGMENT}] "
+                             "and max steps not negative")
+        if not 1 <= zstd_level <= 22:
+            raise InputError("zstd level must be in [1, 22]")
+
+        if method == "zstd":
+            pieces, lm = [segmenting.Piece(data, None)], None
+        else:
+            lm = self.model(model)
+            pieces = list(segmenting.plan(data, lm.tokenizer, tokens_per_segment))
+        return self.write_pieces(pieces, out, lm, fit, zstd_level, progress)
+
+    def write_pieces(self, pieces: list[segmenting.Piece], out: BinaryIO, lm: LoadedModel | None,
+                     fit: FitConfig, zstd_level: int = zstd_payload.DEFAULT_LEVEL,
+                     progress: ProgressCallback | None = None) -> EncodeReport:
+        """Fit the pieces that have tokens, fall back to zstd for the rest, write the archive."""
+        writer = ArchiveWriter()
+        run = _ZstdRun(writer, zstd_level)
+        state = Progress(0, len(pieces))
+        jobs = [(i, p.ids) for i, p in enumerate(pieces)
+                if lm is not None and fit.max_steps > 0 and p.ids is not None
+                and len(p.ids) <= container.MAX_TOKENS_PER_SEGMENT]
+        waiting = {i for i, _ in jobs}
+        fitted = fit_segments(lm, jobs, fit) if jobs else iter(())
+        fits: dict[int, FitResult] = {}
+        memory_tokens = 0
+        # Fits finish out of order; segments are written in order as soon as they can be.
+        for index, piece in enumerate(pieces):
+            while index in waiting:
+                key, result = next(fitted)
+                fits[key] = result
+                waiting.discard(key)
+            result = fits.get(index)
+            if result is not None and result.vectors is not None:
+                run.flush()
+                payload = result.vectors.numpy().astype("<f2").tobytes()
+                writer.add(KIND_MEMORY, piece.data, payload, len(piece.ids), fit.vectors)
+                state.memory += 1
+                memory_tokens += len(piece.ids)
+            else:
+                run.add(piece.data)
+                state.zstd += 1
+            state.done = index + 1
+            if progress:
+                progress(state)
+        run.flush()
+
+        data_hash = hashlib.sha256()
+        for piece in pieces:
+            data_hash.update(piece.data)
+        header = Header(
+            original_size=sum(len(p.data) for p in pieces),
+            content_sha256=data_hash.digest(),
+            segment_count=writer.segment_count,
+            **(self._model_fields(lm, fit) if lm else {}),
+        )
+        size = writer.finish(out, header)
+        return EncodeReport(header.original_size, size, writer.segment_count, state.memory,
+                            state.zstd, memory_tokens, state.memory * fit.vectors, fits)
+
+    @staticmethod
+    def _model_fields(lm: LoadedModel, fit: FitConfig) -> dict:
+        return dict(model_id=lm.model_id, tokenizer_sha256=lm.tokenizer_sha256,
+                    weights_sha256=lm.weights_sha256, hidden_size=lm.hidden_size,
+                    vectors_per_segment=fit.vectors, compute_dtype=container.DTYPE_FLOAT32,
+                    margin=fit.margin)
+
+    # -- decoding -----------------------------------------------------------------
+
+    def decode(self, blob, *, model: str | None = None) -> bytes:
+        out = io.BytesIO()
+        self.decode_to(blob, out, model=model)
+        return out.getvalue()
+
+    def decode_to(self, blob, out: BinaryIO, *, model: str | None = None,
+                  progress: ProgressCallback | None = None) -> int:
+        """Decode an archive into `out`; raise an LmzError unless every byte checks out.
+
+        Bytes are written as segments decode; the caller must discard `out` on
+        error (the CLI writes to a temporary file and renames it only on success).
+        """
+        archive = container.parse(blob)
+        header = archive.header
+        lm = None
+        if any(s.kind == KIND_MEMORY for s in archive.segments):
+            lm = self.model(model or header.model_id)
+            lm.check_matches(header.model_id, header.tokenizer_sha256, header.weights_sha256)
+            if lm.hidden_size != header.hidden_size:
+                raise ModelMismatchError(f"model mismatch: the archive's vectors have size "
+                                         f"{header.hidden_size}, the model's {lm.hidden_size}")
+        content_hash = hashlib.sha256()
+        state = Progress(0, len(archive.segments))
+        for index, segment in enumerate(archive.segments):
+            data = self._decode_segment(archive, index, lm)
+            if container.crc32(data) != segment.crc32:
+                raise SegmentError(index, "checksum mismatch")
+            content_hash.update(data)
+            out.write(data)
+            state.done = index + 1
+            if segment.kind == KIND_MEMORY:
+                state.memory += 1
+            else:
+                state.zstd += 1
+            if progress:
+                progress(state)
+        if content_hash.digest() != header.content_sha256:
+            raise ContentChecksumError("decoded content does not match the archive's SHA-256")
+        return header.original_size
+
+    @staticmethod
+    def _decode_segment(archive: container.Archive, index: int, lm: LoadedModel | None) -> bytes:
+        segment = archive.segments[index]
+        payload = archive.payload(index)
+        if segment.kind == KIND_ZSTD:
+            try:
+                return zstd_payload.decompress(payload, segment.original_length)
+            except ValueError as e:
+                raise SegmentError(index, str(e)) from None
+        vectors = np.frombuffer(payload, dtype="<f2").reshape(segment.vector_count, -1)
+        vectors = torch.from_numpy(vectors.astype(np.float32))
+        ids = greedy_decode(lm, vectors, segment.token_count).ids
+        text = lm.tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+        data = text.encode("utf-8", errors="surrogatepass")
+        if len(data) != segment.original_length:
+            raise SegmentError(index, f"decoded {len(data)} bytes, expected {segment.original_length}")
+        return data
+
+
+def inspect(blob) -> dict:
+    """Describe an archive without decoding it: header fields and the segment table."""
+    archive = container.parse(blob)
+    h = archive.header
+    return {
+        "format_version": h.version,
+        "original_size": h.original_size,
+        "archive_size": len(archive.data),
+        "content_sha256": h.content_sha256.hex(),
+        "model_id": h.model_id or None,
+        "tokenizer_sha256": h.tokenizer_sha256.hex() if h.has_model else None,
+        "weights_sha256": h.weights_sha256.hex() if h.has_model else None,
+        "hidden_size": h.hidden_size,
+        "vectors_per_segment": h.vectors_per_segment,
+        "compute_dtype": container.DTYPE_NAMES[h.compute_dtype],
+        "margin": h.margin,
+        "segments": [
+            {"index": i, "kind": s.kind_name, "original_length": s.original_length,
+             "payload_length": s.payload_length, "token_count": s.token_count,
+             "vector_count": s.vector_count, "crc32": f"{s.crc32:08x}"}
+            for i, s in enumerate(archive.segments)
+        ],
+    }

@@ -1,0 +1,66 @@
+"""The one exception root of lmzip and its named failures.
+
+Every failure a user can cause (a damaged or hostile archive, the wrong model,
+bad input) raises a subclass of LmzError whose message is one line that a
+person understands. Anything else escaping lmzip is a bug.
+"""
+
+
+class LmzError(Exception):
+    """Root of every error lmzip raises on purpose."""
+
+
+class NotLmzError(LmzError):
+    """The data does not start with the .lmz magic number."""
+
+
+class UnsupportedVersionError(LmzError):
+    """A valid header names a format version this decoder does not know."""
+
+
+class TruncatedError(LmzError):
+    """The archive ends before a structure it announces."""
+
+
+class TrailingDataError(LmzError):
+    """Bytes follow the last payload."""
+
+
+class HeaderError(LmzError):
+    """The header is damaged: checksum mismatch, reserved bits or a bad field."""
+
+
+class LimitError(HeaderError):
+    """A size read from the archive is beyond a named decoder limit."""
+
+
+class SegmentTableError(LmzError):
+    """The segment table is damaged or inconsistent."""
+
+
+class SegmentError(LmzError):
+    """One segment's payload does not decode to its original bytes."""
+
+    def __init__(self, index: int, problem: str):
+        super().__init__(f"damaged segment {index}: {problem}")
+        self.index = index
+
+
+class ContentChecksumError(LmzError):
+    """The decoded content does not match the archive's SHA-256."""
+
+
+class ModelError(LmzError):
+    """A model cannot be loaded or used."""
+
+
+class ModelUnavailableError(ModelError):
+    """The model the archive names cannot be found on this machine."""
+
+
+class ModelMismatchError(ModelError):
+    """The loaded model, tokenizer or weights differ from the archive's."""
+
+
+class InputError(LmzError):
+    """An encoder option or input is unusable."""

@@ -1,0 +1,65 @@
+"""Greedy decoding from memory vectors: the one path that turns vectors into tokens.
+
+The encoder verifies a segment with `greedy_decode` on the fp16-rounded vectors
+it stores, and the decoder calls the same function, so what was verified is
+what is decoded. It runs in float32, eval mode, no sampling; the smallest gap
+between the top two logits tells how far a segment is from a near-tie that
+another machine's arithmetic could flip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .models import LoadedModel
+
+
+@dataclass(frozen=True)
+class Decoded:
+    ids: list[int]
+    min_margin: float  # smallest (top-1 logit - top-2 logit) over all steps
+
+
+def _top2_margin(logits: torch.Tensor) -> torch.Tensor:
+    top = torch.topk(logits, 2, dim=-1).values  # (..., 2)
+    return top[..., 0] - top[..., 1]
+
+
+@torch.no_grad()
+def greedy_decode(lm: LoadedModel, vectors: torch.Tensor, n_tokens: int,
+                  use_cache: bool = True) -> Decoded:
+    """Generate exactly `n_tokens` tokens after the memory `vectors` (K, H)."""
+    model = lm.model
+    embeds = vectors.to(lm.device, torch.float32).unsqueeze(0)  # (1, K, H)
+    ids: list[int] = []
+    margins: list[torch.Tensor] = []
+    past = None
+    step_input = embeds
+    for _ in range(n_tokens):
+        if use_cache:
+            out = model(inputs_embeds=step_input, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+        else:
+            out = model(inputs_embeds=embeds, use_cache=False)
+        logits = out.logits[0, -1].float()  # (V,)
+        next_id = int(torch.argmax(logits))
+        margins.append(_top2_margin(logits))
+        ids.append(next_id)
+        next_embed = lm.embed(torch.tensor([[next_id]], device=lm.device))  # (1, 1, H)
+        step_input = next_embed
+        if not use_cache:
+            embeds = torch.cat([embeds, next_embed], dim=1)
+    min_margin = float(torch.stack(margins).min()) if margins else float("inf")
+    return Decoded(ids, min_margin)
+
+
+@torch.no_grad()
+def teacher_forced_accuracy(lm: LoadedModel, vectors: torch.Tensor, ids: list[int]) -> float:
+    """Share of positions whose argmax is the right token when the true prefix is given."""
+    target = torch.tensor([ids], device=lm.device)
+    embeds = torch.cat([vectors.to(lm.device, torch.float32).unsqueeze(0), lm.embed(target)], dim=1)
+    k = vectors.shape[0]
+    logits = lm.model(inputs_embeds=embeds, use_cache=False).logits[0, k - 1 : k - 1 + len(ids)]
+    return float((logits.argmax(-1) == target[0]).float().mean())

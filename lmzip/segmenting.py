@@ -1,0 +1,67 @@
+"""Cutting input bytes into segments whose bytes concatenate to the input exactly.
+
+Valid UTF-8 text is cut every N tokens, at character boundaries; each piece is
+re-tokenized on its own and kept for memory coding only if its tokens decode
+back to exactly its text. Everything else (invalid UTF-8, a tokenizer that
+normalizes) is marked for zstd.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+# Invalid UTF-8 bytes come back from surrogateescape as U+DC80..U+DCFF; valid
+# UTF-8 never decodes to a surrogate, so these mark exactly the binary runs.
+_ESCAPED_BYTES = re.compile("[\udc80-\udcff]+")
+
+
+@dataclass(frozen=True)
+class Piece:
+    data: bytes
+    ids: tuple[int, ...] | None  # the tokens to memory-code, or None for zstd
+
+
+def _runs(data: bytes) -> Iterator[tuple[str, bool]]:
+    """Yield (text, is_valid_utf8) runs covering `data` in order."""
+    text = data.decode("utf-8", errors="surrogateescape")
+    pos = 0
+    for m in _ESCAPED_BYTES.finditer(text):
+        if m.start() > pos:
+            yield text[pos : m.start()], True
+        yield m.group(), False
+        pos = m.end()
+    if pos < len(text):
+        yield text[pos:], True
+
+
+def _cut_points(tokenizer, text: str, tokens_per_segment: int) -> list[int]:
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    cuts = [0]
+    for j in range(tokens_per_segment, len(offsets), tokens_per_segment):
+        start = offsets[j][0]
+        if start > cuts[-1]:  # a token inside a multi-byte character shares its offset
+            cuts.append(start)
+    cuts.append(len(text))
+    return cuts
+
+
+def memory_piece(tokenizer, text: str) -> Piece:
+    """A piece of text, with its tokens if they detokenize back to exactly the text."""
+    data = text.encode("utf-8")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids or tokenizer.decode(ids, clean_up_tokenization_spaces=False) != text:
+        return Piece(data, None)
+    return Piece(data, tuple(ids))
+
+
+def plan(data: bytes, tokenizer, tokens_per_segment: int) -> Iterator[Piece]:
+    """Cut `data` into pieces of about `tokens_per_segment` tokens."""
+    for text, valid in _runs(data):
+        if not valid:
+            yield Piece(text.encode("utf-8", errors="surrogateescape"), None)
+            continue
+        cuts = _cut_points(tokenizer, text, tokens_per_segment)
+        for a, b in zip(cuts, cuts[1:]):
+            yield memory_piece(tokenizer, text[a:b])
