@@ -1,0 +1,33 @@
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+import lmzip
+
+# A fast default for the edit-test loop and a longer profile that CI runs (CI=true).
+settings.register_profile("dev", max_examples=25, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=150, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=2000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_MODEL = str(ROOT / "tests" / "data" / "tiny-llama")
+FORMATS = ROOT / "formats"
+# Settings that fit the tiny model quickly; each test may override.
+TINY_OPTIONS = dict(model=TINY_MODEL, tokens_per_segment=8, vectors=1, max_steps=300, lr=0.1,
+                    margin=0.5, batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def codec():
+    return lmzip.Codec(model=TINY_MODEL, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny(codec):
+    return codec.model(TINY_MODEL)

@@ -1,0 +1,112 @@
+"""Memory segments with the tiny test model: fit, verify, decode exactly."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lmzip
+from lmzip import container
+from lmzip.generate import greedy_decode
+
+from conftest import TINY_MODEL, TINY_OPTIONS
+
+SENTENCE = "Alice was beginning to get very tired of sitting by her sister on the bank."
+
+
+def kinds(blob):
+    return [s["kind"] for s in lmzip.inspect(blob)["segments"]]
+
+
+@pytest.fixture(scope="module")
+def sentence_archive(codec):
+    return codec.encode(SENTENCE, **TINY_OPTIONS)
+
+
+def test_text_goes_to_memory_and_comes_back(codec, sentence_archive):
+    assert set(kinds(sentence_archive)) == {"memory"}
+    assert codec.decode(sentence_archive) == SENTENCE.encode()
+    info = lmzip.inspect(sentence_archive)
+    assert info["model_id"] == TINY_MODEL and info["hidden_size"] == 128
+    assert sum(s["token_count"] for s in info["segments"]) == len(SENTENCE)  # byte-level tokenizer
+
+
+def test_invalid_utf8_and_exhausted_budget_go_to_zstd(codec):
+    data = b"plain text here \xff\xfe\xfd more plain text"
+    blob = codec.encode(data, **TINY_OPTIONS)
+    assert "memory" in kinds(blob) and "zstd" in kinds(blob)
+    assert codec.decode(blob) == data
+    no_budget = codec.encode(data, **{**TINY_OPTIONS, "max_steps": 0})
+    assert kinds(no_budget) == ["zstd"]  # the runs of zstd pieces merge into one frame
+    assert codec.decode(no_budget) == data
+
+
+def test_margin_guard_sends_unreachable_margins_to_zstd(codec):
+    blob = codec.encode("short", **{**TINY_OPTIONS, "margin": 1e6, "max_steps": 20})
+    assert kinds(blob) == ["zstd"]
+    assert lmzip.inspect(blob)["margin"] == 1e6
+
+
+@given(st.text(max_size=24))
+@settings(max_examples=10)
+def test_round_trip_text_through_memory(codec, text):
+    blob = codec.encode(text, **TINY_OPTIONS)
+    assert codec.decode(blob) == text.encode()
+
+
+def memory_segments(blob):
+    archive = container.parse(blob)
+    for i, s in enumerate(archive.segments):
+        if s.kind == container.KIND_MEMORY:
+            vectors = np.frombuffer(archive.payload(i), "<f2").reshape(s.vector_count, -1)
+            yield torch.from_numpy(vectors.astype(np.float32)), s.token_count
+
+
+def test_decoding_is_the_same_with_1_or_2_threads_and_without_kv_cache(codec, tiny, sentence_archive):
+    before = torch.get_num_threads()
+    outputs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for use_cache in (True, False):
+                outputs.append([greedy_decode(tiny, v, n, use_cache=use_cache).ids
+                                for v, n in memory_segments(sentence_archive)])
+            assert codec.decode(sentence_archive) == SENTENCE.encode()
+    finally:
+        torch.set_num_threads(before)
+    assert all(o == outputs[0] for o in outputs)
+
+
+def test_another_model_is_refused_by_name_and_hash(codec, sentence_archive, tmp_path):
+    other = tmp_path / "other-model"
+    shutil.copytree(TINY_MODEL, other)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(other / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 1
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(lmzip.ModelMismatchError, match=f"needs model '{TINY_MODEL}' with weights sha256"):
+        codec.decode(sentence_archive, model=str(other))
+
+
+def test_missing_model_directory_is_a_clear_error(codec, tmp_path):
+    with pytest.raises(lmzip.ModelUnavailableError, match="cannot load"):
+        codec.encode("hello", **{**TINY_OPTIONS, "model": str(tmp_path / "nowhere")})
+
+
+def test_zstd_archives_need_no_model(tmp_path):
+    blob = lmzip.Codec(model=str(tmp_path / "nowhere")).encode(b"text", method="zstd")
+    assert lmzip.Codec(model=str(tmp_path / "nowhere")).decode(blob) == b"text"
+
+
+def test_bad_options_are_input_errors(codec):
+    with pytest.raises(lmzip.InputError, match="unknown method"):
+        codec.encode("x", method="gzip")
+    with pytest.raises(lmzip.InputError, match="unknown encoder option"):
+        codec.encode("x", **TINY_OPTIONS, colour="blue")
+    with pytest.raises(lmzip.InputError, match="tokens per segment"):
+        codec.encode("x", **{**TINY_OPTIONS, "tokens_per_segment": 0})
