@@ -274,5 +274,44 @@ def info(files, as_json):
     _each_file(files, work)
 
 
+@main.command(context_settings=CONTEXT)
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--chunk-chars", type=click.IntRange(1), default=100, show_default=True,
+              help="Cut text files into chunks of this many characters.")
+@click.option("--limit", type=click.IntRange(0), default=20, show_default=True,
+              help="Benchmark the first N chunks (0: all).")
+@click.option("--model", envvar="LMZIP_MODEL", help="Model: hub ID or local directory [env LMZIP_MODEL].")
+@click.option("--vectors", type=click.IntRange(1, 1024), default=_DEFAULTS.vectors, show_default=True)
+@click.option("--max-steps", type=click.IntRange(0), default=_DEFAULTS.max_steps, show_default=True)
+@click.option("--margin", type=click.FloatRange(0), default=_DEFAULTS.margin, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=_DEFAULTS.batch_size, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=_DEFAULTS.lr, show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write every row and the summary here.")
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), help="Write a PNG plot here (needs matplotlib).")
+@click.pass_obj
+def bench(obj, paths, chunk_chars, limit, model, vectors, max_steps, margin, batch_size, lr, json_out, plot_out):
+    """Measure lmzip on text files or CSVs (column 'chunk'): the paper's table, speed, bytes."""
+    from lmzip import bench as benchmark
+
+    fit = FitConfig(vectors=vectors, max_steps=max_steps, margin=margin, batch_size=batch_size, lr=lr)
+    bar = ProgressBar("bench", obj["progress"])
+    try:
+        result = benchmark.run(obj["codec"], list(paths), chunk_chars=chunk_chars, limit=limit or None,
+                               model=model, fit=fit, progress=bar)
+    except (lmzip.LmzError, OSError, UnicodeDecodeError) as e:
+        bar.close()
+        raise click.ClickException(_error_text(e)) from None
+    bar.close()
+    click.echo(benchmark.format_table(result))
+    try:
+        if json_out:
+            with atomic_output(json_out, force=True) as f:
+                f.write(json.dumps(result, indent=2).encode())
+        if plot_out:
+            benchmark.plot(result, plot_out)
+    except (lmzip.LmzError, OSError) as e:
+        raise click.ClickException(_error_text(e)) from None
+
+
 if __name__ == "__main__":
     main()

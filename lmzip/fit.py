@@ -27,8 +27,8 @@ from .models import LoadedModel
 @dataclass(frozen=True)
 class FitConfig:
     vectors: int = 4            # K memory vectors per segment
-    max_steps: int = 400        # step budget per segment; past it the segment goes to zstd
-    lr: float = 0.05            # peak learning rate
+    max_steps: int = 300        # step budget per segment; past it the segment goes to zstd
+    lr: float = 0.1             # peak learning rate
     warmup: int = 10            # linear warm-up steps
     betas: tuple[float, float] = (0.9, 0.9)
     weight_decay: float = 0.0

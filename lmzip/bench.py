@@ -1,0 +1,218 @@
+"""`lmzip bench`: the seed paper's table, speed, and bytes against zstd and xz.
+
+A text is cut into chunks of a fixed number of characters (as the paper cut
+its blog post), or a CSV gives one chunk per row in its `chunk` column. Each
+chunk becomes one segment of a real archive, made by the real encoder; each
+memory segment is then decoded again by the real decoder and timed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import lzma
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import zstandard
+
+from . import container, segmenting
+from .codec import Codec, ProgressCallback
+from .errors import InputError
+from .fit import FitConfig
+from .generate import greedy_decode
+
+
+@dataclass
+class ChunkRow:
+    index: int
+    chars: int
+    tokens: int
+    kind: str                # how it was stored: memory or zstd
+    exact: bool              # the real decoder gave back exactly its tokens
+    accuracy: float | None   # teacher-forced token accuracy (None: no tokens to fit)
+    steps: int
+    fit_seconds: float       # from entering the batch to leaving it
+    decode_seconds: float | None
+    min_margin: float | None
+
+
+def load_chunks(paths: list[str], chunk_chars: int, limit: int | None) -> list[str]:
+    chunks: list[str] = []
+    for name in paths:
+        path = Path(name)
+        if path.suffix.lower() == ".csv":
+            with path.open(newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                if "chunk" not in (reader.fieldnames or []):
+                    raise InputError(f"{name}: a CSV needs a 'chunk' column")
+                chunks += [row["chunk"] for row in reader]
+        else:
+            text = path.read_text(encoding="utf-8")
+            chunks += [text[i : i + chunk_chars] for i in range(0, len(text), chunk_chars)]
+    chunks = [c for c in chunks if c]
+    return chunks[:limit] if limit else chunks
+
+
+def _time_plain_generate(lm, ids: list[int]) -> float:
+    """Seconds for the model's own generate() to produce len(ids) - 1 tokens after the first."""
+    prompt = torch.tensor([ids[:1]], device=lm.device)
+    n = max(len(ids) - 1, 1)
+    start = time.perf_counter()
+    with torch.no_grad():
+        lm.model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          attention_mask=torch.ones_like(prompt), pad_token_id=ids[0])
+    return time.perf_counter() - start
+
+
+def run(codec: Codec, paths: list[str], *, chunk_chars: int = 100, limit: int | None = 20,
+        model: str | None = None, fit: FitConfig | None = None,
+        progress: ProgressCallback | None = None) -> dict:
+    if chunk_chars < 1:
+        raise InputError("chunk length must be at least 1 character")
+    chunks = load_chunks(paths, chunk_chars, limit)
+    if not chunks:
+        raise InputError("no text to benchmark")
+    fit = fit or FitConfig()
+    lm = codec.model(model)
+    pieces = [segmenting.memory_piece(lm.tokenizer, c) for c in chunks]
+    original = b"".join(p.data for p in pieces)
+
+    out = io.BytesIO()
+    started = time.perf_counter()
+    report = codec.write_pieces(pieces, out, lm, fit, progress=progress)
+    fit_wall = time.perf_counter() - started
+    archive_bytes = out.getvalue()
+    if codec.decode(archive_bytes, model=lm.model_id) != original:  # the real decode path, whole
+        raise AssertionError("bench archive did not decode to its input")
+
+    archive = container.parse(archive_bytes)
+    memory_payloads = iter(i for i, s in enumerate(archive.segments) if s.kind == container.KIND_MEMORY)
+    rows, plain_seconds, plain_tokens = [], 0.0, 0
+    for index, piece in enumerate(pieces):
+        result = report.fits.get(index)
+        stored = result is not None and result.vectors is not None
+        decode_seconds = None
+        exact = False
+        if stored:
+            seg = next(memory_payloads)
+            s = archive.segments[seg]
+            vectors = np.frombuffer(archive.payload(seg), "<f2").reshape(s.vector_count, -1)
+            t = time.perf_counter()
+            decoded = greedy_decode(lm, torch.from_numpy(vectors.astype(np.float32)), s.token_count)
+            decode_seconds = time.perf_counter() - t
+            exact = decoded.ids == list(piece.ids)
+            plain_seconds += _time_plain_generate(lm, list(piece.ids))
+            plain_tokens += max(len(piece.ids) - 1, 1)
+        rows.append(ChunkRow(
+            index=index, chars=len(chunks[index]), tokens=len(piece.ids or ()),
+            kind="memory" if stored else "zstd", exact=exact,
+            accuracy=result.accuracy if result else None, steps=result.steps if result else 0,
+            fit_seconds=result.seconds if result else 0.0, decode_seconds=decode_seconds,
+            min_margin=result.min_margin if result and result.min_margin != float("-inf") else None,
+        ))
+
+    return {"summary": _summary(lm, chunk_chars, fit, rows, fit_wall, plain_seconds, plain_tokens,
+                                original, archive_bytes),
+            "chunks": [asdict(r) for r in rows]}
+
+
+def _summary(lm, chunk_chars, fit, rows, fit_wall, plain_seconds, plain_tokens, original, archive_bytes):
+    fitted = [r for r in rows if r.accuracy is not None]
+    memory = [r for r in rows if r.kind == "memory"]
+    decode_seconds = sum(r.decode_seconds for r in memory)
+    decode_tokens = sum(r.tokens for r in memory)
+    zstd_size = len(zstandard.ZstdCompressor(level=19).compress(original))
+    xz_size = len(lzma.compress(original, preset=9 | lzma.PRESET_EXTREME))
+    n = len(original) or 1
+    return {
+        "model": lm.model_id,
+        "parameters": lm.parameter_count,
+        "embedding_size": lm.hidden_size,
+        "chunk_chars": chunk_chars,
+        "chunks": len(rows),
+        "vectors_per_chunk": fit.vectors,
+        "max_steps": fit.max_steps,
+        "avg_accuracy": statistics.fmean(r.accuracy for r in fitted) if fitted else None,
+        "reconstructed": sum(r.exact for r in rows),
+        "median_steps": statistics.median(r.steps for r in fitted) if fitted else None,
+        "median_fit_seconds": statistics.median(r.fit_seconds for r in fitted) if fitted else None,
+        "fit_wall_seconds": fit_wall,
+        "tokens_fitted_per_second": sum(r.tokens for r in fitted) / fit_wall if fit_wall else None,
+        "decode_tokens_per_second": decode_tokens / decode_seconds if decode_seconds else None,
+        "generate_tokens_per_second": plain_tokens / plain_seconds if plain_seconds else None,
+        "tokens_per_vector": decode_tokens / (len(memory) * fit.vectors) if memory else None,
+        "original_bytes": len(original),
+        "lmz_bytes": len(archive_bytes),
+        "zstd19_bytes": zstd_size,
+        "xz9e_bytes": xz_size,
+        "lmz_bits_per_byte": 8 * len(archive_bytes) / n,
+        "zstd19_bits_per_byte": 8 * zstd_size / n,
+        "xz9e_bits_per_byte": 8 * xz_size / n,
+        "threads": torch.get_num_threads(),
+        "device": str(lm.device),
+    }
+
+
+def _fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def format_table(result: dict) -> str:
+    s = result["summary"]
+    lines = [
+        "| chunk | tokens | stored | exact | acc | steps | fit s | decode s | margin |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["chunks"]:
+        lines.append(f"| {r['index']} | {r['tokens']} | {r['kind']} | {'yes' if r['exact'] else 'no'} | "
+                     f"{_fmt(r['accuracy'], '.3f')} | {r['steps']} | {r['fit_seconds']:.1f} | "
+                     f"{_fmt(r['decode_seconds'], '.2f')} | {_fmt(r['min_margin'], '.2f')} |")
+    lines += [
+        "",
+        "| Model | Params | Emb. size | Chunk chars | K | Avg. Acc | Reconstructed |",
+        "|---|---|---|---|---|---|---|",
+        f"| {s['model']} | {s['parameters'] / 1e6:.0f}M | {s['embedding_size']} | {s['chunk_chars']} | "
+        f"{s['vectors_per_chunk']} | {_fmt(s['avg_accuracy'], '.3f')} | {s['reconstructed']} / {s['chunks']} |",
+        "",
+        f"fit: median {_fmt(s['median_steps'], '.0f')} steps, median {_fmt(s['median_fit_seconds'], '.1f')} s "
+        f"per chunk, {s['fit_wall_seconds']:.0f} s wall for all, "
+        f"{_fmt(s['tokens_fitted_per_second'], '.2f')} tokens fitted/s ({s['threads']} threads, {s['device']})",
+        f"decode: {_fmt(s['decode_tokens_per_second'], '.1f')} tokens/s from memory vectors; "
+        f"plain generate(): {_fmt(s['generate_tokens_per_second'], '.1f')} tokens/s",
+        f"tokens per vector: {_fmt(s['tokens_per_vector'], '.1f')}",
+        "",
+        "| | bytes | bits per byte |",
+        "|---|---|---|",
+        f"| original | {s['original_bytes']} | 8.000 |",
+        f"| .lmz | {s['lmz_bytes']} | {s['lmz_bits_per_byte']:.3f} |",
+        f"| zstd -19 | {s['zstd19_bytes']} | {s['zstd19_bits_per_byte']:.3f} |",
+        f"| xz -9e | {s['xz9e_bytes']} | {s['xz9e_bits_per_byte']:.3f} |",
+    ]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    """Accuracy and exact reconstruction against chunk length in tokens (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("--plot needs matplotlib: pip install 'lmzip[plot]'") from None
+    rows = [r for r in result["chunks"] if r["accuracy"] is not None]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.scatter([r["tokens"] for r in rows], [r["accuracy"] for r in rows], label="teacher-forced accuracy")
+    ax.scatter([r["tokens"] for r in rows], [1.0 if r["exact"] else 0.0 for r in rows], marker="x",
+               label="exact from memory (1 = yes)")
+    s = result["summary"]
+    ax.set(xlabel="chunk length (tokens)", ylabel="accuracy / exact", ylim=(-0.05, 1.05),
+           title=f"{s['model']}, K={s['vectors_per_chunk']}, {s['chunk_chars']}-char chunks")
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
