@@ -11,66 +11,21 @@ tests/test_formats.py against the table in formats/README.md.
 
 from __future__ import annotations
 
-import struct
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "tests"))
+
 import lmzip  # noqa: E402
-from lmzip import container  # noqa: E402
-from lmzip.container import _CRC, _ENTRY, _HEADER, ENTRY_SIZE, MIN_HEADER_SIZE, crc32  # noqa: E402
+from archive_edit import edit_entry, edit_header, flip, payload_offset  # noqa: E402
+from lmzip.container import MIN_HEADER_SIZE  # noqa: E402
 
 OUT = ROOT / "formats"
 TINY = "tests/data/tiny-llama"  # relative, so the archive names a path that works from the root
 TEXT = "Hello, lmzip!\r\nA short text,\nwith CRLF and LF, emoji 😀 and a NUL \x00 too.\n"
-HEADER_FIELDS = ("magic", "version", "flags", "header_size", "original_size", "content_sha256",
-                 "segment_count", "hidden_size", "vectors_per_segment", "compute_dtype", "reserved",
-                 "margin", "tokenizer_sha256", "weights_sha256", "model_id_length")
-ENTRY_FIELDS = ("kind", "flags", "vector_count", "token_count", "original_length",
-                "payload_length", "payload_offset", "crc32", "reserved")
-
-
-def edit_header(blob: bytes, **changes) -> bytes:
-    """Change header fields and recompute the header checksum."""
-    fields = dict(zip(HEADER_FIELDS, _HEADER.unpack_from(blob, 0)))
-    fields.update(changes)
-    size = MIN_HEADER_SIZE + fields["model_id_length"]
-    body = bytearray(blob[: size - _CRC.size])
-    _HEADER.pack_into(body, 0, *fields.values())
-    return bytes(body) + _CRC.pack(crc32(body)) + blob[size:]
-
-
-def table_span(blob: bytes) -> tuple[int, int]:
-    start = struct.unpack_from("<I", blob, 12)[0]
-    count = struct.unpack_from("<I", blob, 56)[0]
-    return start, start + count * ENTRY_SIZE
-
-
-def edit_entry(blob: bytes, index: int, **changes) -> bytes:
-    """Change one segment-table entry and recompute the table checksum."""
-    start, end = table_span(blob)
-    out = bytearray(blob)
-    at = start + index * ENTRY_SIZE
-    fields = dict(zip(ENTRY_FIELDS, _ENTRY.unpack_from(out, at)))
-    fields.update(changes)
-    _ENTRY.pack_into(out, at, *fields.values())
-    _CRC.pack_into(out, end, crc32(out[start:end]))
-    return bytes(out)
-
-
-def flip(blob: bytes, offset: int, mask: int = 1) -> bytes:
-    out = bytearray(blob)
-    out[offset] ^= mask
-    return bytes(out)
-
-
-def payload_offset(blob: bytes, index: int) -> int:
-    start, _ = table_span(blob)
-    return _ENTRY.unpack_from(blob, start + index * ENTRY_SIZE)[6]
-
-
 def main() -> None:
     codec = lmzip.Codec(model=TINY, device="cpu")
     text = TEXT.encode()

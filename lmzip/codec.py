@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import BinaryIO, Callable
 
 import numpy as np
@@ -16,7 +16,8 @@ import torch
 
 from . import container, segmenting, zstd_payload
 from .container import KIND_MEMORY, KIND_ZSTD, ArchiveWriter, Header
-from .errors import ContentChecksumError, InputError, ModelMismatchError, SegmentError
+from .errors import (ContentChecksumError, InputError, ModelMismatchError, ModelUnavailableError,
+                     SegmentError)
 from .fit import FitConfig, FitResult, fit_segments
 from .generate import greedy_decode
 from .models import LoadedModel, load_model
@@ -208,7 +209,13 @@ class Codec:
         header = archive.header
         lm = None
         if any(s.kind == KIND_MEMORY for s in archive.segments):
-            lm = self.model(model or header.model_id)
+            try:
+                lm = self.model(model or header.model_id)
+            except ModelUnavailableError as e:
+                raise ModelUnavailableError(
+                    f"this archive needs model '{header.model_id}' (weights sha256 "
+                    f"{header.weights_sha256.hex()[:16]}…), which cannot be loaded: {e}; "
+                    "install it, or pass --model with where it is") from None
             lm.check_matches(header.model_id, header.tokenizer_sha256, header.weights_sha256)
             if lm.hidden_size != header.hidden_size:
                 raise ModelMismatchError(f"model mismatch: the archive's vectors have size "

@@ -248,8 +248,9 @@ def _check_entry(i: int, s: Segment, flags: int, reserved: int, header: Header) 
             bad("a memory segment in an archive that names no model")
         if not 1 <= s.vector_count <= MAX_VECTORS_PER_SEGMENT:
             bad(f"vector count {s.vector_count} is outside [1, {MAX_VECTORS_PER_SEGMENT}]")
-        if not 1 <= s.token_count <= MAX_TOKENS_PER_SEGMENT:
-            bad(f"token count {s.token_count} is outside [1, {MAX_TOKENS_PER_SEGMENT}]")
+        if not 1 <= s.token_count <= min(MAX_TOKENS_PER_SEGMENT, s.original_length):
+            bad(f"token count {s.token_count} is outside [1, {MAX_TOKENS_PER_SEGMENT}] "
+                "or more than the segment's bytes")
         if s.payload_length != s.vector_count * header.hidden_size * 2:
             bad(f"payload of {s.payload_length} bytes does not hold {s.vector_count} fp16 vectors "
                 f"of size {header.hidden_size}")

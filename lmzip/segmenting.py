@@ -36,22 +36,40 @@ def _runs(data: bytes) -> Iterator[tuple[str, bool]]:
         yield text[pos:], True
 
 
-def _cut_points(tokenizer, text: str, tokens_per_segment: int) -> list[int]:
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    cuts = [0]
-    for j in range(tokens_per_segment, len(offsets), tokens_per_segment):
-        start = offsets[j][0]
-        if start > cuts[-1]:  # a token inside a multi-byte character shares its offset
-            cuts.append(start)
-    cuts.append(len(text))
-    return cuts
+# Text is tokenized in windows of this many characters, so that the offsets of
+# a several-MB text are never all held at once.
+WINDOW_CHARS = 1 << 16
+
+
+def _cut_points(tokenizer, text: str, tokens_per_segment: int) -> Iterator[int]:
+    """Yield increasing character offsets that cut `text` about every N tokens, ending at len(text)."""
+    start = 0
+    while start < len(text):
+        window = text[start : start + WINDOW_CHARS]
+        last_window = start + len(window) >= len(text)
+        offsets = tokenizer(window, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        cut = 0
+        for j in range(tokens_per_segment, len(offsets), tokens_per_segment):
+            if offsets[j][0] > cut:  # a token inside a multi-byte character shares its offset
+                cut = offsets[j][0]
+                yield start + cut
+        # The window's tail is tokenized again with what follows, unless nothing follows.
+        if last_window or cut == 0:
+            start += len(window)
+            if not last_window:
+                yield start
+        else:
+            start += cut
+    yield len(text)
 
 
 def memory_piece(tokenizer, text: str) -> Piece:
     """A piece of text, with its tokens if they detokenize back to exactly the text."""
     data = text.encode("utf-8")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not ids or tokenizer.decode(ids, clean_up_tokenization_spaces=False) != text:
+    # At most one token per byte: the decoder then never runs more steps than the
+    # segment has bytes, which bounds the work a hostile archive can ask for.
+    if not ids or len(ids) > len(data) or tokenizer.decode(ids, clean_up_tokenization_spaces=False) != text:
         return Piece(data, None)
     return Piece(data, tuple(ids))
 
@@ -62,6 +80,8 @@ def plan(data: bytes, tokenizer, tokens_per_segment: int) -> Iterator[Piece]:
         if not valid:
             yield Piece(text.encode("utf-8", errors="surrogateescape"), None)
             continue
-        cuts = _cut_points(tokenizer, text, tokens_per_segment)
-        for a, b in zip(cuts, cuts[1:]):
-            yield memory_piece(tokenizer, text[a:b])
+        a = 0
+        for b in _cut_points(tokenizer, text, tokens_per_segment):
+            if b > a:
+                yield memory_piece(tokenizer, text[a:b])
+                a = b

@@ -1,0 +1,71 @@
+"""Editing archives field by field, for the format samples and the fuzz tests.
+
+Each edit can recompute the checksum that guards the field, so that the damage
+reaches the checks behind it.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from lmzip.container import _CRC, _ENTRY, _HEADER, ENTRY_SIZE, MIN_HEADER_SIZE, crc32
+
+HEADER_FIELDS = ("magic", "version", "flags", "header_size", "original_size", "content_sha256",
+                 "segment_count", "hidden_size", "vectors_per_segment", "compute_dtype", "reserved",
+                 "margin", "tokenizer_sha256", "weights_sha256", "model_id_length")
+ENTRY_FIELDS = ("kind", "flags", "vector_count", "token_count", "original_length",
+                "payload_length", "payload_offset", "crc32", "reserved")
+
+
+def edit_header(blob: bytes, **changes) -> bytes:
+    """Change header fields and recompute the header checksum."""
+    fields = dict(zip(HEADER_FIELDS, _HEADER.unpack_from(blob, 0)))
+    fields.update(changes)
+    size = MIN_HEADER_SIZE + fields["model_id_length"]
+    body = bytearray(blob[: size - _CRC.size])
+    _HEADER.pack_into(body, 0, *fields.values())
+    return bytes(body) + _CRC.pack(crc32(body)) + blob[size:]
+
+
+def table_span(blob: bytes) -> tuple[int, int]:
+    start = struct.unpack_from("<I", blob, 12)[0]
+    count = struct.unpack_from("<I", blob, 56)[0]
+    return start, start + count * ENTRY_SIZE
+
+
+def edit_entry(blob: bytes, index: int, **changes) -> bytes:
+    """Change one segment-table entry and recompute the table checksum."""
+    start, end = table_span(blob)
+    out = bytearray(blob)
+    at = start + index * ENTRY_SIZE
+    fields = dict(zip(ENTRY_FIELDS, _ENTRY.unpack_from(out, at)))
+    fields.update(changes)
+    _ENTRY.pack_into(out, at, *fields.values())
+    _CRC.pack_into(out, end, crc32(out[start:end]))
+    return bytes(out)
+
+
+def flip(blob: bytes, offset: int, mask: int = 1) -> bytes:
+    out = bytearray(blob)
+    out[offset] ^= mask
+    return bytes(out)
+
+
+def payload_offset(blob: bytes, index: int) -> int:
+    start, _ = table_span(blob)
+    return _ENTRY.unpack_from(blob, start + index * ENTRY_SIZE)[6]
+
+
+def entries(blob: bytes) -> list[dict]:
+    start, end = table_span(blob)
+    return [dict(zip(ENTRY_FIELDS, _ENTRY.unpack_from(blob, at))) for at in range(start, end, ENTRY_SIZE)]
+
+
+def boundaries(blob: bytes) -> list[int]:
+    """Every offset where a structure starts or ends."""
+    start, end = table_span(blob)
+    points = {0, 8, 10, 12, 16, start - 4, start, end, end + 4, len(blob)}
+    points.update(range(start, end, ENTRY_SIZE))
+    for e in entries(blob):
+        points.update({e["payload_offset"], e["payload_offset"] + e["payload_length"]})
+    return sorted(p for p in points if 0 <= p <= len(blob))

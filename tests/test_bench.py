@@ -1,0 +1,56 @@
+"""lmzip bench with the tiny model: the JSON's fields and arithmetic."""
+
+import json
+
+from click.testing import CliRunner
+
+import cli
+import lmzip
+from lmzip import bench
+
+from conftest import TINY_MODEL, TINY_OPTIONS
+
+TEXT = "Down the rabbit hole went Alice, never once considering how to get out again."
+
+
+def test_bench_json_fields_and_arithmetic(tmp_path):
+    src = tmp_path / "text.txt"
+    src.write_text(TEXT)
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(cli.main, ["bench", str(src), "--chunk-chars", "10", "--limit", "5",
+                                      "--model", TINY_MODEL, "--vectors", "1", "--lr", "0.1",
+                                      "--margin", "0.5", "--json", str(out)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "Reconstructed" in r.stdout and "zstd -19" in r.stdout
+    result = json.loads(out.read_text())
+    s, rows = result["summary"], result["chunks"]
+    assert len(rows) == s["chunks"] == 5
+    assert [row["chars"] for row in rows] == [10] * 5
+    assert s["reconstructed"] == sum(row["exact"] for row in rows) > 0
+    assert all(0.0 <= row["accuracy"] <= 1.0 for row in rows)
+    assert all(row["exact"] == (row["kind"] == "memory") for row in rows)
+    assert abs(s["avg_accuracy"] - sum(row["accuracy"] for row in rows) / 5) < 1e-9
+    assert s["original_bytes"] == 50
+    # the sizes are the real archive's: rebuild it from the same chunks and compare
+    codec = lmzip.Codec(device="cpu")
+    lm = codec.model(TINY_MODEL)
+    pieces = [bench.segmenting.memory_piece(lm.tokenizer, TEXT[i:i + 10]) for i in range(0, 50, 10)]
+    import io
+
+    archive = io.BytesIO()
+    options = {k: v for k, v in TINY_OPTIONS.items() if k in ("vectors", "lr", "margin")}
+    codec.write_pieces(pieces, archive, lm, lmzip.FitConfig(**options))
+    assert s["lmz_bytes"] == len(archive.getvalue())
+    assert s["lmz_bits_per_byte"] == 8 * s["lmz_bytes"] / 50
+    assert s["tokens_per_vector"] == sum(row["tokens"] for row in rows if row["kind"] == "memory") / \
+        (s["reconstructed"] * 1)
+
+
+def test_bench_reads_csv_chunk_column(tmp_path):
+    src = tmp_path / "chunks.csv"
+    src.write_text('id,chunk\n1,"first, with a comma"\n2,second\n3,third\n')
+    assert bench.load_chunks([str(src)], 100, 2) == ["first, with a comma", "second"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,text\n1,x\n")
+    r = CliRunner().invoke(cli.main, ["bench", str(bad), "--model", TINY_MODEL])
+    assert r.exit_code == 1 and "needs a 'chunk' column" in r.output
