@@ -1,5 +1,6 @@
 """lmzip bench with the tiny model: the JSON's fields and arithmetic."""
 
+import io
 import json
 
 from click.testing import CliRunner
@@ -13,14 +14,18 @@ from conftest import TINY_MODEL, TINY_OPTIONS
 TEXT = "Down the rabbit hole went Alice, never once considering how to get out again."
 
 
-def test_bench_json_fields_and_arithmetic(tmp_path):
+def run_bench(tmp_path, *args):
     src = tmp_path / "text.txt"
     src.write_text(TEXT)
-    out = tmp_path / "bench.json"
-    r = CliRunner().invoke(cli.main, ["bench", str(src), "--chunk-chars", "10", "--limit", "5",
-                                      "--model", TINY_MODEL, "--vectors", "1", "--lr", "0.1",
-                                      "--margin", "0.5", "--json", str(out)], catch_exceptions=False)
+    r = CliRunner().invoke(cli.main, ["bench", str(src), "--model", TINY_MODEL, "--vectors", "1",
+                                      "--lr", "0.1", "--margin", "0.5", *args], catch_exceptions=False)
     assert r.exit_code == 0, r.output
+    return r
+
+
+def test_bench_json_fields_and_arithmetic(tmp_path):
+    out = tmp_path / "bench.json"
+    r = run_bench(tmp_path, "--chunk-chars", "10", "--limit", "5", "--json", str(out))
     assert "Reconstructed" in r.stdout and "zstd -19" in r.stdout
     result = json.loads(out.read_text())
     s, rows = result["summary"], result["chunks"]
@@ -35,15 +40,13 @@ def test_bench_json_fields_and_arithmetic(tmp_path):
     codec = lmzip.Codec(device="cpu")
     lm = codec.model(TINY_MODEL)
     pieces = [bench.segmenting.memory_piece(lm.tokenizer, TEXT[i:i + 10]) for i in range(0, 50, 10)]
-    import io
-
     archive = io.BytesIO()
     options = {k: v for k, v in TINY_OPTIONS.items() if k in ("vectors", "lr", "margin")}
     codec.write_pieces(pieces, archive, lm, lmzip.FitConfig(**options))
     assert s["lmz_bytes"] == len(archive.getvalue())
     assert s["lmz_bits_per_byte"] == 8 * s["lmz_bytes"] / 50
-    assert s["tokens_per_vector"] == sum(row["tokens"] for row in rows if row["kind"] == "memory") / \
-        (s["reconstructed"] * 1)
+    memory_tokens = sum(row["tokens"] for row in rows if row["kind"] == "memory")
+    assert s["tokens_per_vector"] == memory_tokens / s["reconstructed"]  # K = 1
 
 
 def test_bench_reads_csv_chunk_column(tmp_path):
@@ -54,3 +57,9 @@ def test_bench_reads_csv_chunk_column(tmp_path):
     bad.write_text("id,text\n1,x\n")
     r = CliRunner().invoke(cli.main, ["bench", str(bad), "--model", TINY_MODEL])
     assert r.exit_code == 1 and "needs a 'chunk' column" in r.output
+
+
+def test_bench_plot_writes_a_png(tmp_path):
+    png = tmp_path / "plot.png"
+    run_bench(tmp_path, "--chunk-chars", "8", "--limit", "3", "--plot", str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
