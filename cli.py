@@ -133,6 +133,11 @@ def _output_flags(f):
     return f
 
 
+_bf16_flag = click.option("--bf16/--no-bf16", default=None,
+                          help="Fit under bfloat16 autocast [default: where the hardware has native bf16]; "
+                          "verification is float32 either way.")
+
+
 @main.command(context_settings=CONTEXT)
 @click.argument("files", nargs=-1, required=True)
 @_output_flags
@@ -152,16 +157,17 @@ def _output_flags(f):
               help="Segments fitted together.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=_DEFAULTS.lr, show_default=True,
               help="Peak learning rate.")
+@_bf16_flag
 @click.option("--level", type=click.IntRange(1, 22), default=19, show_default=True,
               help="zstd level for segments stored as zstd.")
 @click.pass_obj
 def compress(obj, files, output, to_stdout, force, keep, remove, model, method, tokens_per_segment,
-             vectors, max_steps, margin, batch_size, lr, level):
+             vectors, max_steps, margin, batch_size, lr, bf16, level):
     """Compress FILES (or - for standard input) to FILE.lmz."""
     _check_output_args(files, output, to_stdout)
     options = dict(method=method, model=model, tokens_per_segment=tokens_per_segment,
                    vectors=vectors, max_steps=max_steps, margin=margin, batch_size=batch_size,
-                   lr=lr, zstd_level=level)
+                   lr=lr, bf16=bf16, zstd_level=level)
 
     def work(name):
         stdout = to_stdout or (name == "-" and not output)
@@ -286,14 +292,19 @@ def info(files, as_json):
 @click.option("--margin", type=click.FloatRange(0), default=_DEFAULTS.margin, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=_DEFAULTS.batch_size, show_default=True)
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=_DEFAULTS.lr, show_default=True)
+@_bf16_flag
+@click.option("--hinge", type=click.FloatRange(0), default=_DEFAULTS.hinge, show_default=True,
+              help="Weight of the margin hinge added to cross-entropy.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write every row and the summary here.")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), help="Write a PNG plot here (needs matplotlib).")
 @click.pass_obj
-def bench(obj, paths, chunk_chars, limit, model, vectors, max_steps, margin, batch_size, lr, json_out, plot_out):
+def bench(obj, paths, chunk_chars, limit, model, vectors, max_steps, margin, batch_size, lr, bf16, hinge,
+          json_out, plot_out):
     """Measure lmzip on text files or CSVs (column 'chunk'): the paper's table, speed, bytes."""
     from lmzip import bench as benchmark
 
-    fit = FitConfig(vectors=vectors, max_steps=max_steps, margin=margin, batch_size=batch_size, lr=lr)
+    fit = FitConfig(vectors=vectors, max_steps=max_steps, margin=margin, batch_size=batch_size, lr=lr,
+                    bf16=bf16, hinge=hinge)
     bar = ProgressBar("bench", obj["progress"])
     try:
         result = benchmark.run(obj["codec"], list(paths), chunk_chars=chunk_chars, limit=limit or None,

@@ -34,6 +34,12 @@ def test_text_goes_to_memory_and_comes_back(codec, sentence_archive):
     assert sum(s["token_count"] for s in info["segments"]) == len(SENTENCE)  # byte-level tokenizer
 
 
+def test_bf16_fitting_still_verifies_in_float32(codec):
+    blob = codec.encode(SENTENCE[:24], **{**TINY_OPTIONS, "bf16": True})
+    assert "memory" in kinds(blob)
+    assert codec.decode(blob) == SENTENCE[:24].encode()
+
+
 def test_invalid_utf8_and_exhausted_budget_go_to_zstd(codec):
     data = b"plain text here \xff\xfe\xfd more plain text"
     blob = codec.encode(data, **TINY_OPTIONS)
