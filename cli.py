@@ -10,7 +10,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -92,11 +94,15 @@ def _each_file(files, work) -> None:
 def _write(name: str, output: str | None, to_stdout: bool, force: bool, produce) -> None:
     """Send what produce(stream) writes to stdout or, atomically, to `output`."""
     if to_stdout:
-        buffer = io.BytesIO()  # nothing reaches stdout unless the whole result checks out
-        produce(buffer)
-        sys.stdout.buffer.write(buffer.getvalue())
+        # Nothing reaches stdout unless the whole result checks out; a large one waits on disk.
+        with tempfile.SpooledTemporaryFile(max_size=64 << 20) as buffer:
+            produce(buffer)
+            buffer.seek(0)
+            shutil.copyfileobj(buffer, sys.stdout.buffer)
         sys.stdout.buffer.flush()
         return
+    if name != "-" and os.path.exists(output) and os.path.samefile(name, output):
+        raise lmzip.InputError(f"the output {output} is the input file")
     with atomic_output(output, force=force) as f:
         produce(f)
 
@@ -186,7 +192,7 @@ def compress(obj, files, output, to_stdout, force, keep, remove, model, method, 
             _say(obj, f"{name}: {r.original_size} -> {r.archive_size} bytes; {r.memory_segments} memory "
                       f"segments ({r.memory_tokens} tokens in {r.memory_vectors} vectors), "
                       f"{r.zstd_pieces} pieces as zstd")
-        if remove and name != "-":
+        if remove and name != "-" and not stdout:  # as gzip: -c never deletes the input
             os.unlink(name)
 
     _each_file(files, work)
@@ -218,7 +224,7 @@ def decompress(obj, files, output, to_stdout, force, keep, remove, model):
                    lambda f: obj["codec"].decode_to(blob, f, model=model, progress=bar))
         finally:
             bar.close()
-        if remove and name != "-":
+        if remove and name != "-" and not stdout:
             os.unlink(name)
 
     _each_file(files, work)
@@ -312,6 +318,9 @@ def bench(obj, paths, chunk_chars, limit, model, vectors, max_steps, margin, bat
     except (lmzip.LmzError, OSError, UnicodeDecodeError) as e:
         bar.close()
         raise click.ClickException(_error_text(e)) from None
+    except KeyboardInterrupt:
+        click.echo("lmzip: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     bar.close()
     click.echo(benchmark.format_table(result))
     try:

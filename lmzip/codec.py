@@ -26,6 +26,12 @@ METHODS = ("memory", "zstd")
 DEFAULT_TOKENS_PER_SEGMENT = 32
 # Runs of zstd segments are merged up to this size: one frame compresses better than many.
 ZSTD_SEGMENT_BYTES = 1 << 20
+MAX_MARGIN = 65504.0  # the margin is stored as float32; anything near this is unreachable anyway
+
+
+def _max_positions(lm: LoadedModel) -> int:
+    """How many input positions the model can take (vectors plus generated tokens)."""
+    return getattr(lm.model.config, "max_position_embeddings", None) or (1 << 30)
 
 
 @dataclass
@@ -126,6 +132,10 @@ class Codec:
         if fit.vectors < 1 or fit.vectors > container.MAX_VECTORS_PER_SEGMENT or fit.max_steps < 0:
             raise InputError(f"vectors must be in [1, {container.MAX_VECTORS_PER_SEGMENT}] "
                              "and max steps not negative")
+        if not 0 <= fit.margin <= MAX_MARGIN:  # also false for NaN
+            raise InputError(f"margin must be a number in [0, {MAX_MARGIN:g}]")
+        if fit.batch_size < 1:
+            raise InputError("batch size must be at least 1")
         if not 1 <= zstd_level <= 22:
             raise InputError("zstd level must be in [1, 22]")
 
@@ -134,18 +144,21 @@ class Codec:
         else:
             lm = self.model(model)
             pieces = list(segmenting.plan(data, lm.tokenizer, tokens_per_segment))
-        return self.write_pieces(pieces, out, lm, fit, zstd_level, progress)
+        return self.write_pieces(pieces, out, lm, fit, zstd_level, progress,
+                                 expected_sha256=hashlib.sha256(data).digest())
 
     def write_pieces(self, pieces: list[segmenting.Piece], out: BinaryIO, lm: LoadedModel | None,
                      fit: FitConfig, zstd_level: int = zstd_payload.DEFAULT_LEVEL,
-                     progress: ProgressCallback | None = None) -> EncodeReport:
+                     progress: ProgressCallback | None = None,
+                     expected_sha256: bytes | None = None) -> EncodeReport:
         """Fit the pieces that have tokens, fall back to zstd for the rest, write the archive."""
         writer = ArchiveWriter()
         run = _ZstdRun(writer, zstd_level)
         state = Progress(0, len(pieces))
         jobs = [(i, p.ids) for i, p in enumerate(pieces)
                 if lm is not None and fit.max_steps > 0 and p.ids is not None
-                and len(p.ids) <= container.MAX_TOKENS_PER_SEGMENT]
+                and len(p.ids) <= container.MAX_TOKENS_PER_SEGMENT
+                and fit.vectors + len(p.ids) <= _max_positions(lm)]
         waiting = {i for i, _ in jobs}
         fitted = fit_segments(lm, jobs, fit) if jobs else iter(())
         fits: dict[int, FitResult] = {}
@@ -174,6 +187,8 @@ class Codec:
         data_hash = hashlib.sha256()
         for piece in pieces:
             data_hash.update(piece.data)
+        if expected_sha256 is not None and data_hash.digest() != expected_sha256:
+            raise RuntimeError("lmzip bug: the segments do not add up to the input")  # never write it
         header = Header(
             original_size=sum(len(p.data) for p in pieces),
             content_sha256=data_hash.digest(),
@@ -248,6 +263,9 @@ class Codec:
                 return zstd_payload.decompress(payload, segment.original_length)
             except ValueError as e:
                 raise SegmentError(index, str(e)) from None
+        if segment.vector_count + segment.token_count > _max_positions(lm):
+            raise SegmentError(index, f"{segment.vector_count} vectors and {segment.token_count} tokens "
+                                      "exceed the model's positions")
         vectors = np.frombuffer(payload, dtype="<f2").reshape(segment.vector_count, -1)
         vectors = torch.from_numpy(vectors.astype(np.float32))
         ids = greedy_decode(lm, vectors, segment.token_count).ids

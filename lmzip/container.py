@@ -32,7 +32,6 @@ FORMAT_VERSION = 1
 
 # Decoder limits (SPEC.md, "Limits"). Every size read from a file is checked
 # against one of these before it is used.
-MAX_HEADER_SIZE = 4096
 MAX_MODEL_ID_BYTES = 1024
 MAX_SEGMENTS = 1 << 24
 MAX_SEGMENT_BYTES = 1 << 20
@@ -57,6 +56,7 @@ DTYPE_NAMES = {DTYPE_NONE: "none", DTYPE_FLOAT32: "float32"}
 _HEADER = struct.Struct("<8sHHIQ32sIIHBBf32s32sH")
 _CRC = struct.Struct("<I")
 MIN_HEADER_SIZE = _HEADER.size + _CRC.size
+MAX_HEADER_SIZE = MIN_HEADER_SIZE + MAX_MODEL_ID_BYTES
 # kind, flags, vector_count, token_count, original_length, payload_length,
 # payload_offset, crc32, reserved
 _ENTRY = struct.Struct("<BBHIIIQII")
@@ -192,9 +192,9 @@ def parse_header(data: memoryview) -> Header:
         raise NotLmzError("not an lmzip archive (bad magic number)")
     _need(data, 16, "the header's fixed fields")
     (header_size,) = struct.unpack_from("<I", data, 12)
-    if not MIN_HEADER_SIZE <= header_size <= MIN_HEADER_SIZE + MAX_MODEL_ID_BYTES:
+    if not MIN_HEADER_SIZE <= header_size <= MAX_HEADER_SIZE:
         raise HeaderError(f"damaged header: header size {header_size} is outside "
-                          f"[{MIN_HEADER_SIZE}, {MIN_HEADER_SIZE + MAX_MODEL_ID_BYTES}]")
+                          f"[{MIN_HEADER_SIZE}, {MAX_HEADER_SIZE}]")
     _need(data, header_size, "the header")
     body = data[: header_size - _CRC.size]
     (stored_crc,) = _CRC.unpack_from(data, header_size - _CRC.size)
@@ -224,6 +224,8 @@ def parse_header(data: memoryview) -> Header:
         raise LimitError(f"damaged header: hidden size {hidden_size} or vector count {vectors} over the limit")
     if model_id and (hidden_size == 0 or dtype == DTYPE_NONE):
         raise HeaderError("damaged header: a model is named but its hidden size or dtype is missing")
+    if not model_id and (hidden_size or vectors or dtype or any(tok_sha) or any(weights_sha)):
+        raise HeaderError("damaged header: model fields are set but no model is named")
     if margin != margin or margin < 0:  # NaN or negative
         raise HeaderError("damaged header: the margin is not a non-negative number")
     return Header(original_size, bytes(content_sha), segment_count, model_id, bytes(tok_sha),

@@ -149,7 +149,12 @@ def _load_embedded() -> tuple:
     target = cache_root() / "models" / "smollm2-135m-instruct-q4_1"
     for attempt in range(2):
         if attempt or not (target / CACHE_MANIFEST).is_file():
-            _convert_embedded(target)
+            try:
+                _convert_embedded(target)
+            except ModelError:
+                raise
+            except Exception as e:  # a missing gguf package, a damaged GGUF file, a full disk…
+                raise ModelError(f"cannot convert the embedded model: {type(e).__name__}: {e}") from None
         try:
             manifest = json.loads((target / CACHE_MANIFEST).read_text())
             model, tokenizer = _load_pretrained(str(target))

@@ -7,6 +7,7 @@ import zstandard
 from .container import MAX_SEGMENT_BYTES
 
 DEFAULT_LEVEL = 19
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 # A zstd frame must not ask for a window larger than a segment can be.
 _MAX_WINDOW = 1 << (MAX_SEGMENT_BYTES.bit_length())
 
@@ -18,6 +19,8 @@ def compress(data: bytes, level: int = DEFAULT_LEVEL) -> bytes:
 def decompress(payload, original_length: int) -> bytes:
     """Decode exactly one frame of exactly `original_length` bytes, or raise ValueError."""
     payload = bytes(payload)
+    if payload[:4] != ZSTD_MAGIC:  # a skippable frame would also pass frame_content_size
+        raise ValueError("not a zstd frame (bad magic number)")
     try:
         size = zstandard.frame_content_size(payload)
     except zstandard.ZstdError as e:

@@ -59,6 +59,14 @@ def test_rm_deletes_input_after_success(workdir):
     assert Path("doc.txt").read_bytes() == TEXT and not Path("doc.txt.lmz").exists()
 
 
+def test_rm_with_stdout_keeps_input_and_output_cannot_be_the_input(workdir):
+    r = CliRunner().invoke(cli.main, ["compress", "--method", "zstd", "-c", "--rm", "doc.txt"])
+    assert r.exit_code == 0 and Path("doc.txt").exists()
+    r = run("compress", "--method", "zstd", "-f", "-o", "doc.txt", "doc.txt")
+    assert r.exit_code == 1 and "is the input file" in r.stderr
+    assert Path("doc.txt").read_bytes() == TEXT
+
+
 def test_stdin_stdout_and_output_option(workdir):
     r = CliRunner().invoke(cli.main, ["compress", "--method", "zstd", "-"], input=TEXT)
     assert r.exit_code == 0

@@ -93,6 +93,28 @@ def test_truncation_and_extension(data, draw):
         lmzip.decode(blob + extra)
 
 
+def test_a_skippable_frame_is_not_a_zstd_segment():
+    from archive_edit import edit_entry, table_span
+
+    skippable = b"\x50\x2a\x4d\x18\x03\x00\x00\x00xyz"
+    start, end = table_span(zstd_archive(b"x"))
+    blob = zstd_archive(b"x")[: end + 4] + skippable
+    blob = edit_entry(blob, 0, payload_length=len(skippable), original_length=0)
+    blob = blob[:16] + b"\0" * 8 + blob[24:]  # original size 0, header checksum now stale
+    from archive_edit import edit_header
+
+    blob = edit_header(blob, original_size=0)
+    with pytest.raises(lmzip.LmzError):
+        lmzip.decode(blob)
+
+
+def test_header_without_a_model_must_have_zero_model_fields():
+    from archive_edit import edit_header
+
+    with pytest.raises(lmzip.HeaderError, match="no model is named"):
+        lmzip.decode(edit_header(zstd_archive(b"abc"), hidden_size=576))
+
+
 def test_errors_name_the_problem():
     blob = zstd_archive(b"hello world")
     with pytest.raises(lmzip.NotLmzError, match="not an lmzip archive"):

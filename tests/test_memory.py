@@ -51,9 +51,9 @@ def test_invalid_utf8_and_exhausted_budget_go_to_zstd(codec):
 
 
 def test_margin_guard_sends_unreachable_margins_to_zstd(codec):
-    blob = codec.encode("short", **{**TINY_OPTIONS, "margin": 1e6, "max_steps": 20})
+    blob = codec.encode("short", **{**TINY_OPTIONS, "margin": 60000.0, "max_steps": 20})
     assert kinds(blob) == ["zstd"]
-    assert lmzip.inspect(blob)["margin"] == 1e6
+    assert lmzip.inspect(blob)["margin"] == 60000.0
 
 
 @given(st.text(max_size=24))
@@ -114,5 +114,9 @@ def test_bad_options_are_input_errors(codec):
         codec.encode("x", method="gzip")
     with pytest.raises(lmzip.InputError, match="unknown encoder option"):
         codec.encode("x", **TINY_OPTIONS, colour="blue")
+    with pytest.raises(lmzip.InputError, match="margin must be"):
+        codec.encode("x", **{**TINY_OPTIONS, "margin": float("nan")})
+    with pytest.raises(lmzip.InputError, match="batch size"):
+        codec.encode("x", **{**TINY_OPTIONS, "batch_size": 0})
     with pytest.raises(lmzip.InputError, match="tokens per segment"):
         codec.encode("x", **{**TINY_OPTIONS, "tokens_per_segment": 0})
