@@ -163,6 +163,8 @@ class Codec:
         fitted = fit_segments(lm, jobs, fit) if jobs else iter(())
         fits: dict[int, FitResult] = {}
         memory_tokens = 0
+        if progress:
+            progress(state)  # show the bar before the first (slow) fit finishes
         # Fits finish out of order; segments are written in order as soon as they can be.
         for index, piece in enumerate(pieces):
             while index in waiting:
