@@ -316,12 +316,12 @@ def bench(obj, paths, chunk_chars, limit, model, vectors, max_steps, margin, bat
         result = benchmark.run(obj["codec"], list(paths), chunk_chars=chunk_chars, limit=limit or None,
                                model=model, fit=fit, progress=bar)
     except (lmzip.LmzError, OSError, UnicodeDecodeError) as e:
-        bar.close()
         raise click.ClickException(_error_text(e)) from None
     except KeyboardInterrupt:
         click.echo("lmzip: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    bar.close()
+    finally:
+        bar.close()
     click.echo(benchmark.format_table(result))
     try:
         if json_out:

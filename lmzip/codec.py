@@ -36,7 +36,7 @@ def _max_positions(lm: LoadedModel) -> int:
 
 @dataclass
 class Progress:
-    """What a progress display needs; passed to the callback after each segment."""
+    """What a progress display needs; passed to the callback at the start and after each segment."""
 
     done: int
     total: int
@@ -239,6 +239,8 @@ class Codec:
                                          f"{header.hidden_size}, the model's {lm.hidden_size}")
         content_hash = hashlib.sha256()
         state = Progress(0, len(archive.segments))
+        if progress:
+            progress(state)
         for index, segment in enumerate(archive.segments):
             data = self._decode_segment(archive, index, lm)
             if container.crc32(data) != segment.crc32:
