@@ -139,9 +139,38 @@ def _output_flags(f):
     return f
 
 
-_bf16_flag = click.option("--bf16/--no-bf16", default=None,
-                          help="Fit under bfloat16 autocast [default: where the hardware has native bf16]; "
-                          "verification is float32 either way.")
+FIT_OPTIONS = ("vectors", "max_vectors", "max_steps", "margin", "batch_size", "lr", "bf16", "hinge")
+
+
+def _fit_flags(f):
+    """The fitting options, shared by compress and bench; they arrive as FitConfig fields."""
+    options = [
+        click.option("--vectors", type=click.IntRange(1, 1024), default=_DEFAULTS.vectors, show_default=True,
+                     help="Memory vectors a segment starts with."),
+        click.option("--max-vectors", type=click.IntRange(1, 1024), default=_DEFAULTS.max_vectors,
+                     show_default=True, help="A segment out of steps retries with twice the vectors, "
+                     "up to this many, before it goes to zstd."),
+        click.option("--max-steps", type=click.IntRange(0), default=_DEFAULTS.max_steps, show_default=True,
+                     help="Optimization steps per attempt."),
+        click.option("--margin", type=click.FloatRange(0), default=_DEFAULTS.margin, show_default=True,
+                     help="Required top-1 minus top-2 logit gap at every decoded token."),
+        click.option("--batch-size", type=click.IntRange(1), default=_DEFAULTS.batch_size, show_default=True,
+                     help="Segments fitted together."),
+        click.option("--lr", type=click.FloatRange(0, min_open=True), default=_DEFAULTS.lr, show_default=True,
+                     help="Peak learning rate."),
+        click.option("--bf16/--no-bf16", default=None,
+                     help="Fit under bfloat16 autocast [default: where the hardware has native bf16]; "
+                     "verification is float32 either way."),
+        click.option("--hinge", type=click.FloatRange(0), default=_DEFAULTS.hinge, show_default=True,
+                     help="Weight of the margin hinge added to cross-entropy."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _fit_config(params: dict) -> FitConfig:
+    return FitConfig(**{name: params.pop(name) for name in FIT_OPTIONS})
 
 
 @main.command(context_settings=CONTEXT)
@@ -153,27 +182,16 @@ _bf16_flag = click.option("--bf16/--no-bf16", default=None,
               help="memory: fit memory vectors (zstd for what fails); zstd: no model.")
 @click.option("--tokens", "tokens_per_segment", type=click.IntRange(1), default=DEFAULT_TOKENS_PER_SEGMENT,
               show_default=True, help="Tokens per memory segment.")
-@click.option("--vectors", type=click.IntRange(1, 1024), default=_DEFAULTS.vectors, show_default=True,
-              help="Memory vectors per segment.")
-@click.option("--max-steps", type=click.IntRange(0), default=_DEFAULTS.max_steps, show_default=True,
-              help="Optimization steps per segment before it goes to zstd.")
-@click.option("--margin", type=click.FloatRange(0), default=_DEFAULTS.margin, show_default=True,
-              help="Required top-1 minus top-2 logit gap at every decoded token.")
-@click.option("--batch-size", type=click.IntRange(1), default=_DEFAULTS.batch_size, show_default=True,
-              help="Segments fitted together.")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=_DEFAULTS.lr, show_default=True,
-              help="Peak learning rate.")
-@_bf16_flag
+@_fit_flags
 @click.option("--level", type=click.IntRange(1, 22), default=19, show_default=True,
               help="zstd level for segments stored as zstd.")
 @click.pass_obj
 def compress(obj, files, output, to_stdout, force, keep, remove, model, method, tokens_per_segment,
-             vectors, max_steps, margin, batch_size, lr, bf16, level):
+             level, **fit_params):
     """Compress FILES (or - for standard input) to FILE.lmz."""
     _check_output_args(files, output, to_stdout)
     options = dict(method=method, model=model, tokens_per_segment=tokens_per_segment,
-                   vectors=vectors, max_steps=max_steps, margin=margin, batch_size=batch_size,
-                   lr=lr, bf16=bf16, zstd_level=level)
+                   fit=_fit_config(fit_params), zstd_level=level)
 
     def work(name):
         stdout = to_stdout or (name == "-" and not output)
@@ -259,8 +277,9 @@ def _info_table(name: str, info: dict) -> str:
     lines = [f"{name}: lmz format v{info['format_version']}, {info['original_size']} bytes "
              f"in {info['archive_size']}, {len(info['segments'])} segments"]
     if info["model_id"]:
+        prefix = " ".join(map(str, info["prefix_tokens"])) or "none"
         lines.append(f"  model {info['model_id']} (hidden size {info['hidden_size']}, "
-                     f"{info['compute_dtype']}, margin {info['margin']:g})")
+                     f"{info['compute_dtype']}, margin {info['margin']:g}, prefix tokens {prefix})")
         lines.append(f"  weights sha256 {info['weights_sha256']}")
         lines.append(f"  tokenizer sha256 {info['tokenizer_sha256']}")
     lines.append(f"  {'#':>5} {'kind':<7} {'bytes':>8} {'payload':>8} {'tokens':>6} {'vectors':>7} crc32")
@@ -293,28 +312,22 @@ def info(files, as_json):
 @click.option("--limit", type=click.IntRange(0), default=20, show_default=True,
               help="Benchmark the first N chunks (0: all).")
 @click.option("--model", envvar="LMZIP_MODEL", help="Model: hub ID or local directory [env LMZIP_MODEL].")
-@click.option("--vectors", type=click.IntRange(1, 1024), default=_DEFAULTS.vectors, show_default=True)
-@click.option("--max-steps", type=click.IntRange(0), default=_DEFAULTS.max_steps, show_default=True)
-@click.option("--margin", type=click.FloatRange(0), default=_DEFAULTS.margin, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=_DEFAULTS.batch_size, show_default=True)
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=_DEFAULTS.lr, show_default=True)
-@_bf16_flag
-@click.option("--hinge", type=click.FloatRange(0), default=_DEFAULTS.hinge, show_default=True,
-              help="Weight of the margin hinge added to cross-entropy.")
+@click.option("--tokens", "tokens_per_segment", type=click.IntRange(1), default=None,
+              help="Cut each chunk into memory segments of about this many tokens [default: one segment a chunk].")
+@_fit_flags
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write every row and the summary here.")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), help="Write a PNG plot here (needs matplotlib).")
 @click.pass_obj
-def bench(obj, paths, chunk_chars, limit, model, vectors, max_steps, margin, batch_size, lr, bf16, hinge,
-          json_out, plot_out):
+def bench(obj, paths, chunk_chars, limit, model, tokens_per_segment, json_out, plot_out, **fit_params):
     """Measure lmzip on text files or CSVs (column 'chunk'): the paper's table, speed, bytes."""
     from lmzip import bench as benchmark
 
-    fit = FitConfig(vectors=vectors, max_steps=max_steps, margin=margin, batch_size=batch_size, lr=lr,
-                    bf16=bf16, hinge=hinge)
+    fit = _fit_config(fit_params)
     bar = ProgressBar("bench", obj["progress"])
     try:
         result = benchmark.run(obj["codec"], list(paths), chunk_chars=chunk_chars, limit=limit or None,
-                               model=model, fit=fit, progress=bar)
+                               model=model, fit=fit, tokens_per_segment=tokens_per_segment,
+                               progress=bar)
     except (lmzip.LmzError, OSError, UnicodeDecodeError) as e:
         raise click.ClickException(_error_text(e)) from None
     except KeyboardInterrupt:

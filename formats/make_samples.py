@@ -7,6 +7,9 @@ model); bad and unsupported ones are good ones edited field by field, with the
 header or table checksum recomputed where the damage must get past it. Every
 sample's outcome is checked here before it is written, and again by
 tests/test_formats.py against the table in formats/README.md.
+
+Samples of older format versions (`*-v1.lmz`) were written by the lmzip that
+wrote that version; they are kept as they are, not rebuilt, and still checked.
 """
 
 from __future__ import annotations
@@ -73,7 +76,8 @@ def main() -> None:
         "bad-absurd-token-count.lmz": (edit_entry(memory, first_memory, token_count=1 << 30),
                                        lmzip.SegmentTableError),
         "bad-wrong-weights.lmz": (edit_header(memory, weights_sha256=b"\x01" * 32), lmzip.ModelMismatchError),
-        "unsupported-version-2.lmz": (edit_header(zstd_text, version=2), lmzip.UnsupportedVersionError),
+        "bad-absurd-prefix.lmz": (edit_header(memory, prefix_length=0xFFFF), lmzip.LimitError),
+        "unsupported-version-3.lmz": (edit_header(zstd_text, version=3), lmzip.UnsupportedVersionError),
     }
     for name, (blob, expected) in samples.items():
         try:
@@ -86,6 +90,8 @@ def main() -> None:
         if isinstance(expected, bytes):
             (OUT / (name[:-4] + ".out")).write_bytes(expected)
         print(name)
+    old = (OUT / "good-memory-tiny-v1.lmz").read_bytes()
+    assert old[8] == 1 and codec.decode(old, model=TINY) == (OUT / "good-memory-tiny-v1.out").read_bytes()
 
 
 if __name__ == "__main__":

@@ -30,11 +30,14 @@ class ChunkRow:
     index: int
     chars: int
     tokens: int
-    kind: str                # how it was stored: memory or zstd
-    exact: bool              # the real decoder gave back exactly its bytes from memory vectors
+    segments: int            # memory-coding segments the chunk was cut into (1 unless --tokens)
+    kind: str                # how it was stored: memory, zstd, or mixed
+    exact: bool              # the real decoder gave back exactly its bytes, all from memory vectors
+    vectors: int             # memory vectors stored for it
+    memory_tokens: int       # tokens those vectors hold
     accuracy: float | None   # teacher-forced token accuracy (None: no tokens to fit)
-    steps: int
-    fit_seconds: float       # from entering the batch to leaving it
+    steps: int               # the most any of its segments took (all attempts)
+    fit_seconds: float       # from its first segment entering the batch to its last leaving it
     decode_seconds: float | None
     min_margin: float | None
 
@@ -90,17 +93,26 @@ def _decode_timed(codec: Codec, archive: bytes, model_id: str, original: bytes) 
     return seconds
 
 
+def _cut(lm, chunk: str, tokens_per_segment: int | None) -> list[segmenting.Piece]:
+    if tokens_per_segment is None:
+        return [segmenting.memory_piece(lm.tokenizer, chunk)]
+    return list(segmenting.plan(chunk.encode("utf-8"), lm.tokenizer, tokens_per_segment))
+
+
 def run(codec: Codec, paths: list[str], *, chunk_chars: int = 100, limit: int | None = 20,
-        model: str | None = None, fit: FitConfig | None = None,
+        model: str | None = None, fit: FitConfig | None = None, tokens_per_segment: int | None = None,
         progress: ProgressCallback | None = None) -> dict:
     if chunk_chars < 1:
         raise InputError("chunk length must be at least 1 character")
+    if tokens_per_segment is not None and tokens_per_segment < 1:
+        raise InputError("tokens per segment must be at least 1")
     chunks = load_chunks(paths, chunk_chars, limit)
     if not chunks:
         raise InputError("no text to benchmark")
     fit = fit or FitConfig()
     lm = codec.model(model)
-    pieces = [segmenting.memory_piece(lm.tokenizer, c) for c in chunks]
+    per_chunk = [_cut(lm, c, tokens_per_segment) for c in chunks]
+    pieces = [p for cut in per_chunk for p in cut]
     original = b"".join(p.data for p in pieces)
 
     out = io.BytesIO()
@@ -111,32 +123,43 @@ def run(codec: Codec, paths: list[str], *, chunk_chars: int = 100, limit: int | 
     memory_seconds = iter(_decode_timed(codec, archive_bytes, lm.model_id, original))
 
     rows, plain_seconds, plain_tokens = [], 0.0, 0
-    for index, piece in enumerate(pieces):
-        result = report.fits.get(index)
-        stored = result is not None and result.vectors is not None
-        decode_seconds = None
-        if stored:  # memory segments come in the archive in the order of their pieces
-            decode_seconds = next(memory_seconds)
-            plain_seconds += _time_plain_generate(lm, list(piece.ids))
-            plain_tokens += max(len(piece.ids) - 1, 1)
+    index = 0  # of the piece
+    for chunk_index, cut in enumerate(per_chunk):
+        results = [report.fits.get(i) for i in range(index, index + len(cut))]
+        stored = [r is not None and r.vectors is not None for r in results]
+        decode_seconds = 0.0
+        for piece, kept in zip(cut, stored):
+            if kept:  # memory segments come in the archive in the order of their pieces
+                decode_seconds += next(memory_seconds)
+                plain_seconds += _time_plain_generate(lm, list(piece.ids))
+                plain_tokens += max(len(piece.ids) - 1, 1)
+        tried = [(p, r) for p, r in zip(cut, results) if r is not None]
+        tokens = sum(len(p.ids or ()) for p in cut)
         rows.append(ChunkRow(
-            index=index, chars=len(chunks[index]), tokens=len(piece.ids or ()),
-            kind="memory" if stored else "zstd", exact=stored,
-            accuracy=result.accuracy if result else None, steps=result.steps if result else 0,
-            fit_seconds=result.seconds if result else 0.0, decode_seconds=decode_seconds,
-            min_margin=result.min_margin if result and result.min_margin != float("-inf") else None,
+            index=chunk_index, chars=len(chunks[chunk_index]), tokens=tokens, segments=len(cut),
+            kind="memory" if all(stored) else "zstd" if not any(stored) else "mixed",
+            exact=all(stored),
+            vectors=sum(r.vectors.shape[0] for r, kept in zip(results, stored) if kept),
+            memory_tokens=sum(len(p.ids) for p, kept in zip(cut, stored) if kept),
+            accuracy=(sum(r.accuracy * len(p.ids) for p, r in tried) / sum(len(p.ids) for p, _ in tried)
+                      if tried else None),
+            steps=max((r.steps for _, r in tried), default=0),
+            fit_seconds=max((r.seconds for _, r in tried), default=0.0),
+            decode_seconds=decode_seconds if any(stored) else None,
+            min_margin=min((r.min_margin for _, r in tried if r.min_margin != float("-inf")), default=None),
         ))
+        index += len(cut)
 
-    return {"summary": _summary(lm, chunk_chars, fit, rows, fit_wall, plain_seconds, plain_tokens,
-                                original, archive_bytes),
+    return {"summary": _summary(lm, chunk_chars, fit, tokens_per_segment, rows, fit_wall, plain_seconds,
+                                plain_tokens, original, archive_bytes),
             "chunks": [asdict(r) for r in rows]}
 
 
-def _summary(lm, chunk_chars, fit, rows, fit_wall, plain_seconds, plain_tokens, original, archive_bytes):
+def _summary(lm, chunk_chars, fit, tokens_per_segment, rows, fit_wall, plain_seconds, plain_tokens,
+             original, archive_bytes):
     fitted = [r for r in rows if r.accuracy is not None]
-    memory = [r for r in rows if r.kind == "memory"]
-    decode_seconds = sum(r.decode_seconds for r in memory)
-    decode_tokens = sum(r.tokens for r in memory)
+    decode_seconds = sum(r.decode_seconds or 0.0 for r in rows)
+    memory_tokens, memory_vectors = sum(r.memory_tokens for r in rows), sum(r.vectors for r in rows)
     zstd_size = len(zstandard.ZstdCompressor(level=19).compress(original))
     xz_size = len(lzma.compress(original, preset=9 | lzma.PRESET_EXTREME))
     n = len(original) or 1
@@ -146,8 +169,12 @@ def _summary(lm, chunk_chars, fit, rows, fit_wall, plain_seconds, plain_tokens, 
         "embedding_size": lm.hidden_size,
         "chunk_chars": chunk_chars,
         "chunks": len(rows),
-        "vectors_per_chunk": fit.vectors,
+        "tokens_per_segment": tokens_per_segment,
+        "segments": sum(r.segments for r in rows),
+        "vectors_per_segment": fit.vectors,
+        "max_vectors": max(fit.max_vectors or fit.vectors, fit.vectors),
         "max_steps": fit.max_steps,
+        "vectors_stored": memory_vectors,
         "avg_accuracy": statistics.fmean(r.accuracy for r in fitted) if fitted else None,
         "reconstructed": sum(r.exact for r in rows),
         "median_steps": statistics.median(r.steps for r in fitted) if fitted else None,
@@ -156,9 +183,10 @@ def _summary(lm, chunk_chars, fit, rows, fit_wall, plain_seconds, plain_tokens, 
         # Chunks share batches, so one chunk's own time is its latency; this is the cost.
         "fit_seconds_per_chunk": fit_wall / len(rows),
         "tokens_fitted_per_second": sum(r.tokens for r in fitted) / fit_wall if fit_wall else None,
-        "decode_tokens_per_second": decode_tokens / decode_seconds if decode_seconds else None,
+        "decode_tokens_per_second": memory_tokens / decode_seconds if decode_seconds else None,
         "generate_tokens_per_second": plain_tokens / plain_seconds if plain_seconds else None,
-        "tokens_per_vector": decode_tokens / (len(memory) * fit.vectors) if memory else None,
+        # Over every memory segment, each verified exact by greedy decoding with the margin guard.
+        "tokens_per_vector": memory_tokens / memory_vectors if memory_vectors else None,
         "original_bytes": len(original),
         "lmz_bytes": len(archive_bytes),
         "zstd19_bytes": zstd_size,
@@ -178,19 +206,21 @@ def _fmt(value, spec: str) -> str:
 def format_table(result: dict) -> str:
     s = result["summary"]
     lines = [
-        "| chunk | tokens | stored | exact | acc | steps | fit s | decode s | margin |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| chunk | tokens | segments | vectors | stored | exact | acc | steps | fit s | decode s | margin |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["chunks"]:
-        lines.append(f"| {r['index']} | {r['tokens']} | {r['kind']} | {'yes' if r['exact'] else 'no'} | "
+        lines.append(f"| {r['index']} | {r['tokens']} | {r['segments']} | {r['vectors']} | {r['kind']} | "
+                     f"{'yes' if r['exact'] else 'no'} | "
                      f"{_fmt(r['accuracy'], '.3f')} | {r['steps']} | {r['fit_seconds']:.1f} | "
                      f"{_fmt(r['decode_seconds'], '.2f')} | {_fmt(r['min_margin'], '.2f')} |")
     lines += [
         "",
-        "| Model | Params | Emb. size | Chunk chars | K | Avg. Acc | Reconstructed |",
+        "| Model | Params | Emb. size | Chunk chars | K (max) | Avg. Acc | Reconstructed |",
         "|---|---|---|---|---|---|---|",
         f"| {s['model']} | {s['parameters'] / 1e6:.0f}M | {s['embedding_size']} | {s['chunk_chars']} | "
-        f"{s['vectors_per_chunk']} | {_fmt(s['avg_accuracy'], '.3f')} | {s['reconstructed']} / {s['chunks']} |",
+        f"{s['vectors_per_segment']} ({s['max_vectors']}) | {_fmt(s['avg_accuracy'], '.3f')} | "
+        f"{s['reconstructed']} / {s['chunks']} |",
         "",
         f"fit: median {_fmt(s['median_steps'], '.0f')} steps, median {_fmt(s['median_fit_seconds'], '.1f')} s "
         f"per chunk in its batch, {s['fit_seconds_per_chunk']:.1f} s per chunk of wall time "
@@ -198,7 +228,8 @@ def format_table(result: dict) -> str:
         f"{_fmt(s['tokens_fitted_per_second'], '.2f')} tokens fitted/s ({s['threads']} threads, {s['device']})",
         f"decode: {_fmt(s['decode_tokens_per_second'], '.1f')} tokens/s from memory vectors; "
         f"plain generate(): {_fmt(s['generate_tokens_per_second'], '.1f')} tokens/s",
-        f"tokens per vector: {_fmt(s['tokens_per_vector'], '.1f')}",
+        f"segments: {s['segments']} ({'one a chunk' if s['tokens_per_segment'] is None else '~' + str(s['tokens_per_segment']) + ' tokens each'}); "
+        f"tokens per vector: {_fmt(s['tokens_per_vector'], '.1f')} ({s['vectors_stored']} vectors stored)",
         "",
         "| | bytes | bits per byte |",
         "|---|---|---|",
@@ -226,7 +257,7 @@ def plot(result: dict, path: str) -> None:
                label="exact from memory (1 = yes)")
     s = result["summary"]
     ax.set(xlabel="chunk length (tokens)", ylabel="accuracy / exact", ylim=(-0.05, 1.05),
-           title=f"{s['model']}, K={s['vectors_per_chunk']}, {s['chunk_chars']}-char chunks")
+           title=f"{s['model']}, K={s['vectors_per_segment']}, {s['chunk_chars']}-char chunks")
     ax.legend(loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

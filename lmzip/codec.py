@@ -16,9 +16,9 @@ import torch
 
 from . import container, segmenting, zstd_payload
 from .container import KIND_MEMORY, KIND_ZSTD, ArchiveWriter, Header
-from .errors import (ContentChecksumError, InputError, ModelMismatchError, ModelUnavailableError,
-                     SegmentError)
-from .fit import FitConfig, FitResult, fit_segments
+from .errors import (ContentChecksumError, HeaderError, InputError, ModelMismatchError,
+                     ModelUnavailableError, SegmentError)
+from .fit import FitConfig, FitResult, fit_segments, sink_prefix
 from .generate import greedy_decode
 from .models import LoadedModel, load_model
 
@@ -155,14 +155,15 @@ class Codec:
         writer = ArchiveWriter()
         run = _ZstdRun(writer, zstd_level)
         state = Progress(0, len(pieces))
+        prefix = sink_prefix(lm, fit) if lm is not None else ()
         jobs = [(i, p.ids) for i, p in enumerate(pieces)
                 if lm is not None and fit.max_steps > 0 and p.ids is not None
                 and len(p.ids) <= container.MAX_TOKENS_PER_SEGMENT
-                and fit.vectors + len(p.ids) <= _max_positions(lm)]
+                and len(prefix) + fit.vectors + len(p.ids) <= _max_positions(lm)]
         waiting = {i for i, _ in jobs}
         fitted = fit_segments(lm, jobs, fit) if jobs else iter(())
         fits: dict[int, FitResult] = {}
-        memory_tokens = 0
+        memory_tokens = memory_vectors = 0
         if progress:
             progress(state)  # show the bar before the first (slow) fit finishes
         # Fits finish out of order; segments are written in order as soon as they can be.
@@ -175,9 +176,11 @@ class Codec:
             if result is not None and result.vectors is not None:
                 run.flush()
                 payload = result.vectors.numpy().astype("<f2").tobytes()
-                writer.add(KIND_MEMORY, piece.data, payload, len(piece.ids), fit.vectors)
+                vector_count = result.vectors.shape[0]
+                writer.add(KIND_MEMORY, piece.data, payload, len(piece.ids), vector_count)
                 state.memory += 1
                 memory_tokens += len(piece.ids)
+                memory_vectors += vector_count
             else:
                 run.add(piece.data)
                 state.zstd += 1
@@ -195,18 +198,18 @@ class Codec:
             original_size=sum(len(p.data) for p in pieces),
             content_sha256=data_hash.digest(),
             segment_count=writer.segment_count,
-            **(self._model_fields(lm, fit) if lm else {}),
+            **(self._model_fields(lm, fit, prefix) if lm else {}),
         )
         size = writer.finish(out, header)
         return EncodeReport(header.original_size, size, writer.segment_count, state.memory,
-                            state.zstd, memory_tokens, state.memory * fit.vectors, fits)
+                            state.zstd, memory_tokens, memory_vectors, fits)
 
     @staticmethod
-    def _model_fields(lm: LoadedModel, fit: FitConfig) -> dict:
+    def _model_fields(lm: LoadedModel, fit: FitConfig, prefix: tuple[int, ...]) -> dict:
         return dict(model_id=lm.model_id, tokenizer_sha256=lm.tokenizer_sha256,
                     weights_sha256=lm.weights_sha256, hidden_size=lm.hidden_size,
                     vectors_per_segment=fit.vectors, compute_dtype=container.DTYPE_FLOAT32,
-                    margin=fit.margin)
+                    margin=fit.margin, prefix=prefix)
 
     # -- decoding -----------------------------------------------------------------
 
@@ -237,6 +240,10 @@ class Codec:
             if lm.hidden_size != header.hidden_size:
                 raise ModelMismatchError(f"model mismatch: the archive's vectors have size "
                                          f"{header.hidden_size}, the model's {lm.hidden_size}")
+            vocab = lm.model.get_input_embeddings().num_embeddings
+            if any(t >= vocab for t in header.prefix):
+                raise HeaderError(f"damaged header: a prefix token is outside the model's "
+                                  f"vocabulary of {vocab}")
         content_hash = hashlib.sha256()
         state = Progress(0, len(archive.segments))
         if progress:
@@ -267,12 +274,13 @@ class Codec:
                 return zstd_payload.decompress(payload, segment.original_length)
             except ValueError as e:
                 raise SegmentError(index, str(e)) from None
-        if segment.vector_count + segment.token_count > _max_positions(lm):
-            raise SegmentError(index, f"{segment.vector_count} vectors and {segment.token_count} tokens "
-                                      "exceed the model's positions")
+        prefix = archive.header.prefix
+        if len(prefix) + segment.vector_count + segment.token_count > _max_positions(lm):
+            raise SegmentError(index, f"{len(prefix)} prefix tokens, {segment.vector_count} vectors and "
+                                      f"{segment.token_count} tokens exceed the model's positions")
         vectors = np.frombuffer(payload, dtype="<f2").reshape(segment.vector_count, -1)
         vectors = torch.from_numpy(vectors.astype(np.float32))
-        ids = greedy_decode(lm, vectors, segment.token_count).ids
+        ids = greedy_decode(lm, vectors, segment.token_count, prefix).ids
         text = lm.tokenizer.decode(ids, clean_up_tokenization_spaces=False)
         data = text.encode("utf-8", errors="surrogatepass")
         if len(data) != segment.original_length:
@@ -296,6 +304,7 @@ def inspect(blob) -> dict:
         "vectors_per_segment": h.vectors_per_segment,
         "compute_dtype": container.DTYPE_NAMES[h.compute_dtype],
         "margin": h.margin,
+        "prefix_tokens": list(h.prefix),
         "segments": [
             {"index": i, "kind": s.kind_name, "original_length": s.original_length,
              "payload_length": s.payload_length, "token_count": s.token_count,

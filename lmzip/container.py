@@ -1,4 +1,4 @@
-"""The .lmz container, format v1: a strict reader and a streaming writer.
+"""The .lmz container, format v2 (reads v1 too): a strict reader and a streaming writer.
 
 SPEC.md is the normative description; this module follows it field by field.
 The reader runs in one fixed order (magic, header size, header checksum,
@@ -28,7 +28,8 @@ from .errors import (
 # PNG's trick: a high-bit byte catches 7-bit channels, CR LF catches line-ending
 # conversion, 0x1A stops `type` on DOS, and the final LF catches LF -> CRLF.
 MAGIC = b"\x89LMZ\r\n\x1a\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 # Decoder limits (SPEC.md, "Limits"). Every size read from a file is checked
 # against one of these before it is used.
@@ -39,6 +40,7 @@ MAX_ORIGINAL_SIZE = 1 << 40
 MAX_TOKENS_PER_SEGMENT = 8192
 MAX_VECTORS_PER_SEGMENT = 1024
 MAX_HIDDEN_SIZE = 16384
+MAX_PREFIX_TOKENS = 64
 # A zstd frame is never much larger than its content (ZSTD_compressBound).
 MAX_ZSTD_PAYLOAD = MAX_SEGMENT_BYTES + (MAX_SEGMENT_BYTES >> 8) + 1024
 
@@ -52,17 +54,21 @@ DTYPE_NAMES = {DTYPE_NONE: "none", DTYPE_FLOAT32: "float32"}
 
 # magic, version, flags, header_size, original_size, content_sha256,
 # segment_count, hidden_size, vectors_per_segment, compute_dtype, reserved,
-# margin, tokenizer_sha256, weights_sha256, model_id_length
-_HEADER = struct.Struct("<8sHHIQ32sIIHBBf32s32sH")
+# margin, tokenizer_sha256, weights_sha256, model_id_length; version 2 adds
+# prefix_length. The model ID, then (v2) the prefix token ids, then a CRC-32 follow.
+_HEADER_V1 = struct.Struct("<8sHHIQ32sIIHBBf32s32sH")
+_HEADER = struct.Struct("<8sHHIQ32sIIHBBf32s32sHH")
+_HEADERS = {1: _HEADER_V1, 2: _HEADER}
 _CRC = struct.Struct("<I")
-MIN_HEADER_SIZE = _HEADER.size + _CRC.size
-MAX_HEADER_SIZE = MIN_HEADER_SIZE + MAX_MODEL_ID_BYTES
+_TOKEN = struct.Struct("<I")
+MIN_HEADER_SIZE = _HEADER_V1.size + _CRC.size  # a v1 header naming no model
+MAX_HEADER_SIZE = _HEADER.size + MAX_MODEL_ID_BYTES + MAX_PREFIX_TOKENS * _TOKEN.size + _CRC.size
 # kind, flags, vector_count, token_count, original_length, payload_length,
 # payload_offset, crc32, reserved
 _ENTRY = struct.Struct("<BBHIIIQII")
 ENTRY_SIZE = _ENTRY.size
 
-assert MIN_HEADER_SIZE == 142 and ENTRY_SIZE == 32, "layout must match SPEC.md"
+assert MIN_HEADER_SIZE == 142 and MAX_HEADER_SIZE == 1424 and ENTRY_SIZE == 32, "layout must match SPEC.md"
 
 NO_HASH = bytes(32)
 
@@ -79,11 +85,18 @@ class Header:
     vectors_per_segment: int = 0
     compute_dtype: int = DTYPE_NONE
     margin: float = 0.0
+    prefix: tuple[int, ...] = ()  # token ids fed before the memory vectors (v2)
     version: int = FORMAT_VERSION
 
     @property
     def has_model(self) -> bool:
         return bool(self.model_id)
+
+    @property
+    def size(self) -> int:
+        """Bytes from the start of the file to the end of the header checksum."""
+        return (_HEADERS[self.version].size + len(self.model_id.encode("utf-8"))
+                + _TOKEN.size * len(self.prefix) + _CRC.size)
 
 
 @dataclass(frozen=True)
@@ -122,11 +135,16 @@ def _pack_header(h: Header) -> bytes:
     model_id = h.model_id.encode("utf-8")
     if len(model_id) > MAX_MODEL_ID_BYTES:
         raise LimitError(f"model ID is {len(model_id)} bytes; the limit is {MAX_MODEL_ID_BYTES}")
-    body = _HEADER.pack(
-        MAGIC, h.version, 0, MIN_HEADER_SIZE + len(model_id), h.original_size,
-        h.content_sha256, h.segment_count, h.hidden_size, h.vectors_per_segment,
-        h.compute_dtype, 0, h.margin, h.tokenizer_sha256, h.weights_sha256, len(model_id),
-    ) + model_id
+    if len(h.prefix) > MAX_PREFIX_TOKENS:
+        raise LimitError(f"{len(h.prefix)} prefix tokens; the limit is {MAX_PREFIX_TOKENS}")
+    if h.version == 1 and h.prefix:
+        raise ValueError("format version 1 has no prefix tokens")
+    fields = [MAGIC, h.version, 0, h.size, h.original_size, h.content_sha256, h.segment_count,
+              h.hidden_size, h.vectors_per_segment, h.compute_dtype, 0, h.margin,
+              h.tokenizer_sha256, h.weights_sha256, len(model_id)]
+    if h.version >= 2:
+        fields.append(len(h.prefix))
+    body = _HEADERS[h.version].pack(*fields) + model_id + b"".join(_TOKEN.pack(t) for t in h.prefix)
     return body + _CRC.pack(crc32(body))
 
 
@@ -200,19 +218,27 @@ def parse_header(data: memoryview) -> Header:
     (stored_crc,) = _CRC.unpack_from(data, header_size - _CRC.size)
     if crc32(body) != stored_crc:
         raise HeaderError("damaged header: header checksum mismatch")
-    (_, version, flags, _, original_size, content_sha, segment_count, hidden_size,
-     vectors, dtype, reserved, margin, tok_sha, weights_sha, model_id_len) = _HEADER.unpack_from(data, 0)
-    if version != FORMAT_VERSION:
+    (version,) = struct.unpack_from("<H", data, 8)
+    if version not in READABLE_VERSIONS:
         raise UnsupportedVersionError(
-            f"unsupported format version {version} (this lmzip reads version {FORMAT_VERSION})")
+            f"unsupported format version {version} (this lmzip reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))})")
+    layout = _HEADERS[version]
+    (_, _, flags, _, original_size, content_sha, segment_count, hidden_size, vectors, dtype,
+     reserved, margin, tok_sha, weights_sha, model_id_len, *rest) = layout.unpack_from(data, 0)
+    prefix_len = rest[0] if rest else 0
     if flags or reserved:
         raise HeaderError("damaged header: reserved bits are set")
-    if model_id_len != header_size - MIN_HEADER_SIZE:
-        raise HeaderError("damaged header: model ID length disagrees with the header size")
+    if prefix_len > MAX_PREFIX_TOKENS:
+        raise LimitError(f"damaged header: {prefix_len} prefix tokens is over the limit of {MAX_PREFIX_TOKENS}")
+    if header_size != layout.size + model_id_len + _TOKEN.size * prefix_len + _CRC.size:
+        raise HeaderError("damaged header: model ID and prefix lengths disagree with the header size")
     try:
-        model_id = bytes(data[_HEADER.size : _HEADER.size + model_id_len]).decode("utf-8")
+        model_id = bytes(data[layout.size : layout.size + model_id_len]).decode("utf-8")
     except UnicodeDecodeError:
         raise HeaderError("damaged header: model ID is not UTF-8") from None
+    prefix_at = layout.size + model_id_len
+    prefix = tuple(_TOKEN.unpack_from(data, prefix_at + _TOKEN.size * i)[0] for i in range(prefix_len))
     if dtype not in DTYPE_NAMES:
         raise HeaderError(f"damaged header: unknown compute dtype code {dtype}")
     if segment_count > MAX_SEGMENTS:
@@ -224,12 +250,12 @@ def parse_header(data: memoryview) -> Header:
         raise LimitError(f"damaged header: hidden size {hidden_size} or vector count {vectors} over the limit")
     if model_id and (hidden_size == 0 or dtype == DTYPE_NONE):
         raise HeaderError("damaged header: a model is named but its hidden size or dtype is missing")
-    if not model_id and (hidden_size or vectors or dtype or any(tok_sha) or any(weights_sha)):
+    if not model_id and (hidden_size or vectors or dtype or prefix or any(tok_sha) or any(weights_sha)):
         raise HeaderError("damaged header: model fields are set but no model is named")
     if margin != margin or margin < 0:  # NaN or negative
         raise HeaderError("damaged header: the margin is not a non-negative number")
     return Header(original_size, bytes(content_sha), segment_count, model_id, bytes(tok_sha),
-                  bytes(weights_sha), hidden_size, vectors, dtype, margin, version)
+                  bytes(weights_sha), hidden_size, vectors, dtype, margin, prefix, version)
 
 
 def _check_entry(i: int, s: Segment, flags: int, reserved: int, header: Header) -> None:
@@ -264,7 +290,7 @@ def parse(blob) -> Archive:
     """Parse and bound-check a whole archive held in memory."""
     data = memoryview(blob).cast("B")
     header = parse_header(data)
-    table_start = MIN_HEADER_SIZE + len(header.model_id.encode("utf-8"))
+    table_start = header.size
     table_end = table_start + ENTRY_SIZE * header.segment_count
     _need(data, table_end + _CRC.size, f"the table of {header.segment_count} segments")
     (stored_crc,) = _CRC.unpack_from(data, table_end)

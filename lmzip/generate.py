@@ -5,6 +5,10 @@ it stores, and the decoder calls the same function, so what was verified is
 what is decoded. It runs in float32, eval mode, no sampling; the smallest gap
 between the top two logits tells how far a segment is from a near-tie that
 another machine's arithmetic could flip.
+
+The input is the archive's prefix tokens (a fixed start-of-text token that
+the model is used to seeing first: it takes the attention-sink role that a
+memory vector would otherwise have to play), then the K memory vectors.
 """
 
 from __future__ import annotations
@@ -27,12 +31,18 @@ def _top2_margin(logits: torch.Tensor) -> torch.Tensor:
     return top[..., 0] - top[..., 1]
 
 
+def memory_inputs(lm: LoadedModel, prefix: tuple[int, ...], vectors: torch.Tensor) -> torch.Tensor:
+    """(P + K, H) float32 input embeddings: the prefix tokens' embeddings, then the vectors."""
+    ids = torch.tensor(prefix, dtype=torch.long, device=lm.device)
+    return torch.cat([lm.embed(ids).float(), vectors.to(lm.device, torch.float32)])
+
+
 @torch.no_grad()
-def greedy_decode(lm: LoadedModel, vectors: torch.Tensor, n_tokens: int,
+def greedy_decode(lm: LoadedModel, vectors: torch.Tensor, n_tokens: int, prefix: tuple[int, ...] = (),
                   use_cache: bool = True) -> Decoded:
-    """Generate exactly `n_tokens` tokens after the memory `vectors` (K, H)."""
+    """Generate exactly `n_tokens` tokens after the prefix tokens and memory `vectors` (K, H)."""
     model = lm.model
-    embeds = vectors.to(lm.device, torch.float32).unsqueeze(0)  # (1, K, H)
+    embeds = memory_inputs(lm, prefix, vectors).unsqueeze(0)  # (1, P + K, H)
     ids: list[int] = []
     margins: list[torch.Tensor] = []
     past = None
@@ -56,10 +66,11 @@ def greedy_decode(lm: LoadedModel, vectors: torch.Tensor, n_tokens: int,
 
 
 @torch.no_grad()
-def teacher_forced_accuracy(lm: LoadedModel, vectors: torch.Tensor, ids: list[int]) -> float:
-    """Share of positions whose argmax is the right token when the true prefix is given."""
+def teacher_forced_accuracy(lm: LoadedModel, vectors: torch.Tensor, ids: list[int],
+                            prefix: tuple[int, ...] = ()) -> float:
+    """Share of positions whose argmax is the right token when the true text so far is given."""
     target = torch.tensor([ids], device=lm.device)
-    embeds = torch.cat([vectors.to(lm.device, torch.float32).unsqueeze(0), lm.embed(target)], dim=1)
-    k = vectors.shape[0]
+    embeds = torch.cat([memory_inputs(lm, prefix, vectors).unsqueeze(0), lm.embed(target)], dim=1)
+    k = len(prefix) + vectors.shape[0]
     logits = lm.model(inputs_embeds=embeds, use_cache=False).logits[0, k - 1 : k - 1 + len(ids)]
     return float((logits.argmax(-1) == target[0]).float().mean())

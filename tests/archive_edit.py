@@ -8,22 +8,23 @@ from __future__ import annotations
 
 import struct
 
-from lmzip.container import _CRC, _ENTRY, _HEADER, ENTRY_SIZE, MIN_HEADER_SIZE, crc32
+from lmzip.container import _CRC, _ENTRY, _HEADERS, ENTRY_SIZE, crc32
 
 HEADER_FIELDS = ("magic", "version", "flags", "header_size", "original_size", "content_sha256",
                  "segment_count", "hidden_size", "vectors_per_segment", "compute_dtype", "reserved",
-                 "margin", "tokenizer_sha256", "weights_sha256", "model_id_length")
+                 "margin", "tokenizer_sha256", "weights_sha256", "model_id_length", "prefix_length")
 ENTRY_FIELDS = ("kind", "flags", "vector_count", "token_count", "original_length",
                 "payload_length", "payload_offset", "crc32", "reserved")
 
 
 def edit_header(blob: bytes, **changes) -> bytes:
-    """Change header fields and recompute the header checksum."""
-    fields = dict(zip(HEADER_FIELDS, _HEADER.unpack_from(blob, 0)))
+    """Change header fields (in the blob's own layout) and recompute the header checksum."""
+    layout = _HEADERS[struct.unpack_from("<H", blob, 8)[0]]
+    fields = dict(zip(HEADER_FIELDS, layout.unpack_from(blob, 0)))
     fields.update(changes)
-    size = MIN_HEADER_SIZE + fields["model_id_length"]
+    size = struct.unpack_from("<I", blob, 12)[0]  # the layout stays: only values change
     body = bytearray(blob[: size - _CRC.size])
-    _HEADER.pack_into(body, 0, *fields.values())
+    layout.pack_into(body, 0, *fields.values())
     return bytes(body) + _CRC.pack(crc32(body)) + blob[size:]
 
 

@@ -46,7 +46,8 @@ def test_bench_json_fields_and_arithmetic(tmp_path):
     assert s["lmz_bytes"] == len(archive.getvalue())
     assert s["lmz_bits_per_byte"] == 8 * s["lmz_bytes"] / 50
     memory_tokens = sum(row["tokens"] for row in rows if row["kind"] == "memory")
-    assert s["tokens_per_vector"] == memory_tokens / s["reconstructed"]  # K = 1
+    assert s["tokens_per_vector"] == memory_tokens / s["reconstructed"]  # K = 1, no retries
+    assert s["vectors_stored"] == s["reconstructed"]
 
 
 def test_bench_reads_csv_chunk_column(tmp_path):
@@ -63,3 +64,15 @@ def test_bench_plot_writes_a_png(tmp_path):
     png = tmp_path / "plot.png"
     run_bench(tmp_path, "--chunk-chars", "8", "--limit", "3", "--plot", str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_cuts_chunks_into_segments_with_tokens(tmp_path):
+    out = tmp_path / "bench.json"
+    run_bench(tmp_path, "--chunk-chars", "40", "--limit", "2", "--tokens", "8", "--json", str(out))
+    result = json.loads(out.read_text())
+    s, rows = result["summary"], result["chunks"]
+    assert all(row["segments"] >= 4 for row in rows)  # 40 byte-level tokens in ~8-token segments
+    assert s["segments"] == sum(row["segments"] for row in rows)
+    assert s["vectors_stored"] == sum(row["vectors"] for row in rows) > 0
+    assert all(row["exact"] == (row["kind"] == "memory") for row in rows)
+    assert s["tokens_per_vector"] == sum(row["memory_tokens"] for row in rows) / s["vectors_stored"]

@@ -111,7 +111,7 @@ def test_info_and_test(workdir):
     assert info["original_size"] == len(TEXT) and info["model_id"] == TINY_MODEL
     assert {s["kind"] for s in info["segments"]} == {"memory"}
     r = run("info", "doc.txt.lmz")
-    assert "memory" in r.stdout and "lmz format v1" in r.stdout
+    assert "memory" in r.stdout and "lmz format v2" in r.stdout
     r = run("test", "doc.txt.lmz")
     assert r.exit_code == 0 and "doc.txt.lmz: OK" in r.stderr
     assert sorted(os.listdir()) == ["doc.txt", "doc.txt.lmz"]

@@ -50,6 +50,30 @@ def test_invalid_utf8_and_exhausted_budget_go_to_zstd(codec):
     assert codec.decode(no_budget) == data
 
 
+def test_a_segment_out_of_steps_retries_with_more_vectors(codec):
+    text = "The rabbit hole "  # 16 byte tokens: one vector cannot hold them in 40 steps
+    options = {**TINY_OPTIONS, "tokens_per_segment": 16, "max_steps": 40}
+    assert kinds(codec.encode(text, **options)) == ["zstd"]
+    blob = codec.encode(text, **{**options, "max_vectors": 2})
+    segments = lmzip.inspect(blob)["segments"]
+    assert [(s["kind"], s["vector_count"]) for s in segments] == [("memory", 2)]
+    assert lmzip.inspect(blob)["vectors_per_segment"] == 1  # what it started with
+    assert codec.decode(blob) == text.encode()
+
+
+def test_prefix_tokens_are_recorded_and_used(codec, sentence_archive, tiny):
+    info = lmzip.inspect(sentence_archive)
+    assert info["prefix_tokens"] == [256]  # the tiny tokenizer's end-of-text token
+    archive = container.parse(sentence_archive)
+    segment = archive.segments[0]
+    vectors = np.frombuffer(archive.payload(0), dtype="<f2").reshape(segment.vector_count, -1)
+    vectors = torch.from_numpy(vectors.astype(np.float32))
+    with_prefix = greedy_decode(tiny, vectors, segment.token_count, (256,)).ids
+    without = greedy_decode(tiny, vectors, segment.token_count).ids
+    expected = tiny.tokenizer(SENTENCE, add_special_tokens=False)["input_ids"][: segment.token_count]
+    assert with_prefix == expected and without != expected
+
+
 def test_margin_guard_sends_unreachable_margins_to_zstd(codec):
     blob = codec.encode("short", **{**TINY_OPTIONS, "margin": 60000.0, "max_steps": 20})
     assert kinds(blob) == ["zstd"]
