@@ -129,8 +129,9 @@ class Codec:
             fit = replace(fit or FitConfig(), **fit_options)
         except TypeError as e:
             raise InputError(f"unknown encoder option: {e}") from None
-        if fit.vectors < 1 or fit.vectors > container.MAX_VECTORS_PER_SEGMENT or fit.max_steps < 0:
-            raise InputError(f"vectors must be in [1, {container.MAX_VECTORS_PER_SEGMENT}] "
+        if not (1 <= fit.vectors <= container.MAX_VECTORS_PER_SEGMENT
+                and 1 <= (fit.max_vectors or 1) <= container.MAX_VECTORS_PER_SEGMENT) or fit.max_steps < 0:
+            raise InputError(f"vectors and max vectors must be in [1, {container.MAX_VECTORS_PER_SEGMENT}] "
                              "and max steps not negative")
         if not 0 <= fit.margin <= MAX_MARGIN:  # also false for NaN
             raise InputError(f"margin must be a number in [0, {MAX_MARGIN:g}]")
@@ -143,6 +144,11 @@ class Codec:
             pieces, lm = [segmenting.Piece(data, None)], None
         else:
             lm = self.model(model)
+            prefix = sink_prefix(lm, fit)
+            vocab = lm.model.get_input_embeddings().num_embeddings
+            if len(prefix) > container.MAX_PREFIX_TOKENS or not all(0 <= t < vocab for t in prefix):
+                raise InputError(f"prefix must be at most {container.MAX_PREFIX_TOKENS} token ids "
+                                 f"below the vocabulary size {vocab}")
             pieces = list(segmenting.plan(data, lm.tokenizer, tokens_per_segment))
         return self.write_pieces(pieces, out, lm, fit, zstd_level, progress,
                                  expected_sha256=hashlib.sha256(data).digest())

@@ -1,6 +1,7 @@
 """Cutting input bytes into segments whose bytes concatenate to the input exactly.
 
-Valid UTF-8 text is cut every N tokens, at character boundaries; each piece is
+Valid UTF-8 text is cut every N tokens, at character boundaries (the last
+segments of a run share its tail evenly, at most N tokens each); each piece is
 re-tokenized on its own and kept for memory coding only if its tokens decode
 back to exactly its text. Everything else (invalid UTF-8, a tokenizer that
 normalizes) is marked for zstd.
@@ -49,7 +50,12 @@ def _cut_points(tokenizer, text: str, tokens_per_segment: int) -> Iterator[int]:
         last_window = start + len(window) >= len(text)
         offsets = tokenizer(window, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         cut = 0
-        for j in range(tokens_per_segment, len(offsets), tokens_per_segment):
+        if last_window:  # even out the last segments: no short tail costing K vectors for a few tokens
+            count = -(-len(offsets) // tokens_per_segment)
+            starts = [round(i * len(offsets) / count) for i in range(1, count)]
+        else:
+            starts = range(tokens_per_segment, len(offsets), tokens_per_segment)
+        for j in starts:
             if offsets[j][0] > cut:  # a token inside a multi-byte character shares its offset
                 cut = offsets[j][0]
                 yield start + cut

@@ -45,6 +45,16 @@ def test_text_of_several_megabytes_is_cut_in_windows(codec, tiny):
     assert codec.decode(blob) == data
 
 
+def test_the_tail_of_a_text_is_shared_evenly(tiny):
+    from lmzip import segmenting
+
+    text = "abcdefghij" * 4  # 40 byte-level tokens
+    sizes = [len(p.ids) for p in segmenting.plan(text.encode(), tiny.tokenizer, 32)]
+    assert sizes == [20, 20]  # not 32 + 8
+    sizes = [len(p.ids) for p in segmenting.plan(text.encode(), tiny.tokenizer, 8)]
+    assert sizes == [8] * 5
+
+
 def invoke(*args):
     return CliRunner().invoke(cli.main, list(args))
 

@@ -144,3 +144,7 @@ def test_bad_options_are_input_errors(codec):
         codec.encode("x", **{**TINY_OPTIONS, "batch_size": 0})
     with pytest.raises(lmzip.InputError, match="tokens per segment"):
         codec.encode("x", **{**TINY_OPTIONS, "tokens_per_segment": 0})
+    with pytest.raises(lmzip.InputError, match="prefix must be"):
+        codec.encode("x", **{**TINY_OPTIONS, "prefix": (10**6,)})
+    with pytest.raises(lmzip.InputError, match="prefix must be"):
+        codec.encode("x", **{**TINY_OPTIONS, "prefix": (1,) * 65})
