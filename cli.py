@@ -313,7 +313,8 @@ def info(files, as_json):
               help="Benchmark the first N chunks (0: all).")
 @click.option("--model", envvar="LMZIP_MODEL", help="Model: hub ID or local directory [env LMZIP_MODEL].")
 @click.option("--tokens", "tokens_per_segment", type=click.IntRange(1), default=None,
-              help="Cut each chunk into memory segments of about this many tokens [default: one segment a chunk].")
+              help="Cut each chunk into memory segments of about this many tokens "
+              "[default: one segment a chunk].")
 @_fit_flags
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write every row and the summary here.")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), help="Write a PNG plot here (needs matplotlib).")

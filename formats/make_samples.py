@@ -35,8 +35,8 @@ def main() -> None:
     binary = bytes(range(256)) * 4
     mixed = text + b"\xff\xfe invalid UTF-8 \xc3 here\n" + text
     zstd_text = lmzip.encode(text, method="zstd")
-    memory = codec.encode(mixed, model=TINY, tokens_per_segment=8, vectors=1, max_steps=300,
-                          lr=0.1, margin=0.5, hinge=1.0, bf16=False)
+    memory = codec.encode(mixed, model=TINY, tokens_per_segment=8, vectors=1, max_vectors=1,
+                          max_steps=300, lr=0.1, margin=0.5, hinge=1.0, bf16=False)
     kinds = [s["kind"] for s in lmzip.inspect(memory)["segments"]]
     assert "memory" in kinds and "zstd" in kinds, kinds
     first_memory = kinds.index("memory")

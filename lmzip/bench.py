@@ -205,6 +205,7 @@ def _fmt(value, spec: str) -> str:
 
 def format_table(result: dict) -> str:
     s = result["summary"]
+    cut = "one a chunk" if s["tokens_per_segment"] is None else f"~{s['tokens_per_segment']} tokens each"
     lines = [
         "| chunk | tokens | segments | vectors | stored | exact | acc | steps | fit s | decode s | margin |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -228,7 +229,7 @@ def format_table(result: dict) -> str:
         f"{_fmt(s['tokens_fitted_per_second'], '.2f')} tokens fitted/s ({s['threads']} threads, {s['device']})",
         f"decode: {_fmt(s['decode_tokens_per_second'], '.1f')} tokens/s from memory vectors; "
         f"plain generate(): {_fmt(s['generate_tokens_per_second'], '.1f')} tokens/s",
-        f"segments: {s['segments']} ({'one a chunk' if s['tokens_per_segment'] is None else '~' + str(s['tokens_per_segment']) + ' tokens each'}); "
+        f"segments: {s['segments']} ({cut}); "
         f"tokens per vector: {_fmt(s['tokens_per_vector'], '.1f')} ({s['vectors_stored']} vectors stored)",
         "",
         "| | bytes | bits per byte |",

@@ -29,10 +29,10 @@ from .models import LoadedModel
 
 @dataclass(frozen=True)
 class FitConfig:
-    vectors: int = 4            # K memory vectors a segment starts with
+    vectors: int = 2            # K memory vectors a segment starts with
     max_steps: int = 300        # step budget per attempt
-    max_vectors: int | None = None  # a segment out of steps retries with twice the vectors, up
-                                    # to this many (None: no retry); then it goes to zstd
+    max_vectors: int | None = 8  # a segment out of steps retries with twice the vectors, up
+                                 # to this many (None: no retry); then it goes to zstd
     lr: float = 0.2             # peak learning rate
     warmup: int = 10            # linear warm-up steps
     betas: tuple[float, float] = (0.9, 0.9)

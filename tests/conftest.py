@@ -20,8 +20,8 @@ TINY_MODEL = str(ROOT / "tests" / "data" / "tiny-llama")
 FORMATS = ROOT / "formats"
 # Settings that fit the tiny model quickly; each test may override.
 # float32 fitting, so that what fits does not depend on the CPU's bf16 support.
-TINY_OPTIONS = dict(model=TINY_MODEL, tokens_per_segment=8, vectors=1, max_steps=300, lr=0.1,
-                    margin=0.5, batch_size=8, hinge=1.0, bf16=False)
+TINY_OPTIONS = dict(model=TINY_MODEL, tokens_per_segment=8, vectors=1, max_vectors=1, max_steps=300,
+                    lr=0.1, margin=0.5, batch_size=8, hinge=1.0, bf16=False)
 
 
 @pytest.fixture(scope="session")

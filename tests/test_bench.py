@@ -17,8 +17,9 @@ TEXT = "Down the rabbit hole went Alice, never once considering how to get out a
 def run_bench(tmp_path, *args):
     src = tmp_path / "text.txt"
     src.write_text(TEXT)
-    r = CliRunner().invoke(cli.main, ["bench", str(src), "--model", TINY_MODEL, "--vectors", "1",
-                                      "--lr", "0.1", "--margin", "0.5", "--hinge", "1", "--no-bf16", *args], catch_exceptions=False)
+    args = ["bench", str(src), "--model", TINY_MODEL, "--vectors", "1", "--max-vectors", "1",
+            "--lr", "0.1", "--margin", "0.5", "--hinge", "1", "--no-bf16", *args]
+    r = CliRunner().invoke(cli.main, args, catch_exceptions=False)
     assert r.exit_code == 0, r.output
     return r
 
@@ -41,7 +42,8 @@ def test_bench_json_fields_and_arithmetic(tmp_path):
     lm = codec.model(TINY_MODEL)
     pieces = [bench.segmenting.memory_piece(lm.tokenizer, TEXT[i:i + 10]) for i in range(0, 50, 10)]
     archive = io.BytesIO()
-    options = {k: v for k, v in TINY_OPTIONS.items() if k in ("vectors", "lr", "margin", "hinge", "bf16")}
+    fit_fields = ("vectors", "max_vectors", "lr", "margin", "hinge", "bf16")
+    options = {k: v for k, v in TINY_OPTIONS.items() if k in fit_fields}
     codec.write_pieces(pieces, archive, lm, lmzip.FitConfig(**options))
     assert s["lmz_bytes"] == len(archive.getvalue())
     assert s["lmz_bits_per_byte"] == 8 * s["lmz_bytes"] / 50

@@ -16,8 +16,8 @@ import cli
 
 from conftest import FORMATS, TINY_MODEL
 
-TINY_ARGS = ["--model", TINY_MODEL, "--tokens", "8", "--vectors", "1", "--lr", "0.1", "--margin", "0.5",
-             "--no-bf16"]
+TINY_ARGS = ["--model", TINY_MODEL, "--tokens", "8", "--vectors", "1", "--max-vectors", "1",
+             "--lr", "0.1", "--margin", "0.5", "--no-bf16"]
 TEXT = b"Hello, CLI!\nSecond line.\n"
 
 
