@@ -37,7 +37,7 @@ class ChunkRow:
     memory_tokens: int       # tokens those vectors hold
     accuracy: float | None   # teacher-forced token accuracy (None: no tokens to fit)
     steps: int               # the most any of its segments took (all attempts)
-    fit_seconds: float       # from its first segment entering the batch to its last leaving it
+    fit_seconds: float       # the longest of its segments' times from entering the batch to leaving it
     decode_seconds: float | None
     min_margin: float | None
 
@@ -172,7 +172,7 @@ def _summary(lm, chunk_chars, fit, tokens_per_segment, rows, fit_wall, plain_sec
         "tokens_per_segment": tokens_per_segment,
         "segments": sum(r.segments for r in rows),
         "vectors_per_segment": fit.vectors,
-        "max_vectors": max(fit.max_vectors or fit.vectors, fit.vectors),
+        "max_vectors": fit.vector_limit,
         "max_steps": fit.max_steps,
         "vectors_stored": memory_vectors,
         "avg_accuracy": statistics.fmean(r.accuracy for r in fitted) if fitted else None,

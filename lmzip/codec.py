@@ -144,11 +144,6 @@ class Codec:
             pieces, lm = [segmenting.Piece(data, None)], None
         else:
             lm = self.model(model)
-            prefix = sink_prefix(lm, fit)
-            vocab = lm.model.get_input_embeddings().num_embeddings
-            if len(prefix) > container.MAX_PREFIX_TOKENS or not all(0 <= t < vocab for t in prefix):
-                raise InputError(f"prefix must be at most {container.MAX_PREFIX_TOKENS} token ids "
-                                 f"below the vocabulary size {vocab}")
             pieces = list(segmenting.plan(data, lm.tokenizer, tokens_per_segment))
         return self.write_pieces(pieces, out, lm, fit, zstd_level, progress,
                                  expected_sha256=hashlib.sha256(data).digest())
@@ -162,10 +157,15 @@ class Codec:
         run = _ZstdRun(writer, zstd_level)
         state = Progress(0, len(pieces))
         prefix = sink_prefix(lm, fit) if lm is not None else ()
+        if lm is not None and (len(prefix) > container.MAX_PREFIX_TOKENS
+                               or not all(0 <= t < lm.vocab_size for t in prefix)):
+            raise InputError(f"prefix must be at most {container.MAX_PREFIX_TOKENS} token ids "
+                             f"below the vocabulary size {lm.vocab_size}")
+        # A segment may end up with fit.vector_limit vectors; the decoder must still fit them all.
         jobs = [(i, p.ids) for i, p in enumerate(pieces)
                 if lm is not None and fit.max_steps > 0 and p.ids is not None
                 and len(p.ids) <= container.MAX_TOKENS_PER_SEGMENT
-                and len(prefix) + fit.vectors + len(p.ids) <= _max_positions(lm)]
+                and len(prefix) + fit.vector_limit + len(p.ids) <= _max_positions(lm)]
         waiting = {i for i, _ in jobs}
         fitted = fit_segments(lm, jobs, fit) if jobs else iter(())
         fits: dict[int, FitResult] = {}
@@ -246,10 +246,9 @@ class Codec:
             if lm.hidden_size != header.hidden_size:
                 raise ModelMismatchError(f"model mismatch: the archive's vectors have size "
                                          f"{header.hidden_size}, the model's {lm.hidden_size}")
-            vocab = lm.model.get_input_embeddings().num_embeddings
-            if any(t >= vocab for t in header.prefix):
+            if any(t >= lm.vocab_size for t in header.prefix):
                 raise HeaderError(f"damaged header: a prefix token is outside the model's "
-                                  f"vocabulary of {vocab}")
+                                  f"vocabulary of {lm.vocab_size}")
         content_hash = hashlib.sha256()
         state = Progress(0, len(archive.segments))
         if progress:

@@ -23,7 +23,7 @@ from typing import Hashable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .generate import greedy_decode, memory_inputs, teacher_forced_accuracy
+from .generate import greedy_decode, teacher_forced_accuracy, teacher_forced_logits
 from .models import LoadedModel
 
 
@@ -45,6 +45,11 @@ class FitConfig:
                                 # verification always decodes in float32
     prefix: tuple[int, ...] | None = None  # tokens before the vectors (None: the model's
                                            # start-of-text token, see `sink_prefix`)
+
+    @property
+    def vector_limit(self) -> int:
+        """The most vectors a segment may end up with."""
+        return max(self.max_vectors or self.vectors, self.vectors)
 
 
 @dataclass(frozen=True)
@@ -117,16 +122,23 @@ def _lr(cfg: FitConfig, step: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _init_vectors(lm: LoadedModel, k: int, generator: torch.Generator) -> torch.Tensor:
-    """Around the mean token embedding, spread like the embeddings.
+class _VectorInit:
+    """Draws starting vectors around the mean token embedding, spread like the embeddings.
 
     Token embeddings share a large common component (its norm is 2.2 of their
     3.2 on SmolLM2); starting from it took a median 53 steps against 66.5 from
     zero-mean noise (README).
     """
-    weight = lm.model.get_input_embeddings().weight.detach().float()
-    noise = torch.randn(k, lm.hidden_size, generator=generator).to(lm.device)
-    return weight.mean(0) + noise * weight.std()
+
+    def __init__(self, lm: LoadedModel, seed: int):
+        with torch.no_grad():
+            weight = lm.model.get_input_embeddings().weight.float()
+            self.mean, self.std = weight.mean(0), weight.std()
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, k: int) -> torch.Tensor:
+        noise = torch.randn(k, self.mean.shape[0], generator=self.generator).to(self.mean.device)
+        return self.mean + noise * self.std
 
 
 def bf16_available(device: torch.device) -> bool:
@@ -146,14 +158,10 @@ def _gap_to_runner_up(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return right - others
 
 
-@torch.no_grad()
 def _margin_holds(lm: LoadedModel, vectors16: torch.Tensor, ids: torch.Tensor, margin: float,
                   prefix: tuple[int, ...]) -> bool:
     """Teacher-forced in float32: is every token right by at least the margin?"""
-    inputs = torch.cat([memory_inputs(lm, prefix, vectors16.float()), lm.embed(ids).float()])
-    start = len(prefix) + vectors16.shape[0]
-    logits = lm.model(inputs_embeds=inputs.unsqueeze(0), use_cache=False).logits[0]
-    logits = logits[start - 1 : start - 1 + len(ids)].float()
+    logits = teacher_forced_logits(lm, vectors16.float(), ids, prefix)
     return bool(_gap_to_runner_up(logits, ids).min() >= margin)
 
 
@@ -199,8 +207,7 @@ def fit_segments(lm: LoadedModel, jobs: Iterable[tuple[Hashable, tuple[int, ...]
     with torch.no_grad():
         prefix_embeds = lm.embed(torch.tensor(prefix, dtype=torch.long, device=device)).float()
     body, head = lm.model.base_model, lm.model.get_output_embeddings()
-    max_vectors = max(cfg.max_vectors or cfg.vectors, cfg.vectors)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    init_vectors = _VectorInit(lm, cfg.seed)
     pending = deque(jobs)
     rows: list[_Row] = []
 
@@ -210,7 +217,7 @@ def fit_segments(lm: LoadedModel, jobs: Iterable[tuple[Hashable, tuple[int, ...]
             t = torch.tensor(ids, device=device)
             with torch.no_grad():
                 embeds = lm.embed(t).float()
-            rows.append(_Row(key, t, embeds, time.perf_counter(), _init_vectors(lm, cfg.vectors, generator)))
+            rows.append(_Row(key, t, embeds, time.perf_counter(), init_vectors(cfg.vectors)))
 
     def finish(r: _Row, vectors16):
         tried = vectors16 if vectors16 is not None else r.params.half()
@@ -220,10 +227,10 @@ def fit_segments(lm: LoadedModel, jobs: Iterable[tuple[Hashable, tuple[int, ...]
 
     def escalate(r: _Row) -> bool:
         """Out of steps: give the row more vectors and a new budget, if it may have them."""
-        k = min(2 * r.k, max_vectors)
+        k = min(2 * r.k, cfg.vector_limit)
         if k <= r.k:
             return False
-        fresh = _init_vectors(lm, k - r.k, generator)
+        fresh = init_vectors(k - r.k)
         r.params, r.step = torch.cat([fresh, r.params]), 0
         r.m = torch.cat([torch.zeros_like(fresh), r.m])
         r.v = torch.cat([torch.zeros_like(fresh), r.v])

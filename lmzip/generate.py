@@ -66,11 +66,17 @@ def greedy_decode(lm: LoadedModel, vectors: torch.Tensor, n_tokens: int, prefix:
 
 
 @torch.no_grad()
+def teacher_forced_logits(lm: LoadedModel, vectors: torch.Tensor, ids: torch.Tensor,
+                          prefix: tuple[int, ...] = ()) -> torch.Tensor:
+    """(T, V) float32 logits for each token of `ids` (T,), given the true text before it."""
+    embeds = torch.cat([memory_inputs(lm, prefix, vectors), lm.embed(ids).float()])
+    k = len(prefix) + vectors.shape[0]
+    return lm.model(inputs_embeds=embeds.unsqueeze(0), use_cache=False).logits[0, k - 1 : k - 1 + len(ids)].float()
+
+
 def teacher_forced_accuracy(lm: LoadedModel, vectors: torch.Tensor, ids: list[int],
                             prefix: tuple[int, ...] = ()) -> float:
     """Share of positions whose argmax is the right token when the true text so far is given."""
-    target = torch.tensor([ids], device=lm.device)
-    embeds = torch.cat([memory_inputs(lm, prefix, vectors).unsqueeze(0), lm.embed(target)], dim=1)
-    k = len(prefix) + vectors.shape[0]
-    logits = lm.model(inputs_embeds=embeds, use_cache=False).logits[0, k - 1 : k - 1 + len(ids)]
-    return float((logits.argmax(-1) == target[0]).float().mean())
+    target = torch.tensor(ids, device=lm.device)
+    logits = teacher_forced_logits(lm, vectors, target, prefix)
+    return float((logits.argmax(-1) == target).float().mean())

@@ -52,6 +52,11 @@ class LoadedModel:
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding: every valid token id is below this."""
+        return self.model.get_input_embeddings().num_embeddings
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)
 

@@ -1,5 +1,6 @@
 """Memory segments with the tiny test model: fit, verify, decode exactly."""
 
+import io
 import shutil
 
 import numpy as np
@@ -59,6 +60,16 @@ def test_a_segment_out_of_steps_retries_with_more_vectors(codec):
     assert [(s["kind"], s["vector_count"]) for s in segments] == [("memory", 2)]
     assert lmzip.inspect(blob)["vectors_per_segment"] == 1  # what it started with
     assert codec.decode(blob) == text.encode()
+
+
+def test_a_segment_is_fitted_only_if_its_largest_vector_count_fits_the_positions(codec, tiny):
+    text = "a" * 1020  # the tiny model has 1024 positions: 1 prefix token + K vectors + 1020 tokens
+    assert len(tiny.tokenizer(text, add_special_tokens=False)["input_ids"]) == 1020
+    options = {**TINY_OPTIONS, "tokens_per_segment": 1020, "max_steps": 1}
+    report = codec.encode_to(text, io.BytesIO(), **options)  # K may reach 1: fitted
+    assert list(report.fits) == [0]
+    report = codec.encode_to(text, io.BytesIO(), **{**options, "max_vectors": 4})  # K may reach 4: not
+    assert report.fits == {} and report.zstd_pieces == 1
 
 
 def test_prefix_tokens_are_recorded_and_used(codec, sentence_archive, tiny):
