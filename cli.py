@@ -19,7 +19,7 @@ import click
 
 import lmzip
 from lmzip.atomic import atomic_output
-from lmzip.codec import DEFAULT_TOKENS_PER_SEGMENT, METHODS, Progress
+from lmzip.codec import METHODS, Progress
 from lmzip.fit import FitConfig
 
 SUFFIX = ".lmz"
@@ -139,7 +139,8 @@ def _output_flags(f):
     return f
 
 
-FIT_OPTIONS = ("vectors", "max_vectors", "max_steps", "margin", "batch_size", "lr", "bf16", "hinge")
+FIT_OPTIONS = ("vectors", "max_vectors", "max_steps", "start_tokens", "grow_tokens", "max_tokens", "margin",
+               "batch_size", "lr", "bf16", "hinge")
 
 
 def _fit_flags(f):
@@ -148,10 +149,17 @@ def _fit_flags(f):
         click.option("--vectors", type=click.IntRange(1, 1024), default=_DEFAULTS.vectors, show_default=True,
                      help="Memory vectors a segment starts with."),
         click.option("--max-vectors", type=click.IntRange(1, 1024), default=_DEFAULTS.max_vectors,
-                     show_default=True, help="A segment out of steps retries with twice the vectors, "
-                     "up to this many, before it goes to zstd."),
+                     show_default=True, help="With --tokens: a segment out of steps retries with twice "
+                     "the vectors, up to this many, before it goes to zstd."),
         click.option("--max-steps", type=click.IntRange(0), default=_DEFAULTS.max_steps, show_default=True,
-                     help="Optimization steps per attempt."),
+                     help="Steps without verifying a longer length before a growing segment closes "
+                     "(with --tokens: steps per attempt)."),
+        click.option("--start-tokens", type=click.IntRange(1), default=_DEFAULTS.start_tokens,
+                     show_default=True, help="Length a growing segment first tries."),
+        click.option("--grow-tokens", type=click.IntRange(1), default=_DEFAULTS.grow_tokens,
+                     show_default=True, help="Tokens a growing segment adds after each verified length."),
+        click.option("--max-tokens", type=click.IntRange(1), default=_DEFAULTS.max_tokens,
+                     show_default=True, help="Longest a growing segment may become."),
         click.option("--margin", type=click.FloatRange(0), default=_DEFAULTS.margin, show_default=True,
                      help="Required top-1 minus top-2 logit gap at every decoded token."),
         click.option("--batch-size", type=click.IntRange(1), default=_DEFAULTS.batch_size, show_default=True,
@@ -180,8 +188,8 @@ def _fit_config(params: dict) -> FitConfig:
               "[env LMZIP_MODEL; default: the embedded SmolLM2-135M-Instruct].")
 @click.option("--method", type=click.Choice(METHODS), default="memory", show_default=True,
               help="memory: fit memory vectors (zstd for what fails); zstd: no model.")
-@click.option("--tokens", "tokens_per_segment", type=click.IntRange(1), default=DEFAULT_TOKENS_PER_SEGMENT,
-              show_default=True, help="Tokens per memory segment.")
+@click.option("--tokens", "tokens_per_segment", type=click.IntRange(1), default=None,
+              help="Cut text every N tokens [default: segments grow while their vectors hold them].")
 @_fit_flags
 @click.option("--level", type=click.IntRange(1, 22), default=19, show_default=True,
               help="zstd level for segments stored as zstd.")
@@ -314,12 +322,16 @@ def info(files, as_json):
 @click.option("--model", envvar="LMZIP_MODEL", help="Model: hub ID or local directory [env LMZIP_MODEL].")
 @click.option("--tokens", "tokens_per_segment", type=click.IntRange(1), default=None,
               help="Cut each chunk into memory segments of about this many tokens "
-              "[default: one segment a chunk].")
+              "[default: segments grow within each chunk, as compress does].")
+@click.option("--whole", is_flag=True, help="Fit each chunk whole, as one segment (the paper's setting).")
 @_fit_flags
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write every row and the summary here.")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), help="Write a PNG plot here (needs matplotlib).")
+@click.option("--archive", "archive_out", type=click.Path(dir_okay=False),
+              help="Keep the benchmark's archive here (to decode it elsewhere, say on another device).")
 @click.pass_obj
-def bench(obj, paths, chunk_chars, limit, model, tokens_per_segment, json_out, plot_out, **fit_params):
+def bench(obj, paths, chunk_chars, limit, model, tokens_per_segment, whole, json_out, plot_out, archive_out,
+          **fit_params):
     """Measure lmzip on text files or CSVs (column 'chunk'): the paper's table, speed, bytes."""
     from lmzip import bench as benchmark
 
@@ -328,7 +340,7 @@ def bench(obj, paths, chunk_chars, limit, model, tokens_per_segment, json_out, p
     try:
         result = benchmark.run(obj["codec"], list(paths), chunk_chars=chunk_chars, limit=limit or None,
                                model=model, fit=fit, tokens_per_segment=tokens_per_segment,
-                               progress=bar)
+                               whole=whole, progress=bar)
     except (lmzip.LmzError, OSError, UnicodeDecodeError) as e:
         raise click.ClickException(_error_text(e)) from None
     except KeyboardInterrupt:
@@ -340,9 +352,12 @@ def bench(obj, paths, chunk_chars, limit, model, tokens_per_segment, json_out, p
     try:
         if json_out:
             with atomic_output(json_out, force=True) as f:
-                f.write(json.dumps(result, indent=2).encode())
+                f.write(json.dumps({k: v for k, v in result.items() if k != "archive"}, indent=2).encode())
         if plot_out:
             benchmark.plot(result, plot_out)
+        if archive_out:
+            with atomic_output(archive_out, force=True) as f:
+                f.write(result["archive"])
     except (lmzip.LmzError, OSError) as e:
         raise click.ClickException(_error_text(e)) from None
 

@@ -36,8 +36,9 @@ class ChunkRow:
     vectors: int             # memory vectors stored for it
     memory_tokens: int       # tokens those vectors hold
     accuracy: float | None   # teacher-forced token accuracy (None: no tokens to fit)
-    steps: int               # the most any of its segments took (all attempts)
-    fit_seconds: float       # the longest of its segments' times from entering the batch to leaving it
+    steps: int               # over all its segments and attempts
+    fit_seconds: float       # from its first segment entering a batch to its last leaving one
+                             # (growing segments of a chunk are fitted one after another)
     decode_seconds: float | None
     min_margin: float | None
 
@@ -93,7 +94,8 @@ def _decode_timed(codec: Codec, archive: bytes, model_id: str, original: bytes) 
     return seconds
 
 
-def _cut(lm, chunk: str, tokens_per_segment: int | None) -> list[segmenting.Piece]:
+def _regions(lm, chunk: str, tokens_per_segment: int | None) -> list[segmenting.Piece]:
+    """A chunk as the encoder plans it: whole (growing segments are cut from it), or every N tokens."""
     if tokens_per_segment is None:
         return [segmenting.memory_piece(lm.tokenizer, chunk)]
     return list(segmenting.plan(chunk.encode("utf-8"), lm.tokenizer, tokens_per_segment))
@@ -101,62 +103,74 @@ def _cut(lm, chunk: str, tokens_per_segment: int | None) -> list[segmenting.Piec
 
 def run(codec: Codec, paths: list[str], *, chunk_chars: int = 100, limit: int | None = 20,
         model: str | None = None, fit: FitConfig | None = None, tokens_per_segment: int | None = None,
-        progress: ProgressCallback | None = None) -> dict:
+        whole: bool = False, progress: ProgressCallback | None = None) -> dict:
+    """Benchmark the chunks: segments grow within each chunk as in `compress`, or each chunk is
+    fitted whole (`whole`, the paper's setting), or cut every `tokens_per_segment` tokens."""
     if chunk_chars < 1:
         raise InputError("chunk length must be at least 1 character")
     if tokens_per_segment is not None and tokens_per_segment < 1:
         raise InputError("tokens per segment must be at least 1")
+    if whole and tokens_per_segment is not None:
+        raise InputError("a chunk is either fitted whole or cut into segments of N tokens, not both")
     chunks = load_chunks(paths, chunk_chars, limit)
     if not chunks:
         raise InputError("no text to benchmark")
     fit = fit or FitConfig()
     lm = codec.model(model)
-    per_chunk = [_cut(lm, c, tokens_per_segment) for c in chunks]
-    pieces = [p for cut in per_chunk for p in cut]
-    original = b"".join(p.data for p in pieces)
+    regions, chunk_of = [], []
+    for chunk_index, chunk in enumerate(chunks):
+        for piece in _regions(lm, chunk, tokens_per_segment):
+            regions.append(piece)
+            chunk_of.append(chunk_index)
+    original = b"".join(p.data for p in regions)
+    growing = tokens_per_segment is None and not whole
 
     out = io.BytesIO()
     started = time.perf_counter()
-    report = codec.write_pieces(pieces, out, lm, fit, progress=progress)
+    report = codec.write_regions(regions, out, lm, fit, growing, progress=progress)
     fit_wall = time.perf_counter() - started
     archive_bytes = out.getvalue()
     memory_seconds = iter(_decode_timed(codec, archive_bytes, lm.model_id, original))
 
+    by_chunk: list[list] = [[] for _ in chunks]
+    for f in report.fits:
+        by_chunk[chunk_of[f.region]].append(f)
+    fitted_regions = {f.region for f in report.fits}
     rows, plain_seconds, plain_tokens = [], 0.0, 0
-    index = 0  # of the piece
-    for chunk_index, cut in enumerate(per_chunk):
-        results = [report.fits.get(i) for i in range(index, index + len(cut))]
-        stored = [r is not None and r.vectors is not None for r in results]
+    for chunk_index, fits in enumerate(by_chunk):
+        stored = [f for f in fits if f.result.vectors is not None]
         decode_seconds = 0.0
-        for piece, kept in zip(cut, stored):
-            if kept:  # memory segments come in the archive in the order of their pieces
-                decode_seconds += next(memory_seconds)
-                plain_seconds += _time_plain_generate(lm, list(piece.ids))
-                plain_tokens += max(len(piece.ids) - 1, 1)
-        tried = [(p, r) for p, r in zip(cut, results) if r is not None]
-        tokens = sum(len(p.ids or ()) for p in cut)
+        for f in stored:  # memory segments come in the archive in the order of the fits
+            decode_seconds += next(memory_seconds)
+            plain_seconds += _time_plain_generate(lm, list(f.piece.ids))
+            plain_tokens += max(len(f.piece.ids) - 1, 1)
+        unfitted = [p for p, c, i in zip(regions, chunk_of, range(len(regions)))
+                    if c == chunk_index and i not in fitted_regions]
+        tokens = sum(len(f.piece.ids or ()) for f in fits) + sum(len(p.ids or ()) for p in unfitted)
+        exact = bool(stored) and len(stored) == len(fits) and not unfitted
         rows.append(ChunkRow(
-            index=chunk_index, chars=len(chunks[chunk_index]), tokens=tokens, segments=len(cut),
-            kind="memory" if all(stored) else "zstd" if not any(stored) else "mixed",
-            exact=all(stored),
-            vectors=sum(r.vectors.shape[0] for r, kept in zip(results, stored) if kept),
-            memory_tokens=sum(len(p.ids) for p, kept in zip(cut, stored) if kept),
-            accuracy=(sum(r.accuracy * len(p.ids) for p, r in tried) / sum(len(p.ids) for p, _ in tried)
-                      if tried else None),
-            steps=max((r.steps for _, r in tried), default=0),
-            fit_seconds=max((r.seconds for _, r in tried), default=0.0),
-            decode_seconds=decode_seconds if any(stored) else None,
-            min_margin=min((r.min_margin for _, r in tried if r.min_margin != float("-inf")), default=None),
+            index=chunk_index, chars=len(chunks[chunk_index]), tokens=tokens,
+            segments=len(fits) + len(unfitted),
+            kind="memory" if exact else "mixed" if stored else "zstd",
+            exact=exact,
+            vectors=sum(f.result.vectors.shape[0] for f in stored),
+            memory_tokens=sum(len(f.piece.ids) for f in stored),
+            accuracy=(sum(f.result.accuracy * len(f.piece.ids) for f in fits)
+                      / sum(len(f.piece.ids) for f in fits) if fits else None),
+            steps=sum(f.result.steps for f in fits),
+            fit_seconds=(sum if growing else max)([f.result.seconds for f in fits] or [0.0]),
+            decode_seconds=decode_seconds if stored else None,
+            min_margin=min((f.result.min_margin for f in fits if f.result.min_margin != float("-inf")),
+                           default=None),
         ))
-        index += len(cut)
 
-    return {"summary": _summary(lm, chunk_chars, fit, tokens_per_segment, rows, fit_wall, plain_seconds,
-                                plain_tokens, original, archive_bytes),
-            "chunks": [asdict(r) for r in rows]}
+    return {"summary": _summary(lm, chunk_chars, fit, tokens_per_segment, growing, rows, fit_wall,
+                                plain_seconds, plain_tokens, original, archive_bytes),
+            "chunks": [asdict(r) for r in rows], "archive": archive_bytes}
 
 
-def _summary(lm, chunk_chars, fit, tokens_per_segment, rows, fit_wall, plain_seconds, plain_tokens,
-             original, archive_bytes):
+def _summary(lm, chunk_chars, fit, tokens_per_segment, growing, rows, fit_wall, plain_seconds,
+             plain_tokens, original, archive_bytes):
     fitted = [r for r in rows if r.accuracy is not None]
     decode_seconds = sum(r.decode_seconds or 0.0 for r in rows)
     memory_tokens, memory_vectors = sum(r.memory_tokens for r in rows), sum(r.vectors for r in rows)
@@ -170,6 +184,9 @@ def _summary(lm, chunk_chars, fit, tokens_per_segment, rows, fit_wall, plain_sec
         "chunk_chars": chunk_chars,
         "chunks": len(rows),
         "tokens_per_segment": tokens_per_segment,
+        "growing": growing,
+        "start_tokens": fit.start_tokens if growing else None,
+        "grow_tokens": fit.grow_tokens if growing else None,
         "segments": sum(r.segments for r in rows),
         "vectors_per_segment": fit.vectors,
         "max_vectors": fit.vector_limit,
@@ -205,7 +222,12 @@ def _fmt(value, spec: str) -> str:
 
 def format_table(result: dict) -> str:
     s = result["summary"]
-    cut = "one a chunk" if s["tokens_per_segment"] is None else f"~{s['tokens_per_segment']} tokens each"
+    if s["growing"]:
+        cut = f"grown from {s['start_tokens']} tokens by {s['grow_tokens']} while they verify"
+    elif s["tokens_per_segment"] is None:
+        cut = "one a chunk"
+    else:
+        cut = f"~{s['tokens_per_segment']} tokens each"
     lines = [
         "| chunk | tokens | segments | vectors | stored | exact | acc | steps | fit s | decode s | margin |",
         "|---|---|---|---|---|---|---|---|---|---|---|",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections import deque
 from dataclasses import dataclass, replace
 from typing import BinaryIO, Callable
 
@@ -18,12 +19,14 @@ from . import container, segmenting, zstd_payload
 from .container import KIND_MEMORY, KIND_ZSTD, ArchiveWriter, Header
 from .errors import (ContentChecksumError, HeaderError, InputError, ModelMismatchError,
                      ModelUnavailableError, SegmentError)
-from .fit import FitConfig, FitResult, fit_segments, sink_prefix
+from .fit import FitConfig, FitResult, fit_streams, sink_prefix
 from .generate import greedy_decode
 from .models import LoadedModel, load_model
 
 METHODS = ("memory", "zstd")
-DEFAULT_TOKENS_PER_SEGMENT = 32
+# Growing segments (no fixed length) are cut from regions of about this many tokens, fitted side
+# by side; a region's last segment is whatever is left of it, so regions are long.
+REGION_TOKENS = 512
 # Runs of zstd segments are merged up to this size: one frame compresses better than many.
 ZSTD_SEGMENT_BYTES = 1 << 20
 MAX_MARGIN = 65504.0  # the margin is stored as float32; anything near this is unreachable anyway
@@ -36,12 +39,22 @@ def _max_positions(lm: LoadedModel) -> int:
 
 @dataclass
 class Progress:
-    """What a progress display needs; passed to the callback at the start and after each segment."""
+    """What a progress display needs; passed to the callback at the start and after each segment.
+
+    Encoding counts input bytes (segment lengths come from the fit); decoding counts segments.
+    """
 
     done: int
     total: int
     memory: int = 0
     zstd: int = 0
+
+
+@dataclass(frozen=True)
+class SegmentFit:
+    region: int      # index of the planned region the segment was cut from
+    piece: segmenting.Piece
+    result: FitResult
 
 
 @dataclass
@@ -53,7 +66,7 @@ class EncodeReport:
     zstd_pieces: int  # pieces stored as zstd (runs of them share frames)
     memory_tokens: int
     memory_vectors: int
-    fits: dict[int, FitResult]  # by piece index
+    fits: list[SegmentFit]  # every segment that was fitted, in archive order
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -112,18 +125,20 @@ class Codec:
         return out.getvalue()
 
     def encode_to(self, data, out: BinaryIO, *, method: str = "memory", model: str | None = None,
-                  tokens_per_segment: int = DEFAULT_TOKENS_PER_SEGMENT, fit: FitConfig | None = None,
+                  tokens_per_segment: int | None = None, fit: FitConfig | None = None,
                   zstd_level: int = zstd_payload.DEFAULT_LEVEL,
                   progress: ProgressCallback | None = None, **fit_options) -> EncodeReport:
         """Encode `data` (bytes, or str as UTF-8) and write the archive to `out`.
 
+        With `tokens_per_segment` None, segments grow while their vectors hold
+        them (the fit sets each length); with N, text is cut every N tokens.
         Extra keyword options (vectors, max_steps, lr, batch_size, margin, …) set
         fields of the FitConfig.
         """
         data = _as_bytes(data)
         if method not in METHODS:
             raise InputError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
-        if tokens_per_segment < 1:
+        if tokens_per_segment is not None and tokens_per_segment < 1:
             raise InputError("tokens per segment must be at least 1")
         try:
             fit = replace(fit or FitConfig(), **fit_options)
@@ -137,48 +152,56 @@ class Codec:
             raise InputError(f"margin must be a number in [0, {MAX_MARGIN:g}]")
         if fit.batch_size < 1:
             raise InputError("batch size must be at least 1")
+        if not 1 <= fit.start_tokens <= fit.max_tokens or fit.grow_tokens < 1:
+            raise InputError("start tokens must be in [1, max tokens] and grow tokens at least 1")
         if not 1 <= zstd_level <= 22:
             raise InputError("zstd level must be in [1, 22]")
 
         if method == "zstd":
-            pieces, lm = [segmenting.Piece(data, None)], None
+            regions, lm, growing = [segmenting.Piece(data, None)], None, False
         else:
             lm = self.model(model)
-            pieces = list(segmenting.plan(data, lm.tokenizer, tokens_per_segment))
-        return self.write_pieces(pieces, out, lm, fit, zstd_level, progress,
-                                 expected_sha256=hashlib.sha256(data).digest())
+            growing = tokens_per_segment is None
+            regions = list(segmenting.plan(data, lm.tokenizer, tokens_per_segment or REGION_TOKENS))
+        return self.write_regions(regions, out, lm, fit, growing, zstd_level, progress,
+                                  expected_sha256=hashlib.sha256(data).digest())
 
-    def write_pieces(self, pieces: list[segmenting.Piece], out: BinaryIO, lm: LoadedModel | None,
-                     fit: FitConfig, zstd_level: int = zstd_payload.DEFAULT_LEVEL,
-                     progress: ProgressCallback | None = None,
-                     expected_sha256: bytes | None = None) -> EncodeReport:
-        """Fit the pieces that have tokens, fall back to zstd for the rest, write the archive."""
+    def write_regions(self, regions: list[segmenting.Piece], out: BinaryIO, lm: LoadedModel | None,
+                      fit: FitConfig, growing: bool, zstd_level: int = zstd_payload.DEFAULT_LEVEL,
+                      progress: ProgressCallback | None = None,
+                      expected_sha256: bytes | None = None) -> EncodeReport:
+        """Fit the regions that have tokens (growing segments within them, or each one whole),
+        fall back to zstd for the rest, write the archive."""
         writer = ArchiveWriter()
         run = _ZstdRun(writer, zstd_level)
-        state = Progress(0, len(pieces))
+        state = Progress(0, sum(len(p.data) for p in regions))
         prefix = sink_prefix(lm, fit) if lm is not None else ()
         if lm is not None and (len(prefix) > container.MAX_PREFIX_TOKENS
                                or not all(0 <= t < lm.vocab_size for t in prefix)):
             raise InputError(f"prefix must be at most {container.MAX_PREFIX_TOKENS} token ids "
                              f"below the vocabulary size {lm.vocab_size}")
-        # A segment may end up with fit.vector_limit vectors; the decoder must still fit them all.
-        jobs = [(i, p.ids) for i, p in enumerate(pieces)
-                if lm is not None and fit.max_steps > 0 and p.ids is not None
-                and len(p.ids) <= container.MAX_TOKENS_PER_SEGMENT
-                and len(prefix) + fit.vector_limit + len(p.ids) <= _max_positions(lm)]
-        waiting = {i for i, _ in jobs}
-        fitted = fit_segments(lm, jobs, fit) if jobs else iter(())
-        fits: dict[int, FitResult] = {}
+        streams: dict[int, segmenting.Stream] = {}
+        if lm is not None and fit.max_steps > 0:
+            # A segment may end up with fit.vector_limit vectors; the decoder must still fit them all.
+            room = min(container.MAX_TOKENS_PER_SEGMENT,
+                       _max_positions(lm) - len(prefix) - fit.vector_limit)
+            for i, p in enumerate(regions):
+                if p.ids is None:
+                    continue
+                if growing and room >= 1:
+                    streams[i] = segmenting.Stream(lm.tokenizer, p.data.decode("utf-8"),
+                                                   min(fit.max_tokens, room), growing=True)
+                elif not growing and len(p.ids) <= room:
+                    streams[i] = segmenting.Stream(lm.tokenizer, p.data.decode("utf-8"),
+                                                   len(p.ids), growing=False)
+        fitted = fit_streams(lm, streams.items(), fit) if streams else iter(())
+        fits: list[SegmentFit] = []
         memory_tokens = memory_vectors = 0
-        if progress:
-            progress(state)  # show the bar before the first (slow) fit finishes
-        # Fits finish out of order; segments are written in order as soon as they can be.
-        for index, piece in enumerate(pieces):
-            while index in waiting:
-                key, result = next(fitted)
-                fits[key] = result
-                waiting.discard(key)
-            result = fits.get(index)
+        arrived: dict[int, deque] = {i: deque() for i in streams}
+        data_hash = hashlib.sha256()  # of what is written, to check it adds up to the input
+
+        def put(piece: segmenting.Piece, result: FitResult | None) -> None:
+            nonlocal memory_tokens, memory_vectors
             if result is not None and result.vectors is not None:
                 run.flush()
                 payload = result.vectors.numpy().astype("<f2").tobytes()
@@ -190,18 +213,33 @@ class Codec:
             else:
                 run.add(piece.data)
                 state.zstd += 1
-            state.done = index + 1
+            data_hash.update(piece.data)
+            state.done += len(piece.data)
             if progress:
                 progress(state)
-        run.flush()
 
-        data_hash = hashlib.sha256()
-        for piece in pieces:
-            data_hash.update(piece.data)
+        if progress:
+            progress(state)  # show the bar before the first (slow) fit finishes
+        # Streams finish segments out of order; segments are written in order as soon as they can be.
+        for index, region in enumerate(regions):
+            stream = streams.get(index)
+            if stream is None:
+                put(region, None)
+                continue
+            while True:
+                while arrived[index]:
+                    piece, result = arrived[index].popleft()
+                    fits.append(SegmentFit(index, piece, result))
+                    put(piece, result)
+                if stream.done:
+                    break
+                key, piece, result = next(fitted)
+                arrived[key].append((piece, result))
+        run.flush()
         if expected_sha256 is not None and data_hash.digest() != expected_sha256:
             raise RuntimeError("lmzip bug: the segments do not add up to the input")  # never write it
         header = Header(
-            original_size=sum(len(p.data) for p in pieces),
+            original_size=state.total,
             content_sha256=data_hash.digest(),
             segment_count=writer.segment_count,
             **(self._model_fields(lm, fit, prefix) if lm else {}),

@@ -14,6 +14,7 @@ vectors with every top-1 logit ahead of the runner-up by at least the margin.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
@@ -25,14 +26,21 @@ import torch.nn.functional as F
 
 from .generate import greedy_decode, teacher_forced_accuracy, teacher_forced_logits
 from .models import LoadedModel
+from .segmenting import Piece, Stream
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class FitConfig:
     vectors: int = 2            # K memory vectors a segment starts with
-    max_steps: int = 300        # step budget per attempt
-    max_vectors: int | None = 8  # a segment out of steps retries with twice the vectors, up
+    max_steps: int = 300        # fixed segments: step budget per attempt; growing segments: steps
+                                # allowed without verifying a longer length before the segment closes
+    max_vectors: int | None = 8  # a fixed segment out of steps retries with twice the vectors, up
                                  # to this many (None: no retry); then it goes to zstd
+    start_tokens: int = 32      # growing segments: the length first tried
+    grow_tokens: int = 8        # growing segments: tokens added after each verified length
+    max_tokens: int = 256       # growing segments: the longest a segment may grow
     lr: float = 0.2             # peak learning rate
     warmup: int = 10            # linear warm-up steps
     betas: tuple[float, float] = (0.9, 0.9)
@@ -55,7 +63,7 @@ class FitConfig:
 @dataclass(frozen=True)
 class FitResult:
     vectors: torch.Tensor | None  # (K, H) float16 when verified, else None
-    steps: int                    # over all attempts
+    steps: int                    # over all attempts and lengths tried
     seconds: float
     accuracy: float               # teacher-forced, on the last fp16 vectors tried
     min_margin: float             # of the last real decode tried (-inf if none)
@@ -63,15 +71,22 @@ class FitResult:
 
 @dataclass
 class _Row:
+    """One segment being fitted: the next piece of its stream, of length n for now."""
+
     key: Hashable
-    ids: torch.Tensor      # (T,)
+    stream: Stream
+    ids: torch.Tensor      # (T,) all the tokens the stream offers
     embeds: torch.Tensor   # (T, H), frozen token embeddings
+    n: int                 # the loss covers the first n tokens
     started: float
     params: torch.Tensor   # (K, H) the vectors being fitted
     m: torch.Tensor = field(init=False)  # Adam moments, like params
     v: torch.Tensor = field(init=False)
-    step: int = 0          # in this attempt (the learning-rate schedule restarts with each)
+    step: int = 0          # of the learning-rate schedule (restarts with new vectors or length)
     total_steps: int = 0
+    since: int = 0         # steps since the last verified length (or the start)
+    best_n: int = 0        # the longest length verified by the float32 check, and its vectors
+    best: torch.Tensor | None = None
     last_margin: float = float("-inf")
 
     def __post_init__(self):
@@ -81,6 +96,11 @@ class _Row:
     @property
     def k(self) -> int:
         return self.params.shape[0]
+
+    def span(self, lookahead: int) -> int:
+        """Tokens in the forward pass: a growing row looks past its loss to see how far it holds
+        (the fitted vectors often already give the next few tokens)."""
+        return min(len(self.ids), self.n + lookahead) if self.stream.growing else self.n
 
 
 # The token GPT-2-style pretraining puts between documents: what such a model sees first.
@@ -165,7 +185,7 @@ def _margin_holds(lm: LoadedModel, vectors16: torch.Tensor, ids: torch.Tensor, m
     return bool(_gap_to_runner_up(logits, ids).min() >= margin)
 
 
-def _batch_inputs(rows: list[_Row], prefix_embeds: torch.Tensor):
+def _batch_inputs(rows: list[_Row], prefix_embeds: torch.Tensor, lookahead: int):
     """Lay out a batch of rows with different K and T; return what one fit step needs.
 
     Each row is [prefix | K_max vector slots | T_max token slots]. A row with fewer
@@ -175,32 +195,38 @@ def _batch_inputs(rows: list[_Row], prefix_embeds: torch.Tensor):
     device = prefix_embeds.device
     b, p = len(rows), prefix_embeds.shape[0]
     k_max = max(r.k for r in rows)
-    t_max = max(len(r.ids) for r in rows)
+    t_max = max(r.span(lookahead) for r in rows)
     hidden = prefix_embeds.shape[1]
     tokens = torch.zeros(b, t_max, hidden, device=device)
     target = torch.zeros(b, t_max, dtype=torch.long, device=device)
-    valid = torch.zeros(b, t_max, dtype=torch.bool, device=device)
+    valid = torch.zeros(b, t_max, dtype=torch.bool, device=device)  # in the forward pass
+    scored = torch.zeros(b, t_max, dtype=torch.bool, device=device)  # in the loss
     slots = torch.zeros(b, k_max, dtype=torch.bool, device=device)
     positions = torch.zeros(b, p + k_max + t_max, dtype=torch.long, device=device)
     predictor = torch.zeros(b, t_max, dtype=torch.long, device=device)  # input index predicting token j
     ar = torch.arange(p + k_max + t_max, device=device)
     for i, r in enumerate(rows):
-        t = len(r.ids)
-        tokens[i, :t] = r.embeds
-        target[i, :t] = r.ids
+        t = r.span(lookahead)
+        tokens[i, :t] = r.embeds[:t]
+        target[i, :t] = r.ids[:t]
         valid[i, :t] = True
+        scored[i, : r.n] = True
         slots[i, : r.k] = True
         positions[i, : p + k_max] = ar[: p + k_max]
         positions[i, p + k_max :] = p + r.k + ar[:t_max]
         predictor[i, 0] = p + r.k - 1
         predictor[i, 1:] = p + k_max + ar[: t_max - 1]
     mask = torch.cat([torch.ones(b, p, dtype=torch.bool, device=device), slots, valid], dim=1)
-    return k_max, tokens, target, valid, mask.long(), positions, predictor
+    return k_max, tokens, target, valid, scored, mask.long(), positions, predictor
 
 
-def fit_segments(lm: LoadedModel, jobs: Iterable[tuple[Hashable, tuple[int, ...]]],
-                 cfg: FitConfig) -> Iterator[tuple[Hashable, FitResult]]:
-    """Fit every (key, token ids) job; yield (key, result) as each one finishes."""
+def fit_streams(lm: LoadedModel, streams: Iterable[tuple[Hashable, Stream]],
+                cfg: FitConfig) -> Iterator[tuple[Hashable, Piece, FitResult]]:
+    """Cut every stream into fitted segments; yield (key, piece, result) for each segment.
+
+    A stream's segments come in order, each as soon as it closes; streams interleave.
+    A result without vectors means the piece goes to zstd.
+    """
     device = lm.device
     bf16 = bf16_available(device) if cfg.bf16 is None else cfg.bf16
     prefix = sink_prefix(lm, cfg)
@@ -208,38 +234,82 @@ def fit_segments(lm: LoadedModel, jobs: Iterable[tuple[Hashable, tuple[int, ...]
         prefix_embeds = lm.embed(torch.tensor(prefix, dtype=torch.long, device=device)).float()
     body, head = lm.model.base_model, lm.model.get_output_embeddings()
     init_vectors = _VectorInit(lm, cfg.seed)
-    pending = deque(jobs)
+    pending = deque(streams)
     rows: list[_Row] = []
+
+    def open_row(key: Hashable, stream: Stream) -> _Row | None:
+        """The stream's next segment as a row, or None if it has no valid length (then: zstd)."""
+        if stream.growing:
+            n = stream.length_at_least(min(cfg.start_tokens, len(stream.ids)))
+        else:
+            n = len(stream.ids)
+        if n is None:
+            n = stream.length_at_most(len(stream.ids))
+        if n is None:
+            return None
+        t = torch.tensor(stream.ids, device=device)
+        with torch.no_grad():
+            embeds = lm.embed(t).float()
+        return _Row(key, stream, t, embeds, n, time.perf_counter(), init_vectors(cfg.vectors))
 
     def admit():
         while pending and len(rows) < cfg.batch_size:
-            key, ids = pending.popleft()
-            t = torch.tensor(ids, device=device)
-            with torch.no_grad():
-                embeds = lm.embed(t).float()
-            rows.append(_Row(key, t, embeds, time.perf_counter(), init_vectors(cfg.vectors)))
+            key, stream = pending.popleft()
+            row = open_row(key, stream) if not stream.done else None
+            if row is not None:
+                rows.append(row)
+            elif not stream.done:
+                yield key, stream.rest(), _unfitted()
 
-    def finish(r: _Row, vectors16):
-        tried = vectors16 if vectors16 is not None else r.params.half()
-        acc = teacher_forced_accuracy(lm, tried.float(), r.ids.tolist(), prefix)
-        return r.key, FitResult(vectors16, r.total_steps, time.perf_counter() - r.started,
-                                acc, r.last_margin)
+    def close(r: _Row) -> tuple[Hashable, Piece, FitResult]:
+        """Verify the row's best vectors by real decoding and cut its piece from the stream."""
+        vectors16 = None
+        if r.best is not None:
+            ok, r.last_margin = verify(lm, r.best, r.ids[: r.best_n].tolist(), cfg.margin, prefix)
+            vectors16 = r.best.cpu() if ok else None
+        n = r.best_n or r.n
+        tried = r.best if r.best is not None else r.params.half()
+        acc = teacher_forced_accuracy(lm, tried.float(), r.ids[:n].tolist(), prefix)
+        result = FitResult(vectors16, r.total_steps, time.perf_counter() - r.started, acc, r.last_margin)
+        log.debug("segment of stream %s: %d tokens, %d vectors, %s after %d steps, %.1f s", r.key, n, r.k,
+                  "verified" if vectors16 is not None else "to zstd", r.total_steps, result.seconds)
+        return r.key, r.stream.take(n), result
 
     def escalate(r: _Row) -> bool:
-        """Out of steps: give the row more vectors and a new budget, if it may have them."""
+        """A fixed segment out of steps: more vectors and a new budget, if it may have them."""
         k = min(2 * r.k, cfg.vector_limit)
         if k <= r.k:
             return False
         fresh = init_vectors(k - r.k)
-        r.params, r.step = torch.cat([fresh, r.params]), 0
+        r.params, r.step, r.since = torch.cat([fresh, r.params]), 0, 0
         r.m = torch.cat([torch.zeros_like(fresh), r.m])
         r.v = torch.cat([torch.zeros_like(fresh), r.v])
         return True
 
-    admit()
+    def shrink(r: _Row) -> bool:
+        """A growing segment that never verified: try half the length, same vectors."""
+        n = r.stream.length_at_most(r.n // 2)
+        if n is None:
+            return False
+        r.n, r.step, r.since = n, cfg.warmup, 0
+        return True
+
+    def grow(r: _Row, holding: int) -> bool:
+        """A growing segment just verified r.n tokens: aim past all that holds already, if the
+        stream has more."""
+        n = (r.stream.length_at_least(max(r.n, holding) + cfg.grow_tokens)
+             or r.stream.length_at_most(len(r.ids)))
+        if n is None or n <= r.n:
+            return False
+        r.n, r.since = n, 0
+        r.step = cfg.warmup  # back to the peak rate, no second warm-up
+        return True
+
+    yield from admit()
     while rows:
         b = len(rows)
-        k_max, tokens, target, valid, mask, positions, predictor = _batch_inputs(rows, prefix_embeds)
+        k_max, tokens, target, valid, scored, mask, positions, predictor = _batch_inputs(
+            rows, prefix_embeds, cfg.grow_tokens)
         params = torch.zeros(b, k_max, lm.hidden_size, device=device)
         for i, r in enumerate(rows):
             params[i, : r.k] = r.params
@@ -255,39 +325,48 @@ def fit_segments(lm: LoadedModel, jobs: Iterable[tuple[Hashable, tuple[int, ...]
         # Optional hinge on thin gaps: it helps the tiny test model reach the margin with
         # one vector, but on SmolLM2 cross-entropy alone verified in fewer steps (README).
         loss = ce + cfg.hinge * F.relu(2 * cfg.margin - gap)
-        per_row = (loss * valid).sum(1) / valid.sum(1)
+        per_row = (loss * scored).sum(1) / scored.sum(1)
         (grad,) = torch.autograd.grad(per_row.sum(), params)
 
         with torch.no_grad():
-            gap = gap.detach().masked_fill(~valid, float("inf"))
-            candidates = (gap.amin(1) >= cfg.margin).tolist()
-            done: dict[int, torch.Tensor | None] = {}
+            # How many leading tokens each row already gets right by the margin (bf16 here).
+            holds = ((gap.detach() >= cfg.margin) & valid).long().cumprod(1).sum(1).tolist()
+            closing: list[int] = []
             b1, b2 = cfg.betas
             for i, r in enumerate(rows):
-                if candidates[i]:
+                if holds[i] >= r.n:
+                    # One float32 teacher-forced pass on the fp16 vectors: bf16 candidates often
+                    # fail in float32, and the real (greedy) decode costs a forward per token.
                     vectors16 = r.params.half()
-                    # One float32 teacher-forced pass on the fp16 vectors first: a full greedy
-                    # decode costs a forward per token, and bf16 candidates often fail in float32.
-                    if _margin_holds(lm, vectors16, r.ids, cfg.margin, prefix):
-                        ok, r.last_margin = verify(lm, vectors16, r.ids.tolist(), cfg.margin, prefix)
-                        if ok:
-                            done[i] = vectors16.cpu()
-                            continue
-                if r.step >= cfg.max_steps:
-                    if not escalate(r):
-                        done[i] = None
-                    continue  # a row with new vectors gets its first gradient in the next pass
+                    if _margin_holds(lm, vectors16, r.ids[: r.n], cfg.margin, prefix):
+                        r.best_n, r.best = r.n, vectors16
+                        if not (r.stream.growing and grow(r, holds[i])):
+                            closing.append(i)
+                        continue
+                if r.since >= cfg.max_steps:
+                    if r.best is None and (escalate(r) if not r.stream.growing else shrink(r)):
+                        continue  # a new attempt gets its first gradient in the next pass
+                    closing.append(i)
+                    continue
                 # Adam, with this row's own step count and learning rate.
                 r.step += 1
                 r.total_steps += 1
+                r.since += 1
                 g = grad[i, : r.k]
                 r.m.mul_(b1).add_(g, alpha=1 - b1)
                 r.v.mul_(b2).addcmul_(g, g, value=1 - b2)
                 update = (r.m / (1 - b1 ** r.step)) / ((r.v / (1 - b2 ** r.step)).sqrt() + 1e-8)
                 r.params -= _lr(cfg, r.step) * (update + cfg.weight_decay * r.params)
 
-        if done:
-            results = [finish(rows[i], vec) for i, vec in done.items()]
-            rows = [r for i, r in enumerate(rows) if i not in done]
-            yield from results
-            admit()
+        if closing:
+            closed = [rows[i] for i in closing]
+            rows = [r for i, r in enumerate(rows) if i not in closing]
+            for r in closed:
+                yield close(r)
+                if not r.stream.done:  # the stream's next segment goes first
+                    pending.appendleft((r.key, r.stream))
+            yield from admit()
+
+
+def _unfitted() -> FitResult:
+    return FitResult(None, 0, 0.0, 0.0, float("-inf"))

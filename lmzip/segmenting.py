@@ -91,3 +91,76 @@ def plan(data: bytes, tokenizer, tokens_per_segment: int) -> Iterator[Piece]:
             if b > a:
                 yield memory_piece(tokenizer, text[a:b])
                 a = b
+
+
+class Stream:
+    """A run of text that memory segments are taken from, front to back.
+
+    A growing stream lets the fit choose each segment's length: it offers the
+    tokens of what is left (at most `max_tokens` of them) and says which lengths
+    end a valid piece: at a character boundary, re-tokenizing on its own to
+    exactly those tokens. A fixed stream is one piece, fitted whole.
+    """
+
+    def __init__(self, tokenizer, text: str, max_tokens: int, growing: bool):
+        self.tokenizer, self.text, self.max_tokens, self.growing = tokenizer, text, max_tokens, growing
+        self.start = 0  # character offset of the next segment
+        self._load()
+
+    def _load(self) -> None:
+        rest = self.text[self.start :]
+        enc = self.tokenizer(rest, add_special_tokens=False, return_offsets_mapping=True)
+        self._all = len(enc["input_ids"])
+        self.ids: tuple[int, ...] = tuple(enc["input_ids"][: self.max_tokens])
+        self._offsets = enc["offset_mapping"]
+        self._valid: dict[int, int | None] = {}
+
+    @property
+    def done(self) -> bool:
+        return self.start >= len(self.text)
+
+    def _cut(self, n: int) -> int | None:
+        """Where (in characters from `start`) a segment of n tokens ends, or None if none can."""
+        if n not in self._valid:
+            rest = self.text[self.start :]
+            if n == self._all:
+                cut = len(rest)
+            else:
+                cut = self._offsets[n][0]
+                if cut <= self._offsets[n - 1][0]:  # token n starts inside a character
+                    cut = None
+            if cut is not None and memory_piece(self.tokenizer, rest[:cut]).ids != self.ids[:n]:
+                cut = None
+            self._valid[n] = cut
+        return self._valid[n]
+
+    def length_at_least(self, n: int) -> int | None:
+        """The shortest valid length >= n (up to all the stream offers), or None."""
+        for m in range(max(n, 1), len(self.ids) + 1):
+            if self._cut(m) is not None:
+                return m
+        return None
+
+    def length_at_most(self, n: int) -> int | None:
+        """The longest valid length <= n, or None."""
+        for m in range(min(n, len(self.ids)), 0, -1):
+            if self._cut(m) is not None:
+                return m
+        return None
+
+    def take(self, n: int) -> Piece:
+        """Cut the next segment, n tokens long (a valid length), and move past it."""
+        cut = self._cut(n)
+        if cut is None:
+            raise ValueError(f"no valid segment of {n} tokens here")
+        piece = Piece(self.text[self.start : self.start + cut].encode("utf-8"), self.ids[:n])
+        self.start += cut
+        if not self.done:
+            self._load()
+        return piece
+
+    def rest(self) -> Piece:
+        """All that is left, for zstd (no valid memory piece starts here)."""
+        piece = Piece(self.text[self.start :].encode("utf-8"), None)
+        self.start = len(self.text)
+        return piece

@@ -26,7 +26,7 @@ def run_bench(tmp_path, *args):
 
 def test_bench_json_fields_and_arithmetic(tmp_path):
     out = tmp_path / "bench.json"
-    r = run_bench(tmp_path, "--chunk-chars", "10", "--limit", "5", "--json", str(out))
+    r = run_bench(tmp_path, "--chunk-chars", "10", "--limit", "5", "--whole", "--json", str(out))
     assert "Reconstructed" in r.stdout and "zstd -19" in r.stdout
     result = json.loads(out.read_text())
     s, rows = result["summary"], result["chunks"]
@@ -44,7 +44,7 @@ def test_bench_json_fields_and_arithmetic(tmp_path):
     archive = io.BytesIO()
     fit_fields = ("vectors", "max_vectors", "lr", "margin", "hinge", "bf16")
     options = {k: v for k, v in TINY_OPTIONS.items() if k in fit_fields}
-    codec.write_pieces(pieces, archive, lm, lmzip.FitConfig(**options))
+    codec.write_regions(pieces, archive, lm, lmzip.FitConfig(**options), growing=False)
     assert s["lmz_bytes"] == len(archive.getvalue())
     assert s["lmz_bits_per_byte"] == 8 * s["lmz_bytes"] / 50
     memory_tokens = sum(row["tokens"] for row in rows if row["kind"] == "memory")

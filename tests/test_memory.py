@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lmzip
-from lmzip import container
+from lmzip import container, segmenting
 from lmzip.generate import greedy_decode
 
 from conftest import TINY_MODEL, TINY_OPTIONS
@@ -67,9 +67,9 @@ def test_a_segment_is_fitted_only_if_its_largest_vector_count_fits_the_positions
     assert len(tiny.tokenizer(text, add_special_tokens=False)["input_ids"]) == 1020
     options = {**TINY_OPTIONS, "tokens_per_segment": 1020, "max_steps": 1}
     report = codec.encode_to(text, io.BytesIO(), **options)  # K may reach 1: fitted
-    assert list(report.fits) == [0]
+    assert [f.region for f in report.fits] == [0]
     report = codec.encode_to(text, io.BytesIO(), **{**options, "max_vectors": 4})  # K may reach 4: not
-    assert report.fits == {} and report.zstd_pieces == 1
+    assert report.fits == [] and report.zstd_pieces == 1
 
 
 def test_prefix_tokens_are_recorded_and_used(codec, sentence_archive, tiny):
@@ -159,3 +159,44 @@ def test_bad_options_are_input_errors(codec):
         codec.encode("x", **{**TINY_OPTIONS, "prefix": (10**6,)})
     with pytest.raises(lmzip.InputError, match="prefix must be"):
         codec.encode("x", **{**TINY_OPTIONS, "prefix": (1,) * 65})
+
+
+def test_a_stream_offers_only_lengths_that_end_a_valid_piece(tiny):
+    stream = segmenting.Stream(tiny.tokenizer, "aé b", max_tokens=64, growing=True)
+    assert len(stream.ids) == 5  # byte-level: "é" is two tokens
+    assert stream.length_at_least(2) == 3  # 2 tokens would end inside "é"
+    assert stream.length_at_most(2) == 1
+    first = stream.take(3)
+    assert first.data == "aé".encode() and first.ids == stream_ids(tiny, "aé")
+    assert stream.ids == stream_ids(tiny, " b") and not stream.done
+    with pytest.raises(ValueError):
+        segmenting.Stream(tiny.tokenizer, "é", 64, growing=True).take(1)
+    assert stream.rest().data == b" b" and stream.done
+
+
+def stream_ids(tiny, text):
+    return tuple(tiny.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+GROWING = {**TINY_OPTIONS, "tokens_per_segment": None, "grow_tokens": 4}
+
+
+def test_growing_segments_take_as_many_tokens_as_their_vectors_hold(codec):
+    blob = codec.encode(SENTENCE, **{**GROWING, "start_tokens": 8, "max_steps": 100})
+    lengths = [s["token_count"] for s in lmzip.inspect(blob)["segments"] if s["kind"] == "memory"]
+    assert sum(lengths) == len(SENTENCE) and max(lengths) > 8  # some grew past the first length
+    assert codec.decode(blob) == SENTENCE.encode()
+
+
+def test_a_growing_segment_that_never_verifies_is_cut_shorter(codec):
+    text = "The rabbit hole "  # 16 byte tokens: one vector cannot hold them in 40 steps
+    blob = codec.encode(text, **{**GROWING, "start_tokens": 16, "max_steps": 40})
+    segments = lmzip.inspect(blob)["segments"]
+    assert len(segments) > 1 and all(s["kind"] == "memory" for s in segments)
+    assert max(s["token_count"] for s in segments) < 16
+    assert codec.decode(blob) == text.encode()
+
+
+def test_growing_options_are_checked(codec):
+    with pytest.raises(lmzip.InputError, match="start tokens"):
+        codec.encode("x", **{**GROWING, "start_tokens": 300, "max_tokens": 256})
