@@ -35,6 +35,18 @@ def test_default_model_memory_codes_a_sentence_exactly(embedded):
     assert lmzip.Codec(device="cpu").decode(blob) == SENTENCE.encode()  # a fresh codec loads it again
 
 
+# What archives made with the embedded model record. If an upgrade of transformers or tokenizers
+# changes these, archives made before it are refused: that needs a deliberate decision (README).
+EMBEDDED_TOKENIZER_SHA256 = "1fe6305650e7fca15a37363b304b62eef13039e29590b980fdfb6b9abba8af1a"
+EMBEDDED_WEIGHTS_SHA256 = "7b5d8aefba1d57cde41ce069e4013e4164e5941340473960c128d630ec219ec6"
+
+
+def test_embedded_model_fingerprints_are_stable(embedded):
+    lm = embedded.model()
+    assert lm.tokenizer_sha256.hex() == EMBEDDED_TOKENIZER_SHA256
+    assert lm.weights_sha256.hex() == EMBEDDED_WEIGHTS_SHA256
+
+
 def test_damaged_cache_is_rebuilt(embedded, tmp_path, monkeypatch):
     source = models.cache_root() / "models"
     monkeypatch.setenv("LMZIP_CACHE_DIR", str(tmp_path))
