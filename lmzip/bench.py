@@ -136,6 +136,10 @@ def run(codec: Codec, paths: list[str], *, chunk_chars: int = 100, limit: int | 
     for f in report.fits:
         by_chunk[chunk_of[f.region]].append(f)
     fitted_regions = {f.region for f in report.fits}
+    unfitted_by_chunk: list[list] = [[] for _ in chunks]
+    for i, (piece, chunk_index) in enumerate(zip(regions, chunk_of)):
+        if i not in fitted_regions:
+            unfitted_by_chunk[chunk_index].append(piece)
     rows, plain_seconds, plain_tokens = [], 0.0, 0
     for chunk_index, fits in enumerate(by_chunk):
         stored = [f for f in fits if f.result.vectors is not None]
@@ -144,8 +148,8 @@ def run(codec: Codec, paths: list[str], *, chunk_chars: int = 100, limit: int | 
             decode_seconds += next(memory_seconds)
             plain_seconds += _time_plain_generate(lm, list(f.piece.ids))
             plain_tokens += max(len(f.piece.ids) - 1, 1)
-        unfitted = [p for p, c, i in zip(regions, chunk_of, range(len(regions)))
-                    if c == chunk_index and i not in fitted_regions]
+        unfitted = unfitted_by_chunk[chunk_index]
+        coded = [f for f in fits if f.piece.ids]  # not the bits sent to zstd unfitted
         tokens = sum(len(f.piece.ids or ()) for f in fits) + sum(len(p.ids or ()) for p in unfitted)
         exact = bool(stored) and len(stored) == len(fits) and not unfitted
         rows.append(ChunkRow(
@@ -155,8 +159,8 @@ def run(codec: Codec, paths: list[str], *, chunk_chars: int = 100, limit: int | 
             exact=exact,
             vectors=sum(f.result.vectors.shape[0] for f in stored),
             memory_tokens=sum(len(f.piece.ids) for f in stored),
-            accuracy=(sum(f.result.accuracy * len(f.piece.ids) for f in fits)
-                      / sum(len(f.piece.ids) for f in fits) if fits else None),
+            accuracy=(sum(f.result.accuracy * len(f.piece.ids) for f in coded)
+                      / sum(len(f.piece.ids) for f in coded) if coded else None),
             steps=sum(f.result.steps for f in fits),
             fit_seconds=(sum if growing else max)([f.result.seconds for f in fits] or [0.0]),
             decode_seconds=decode_seconds if stored else None,

@@ -24,9 +24,16 @@ from .generate import greedy_decode
 from .models import LoadedModel, load_model
 
 METHODS = ("memory", "zstd")
-# Growing segments (no fixed length) are cut from regions of about this many tokens, fitted side
-# by side; a region's last segment is whatever is left of it, so regions are long.
-REGION_TOKENS = 512
+# Growing segments (no fixed length) are cut from regions fitted side by side, one after another
+# within a region. A region's last segment is whatever is left of it, so regions are long, but a
+# text of a few thousand tokens is cut into about a batch of them, so that its segments are not
+# all fitted one after another.
+MIN_REGION_TOKENS, MAX_REGION_TOKENS = 128, 512
+BYTES_PER_TOKEN = 4  # about, for English with a BPE tokenizer: only sizes the regions
+
+
+def region_tokens(size: int, batch_size: int) -> int:
+    return max(MIN_REGION_TOKENS, min(MAX_REGION_TOKENS, size // BYTES_PER_TOKEN // batch_size))
 # Runs of zstd segments are merged up to this size: one frame compresses better than many.
 ZSTD_SEGMENT_BYTES = 1 << 20
 MAX_MARGIN = 65504.0  # the margin is stored as float32; anything near this is unreachable anyway
@@ -162,7 +169,8 @@ class Codec:
         else:
             lm = self.model(model)
             growing = tokens_per_segment is None
-            regions = list(segmenting.plan(data, lm.tokenizer, tokens_per_segment or REGION_TOKENS))
+            regions = list(segmenting.plan(data, lm.tokenizer, tokens_per_segment
+                                           or region_tokens(len(data), fit.batch_size)))
         return self.write_regions(regions, out, lm, fit, growing, zstd_level, progress,
                                   expected_sha256=hashlib.sha256(data).digest())
 

@@ -259,7 +259,8 @@ def fit_streams(lm: LoadedModel, streams: Iterable[tuple[Hashable, Stream]],
             if row is not None:
                 rows.append(row)
             elif not stream.done:
-                yield key, stream.rest(), _unfitted()
+                yield key, stream.skip(), _unfitted()
+                pending.appendleft((key, stream))  # done, or on to what follows the skipped text
 
     def close(r: _Row) -> tuple[Hashable, Piece, FitResult]:
         """Verify the row's best vectors by real decoding and cut its piece from the stream."""

@@ -159,8 +159,13 @@ class Stream:
             self._load()
         return piece
 
-    def rest(self) -> Piece:
-        """All that is left, for zstd (no valid memory piece starts here)."""
-        piece = Piece(self.text[self.start :].encode("utf-8"), None)
-        self.start = len(self.text)
+    def skip(self) -> Piece:
+        """No valid segment starts here within max_tokens: the text those tokens cover goes to
+        zstd (all that is left, if they cover it all), and the stream goes on after it."""
+        cut = self._offsets[len(self.ids)][0] if self._all > len(self.ids) else 0
+        end = self.start + cut if cut > 0 else len(self.text)
+        piece = Piece(self.text[self.start : end].encode("utf-8"), None)
+        self.start = end
+        if not self.done:
+            self._load()
         return piece

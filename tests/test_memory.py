@@ -171,7 +171,10 @@ def test_a_stream_offers_only_lengths_that_end_a_valid_piece(tiny):
     assert stream.ids == stream_ids(tiny, " b") and not stream.done
     with pytest.raises(ValueError):
         segmenting.Stream(tiny.tokenizer, "é", 64, growing=True).take(1)
-    assert stream.rest().data == b" b" and stream.done
+    assert stream.skip().data == b" b" and stream.done
+    capped = segmenting.Stream(tiny.tokenizer, "ééx", max_tokens=3, growing=True)
+    assert capped.length_at_most(3) == 2 and capped.skip().data == "é".encode()  # 3 tokens end in "é"
+    assert capped.text[capped.start :] == "éx"
 
 
 def stream_ids(tiny, text):
@@ -200,3 +203,10 @@ def test_a_growing_segment_that_never_verifies_is_cut_shorter(codec):
 def test_growing_options_are_checked(codec):
     with pytest.raises(lmzip.InputError, match="start tokens"):
         codec.encode("x", **{**GROWING, "start_tokens": 300, "max_tokens": 256})
+
+
+def test_growing_regions_give_a_batch_of_streams_to_mid_sized_texts():
+    from lmzip.codec import region_tokens
+    assert region_tokens(300, 8) == 128        # one region: nothing to fit beside it
+    assert region_tokens(12_000, 8) == 375     # ~3,000 tokens: 8 regions, one per batch row
+    assert region_tokens(5_000_000, 8) == 512  # long texts: long regions, fewer tails
