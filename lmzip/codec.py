@@ -31,12 +31,13 @@ METHODS = ("memory", "zstd")
 MIN_REGION_TOKENS, MAX_REGION_TOKENS = 128, 512
 BYTES_PER_TOKEN = 4  # about, for English with a BPE tokenizer: only sizes the regions
 
-
-def region_tokens(size: int, batch_size: int) -> int:
-    return max(MIN_REGION_TOKENS, min(MAX_REGION_TOKENS, size // BYTES_PER_TOKEN // batch_size))
 # Runs of zstd segments are merged up to this size: one frame compresses better than many.
 ZSTD_SEGMENT_BYTES = 1 << 20
 MAX_MARGIN = 65504.0  # the margin is stored as float32; anything near this is unreachable anyway
+
+
+def region_tokens(size: int, batch_size: int) -> int:
+    return max(MIN_REGION_TOKENS, min(MAX_REGION_TOKENS, size // BYTES_PER_TOKEN // batch_size))
 
 
 def _max_positions(lm: LoadedModel) -> int:
@@ -198,10 +199,9 @@ class Codec:
                     continue
                 if growing and room >= 1:
                     streams[i] = segmenting.Stream(lm.tokenizer, p.data.decode("utf-8"),
-                                                   min(fit.max_tokens, room), growing=True)
+                                                   min(fit.max_tokens, room))
                 elif not growing and len(p.ids) <= room:
-                    streams[i] = segmenting.Stream(lm.tokenizer, p.data.decode("utf-8"),
-                                                   len(p.ids), growing=False)
+                    streams[i] = segmenting.Stream.whole(lm.tokenizer, p)
         fitted = fit_streams(lm, streams.items(), fit) if streams else iter(())
         fits: list[SegmentFit] = []
         memory_tokens = memory_vectors = 0

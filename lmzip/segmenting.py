@@ -102,10 +102,22 @@ class Stream:
     exactly those tokens. A fixed stream is one piece, fitted whole.
     """
 
-    def __init__(self, tokenizer, text: str, max_tokens: int, growing: bool):
-        self.tokenizer, self.text, self.max_tokens, self.growing = tokenizer, text, max_tokens, growing
+    growing = True
+
+    def __init__(self, tokenizer, text: str, max_tokens: int):
+        self.tokenizer, self.text, self.max_tokens = tokenizer, text, max_tokens
         self.start = 0  # character offset of the next segment
         self._load()
+
+    @classmethod
+    def whole(cls, tokenizer, piece: Piece) -> "Stream":
+        """A fixed stream: one piece, already checked by `memory_piece`, fitted whole."""
+        stream = cls.__new__(cls)
+        stream.tokenizer, stream.text, stream.growing = tokenizer, piece.data.decode("utf-8"), False
+        stream.start, stream.ids = 0, piece.ids
+        stream.max_tokens = stream._all = len(piece.ids)
+        stream._offsets, stream._valid = None, {len(piece.ids): len(stream.text)}
+        return stream
 
     def _load(self) -> None:
         rest = self.text[self.start :]
@@ -121,7 +133,7 @@ class Stream:
 
     def _cut(self, n: int) -> int | None:
         """Where (in characters from `start`) a segment of n tokens ends, or None if none can."""
-        if n not in self._valid:
+        if n not in self._valid and self._offsets is not None:  # a whole stream has one length
             rest = self.text[self.start :]
             if n == self._all:
                 cut = len(rest)
@@ -132,7 +144,7 @@ class Stream:
             if cut is not None and memory_piece(self.tokenizer, rest[:cut]).ids != self.ids[:n]:
                 cut = None
             self._valid[n] = cut
-        return self._valid[n]
+        return self._valid.get(n)
 
     def length_at_least(self, n: int) -> int | None:
         """The shortest valid length >= n (up to all the stream offers), or None."""

@@ -162,7 +162,7 @@ def test_bad_options_are_input_errors(codec):
 
 
 def test_a_stream_offers_only_lengths_that_end_a_valid_piece(tiny):
-    stream = segmenting.Stream(tiny.tokenizer, "aé b", max_tokens=64, growing=True)
+    stream = segmenting.Stream(tiny.tokenizer, "aé b", max_tokens=64)
     assert len(stream.ids) == 5  # byte-level: "é" is two tokens
     assert stream.length_at_least(2) == 3  # 2 tokens would end inside "é"
     assert stream.length_at_most(2) == 1
@@ -170,9 +170,9 @@ def test_a_stream_offers_only_lengths_that_end_a_valid_piece(tiny):
     assert first.data == "aé".encode() and first.ids == stream_ids(tiny, "aé")
     assert stream.ids == stream_ids(tiny, " b") and not stream.done
     with pytest.raises(ValueError):
-        segmenting.Stream(tiny.tokenizer, "é", 64, growing=True).take(1)
+        segmenting.Stream(tiny.tokenizer, "é", 64).take(1)
     assert stream.skip().data == b" b" and stream.done
-    capped = segmenting.Stream(tiny.tokenizer, "ééx", max_tokens=3, growing=True)
+    capped = segmenting.Stream(tiny.tokenizer, "ééx", max_tokens=3)
     assert capped.length_at_most(3) == 2 and capped.skip().data == "é".encode()  # 3 tokens end in "é"
     assert capped.text[capped.start :] == "éx"
 
