@@ -7,7 +7,9 @@ row has its own vectors, Adam state and schedule, leaves the batch as soon as
 it verifies, and a waiting segment takes its place. A segment that runs out of
 steps gets more vectors (new ones in front of the ones it has, so the fitted
 vectors keep their distance to the text) and another budget, up to
-`max_vectors`; past that it goes to zstd. A row counts as done only when the
+`max_vectors`; past that it goes to zstd. A growing segment (see `Stream`)
+instead lengthens while it verifies and, out of patience, closes at the longest
+length its vectors hold. A row counts as done only when the
 real decoder (`greedy_decode`) reproduces its tokens from the fp16-rounded
 vectors with every top-1 logit ahead of the runner-up by at least the margin.
 """
@@ -87,6 +89,8 @@ class _Row:
     since: int = 0         # steps since the last verified length (or the start)
     best_n: int = 0        # the longest length verified by the float32 check, and its vectors
     best: torch.Tensor | None = None
+    peak: int = 0          # the most leading tokens seen holding in a fit step, and those vectors
+    peak_vectors: torch.Tensor | None = None
     last_margin: float = float("-inf")
 
     def __post_init__(self):
@@ -178,11 +182,11 @@ def _gap_to_runner_up(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return right - others
 
 
-def _margin_holds(lm: LoadedModel, vectors16: torch.Tensor, ids: torch.Tensor, margin: float,
-                  prefix: tuple[int, ...]) -> bool:
-    """Teacher-forced in float32: is every token right by at least the margin?"""
+def _holding(lm: LoadedModel, vectors16: torch.Tensor, ids: torch.Tensor, margin: float,
+             prefix: tuple[int, ...]) -> int:
+    """Teacher-forced in float32: how many leading tokens are right by at least the margin."""
     logits = teacher_forced_logits(lm, vectors16.float(), ids, prefix)
-    return bool(_gap_to_runner_up(logits, ids).min() >= margin)
+    return int((_gap_to_runner_up(logits, ids) >= margin).long().cumprod(0).sum())
 
 
 def _batch_inputs(rows: list[_Row], prefix_embeds: torch.Tensor, lookahead: int):
@@ -250,7 +254,14 @@ def fit_streams(lm: LoadedModel, streams: Iterable[tuple[Hashable, Stream]],
         t = torch.tensor(stream.ids, device=device)
         with torch.no_grad():
             embeds = lm.embed(t).float()
-        return _Row(key, stream, t, embeds, n, time.perf_counter(), init_vectors(cfg.vectors))
+        return _Row(key, stream, t, embeds, n, time.perf_counter(), init_vectors(vectors_for(stream)))
+
+    def vectors_for(stream: Stream) -> int:
+        """K for the stream's next segment. The tail of a grown stream (no more than the first
+        length left) gets half: K vectors would hold far more than it has."""
+        if stream.growing and stream.start > 0 and stream.tokens_left <= cfg.start_tokens:
+            return max(1, cfg.vectors // 2)
+        return cfg.vectors
 
     def admit():
         while pending and len(rows) < cfg.batch_size:
@@ -295,12 +306,24 @@ def fit_streams(lm: LoadedModel, streams: Iterable[tuple[Hashable, Stream]],
         r.n, r.step, r.since = n, cfg.warmup, 0
         return True
 
+    def salvage(r: _Row) -> None:
+        """A growing segment out of patience: its vectors often hold more than the last verified
+        length, just not the whole target; keep the longest valid length that holds in float32
+        (without this, lengths landed on the last multiple of grow_tokens)."""
+        for vectors16 in (r.peak_vectors, r.params.half()):
+            if vectors16 is None:
+                continue
+            n = r.stream.length_at_most(_holding(lm, vectors16, r.ids[: r.span(cfg.grow_tokens)],
+                                                 cfg.margin, prefix))
+            if n is not None and n > r.best_n:
+                r.best_n, r.best = n, vectors16
+
     def grow(r: _Row, holding: int) -> bool:
-        """A growing segment just verified r.n tokens: aim past all that holds already, if the
-        stream has more."""
-        n = (r.stream.length_at_least(max(r.n, holding) + cfg.grow_tokens)
+        """A growing segment just verified its best length: aim past all that holds already
+        (`holding` tokens), if the stream has more."""
+        n = (r.stream.length_at_least(holding + cfg.grow_tokens)
              or r.stream.length_at_most(len(r.ids)))
-        if n is None or n <= r.n:
+        if n is None or n <= r.best_n:
             return False
         r.n, r.since = n, 0
         r.step = cfg.warmup  # back to the peak rate, no second warm-up
@@ -339,12 +362,20 @@ def fit_streams(lm: LoadedModel, streams: Iterable[tuple[Hashable, Stream]],
                     # One float32 teacher-forced pass on the fp16 vectors: bf16 candidates often
                     # fail in float32, and the real (greedy) decode costs a forward per token.
                     vectors16 = r.params.half()
-                    if _margin_holds(lm, vectors16, r.ids[: r.n], cfg.margin, prefix):
+                    if _holding(lm, vectors16, r.ids[: r.n], cfg.margin, prefix) >= r.n:
                         r.best_n, r.best = r.n, vectors16
-                        if not (r.stream.growing and grow(r, holds[i])):
+                        if not (r.stream.growing and grow(r, max(r.n, holds[i]))):
                             closing.append(i)
                         continue
+                if r.stream.growing and holds[i] > max(r.peak, r.best_n):
+                    r.peak, r.peak_vectors = holds[i], r.params.half()
                 if r.since >= cfg.max_steps:
+                    if r.stream.growing and r.best is None:
+                        salvage(r)  # the first length fell short: go on from what holds
+                        if r.best is not None and grow(r, r.best_n):
+                            continue
+                    elif r.stream.growing:
+                        salvage(r)
                     if r.best is None and (escalate(r) if not r.stream.growing else shrink(r)):
                         continue  # a new attempt gets its first gradient in the next pass
                     closing.append(i)

@@ -128,6 +128,11 @@ class Stream:
         self._valid: dict[int, int | None] = {}
 
     @property
+    def tokens_left(self) -> int:
+        """Tokens in all the text left, past the cap too."""
+        return self._all
+
+    @property
     def done(self) -> bool:
         return self.start >= len(self.text)
 

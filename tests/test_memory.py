@@ -210,3 +210,26 @@ def test_growing_regions_give_a_batch_of_streams_to_mid_sized_texts():
     assert region_tokens(300, 8) == 128        # one region: nothing to fit beside it
     assert region_tokens(12_000, 8) == 375     # ~3,000 tokens: 8 regions, one per batch row
     assert region_tokens(5_000_000, 8) == 512  # long texts: long regions, fewer tails
+
+
+def memory_entries(blob):
+    return [s for s in lmzip.inspect(blob)["segments"] if s["kind"] == "memory"]
+
+
+def test_a_segment_out_of_patience_keeps_the_longest_length_its_vectors_hold(codec):
+    # Growing by 12 from 4, a segment could only close at 4 or at 16 and more (or at the end of
+    # the text); one vector of the tiny model holds about 4 to 9 tokens, so a length in between
+    # comes from what held when patience ran out.
+    blob = codec.encode(SENTENCE, **{**GROWING, "start_tokens": 4, "grow_tokens": 12, "max_steps": 60})
+    lengths = [s["token_count"] for s in memory_entries(blob)]
+    assert any(4 < n < 16 for n in lengths[:-1])
+    assert codec.decode(blob) == SENTENCE.encode()
+
+
+def test_the_last_short_segment_of_a_grown_region_gets_half_the_vectors(codec):
+    text = "The rabbit hole went"  # 20 byte tokens: 12 (capped) with 2 vectors, then 8 left
+    blob = codec.encode(text, **{**GROWING, "vectors": 2, "start_tokens": 12, "max_tokens": 12,
+                                 "max_steps": 200})
+    segments = memory_entries(blob)
+    assert segments[0]["vector_count"] == 2 and segments[-1]["vector_count"] == 1
+    assert codec.decode(blob) == text.encode()
