@@ -91,6 +91,7 @@ class _Row:
     best: torch.Tensor | None = None
     peak: int = 0          # the most leading tokens seen holding in a fit step, and those vectors
     peak_vectors: torch.Tensor | None = None
+    fallback: tuple[int, torch.Tensor] | None = None  # the verified length a salvage replaced
     last_margin: float = float("-inf")
 
     def __post_init__(self):
@@ -278,6 +279,9 @@ def fit_streams(lm: LoadedModel, streams: Iterable[tuple[Hashable, Stream]],
         vectors16 = None
         if r.best is not None:
             ok, r.last_margin = verify(lm, r.best, r.ids[: r.best_n].tolist(), cfg.margin, prefix)
+            if not ok and r.fallback is not None:  # a salvaged length failed: the one before it
+                r.best_n, r.best = r.fallback
+                ok, r.last_margin = verify(lm, r.best, r.ids[: r.best_n].tolist(), cfg.margin, prefix)
             vectors16 = r.best.cpu() if ok else None
         n = r.best_n or r.n
         tried = r.best if r.best is not None else r.params.half()
@@ -313,9 +317,10 @@ def fit_streams(lm: LoadedModel, streams: Iterable[tuple[Hashable, Stream]],
         for vectors16 in (r.peak_vectors, r.params.half()):
             if vectors16 is None:
                 continue
-            n = r.stream.length_at_most(_holding(lm, vectors16, r.ids[: r.span(cfg.grow_tokens)],
-                                                 cfg.margin, prefix))
+            n = r.stream.length_at_most(_holding(lm, vectors16, r.ids, cfg.margin, prefix))
             if n is not None and n > r.best_n:
+                if r.best is not None and r.fallback is None:
+                    r.fallback = (r.best_n, r.best)
                 r.best_n, r.best = n, vectors16
 
     def grow(r: _Row, holding: int) -> bool:
