@@ -375,12 +375,11 @@ def fit_streams(lm: LoadedModel, streams: Iterable[tuple[Hashable, Stream]],
                 if r.stream.growing and holds[i] > max(r.peak, r.best_n):
                     r.peak, r.peak_vectors = holds[i], r.params.half()
                 if r.since >= cfg.max_steps:
-                    if r.stream.growing and r.best is None:
-                        salvage(r)  # the first length fell short: go on from what holds
-                        if r.best is not None and grow(r, r.best_n):
-                            continue
-                    elif r.stream.growing:
+                    if r.stream.growing:
+                        first = r.best is None
                         salvage(r)
+                        if first and r.best is not None and grow(r, r.best_n):
+                            continue  # the first length fell short: go on from what holds
                     if r.best is None and (escalate(r) if not r.stream.growing else shrink(r)):
                         continue  # a new attempt gets its first gradient in the next pass
                     closing.append(i)
