@@ -237,7 +237,8 @@ def fit_streams(lm: LoadedModel, streams: Iterable[tuple[Hashable, Stream]],
     prefix = sink_prefix(lm, cfg)
     with torch.no_grad():
         prefix_embeds = lm.embed(torch.tensor(prefix, dtype=torch.long, device=device)).float()
-    body, head = lm.model.base_model, lm.model.get_output_embeddings()
+    fitting = lm.bf16_weights() if bf16 else lm.model
+    body, head = fitting.base_model, fitting.get_output_embeddings()
     init_vectors = _VectorInit(lm, cfg.seed)
     pending = deque(streams)
     rows: list[_Row] = []

@@ -41,6 +41,28 @@ def test_bf16_fitting_still_verifies_in_float32(codec):
     assert codec.decode(blob) == SENTENCE[:24].encode()
 
 
+def test_bf16_weight_copy_computes_what_autocast_computes(tiny):
+    """The fit runs on a copy with bfloat16 Linear weights to skip autocast's per-step casts;
+    the logits and the gradient to the vectors must be exactly those of autocast over float32."""
+
+    def logits_and_grad(model):
+        gen = torch.Generator().manual_seed(7)
+        x = (0.1 * torch.randn(2, 12, tiny.hidden_size, generator=gen)).requires_grad_(True)
+        target = torch.randint(0, tiny.vocab_size, (2, 10), generator=gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = model.base_model(inputs_embeds=x, use_cache=False).last_hidden_state
+            logits = model.get_output_embeddings()(hidden[:, 1:11]).float()
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target)
+        return logits.detach(), torch.autograd.grad(loss, x)[0]
+
+    copy = tiny.bf16_weights()
+    assert copy is tiny.bf16_weights()  # made once
+    assert copy.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert next(tiny.model.parameters()).dtype == torch.float32  # decoding keeps float32
+    for want, got in zip(logits_and_grad(tiny.model), logits_and_grad(copy)):
+        assert torch.equal(want, got)
+
+
 def test_invalid_utf8_and_exhausted_budget_go_to_zstd(codec):
     data = b"plain text here \xff\xfe\xfd more plain text"
     blob = codec.encode(data, **TINY_OPTIONS)
@@ -233,3 +255,4 @@ def test_the_last_short_segment_of_a_grown_region_gets_half_the_vectors(codec):
     segments = memory_entries(blob)
     assert segments[0]["vector_count"] == 2 and segments[-1]["vector_count"] == 1
     assert codec.decode(blob) == text.encode()
+
