@@ -242,6 +242,7 @@ def fit_streams(lm: LoadedModel, streams: Iterable[tuple[Hashable, Stream]],
     init_vectors = _VectorInit(lm, cfg.seed)
     pending = deque(streams)
     rows: list[_Row] = []
+    held: dict[Hashable, tuple[int, int]] = {}  # per stream: tokens and vectors memory-coded so far
 
     def open_row(key: Hashable, stream: Stream) -> _Row | None:
         """The stream's next segment as a row, or None if it has no valid length (then: zstd)."""
@@ -256,14 +257,23 @@ def fit_streams(lm: LoadedModel, streams: Iterable[tuple[Hashable, Stream]],
         t = torch.tensor(stream.ids, device=device)
         with torch.no_grad():
             embeds = lm.embed(t).float()
-        return _Row(key, stream, t, embeds, n, time.perf_counter(), init_vectors(vectors_for(stream)))
+        return _Row(key, stream, t, embeds, n, time.perf_counter(), init_vectors(vectors_for(key, stream)))
 
-    def vectors_for(stream: Stream) -> int:
-        """K for the stream's next segment. The tail of a grown stream (no more than the first
-        length left) gets half: K vectors would hold far more than it has."""
-        if stream.growing and stream.start > 0 and stream.tokens_left <= cfg.start_tokens:
-            return max(1, cfg.vectors // 2)
-        return cfg.vectors
+    def vectors_for(key: Hashable, stream: Stream) -> int:
+        """K for the stream's next segment. Near the end of a grown stream K vectors would hold
+        far more than is left, and a segment's vectors are stored whole: the tail gets as many as
+        the stream's density so far says it needs (up to a quarter vector's worth over is left to
+        the fit to hold), and at most half when no more than the first length is left."""
+        k = cfg.vectors
+        if not stream.growing or stream.start == 0:
+            return k
+        left = stream.tokens_left
+        tokens, vectors = held.get(key, (0, 0))
+        if vectors:
+            k = min(k, max(1, math.ceil(left * vectors / tokens - 0.25)))
+        if left <= cfg.start_tokens:
+            k = min(k, max(1, cfg.vectors // 2))
+        return k
 
     def admit():
         while pending and len(rows) < cfg.batch_size:
@@ -290,6 +300,9 @@ def fit_streams(lm: LoadedModel, streams: Iterable[tuple[Hashable, Stream]],
         result = FitResult(vectors16, r.total_steps, time.perf_counter() - r.started, acc, r.last_margin)
         log.debug("segment of stream %s: %d tokens, %d vectors, %s after %d steps, %.1f s", r.key, n, r.k,
                   "verified" if vectors16 is not None else "to zstd", r.total_steps, result.seconds)
+        if vectors16 is not None:
+            tokens, vectors = held.get(r.key, (0, 0))
+            held[r.key] = (tokens + n, vectors + r.k)
         return r.key, r.stream.take(n), result
 
     def escalate(r: _Row) -> bool:

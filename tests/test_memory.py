@@ -256,3 +256,12 @@ def test_the_last_short_segment_of_a_grown_region_gets_half_the_vectors(codec):
     assert segments[0]["vector_count"] == 2 and segments[-1]["vector_count"] == 1
     assert codec.decode(blob) == text.encode()
 
+
+def test_a_grown_region_tail_gets_the_vectors_its_density_says_it_needs(codec):
+    text = "The rabbit hole w"  # 17 byte tokens: 12 (capped) with 2 vectors, then 5 left
+    blob = codec.encode(text, **{**GROWING, "vectors": 2, "start_tokens": 4, "max_tokens": 12,
+                                 "max_steps": 200})
+    segments = memory_entries(blob)
+    # 5 tokens is more than the first length (4), but the stream held 6 tokens per vector
+    assert [(s["token_count"], s["vector_count"]) for s in segments] == [(12, 2), (5, 1)]
+    assert codec.decode(blob) == text.encode()
