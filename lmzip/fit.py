@@ -270,7 +270,7 @@ def fit_streams(lm: LoadedModel, streams: Iterable[tuple[Hashable, Stream]],
         left = stream.tokens_left
         tokens, vectors = held.get(key, (0, 0))
         if vectors:
-            k = min(k, max(1, math.ceil(left * vectors / tokens - 0.25)))
+            k = min(k, max(1, -(-(4 * left * vectors - tokens) // (4 * tokens))))  # ceil(left/density - 1/4)
         if left <= cfg.start_tokens:
             k = min(k, max(1, cfg.vectors // 2))
         return k

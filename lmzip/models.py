@@ -44,7 +44,7 @@ class LoadedModel:
     tokenizer_sha256: bytes
     weights_sha256: bytes
     hidden_size: int
-    _bf16_copy: torch.nn.Module | None = field(default=None, repr=False, compare=False)
+    _bf16_copy: torch.nn.Module | None = field(init=False, default=None, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:
@@ -72,11 +72,14 @@ class LoadedModel:
         float32. Decoding and verification never use this copy.
         """
         if self._bf16_copy is None:
-            fast = copy.deepcopy(self.model)
-            for module in fast.modules():
+            # deepcopy takes what the memo names instead of copying it: the Linear weights go
+            # straight to bfloat16, never through a second float32 copy (tied ones stay tied).
+            memo = {}
+            for module in self.model.modules():
                 if isinstance(module, torch.nn.Linear):
-                    module.to(torch.bfloat16)
-            self._bf16_copy = fast
+                    for p in module.parameters(recurse=False):
+                        memo[id(p)] = torch.nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
+            self._bf16_copy = copy.deepcopy(self.model, memo)
         return self._bf16_copy
 
     def check_matches(self, model_id: str, tokenizer_sha256: bytes, weights_sha256: bytes) -> None:
