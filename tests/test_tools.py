@@ -1,0 +1,38 @@
+"""tools/fit_variants.py runs every variant through lmzip's own loss pieces (tiny model, few steps)."""
+
+import json
+import runpy
+
+from conftest import ROOT, TINY_MODEL
+
+
+def test_fit_variants_reports_every_variant(tmp_path, capsys):
+    tool = runpy.run_path(str(ROOT / "tools" / "fit_variants.py"))
+    text = tmp_path / "t.txt"
+    text.write_text("Alice was beginning to get very tired. " * 2)
+    variants = sorted(tool["VARIANTS"])
+    tool["main"]([str(text), *variants, "--model", TINY_MODEL, "--chunk-chars", "12", "--limit", "2",
+                  "--vectors", "1", "--max-steps", "3", "--no-bf16"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["variant"] for r in rows] == variants
+    for r in rows:
+        assert r["chunks"] == 2 and len(r["steps"]) == 2
+        assert all(s is None or 1 <= s <= 3 for s in r["steps"])
+        assert r["steps_total"] == sum(3 if s is None else s for s in r["steps"])
+
+
+def test_step_time_runs_every_setting(capsys):
+    tool = runpy.run_path(str(ROOT / "tools" / "step_time.py"))
+    tool["main"](["--model", TINY_MODEL, "--shapes", "2x5", "--repeat", "1", "--vectors", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all("2 rows x 5 tokens" in line and "ms per row" in line for line in lines)
+
+
+def test_fit_variants_lbfgs_searches_its_line_and_fits_an_easy_segment(tiny):
+    tool = runpy.run_path(str(ROOT / "tools" / "fit_variants.py"))
+    cfg = tool["FitConfig"](vectors=1, margin=0.5)
+    ids = tiny.tokenizer("Alice", add_special_tokens=False)["input_ids"]
+    problem = tool["Problem"](tiny, ids, cfg, bf16=False)
+    start = tool["_VectorInit"](tiny, 0)(1)
+    evaluations = tool["lbfgs"](problem, start, 200)
+    assert evaluations is not None and evaluations <= 200
