@@ -237,7 +237,7 @@ def fit_streams(lm: LoadedModel, streams: Iterable[tuple[Hashable, Stream]],
     prefix = sink_prefix(lm, cfg)
     with torch.no_grad():
         prefix_embeds = lm.embed(torch.tensor(prefix, dtype=torch.long, device=device)).float()
-    fitting = lm.bf16_weights() if bf16 else lm.model
+    fitting = lm.fitting_copy() if bf16 else lm.model
     body, head = fitting.base_model, fitting.get_output_embeddings()
     init_vectors = _VectorInit(lm, cfg.seed)
     pending = deque(streams)

@@ -44,7 +44,7 @@ class LoadedModel:
     tokenizer_sha256: bytes
     weights_sha256: bytes
     hidden_size: int
-    _bf16_copy: torch.nn.Module | None = field(init=False, default=None, repr=False, compare=False)
+    _fitting_copy: torch.nn.Module | None = field(init=False, default=None, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:
@@ -62,16 +62,17 @@ class LoadedModel:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)
 
-    def bf16_weights(self) -> torch.nn.Module:
-        """A copy of the model whose Linear weights are stored in bfloat16, for fitting under
-        bfloat16 autocast (made once, 270 MB for the embedded model).
+    def fitting_copy(self) -> torch.nn.Module:
+        """The model that fits run on under bfloat16 autocast (made once; 270 MB for the embedded
+        model). Decoding and verification never use it: they run the float32 model.
 
-        Autocast casts a float32 weight to bfloat16 at every use and keeps no copy of a frozen
-        one, so each fit step re-read and re-wrote every weight: 20 to 30 % of a step on the
-        2-core CPU (README). Autocast computes the same products either way; norms stay in
-        float32. Decoding and verification never use this copy.
+        Its Linear weights are stored in bfloat16: autocast casts a float32 weight at every use
+        and keeps no copy of a frozen one, so each step re-read and re-wrote every weight; the
+        products are the same either way, and the norms stay float32. On the CPU it also uses
+        the plain (eager) attention, which is faster than the fused kernel's backward at
+        segment lengths (README); that changes the fit's rounding, not what is verified.
         """
-        if self._bf16_copy is None:
+        if self._fitting_copy is None:
             # deepcopy takes what the memo names instead of copying it: the Linear weights go
             # straight to bfloat16, never through a second float32 copy (tied ones stay tied).
             memo = {}
@@ -79,8 +80,11 @@ class LoadedModel:
                 if isinstance(module, torch.nn.Linear):
                     for p in module.parameters(recurse=False):
                         memo[id(p)] = torch.nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
-            self._bf16_copy = copy.deepcopy(self.model, memo)
-        return self._bf16_copy
+            fitting = copy.deepcopy(self.model, memo)
+            if self.device.type == "cpu" and hasattr(fitting, "set_attn_implementation"):
+                fitting.set_attn_implementation("eager")
+            self._fitting_copy = fitting
+        return self._fitting_copy
 
     def check_matches(self, model_id: str, tokenizer_sha256: bytes, weights_sha256: bytes) -> None:
         """Refuse to decode with a model other than the one the archive was made with."""

@@ -1,5 +1,6 @@
 """Memory segments with the tiny test model: fit, verify, decode exactly."""
 
+import copy
 import io
 import shutil
 
@@ -41,9 +42,10 @@ def test_bf16_fitting_still_verifies_in_float32(codec):
     assert codec.decode(blob) == SENTENCE[:24].encode()
 
 
-def test_bf16_weight_copy_computes_what_autocast_computes(tiny):
+def test_fitting_copy_computes_what_autocast_computes_and_leaves_the_decoder_alone(tiny):
     """The fit runs on a copy with bfloat16 Linear weights to skip autocast's per-step casts;
-    the logits and the gradient to the vectors must be exactly those of autocast over float32."""
+    with the same attention, its logits and gradient to the vectors are exactly those of
+    autocast over the float32 model."""
 
     def logits_and_grad(model):
         gen = torch.Generator().manual_seed(7)
@@ -55,11 +57,16 @@ def test_bf16_weight_copy_computes_what_autocast_computes(tiny):
         loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target)
         return logits.detach(), torch.autograd.grad(loss, x)[0]
 
-    copy = tiny.bf16_weights()
-    assert copy is tiny.bf16_weights()  # made once
-    assert copy.get_output_embeddings().weight.dtype == torch.bfloat16
-    assert next(tiny.model.parameters()).dtype == torch.float32  # decoding keeps float32
-    for want, got in zip(logits_and_grad(tiny.model), logits_and_grad(copy)):
+    fitting = tiny.fitting_copy()
+    assert fitting is tiny.fitting_copy()  # made once
+    assert fitting.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert fitting.config._attn_implementation == "eager"  # on the CPU
+    # The decoder's model is untouched: float32 weights, its own attention.
+    assert next(tiny.model.parameters()).dtype == torch.float32
+    assert tiny.model.config._attn_implementation == "sdpa"
+    reference = copy.deepcopy(tiny.model)
+    reference.set_attn_implementation("eager")
+    for want, got in zip(logits_and_grad(reference), logits_and_grad(fitting)):
         assert torch.equal(want, got)
 
 

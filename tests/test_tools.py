@@ -25,7 +25,7 @@ def test_step_time_runs_every_setting(capsys):
     tool = runpy.run_path(str(ROOT / "tools" / "step_time.py"))
     tool["main"](["--model", TINY_MODEL, "--shapes", "2x5", "--repeat", "1", "--vectors", "1"])
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 3 and all("2 rows x 5 tokens" in line and "ms per row" in line for line in lines)
+    assert len(lines) == 4 and all("2 rows x 5 tokens" in line and "ms per row" in line for line in lines)
 
 
 def test_fit_variants_lbfgs_searches_its_line_and_fits_an_easy_segment(tiny):

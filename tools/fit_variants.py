@@ -39,7 +39,7 @@ class Problem:
         with torch.no_grad():
             self.tokens = lm.embed(self.ids).float()
             self.prefix_embeds = lm.embed(torch.tensor(self.prefix)).float()
-        model = lm.bf16_weights() if bf16 else lm.model
+        model = lm.fitting_copy() if bf16 else lm.model
         self.body, self.head = model.base_model, model.get_output_embeddings()
 
     def loss(self, vectors: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,10 @@
 """Time one fit step (forward and backward to the vectors) of the embedded model.
 
 Rows of 1 prefix + K vectors + T tokens, as lmzip's fit lays them out, under
-three settings: float32; bfloat16 autocast over the float32 model; autocast
-over `LoadedModel.bf16_weights()` (what lmzip fits with where bf16 is native).
+four settings: float32; bfloat16 autocast over the float32 model; autocast
+over a copy with bfloat16 Linear weights; the same with eager attention, which
+is `LoadedModel.fitting_copy()` on the CPU (what lmzip fits with where bf16 is
+native).
 The README's step costs come from:
 
     python tools/step_time.py --shapes 1x27 8x27 1x80 8x80 --threads 2
@@ -11,6 +13,7 @@ The README's step costs come from:
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
@@ -43,8 +46,12 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     lm = load_model(args.model, device="cpu")
+    fitting = lm.fitting_copy()
+    fused = copy.deepcopy(fitting)
+    fused.set_attn_implementation(lm.model.config._attn_implementation)
     settings = [("float32", lm.model, False), ("autocast", lm.model, True),
-                ("autocast + bf16 weights", lm.bf16_weights(), True)]
+                ("autocast + bf16 weights", fused, True),
+                (f"autocast + bf16 weights + {fitting.config._attn_implementation} attention", fitting, True)]
     gen = torch.Generator().manual_seed(0)
     for shape in args.shapes:
         rows, tokens = map(int, shape.split("x"))
