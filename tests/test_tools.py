@@ -36,3 +36,13 @@ def test_fit_variants_lbfgs_searches_its_line_and_fits_an_easy_segment(tiny):
     start = tool["_VectorInit"](tiny, 0)(1)
     evaluations = tool["lbfgs"](problem, start, 200)
     assert evaluations is not None and evaluations <= 200
+
+
+def test_fit_variants_lbfgs_out_of_budget_is_a_failure(tiny):
+    tool = runpy.run_path(str(ROOT / "tools" / "fit_variants.py"))
+    cfg = tool["FitConfig"](vectors=1, margin=0.5)
+    ids = tiny.tokenizer("Alice was beginning", add_special_tokens=False)["input_ids"]
+    problem = tool["Problem"](tiny, ids, cfg, bf16=False)
+    for line_search in ("strong_wolfe", None):
+        start = tool["_VectorInit"](tiny, 0)(1)
+        assert tool["lbfgs"](problem, start, 3, line_search=line_search) is None

@@ -108,16 +108,17 @@ def lbfgs(problem, start, budget, lr=1.0, line_search="strong_wolfe"):
     vectors = start.clone().requires_grad_(True)
     opt = torch.optim.LBFGS([vectors], lr=lr, max_iter=budget, max_eval=budget, history_size=20,
                             tolerance_grad=0.0, tolerance_change=0.0, line_search_fn=line_search)
-    evaluations = 0
+    evaluations, held_at = 0, None
 
     def closure():
-        nonlocal evaluations
+        nonlocal evaluations, held_at
         evaluations += 1
         if evaluations > budget:
             raise _Stop
         opt.zero_grad()
         loss, gap = problem.loss(vectors, "ce")
         if problem.holds(vectors, gap):
+            held_at = evaluations
             raise _Stop
         loss.backward()
         return loss
@@ -127,7 +128,7 @@ def lbfgs(problem, start, budget, lr=1.0, line_search="strong_wolfe"):
             opt.step(closure)
     except _Stop:
         pass
-    return evaluations if evaluations <= budget else None
+    return held_at
 
 
 def whitening(lm):
