@@ -255,20 +255,14 @@ def test_a_segment_out_of_patience_keeps_the_longest_length_its_vectors_hold(cod
     assert codec.decode(blob) == SENTENCE.encode()
 
 
-def test_the_last_short_segment_of_a_grown_region_gets_half_the_vectors(codec):
-    text = "The rabbit hole went"  # 20 byte tokens: 12 (capped) with 2 vectors, then 8 left
-    blob = codec.encode(text, **{**GROWING, "vectors": 2, "start_tokens": 12, "max_tokens": 12,
+@pytest.mark.parametrize("text, start_tokens", [
+    ("The rabbit hole went", 12),  # 8 left: no more than the first length, so half of K
+    ("The rabbit hole w", 4),      # 5 left: more than the first length, but the stream held 6 per vector
+])
+def test_a_grown_region_tail_gets_only_the_vectors_it_needs(codec, text, start_tokens):
+    # byte tokens: the first segment is capped at 12 with 2 vectors
+    blob = codec.encode(text, **{**GROWING, "vectors": 2, "start_tokens": start_tokens, "max_tokens": 12,
                                  "max_steps": 200})
     segments = memory_entries(blob)
-    assert segments[0]["vector_count"] == 2 and segments[-1]["vector_count"] == 1
-    assert codec.decode(blob) == text.encode()
-
-
-def test_a_grown_region_tail_gets_the_vectors_its_density_says_it_needs(codec):
-    text = "The rabbit hole w"  # 17 byte tokens: 12 (capped) with 2 vectors, then 5 left
-    blob = codec.encode(text, **{**GROWING, "vectors": 2, "start_tokens": 4, "max_tokens": 12,
-                                 "max_steps": 200})
-    segments = memory_entries(blob)
-    # 5 tokens is more than the first length (4), but the stream held 6 tokens per vector
-    assert [(s["token_count"], s["vector_count"]) for s in segments] == [(12, 2), (5, 1)]
+    assert [(s["token_count"], s["vector_count"]) for s in segments] == [(12, 2), (len(text) - 12, 1)]
     assert codec.decode(blob) == text.encode()
