@@ -177,10 +177,12 @@ def bf16_available(device: torch.device) -> bool:
 
 
 def _gap_to_runner_up(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Target logit minus the best other logit, per position (negative when wrong)."""
+    """Target logit minus the best other logit, per position (negative when wrong). The top two
+    logits give the best other one in a pass, without a copy of the (..., V) logits."""
     right = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    others = logits.scatter(-1, target.unsqueeze(-1), float("-inf")).amax(-1)
-    return right - others
+    top = logits.topk(2, dim=-1)
+    best_other = torch.where(top.indices[..., 0] == target, top.values[..., 1], top.values[..., 0])
+    return right - best_other
 
 
 def _holding(lm: LoadedModel, vectors16: torch.Tensor, ids: torch.Tensor, margin: float,
@@ -364,10 +366,14 @@ def fit_streams(lm: LoadedModel, streams: Iterable[tuple[Hashable, Stream]],
             picked = hidden.gather(1, predictor.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
             logits = head(picked).float()  # (B, T, V): logits[i, j] predicts token j of row i
         ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (B, T)
-        gap = _gap_to_runner_up(logits, target)  # (B, T)
         # Optional hinge on thin gaps: it helps the tiny test model reach the margin with
         # one vector, but on SmolLM2 cross-entropy alone verified in fewer steps (README).
-        loss = ce + cfg.hinge * F.relu(2 * cfg.margin - gap)
+        if cfg.hinge:
+            gap = _gap_to_runner_up(logits, target)  # (B, T)
+            loss = ce + cfg.hinge * F.relu(2 * cfg.margin - gap)
+        else:  # the gap only tells what holds: keep its (B, T, V) work out of the backward pass
+            gap = _gap_to_runner_up(logits.detach(), target)
+            loss = ce
         per_row = (loss * scored).sum(1) / scored.sum(1)
         (grad,) = torch.autograd.grad(per_row.sum(), params)
 

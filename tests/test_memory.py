@@ -266,3 +266,10 @@ def test_a_grown_region_tail_gets_only_the_vectors_it_needs(codec, text, start_t
     segments = memory_entries(blob)
     assert [(s["token_count"], s["vector_count"]) for s in segments] == [(12, 2), (len(text) - 12, 1)]
     assert codec.decode(blob) == text.encode()
+
+
+def test_gap_to_runner_up_is_the_target_logit_minus_the_best_other():
+    from lmzip.fit import _gap_to_runner_up
+    logits = torch.tensor([[3.0, 1.0, 2.0], [3.0, 1.0, 2.0], [2.0, 2.0, 0.0], [0.0, 5.0, 5.0]])
+    target = torch.tensor([0, 2, 1, 0])
+    assert _gap_to_runner_up(logits, target).tolist() == [1.0, -1.0, 0.0, -5.0]
