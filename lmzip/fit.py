@@ -178,7 +178,8 @@ def bf16_available(device: torch.device) -> bool:
 
 def _gap_to_runner_up(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Target logit minus the best other logit, per position (negative when wrong). The top two
-    logits give the best other one in a pass, without a copy of the (..., V) logits."""
+    logits give the best other one in a pass, without a copy of the (..., V) logits. (Under the
+    hinge its gradient goes to one of two tied runners-up, not split between them.)"""
     right = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     top = logits.topk(2, dim=-1)
     best_other = torch.where(top.indices[..., 0] == target, top.values[..., 1], top.values[..., 0])

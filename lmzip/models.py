@@ -68,10 +68,14 @@ class LoadedModel:
 
         Its Linear weights are stored in bfloat16: autocast casts a float32 weight at every use
         and keeps no copy of a frozen one, so each step re-read and re-wrote every weight; the
-        products are the same either way, and the norms stay float32. On the CPU it also uses
+        products are the same either way, and the norms stay float32 (a tied input embedding
+        goes to bfloat16 with the output one; the fit never uses it: it passes the float32
+        model's embeddings). On the CPU it also uses
         the plain (eager) attention, which is faster than the fused kernel's backward at
         segment lengths (README); that changes the fit's rounding, not what is verified.
         """
+        # Made once: nothing moves or changes `self.model` after loading (it is frozen), so the
+        # copy cannot go stale.
         if self._fitting_copy is None:
             # deepcopy takes what the memo names instead of copying it: the Linear weights go
             # straight to bfloat16, never through a second float32 copy (tied ones stay tied).

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import lmzip
 from lmzip import container, segmenting
 from lmzip.generate import greedy_decode
+from lmzip.models import weights_fingerprint
 
 from conftest import TINY_MODEL, TINY_OPTIONS
 
@@ -61,8 +62,11 @@ def test_fitting_copy_computes_what_autocast_computes_and_leaves_the_decoder_alo
     assert fitting is tiny.fitting_copy()  # made once
     assert fitting.get_output_embeddings().weight.dtype == torch.bfloat16
     assert fitting.config._attn_implementation == "eager"  # on the CPU
-    # The decoder's model is untouched: float32 weights, its own attention.
-    assert next(tiny.model.parameters()).dtype == torch.float32
+    # The decoder's model is untouched: the weights it was loaded with (tied ones too, in
+    # float32), its own attention.
+    assert all(p.dtype == torch.float32 for p in tiny.model.parameters())
+    assert tiny.model.get_output_embeddings().weight.dtype == torch.float32
+    assert weights_fingerprint(tiny.model) == tiny.weights_sha256
     assert tiny.model.config._attn_implementation == "sdpa"
     reference = copy.deepcopy(tiny.model)
     reference.set_attn_implementation("eager")
