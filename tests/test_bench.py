@@ -56,6 +56,13 @@ def test_bench_reads_csv_chunk_column(tmp_path):
     src = tmp_path / "chunks.csv"
     src.write_text('id,chunk\n1,"first, with a comma"\n2,second\n3,third\n')
     assert bench.load_chunks([str(src)], 100, 2) == ["first, with a comma", "second"]
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(cli.main, ["bench", str(src), "--model", TINY_MODEL, "--limit", "2",
+                                      "--whole", "--vectors", "1", "--max-vectors", "1",
+                                      "--max-steps", "1", "--no-bf16", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    # the table's chunk length is the CSV's longest chunk, not --chunk-chars' default of 100
+    assert json.loads(out.read_text())["summary"]["chunk_chars"] == len("first, with a comma")
     bad = tmp_path / "bad.csv"
     bad.write_text("id,text\n1,x\n")
     r = CliRunner().invoke(cli.main, ["bench", str(bad), "--model", TINY_MODEL])
