@@ -319,6 +319,8 @@ def info(files, as_json):
               help="Cut text files into chunks of this many characters.")
 @click.option("--limit", type=click.IntRange(0), default=20, show_default=True,
               help="Benchmark the first N chunks (0: all).")
+@click.option("--skip", type=click.IntRange(0), default=0, show_default=True,
+              help="Start after the first N chunks (to split a long benchmark across processes).")
 @click.option("--model", envvar="LMZIP_MODEL", help="Model: hub ID or local directory [env LMZIP_MODEL].")
 @click.option("--tokens", "tokens_per_segment", type=click.IntRange(1), default=None,
               help="Cut each chunk into memory segments of about this many tokens "
@@ -330,7 +332,7 @@ def info(files, as_json):
 @click.option("--archive", "archive_out", type=click.Path(dir_okay=False),
               help="Keep the benchmark's archive here (to decode it elsewhere, say on another device).")
 @click.pass_obj
-def bench(obj, paths, chunk_chars, limit, model, tokens_per_segment, whole, json_out, plot_out, archive_out,
+def bench(obj, paths, chunk_chars, limit, skip, model, tokens_per_segment, whole, json_out, plot_out, archive_out,
           **fit_params):
     """Measure lmzip on text files or CSVs (column 'chunk'): the paper's table, speed, bytes."""
     from lmzip import bench as benchmark
@@ -339,8 +341,8 @@ def bench(obj, paths, chunk_chars, limit, model, tokens_per_segment, whole, json
     bar = ProgressBar("bench", obj["progress"])
     try:
         result = benchmark.run(obj["codec"], list(paths), chunk_chars=chunk_chars, limit=limit or None,
-                               model=model, fit=fit, tokens_per_segment=tokens_per_segment,
-                               whole=whole, progress=bar)
+                               skip=skip, model=model, fit=fit,
+                               tokens_per_segment=tokens_per_segment, whole=whole, progress=bar)
     except (lmzip.LmzError, OSError, UnicodeDecodeError) as e:
         raise click.ClickException(_error_text(e)) from None
     except KeyboardInterrupt:

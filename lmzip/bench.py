@@ -43,7 +43,7 @@ class ChunkRow:
     min_margin: float | None
 
 
-def load_chunks(paths: list[str], chunk_chars: int, limit: int | None) -> list[str]:
+def load_chunks(paths: list[str], chunk_chars: int, limit: int | None, skip: int = 0) -> list[str]:
     chunks: list[str] = []
     for name in paths:
         path = Path(name)
@@ -57,6 +57,7 @@ def load_chunks(paths: list[str], chunk_chars: int, limit: int | None) -> list[s
             text = path.read_text(encoding="utf-8")
             chunks += [text[i : i + chunk_chars] for i in range(0, len(text), chunk_chars)]
     chunks = [c for c in chunks if c]
+    chunks = chunks[skip:]
     return chunks[:limit] if limit else chunks
 
 
@@ -101,7 +102,7 @@ def _regions(lm, chunk: str, tokens_per_segment: int | None) -> list[segmenting.
     return list(segmenting.plan(chunk.encode("utf-8"), lm.tokenizer, tokens_per_segment))
 
 
-def run(codec: Codec, paths: list[str], *, chunk_chars: int = 100, limit: int | None = 20,
+def run(codec: Codec, paths: list[str], *, chunk_chars: int = 100, limit: int | None = 20, skip: int = 0,
         model: str | None = None, fit: FitConfig | None = None, tokens_per_segment: int | None = None,
         whole: bool = False, progress: ProgressCallback | None = None) -> dict:
     """Benchmark the chunks: segments grow within each chunk as in `compress`, or each chunk is
@@ -112,7 +113,9 @@ def run(codec: Codec, paths: list[str], *, chunk_chars: int = 100, limit: int | 
         raise InputError("tokens per segment must be at least 1")
     if whole and tokens_per_segment is not None:
         raise InputError("a chunk is either fitted whole or cut into segments of N tokens, not both")
-    chunks = load_chunks(paths, chunk_chars, limit)
+    if skip < 0:
+        raise InputError("chunks to skip cannot be negative")
+    chunks = load_chunks(paths, chunk_chars, limit, skip)
     if not chunks:
         raise InputError("no text to benchmark")
     fit = fit or FitConfig()
@@ -153,7 +156,7 @@ def run(codec: Codec, paths: list[str], *, chunk_chars: int = 100, limit: int | 
         tokens = sum(len(f.piece.ids or ()) for f in fits) + sum(len(p.ids or ()) for p in unfitted)
         exact = bool(stored) and len(stored) == len(fits) and not unfitted
         rows.append(ChunkRow(
-            index=chunk_index, chars=len(chunks[chunk_index]), tokens=tokens,
+            index=skip + chunk_index, chars=len(chunks[chunk_index]), tokens=tokens,
             segments=len(fits) + len(unfitted),
             kind="memory" if exact else "mixed" if stored else "zstd",
             exact=exact,

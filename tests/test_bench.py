@@ -56,13 +56,16 @@ def test_bench_reads_csv_chunk_column(tmp_path):
     src = tmp_path / "chunks.csv"
     src.write_text('id,chunk\n1,"first, with a comma"\n2,second\n3,third\n')
     assert bench.load_chunks([str(src)], 100, 2) == ["first, with a comma", "second"]
+    assert bench.load_chunks([str(src)], 100, 1, skip=1) == ["second"]
     out = tmp_path / "bench.json"
-    r = CliRunner().invoke(cli.main, ["bench", str(src), "--model", TINY_MODEL, "--limit", "2",
-                                      "--whole", "--vectors", "1", "--max-vectors", "1",
+    r = CliRunner().invoke(cli.main, ["bench", str(src), "--model", TINY_MODEL, "--skip", "1",
+                                      "--limit", "2", "--whole", "--vectors", "1", "--max-vectors", "1",
                                       "--max-steps", "1", "--no-bf16", "--json", str(out)])
     assert r.exit_code == 0, r.output
-    # the table's chunk length is the CSV's longest chunk, not --chunk-chars' default of 100
-    assert json.loads(out.read_text())["summary"]["chunk_chars"] == len("first, with a comma")
+    result = json.loads(out.read_text())
+    assert [row["index"] for row in result["chunks"]] == [1, 2]  # numbered as in the source
+    # the table's chunk length is the longest chunk run, not --chunk-chars' default of 100
+    assert result["summary"]["chunk_chars"] == len("second")
     bad = tmp_path / "bad.csv"
     bad.write_text("id,text\n1,x\n")
     r = CliRunner().invoke(cli.main, ["bench", str(bad), "--model", TINY_MODEL])
