@@ -117,7 +117,7 @@ def run(codec: Codec, paths: list[str], *, chunk_chars: int = 100, limit: int | 
         raise InputError("chunks to skip cannot be negative")
     chunks = load_chunks(paths, chunk_chars, limit, skip)
     if not chunks:
-        raise InputError("no text to benchmark")
+        raise InputError(f"no chunk left after skipping {skip}" if skip else "no text to benchmark")
     fit = fit or FitConfig()
     lm = codec.model(model)
     regions, chunk_of = [], []

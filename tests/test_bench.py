@@ -66,6 +66,8 @@ def test_bench_reads_csv_chunk_column(tmp_path):
     assert [row["index"] for row in result["chunks"]] == [1, 2]  # numbered as in the source
     # the table's chunk length is the longest chunk run, not --chunk-chars' default of 100
     assert result["summary"]["chunk_chars"] == len("second")
+    r = CliRunner().invoke(cli.main, ["bench", str(src), "--model", TINY_MODEL, "--skip", "3"])
+    assert r.exit_code == 1 and "no chunk left after skipping 3" in r.output
     bad = tmp_path / "bad.csv"
     bad.write_text("id,text\n1,x\n")
     r = CliRunner().invoke(cli.main, ["bench", str(bad), "--model", TINY_MODEL])
