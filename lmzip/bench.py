@@ -54,7 +54,10 @@ def load_chunks(paths: list[str], chunk_chars: int, limit: int | None, skip: int
                     raise InputError(f"{name}: a CSV needs a 'chunk' column")
                 chunks += [row["chunk"] for row in reader]
         else:
-            text = path.read_text(encoding="utf-8")
+            # newline="": the file's own characters; universal newlines would turn CRLF
+            # into LF, so chunks (and their bytes) would not be the file's
+            with path.open(newline="", encoding="utf-8") as f:
+                text = f.read()
             chunks += [text[i : i + chunk_chars] for i in range(0, len(text), chunk_chars)]
     chunks = [c for c in chunks if c][skip:]
     return chunks[:limit] if limit else chunks

@@ -74,6 +74,12 @@ def test_bench_reads_csv_chunk_column(tmp_path):
     assert r.exit_code == 1 and "needs a 'chunk' column" in r.output
 
 
+def test_bench_keeps_the_files_line_ends(tmp_path):
+    src = tmp_path / "crlf.txt"
+    src.write_bytes(b"one\r\ntwo\rthree\n")
+    assert bench.load_chunks([str(src)], 5, None) == ["one\r\n", "two\rt", "hree\n"]
+
+
 def test_bench_plot_writes_a_png(tmp_path):
     png = tmp_path / "plot.png"
     run_bench(tmp_path, "--chunk-chars", "8", "--limit", "3", "--plot", str(png))
