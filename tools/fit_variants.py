@@ -25,6 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lmzip.bench import load_chunks
 from lmzip.fit import FitConfig, _gap_to_runner_up, _holding, _VectorInit, bf16_available, sink_prefix
 from lmzip.models import load_model
 
@@ -169,8 +170,7 @@ def main(argv=None):
     lm = load_model(args.model, device="cpu")  # the figures are CPU ones; autocast below is the CPU's
     cfg = FitConfig(vectors=args.vectors)
     bf16 = bf16_available(lm.device) and not args.no_bf16
-    text = open(args.text, encoding="utf-8").read()
-    chunks = [text[i : i + args.chunk_chars] for i in range(0, len(text), args.chunk_chars)][: args.limit]
+    chunks = load_chunks([args.text], args.chunk_chars, args.limit)  # the bench's chunks, line ends kept
     problems = [Problem(lm, lm.tokenizer(c, add_special_tokens=False)["input_ids"], cfg, bf16) for c in chunks]
     white = None
     for name in args.variants:
