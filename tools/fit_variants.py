@@ -10,7 +10,9 @@ before its greedy verification. A variant that has not got there after
 updates lmzip's `steps` count. The README's table of
 objectives and optimizers that did not pay comes from this script:
 
-    python tools/fit_variants.py ../shared/corpus/alice29.txt --limit 8 adam lbfgs ...
+    python tools/fit_variants.py alice29-lf.txt --limit 8 adam lbfgs ...
+
+(alice29-lf.txt: the corpus file with LF line ends, see the README's "Line ends").
 
 Fitting runs under bfloat16 autocast where the CPU has native bf16 (as lmzip does).
 """
