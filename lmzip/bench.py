@@ -47,18 +47,17 @@ def load_chunks(paths: list[str], chunk_chars: int, limit: int | None, skip: int
     chunks: list[str] = []
     for name in paths:
         path = Path(name)
-        if path.suffix.lower() == ".csv":
-            with path.open(newline="", encoding="utf-8") as f:
+        # newline="": the file's own characters (the csv module needs it too); universal
+        # newlines would turn CRLF into LF, so chunks and their bytes would not be the file's
+        with path.open(newline="", encoding="utf-8") as f:
+            if path.suffix.lower() == ".csv":
                 reader = csv.DictReader(f)
                 if "chunk" not in (reader.fieldnames or []):
                     raise InputError(f"{name}: a CSV needs a 'chunk' column")
                 chunks += [row["chunk"] for row in reader]
-        else:
-            # newline="": the file's own characters; universal newlines would turn CRLF
-            # into LF, so chunks (and their bytes) would not be the file's
-            with path.open(newline="", encoding="utf-8") as f:
+            else:
                 text = f.read()
-            chunks += [text[i : i + chunk_chars] for i in range(0, len(text), chunk_chars)]
+                chunks += [text[i : i + chunk_chars] for i in range(0, len(text), chunk_chars)]
     chunks = [c for c in chunks if c][skip:]
     return chunks[:limit] if limit else chunks
 
