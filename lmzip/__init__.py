@@ -16,11 +16,16 @@ from .errors import (
     ModelMismatchError,
     ModelUnavailableError,
     NotLmzError,
+    OptionError,
+    OutputExistsError,
     SegmentError,
     SegmentTableError,
     TrailingDataError,
     TruncatedError,
+    UnsupportedError,
+    UnsupportedKindError,
     UnsupportedVersionError,
+    WorkLimitError,
 )
 from .fit import FitConfig
 
@@ -51,5 +56,6 @@ __all__ = [
     "FORMAT_VERSION", "MAGIC", "LmzError", "NotLmzError", "UnsupportedVersionError",
     "TruncatedError", "TrailingDataError", "HeaderError", "LimitError", "SegmentTableError",
     "SegmentError", "ContentChecksumError", "ModelError", "ModelUnavailableError",
-    "ModelMismatchError", "InputError",
+    "ModelMismatchError", "InputError", "OptionError", "OutputExistsError", "UnsupportedError",
+    "UnsupportedKindError", "WorkLimitError",
 ]

@@ -11,9 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
-
-class OutputExistsError(FileExistsError):
-    pass
+from .errors import OutputExistsError
 
 
 def _umask() -> int:

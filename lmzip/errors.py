@@ -14,8 +14,16 @@ class NotLmzError(LmzError):
     """The data does not start with the .lmz magic number."""
 
 
-class UnsupportedVersionError(LmzError):
+class UnsupportedError(LmzError):
+    """A valid archive uses a feature this decoder does not know (newer, not damaged)."""
+
+
+class UnsupportedVersionError(UnsupportedError):
     """A valid header names a format version this decoder does not know."""
+
+
+class UnsupportedKindError(UnsupportedError):
+    """A segment kind or an incompatible flag this decoder does not know."""
 
 
 class TruncatedError(LmzError):
@@ -63,4 +71,16 @@ class ModelMismatchError(ModelError):
 
 
 class InputError(LmzError):
-    """An encoder option or input is unusable."""
+    """An input is unusable (wrong type, unreadable, the output is the input)."""
+
+
+class OptionError(InputError):
+    """An option's value, or a combination of options, is unusable (a usage error: CLI exit 2)."""
+
+
+class OutputExistsError(LmzError, FileExistsError):
+    """The output file exists and overwriting was not asked for."""
+
+
+class WorkLimitError(LmzError):
+    """Decoding the archive would take more work than the limit allows."""
