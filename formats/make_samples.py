@@ -8,12 +8,14 @@ header or table checksum recomputed where the damage must get past it. Every
 sample's outcome is checked here before it is written, and again by
 tests/test_formats.py against the table in formats/README.md.
 
-Samples of older format versions (`*-v1.lmz`) were written by the lmzip that
-wrote that version; they are kept as they are, not rebuilt, and still checked.
+Samples of older format versions (`*-v1.lmz`, `*-v2.lmz`) were written by the
+lmzip that wrote that version; they are kept as they are, not rebuilt, and
+still checked.
 """
 
 from __future__ import annotations
 
+import struct
 import sys
 from pathlib import Path
 
@@ -23,12 +25,47 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import lmzip  # noqa: E402
-from archive_edit import edit_entry, edit_header, flip, payload_offset  # noqa: E402
-from lmzip.container import MIN_HEADER_SIZE  # noqa: E402
+from archive_edit import (edit_entry, edit_header, entries, flip, header_value,  # noqa: E402
+                          payload_offset)
+from lmzip.container import MIN_HEADER_SIZE, crc32  # noqa: E402
 
 OUT = ROOT / "formats"
 TINY = "tests/data/tiny-llama"  # relative, so the archive names a path that works from the root
 TEXT = "Hello, lmzip!\r\nA short text,\nwith CRLF and LF, emoji 😀 and a NUL \x00 too.\n"
+def payload_crc(blob: bytes, index: int) -> bytes:
+    """Recompute a segment's payload CRC-32 after its payload was edited (so the damage gets past it)."""
+    e = entries(blob)[index]
+    return edit_entry(blob, index, payload_crc32=crc32(blob[e["payload_offset"]: e["payload_offset"]
+                                                           + e["payload_length"]]))
+
+
+def negate_vector(blob: bytes, index: int) -> bytes:
+    """Flip the sign of every value of a memory segment's first vector (still finite fp16)."""
+    at, hidden = payload_offset(blob, index), header_value(blob, "hidden_size")
+    out = bytearray(blob)
+    for i in range(hidden):
+        out[at + 2 * i + 1] ^= 0x80
+    return payload_crc(bytes(out), index)
+
+
+def infinite_value(blob: bytes, index: int) -> bytes:
+    out = bytearray(blob)
+    out[payload_offset(blob, index): payload_offset(blob, index) + 2] = b"\x00\x7c"  # +inf in binary16
+    return payload_crc(bytes(out), index)
+
+
+def longer_header(blob: bytes, version: int, extra: int, **changes) -> bytes:
+    """The header grown by `extra` bytes before its checksum (as a newer writer might), offsets moved."""
+    if changes:
+        blob = edit_header(blob, **changes)
+    for i, e in enumerate(entries(blob)):
+        blob = edit_entry(blob, i, payload_offset=e["payload_offset"] + extra)
+    size = struct.unpack_from("<I", blob, 12)[0]
+    body = bytearray(blob[: size - 4]) + bytes(range(256)) * (extra // 256) + bytes(extra % 256)
+    struct.pack_into("<HHI", body, 8, version, struct.unpack_from("<H", blob, 10)[0], size + extra)
+    return bytes(body) + struct.pack("<I", crc32(body)) + blob[size:]
+
+
 def main() -> None:
     codec = lmzip.Codec(model=TINY, device="cpu")
     text = TEXT.encode()
@@ -47,20 +84,22 @@ def main() -> None:
         "good-zstd-text.lmz": (zstd_text, text),
         "good-zstd-binary.lmz": (lmzip.encode(binary, method="zstd"), binary),
         "good-memory-tiny.lmz": (memory, mixed),
+        "good-compatible-header-extension.lmz": (longer_header(zstd_text, 3, 40, compatible_flags=0x8000), text),
+        "good-compatible-segment-flag.lmz": (edit_entry(zstd_text, 0, flags=0x80), text),
         "bad-magic.lmz": (b"\x89LMX" + zstd_text[4:], lmzip.NotLmzError),
         "bad-truncated-header.lmz": (zstd_text[:60], lmzip.TruncatedError),
         "bad-truncated-payload.lmz": (zstd_text[:-3], lmzip.TruncatedError),
         "bad-trailing-data.lmz": (zstd_text + b"\0\0\0\0", lmzip.TrailingDataError),
         "bad-header-bit-flip.lmz": (flip(zstd_text, 20), lmzip.HeaderError),
         "bad-header-size.lmz": (edit_header(zstd_text, header_size=1 << 30), lmzip.HeaderError),
-        "bad-reserved-header-flags.lmz": (edit_header(zstd_text, flags=0x8000), lmzip.HeaderError),
+        "bad-header-extension-unflagged.lmz": (longer_header(zstd_text, 3, 40), lmzip.HeaderError),
+        "bad-model-source.lmz": (edit_header(memory, model_source=9), lmzip.HeaderError),
+        "bad-model-source-none.lmz": (edit_header(memory, model_source=0), lmzip.HeaderError),
         "bad-content-checksum.lmz": (edit_header(zstd_text, content_sha256=bytes(32)),
                                      lmzip.ContentChecksumError),
         "bad-absurd-segment-count.lmz": (edit_header(zstd_text, segment_count=0xFFFFFFFF), lmzip.LimitError),
         "bad-absurd-original-size.lmz": (edit_header(zstd_text, original_size=1 << 62), lmzip.LimitError),
         "bad-table-bit-flip.lmz": (flip(zstd_text, MIN_HEADER_SIZE + 4), lmzip.SegmentTableError),
-        "bad-reserved-segment-flags.lmz": (edit_entry(zstd_text, 0, flags=1), lmzip.SegmentTableError),
-        "bad-unknown-segment-kind.lmz": (edit_entry(zstd_text, 0, kind=7), lmzip.SegmentTableError),
         "bad-absurd-segment-length.lmz": (edit_entry(zstd_text, 0, original_length=0xFFFFFFFF),
                                           lmzip.SegmentTableError),
         "bad-sizes-disagree.lmz": (edit_entry(zstd_text, 0, original_length=len(text) - 1),
@@ -70,14 +109,22 @@ def main() -> None:
         "bad-offsets-overlap.lmz": (edit_entry(memory, 1, payload_offset=payload_offset(memory, 0) + 1),
                                     lmzip.SegmentTableError),
         "bad-payload-bit-flip.lmz": (flip(zstd_text, end - 5), lmzip.SegmentError),
+        "bad-payload-checksum.lmz": (edit_entry(memory, first_memory, payload_crc32=0), lmzip.SegmentError),
+        "bad-zstd-payload.lmz": (payload_crc(flip(zstd_text, end - 5), 0), lmzip.SegmentError),
         "bad-segment-checksum.lmz": (edit_entry(zstd_text, 0, crc32=0), lmzip.SegmentError),
-        "bad-memory-vector.lmz": (flip(memory, payload_offset(memory, first_memory) + 1, 0x7C),
-                                  lmzip.SegmentError),
+        "bad-memory-vector.lmz": (negate_vector(memory, first_memory), lmzip.SegmentError),
+        "bad-infinite-vector.lmz": (infinite_value(memory, first_memory), lmzip.SegmentError),
         "bad-absurd-token-count.lmz": (edit_entry(memory, first_memory, token_count=1 << 30),
                                        lmzip.SegmentTableError),
         "bad-wrong-weights.lmz": (edit_header(memory, weights_sha256=b"\x01" * 32), lmzip.ModelMismatchError),
+        "bad-wrong-tokenizer.lmz": (edit_header(memory, tokenizer_sha256=b"\x01" * 32),
+                                    lmzip.ModelMismatchError),
         "bad-absurd-prefix.lmz": (edit_header(memory, prefix_length=0xFFFF), lmzip.LimitError),
-        "unsupported-version-3.lmz": (edit_header(zstd_text, version=3), lmzip.UnsupportedVersionError),
+        "unsupported-version-4.lmz": (longer_header(zstd_text, 4, 2000), lmzip.UnsupportedVersionError),
+        "unsupported-incompatible-flag.lmz": (edit_header(zstd_text, incompatible_flags=0x0001),
+                                              lmzip.UnsupportedError),
+        "unsupported-segment-kind.lmz": (edit_entry(zstd_text, 0, kind=7), lmzip.UnsupportedKindError),
+        "unsupported-segment-flag.lmz": (edit_entry(zstd_text, 0, flags=0x01), lmzip.UnsupportedError),
     }
     for name, (blob, expected) in samples.items():
         try:
@@ -90,8 +137,9 @@ def main() -> None:
         if isinstance(expected, bytes):
             (OUT / (name[:-4] + ".out")).write_bytes(expected)
         print(name)
-    old = (OUT / "good-memory-tiny-v1.lmz").read_bytes()
-    assert old[8] == 1 and codec.decode(old, model=TINY) == (OUT / "good-memory-tiny-v1.out").read_bytes()
+    for old in OUT.glob("good-*-v[12].lmz"):  # kept as their lmzip wrote them
+        blob = old.read_bytes()
+        assert blob[8] in (1, 2) and codec.decode(blob, model=TINY) == old.with_suffix(".out").read_bytes(), old
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def _time_plain_generate(lm, ids: list[int]) -> float:
     return time.perf_counter() - start
 
 
-def _decode_timed(codec: Codec, archive: bytes, model_id: str, original: bytes) -> list[float]:
+def _decode_timed(codec: Codec, archive: bytes, model: str | None, original: bytes) -> list[float]:
     """Decode the whole archive once, as the decoder does; return each memory segment's seconds.
 
     decode_to raises unless every segment's CRC-32 and the whole SHA-256 match, so a
@@ -90,7 +90,7 @@ def _decode_timed(codec: Codec, archive: bytes, model_id: str, original: bytes) 
         last = now
 
     out = io.BytesIO()
-    codec.decode_to(archive, out, model=model_id, progress=tick)
+    codec.decode_to(archive, out, model=model, progress=tick)
     if out.getvalue() != original:
         raise AssertionError("bench archive did not decode to its input")
     return seconds
@@ -134,11 +134,11 @@ def run(codec: Codec, paths: list[str], *, chunk_chars: int = 100, limit: int | 
     report = codec.write_regions(regions, out, lm, fit, growing, progress=progress)
     fit_wall = time.perf_counter() - started
     archive_bytes = out.getvalue()
-    memory_seconds = iter(_decode_timed(codec, archive_bytes, lm.model_id, original))
+    memory_seconds = iter(_decode_timed(codec, archive_bytes, model, original))
 
     by_chunk: list[list] = [[] for _ in chunks]
     for f in report.fits:
-        by_chunk[chunk_of[f.region]].append(f)
+        by_chunk[chunk_of[f.region]].append(f.segment)
     fitted_regions = {f.region for f in report.fits}
     unfitted_by_chunk: list[list] = [[] for _ in chunks]
     for i, (piece, chunk_index) in enumerate(zip(regions, chunk_of)):
@@ -146,29 +146,30 @@ def run(codec: Codec, paths: list[str], *, chunk_chars: int = 100, limit: int | 
             unfitted_by_chunk[chunk_index].append(piece)
     rows, plain_seconds, plain_tokens = [], 0.0, 0
     for chunk_index, fits in enumerate(by_chunk):
-        stored = [f for f in fits if f.result.vectors is not None]
+        stored = [s for s in fits if s.payload is not None]
         decode_seconds = 0.0
-        for f in stored:  # memory segments come in the archive in the order of the fits
+        for s in stored:  # memory segments come in the archive in the order of the fits
             decode_seconds += next(memory_seconds)
-            plain_seconds += _time_plain_generate(lm, list(f.piece.ids))
-            plain_tokens += max(len(f.piece.ids) - 1, 1)
+            ids = lm.tokenizer(s.data.decode("utf-8"), add_special_tokens=False)["input_ids"]
+            plain_seconds += _time_plain_generate(lm, ids)
+            plain_tokens += max(len(ids) - 1, 1)
         unfitted = unfitted_by_chunk[chunk_index]
-        coded = [f for f in fits if f.piece.ids]  # not the bits sent to zstd unfitted
-        tokens = sum(len(f.piece.ids or ()) for f in fits) + sum(len(p.ids or ()) for p in unfitted)
+        coded = [s for s in fits if s.stats["tokens"]]  # not the bits sent to zstd unfitted
+        tokens = sum(s.stats["tokens"] for s in fits) + sum(len(p.ids or ()) for p in unfitted)
         exact = bool(stored) and len(stored) == len(fits) and not unfitted
         rows.append(ChunkRow(
             index=skip + chunk_index, chars=len(chunks[chunk_index]), tokens=tokens,
             segments=len(fits) + len(unfitted),
             kind="memory" if exact else "mixed" if stored else "zstd",
             exact=exact,
-            vectors=sum(f.result.vectors.shape[0] for f in stored),
-            memory_tokens=sum(len(f.piece.ids) for f in stored),
-            accuracy=(sum(f.result.accuracy * len(f.piece.ids) for f in coded)
-                      / sum(len(f.piece.ids) for f in coded) if coded else None),
-            steps=sum(f.result.steps for f in fits),
-            fit_seconds=(sum if growing else max)([f.result.seconds for f in fits] or [0.0]),
+            vectors=sum(s.vector_count for s in stored),
+            memory_tokens=sum(s.token_count for s in stored),
+            accuracy=(sum(s.stats["accuracy"] * s.stats["tokens"] for s in coded)
+                      / sum(s.stats["tokens"] for s in coded) if coded else None),
+            steps=sum(s.stats["steps"] for s in fits),
+            fit_seconds=(sum if growing else max)([s.stats["seconds"] for s in fits] or [0.0]),
             decode_seconds=decode_seconds if stored else None,
-            min_margin=min((f.result.min_margin for f in fits if f.result.min_margin != float("-inf")),
+            min_margin=min((s.stats["min_margin"] for s in fits if s.stats["min_margin"] != float("-inf")),
                            default=None),
         ))
 

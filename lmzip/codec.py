@@ -2,26 +2,26 @@
 
 `Codec` holds the expensive state (loaded models) so that many calls share it;
 `lmzip.encode()` and `lmzip.decode()` are thin wrappers over a default Codec.
+Segment kinds do their own coding (`kinds`); the codec plans, dispatches and checks.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-from collections import deque
+import os
 from dataclasses import dataclass, replace
 from typing import BinaryIO, Callable
 
-import numpy as np
-import torch
-
-from . import container, segmenting, zstd_payload
-from .container import KIND_MEMORY, KIND_ZSTD, ArchiveWriter, Header
-from .errors import (ContentChecksumError, HeaderError, InputError, ModelMismatchError,
-                     ModelUnavailableError, SegmentError)
-from .fit import FitConfig, FitResult, fit_streams, sink_prefix
-from .generate import greedy_decode
+from . import container, kinds, segmenting
+from .container import KIND_MEMORY, ArchiveWriter, Header
+from .errors import (ContentChecksumError, HeaderError, InputError, ModelMismatchError, ModelUnavailableError,
+                     OptionError, SegmentError, WorkLimitError)
+from .fit import FitConfig, fit_regions, sink_prefix
+from .kinds.memory import max_positions
+from .limits import DEFAULT_WORK_LIMIT, MAX_PREFIX_TOKENS, MAX_TOKENS_PER_SEGMENT, MAX_VECTORS_PER_SEGMENT
 from .models import LoadedModel, load_model
+from .precision import exact_float32
 
 METHODS = ("memory", "zstd")
 # Growing segments (no fixed length) are cut from regions fitted side by side, one after another
@@ -34,15 +34,11 @@ BYTES_PER_TOKEN = 4  # about, for English with a BPE tokenizer: only sizes the r
 # Runs of zstd segments are merged up to this size: one frame compresses better than many.
 ZSTD_SEGMENT_BYTES = 1 << 20
 MAX_MARGIN = 65504.0  # the margin is stored as float32; anything near this is unreachable anyway
+DECODE_BATCH = 64     # segments decoded together
 
 
 def region_tokens(size: int, batch_size: int) -> int:
     return max(MIN_REGION_TOKENS, min(MAX_REGION_TOKENS, size // BYTES_PER_TOKEN // batch_size))
-
-
-def _max_positions(lm: LoadedModel) -> int:
-    """How many input positions the model can take (vectors plus generated tokens)."""
-    return getattr(lm.model.config, "max_position_embeddings", None) or (1 << 30)
 
 
 @dataclass
@@ -56,13 +52,13 @@ class Progress:
     total: int
     memory: int = 0
     zstd: int = 0
+    tokens: int = 0  # memory-coded tokens so far
 
 
 @dataclass(frozen=True)
 class SegmentFit:
-    region: int      # index of the planned region the segment was cut from
-    piece: segmenting.Piece
-    result: FitResult
+    region: int                   # index of the planned region the segment was cut from
+    segment: kinds.CodedSegment   # memory-coded, or raw bytes that went to zstd
 
 
 @dataclass
@@ -88,8 +84,35 @@ def _as_bytes(data) -> bytes:
     raise InputError(f"lmzip encodes bytes or str, not {type(data).__name__}")
 
 
-class _ZstdRun:
-    """Collects consecutive zstd-bound bytes and writes them as few large frames."""
+def _archive_bytes(blob):
+    if isinstance(blob, (bytes, bytearray, memoryview)):
+        return blob
+    raise InputError(f"lmzip decodes an archive given as bytes, not {type(blob).__name__}")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _work_limit(limit: int | None) -> int:
+    if limit is None:
+        value = os.environ.get("LMZIP_WORK_LIMIT")
+        try:
+            limit = int(value) if value else DEFAULT_WORK_LIMIT
+        except ValueError:
+            raise OptionError(f"LMZIP_WORK_LIMIT must be a whole number of tokens, not {value!r}") from None
+    if limit < 0:
+        raise OptionError("the work limit cannot be negative")
+    return limit
+
+
+def decode_work(archive: container.Archive) -> int:
+    """The model steps decoding the archive costs (tokens to generate), from its table alone."""
+    return sum(kinds.get(s.kind).work(s) for s in archive.segments)
+
+
+class _RawRun:
+    """Collects consecutive raw bytes and writes them as few large zstd frames."""
 
     def __init__(self, writer: ArchiveWriter, level: int):
         self.writer, self.level, self.buffer = writer, level, bytearray()
@@ -105,24 +128,46 @@ class _ZstdRun:
 
     def flush(self) -> None:
         if self.buffer:
-            data = bytes(self.buffer)
-            self.writer.add(KIND_ZSTD, data, zstd_payload.compress(data, self.level))
+            self.writer.add(kinds.zstd.encode(bytes(self.buffer), self.level))
             self.buffer.clear()
 
 
-class Codec:
-    """Encodes and decodes .lmz archives, keeping loaded models between calls."""
+def _check_fit_options(fit: FitConfig, tokens_per_segment: int | None, zstd_level: int) -> None:
+    if tokens_per_segment is not None and tokens_per_segment < 1:
+        raise OptionError("tokens per segment must be at least 1")
+    if not (1 <= fit.vectors <= MAX_VECTORS_PER_SEGMENT
+            and 1 <= (fit.max_vectors or 1) <= MAX_VECTORS_PER_SEGMENT) or fit.max_steps < 0:
+        raise OptionError(f"vectors and max vectors must be in [1, {MAX_VECTORS_PER_SEGMENT}] "
+                          "and max steps not negative")
+    if not 0 <= fit.margin <= MAX_MARGIN:  # also false for NaN
+        raise OptionError(f"margin must be a number in [0, {MAX_MARGIN:g}]")
+    if fit.batch_size < 1:
+        raise OptionError("batch size must be at least 1")
+    if not 1 <= fit.start_tokens <= fit.max_tokens or fit.grow_tokens < 1:
+        raise OptionError("start tokens must be in [1, max tokens] and grow tokens at least 1")
+    if not 1 <= zstd_level <= 22:
+        raise OptionError("zstd level must be in [1, 22]")
 
-    def __init__(self, model: str | None = None, device: str | None = None):
+
+class Codec:
+    """Encodes and decodes .lmz archives, keeping loaded models between calls.
+
+    `model` is the model to encode with and, if given, the one to decode with too
+    (else an archive's own model is used: the embedded one, or a hub model already in the
+    local cache; `allow_download` lets decoding fetch a hub model, as LMZIP_ALLOW_DOWNLOAD=1 does).
+    """
+
+    def __init__(self, model: str | None = None, device: str | None = None, allow_download: bool | None = None):
         self.default_model = model
         self.device = device
+        self.allow_download = allow_download
         self._models: dict[str, LoadedModel] = {}
 
-    def model(self, spec: str | None = None) -> LoadedModel:
+    def model(self, spec: str | None = None, allow_download: bool = True) -> LoadedModel:
         spec = spec or self.default_model
         key = spec or ""
         if key not in self._models:
-            self._models[key] = load_model(spec, self.device)
+            self._models[key] = load_model(spec, self.device, allow_download=allow_download)
         return self._models[key]
 
     # -- encoding -----------------------------------------------------------------
@@ -134,7 +179,7 @@ class Codec:
 
     def encode_to(self, data, out: BinaryIO, *, method: str = "memory", model: str | None = None,
                   tokens_per_segment: int | None = None, fit: FitConfig | None = None,
-                  zstd_level: int = zstd_payload.DEFAULT_LEVEL,
+                  zstd_level: int = kinds.zstd.DEFAULT_LEVEL,
                   progress: ProgressCallback | None = None, **fit_options) -> EncodeReport:
         """Encode `data` (bytes, or str as UTF-8) and write the archive to `out`.
 
@@ -145,203 +190,220 @@ class Codec:
         """
         data = _as_bytes(data)
         if method not in METHODS:
-            raise InputError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
-        if tokens_per_segment is not None and tokens_per_segment < 1:
-            raise InputError("tokens per segment must be at least 1")
+            raise OptionError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
         try:
             fit = replace(fit or FitConfig(), **fit_options)
         except TypeError as e:
-            raise InputError(f"unknown encoder option: {e}") from None
-        if not (1 <= fit.vectors <= container.MAX_VECTORS_PER_SEGMENT
-                and 1 <= (fit.max_vectors or 1) <= container.MAX_VECTORS_PER_SEGMENT) or fit.max_steps < 0:
-            raise InputError(f"vectors and max vectors must be in [1, {container.MAX_VECTORS_PER_SEGMENT}] "
-                             "and max steps not negative")
-        if not 0 <= fit.margin <= MAX_MARGIN:  # also false for NaN
-            raise InputError(f"margin must be a number in [0, {MAX_MARGIN:g}]")
-        if fit.batch_size < 1:
-            raise InputError("batch size must be at least 1")
-        if not 1 <= fit.start_tokens <= fit.max_tokens or fit.grow_tokens < 1:
-            raise InputError("start tokens must be in [1, max tokens] and grow tokens at least 1")
-        if not 1 <= zstd_level <= 22:
-            raise InputError("zstd level must be in [1, 22]")
+            raise OptionError(f"unknown encoder option: {e}") from None
+        _check_fit_options(fit, tokens_per_segment, zstd_level)
 
         if method == "zstd":
             regions, lm, growing = [segmenting.Piece(data, None)], None, False
         else:
-            lm = self.model(model)
+            lm = self.model(model)  # the user named it (or the embedded one): it may be fetched
             growing = tokens_per_segment is None
             regions = list(segmenting.plan(data, lm.tokenizer, tokens_per_segment
                                            or region_tokens(len(data), fit.batch_size)))
         return self.write_regions(regions, out, lm, fit, growing, zstd_level, progress,
                                   expected_sha256=hashlib.sha256(data).digest())
 
+    def _fit_plan(self, regions: list[segmenting.Piece], lm: LoadedModel, fit: FitConfig, growing: bool,
+                  prefix: tuple[int, ...]) -> dict[int, segmenting.Region]:
+        """The regions to fit, as plain data, keyed by their index."""
+        if fit.max_steps == 0:
+            return {}
+        # A segment may end up with fit.vector_limit vectors; the decoder must still fit them all.
+        room = min(MAX_TOKENS_PER_SEGMENT, max_positions(lm) - len(prefix) - fit.vector_limit)
+        plan = {}
+        for i, p in enumerate(regions):
+            if p.ids is None:
+                continue
+            if growing and room >= 1:
+                plan[i] = segmenting.Region(p.data.decode("utf-8"), True, min(fit.max_tokens, room))
+            elif not growing and len(p.ids) <= room:
+                plan[i] = segmenting.Region(p.data.decode("utf-8"), False, len(p.ids), p.ids)
+        return plan
+
     def write_regions(self, regions: list[segmenting.Piece], out: BinaryIO, lm: LoadedModel | None,
-                      fit: FitConfig, growing: bool, zstd_level: int = zstd_payload.DEFAULT_LEVEL,
+                      fit: FitConfig, growing: bool, zstd_level: int = kinds.zstd.DEFAULT_LEVEL,
                       progress: ProgressCallback | None = None,
                       expected_sha256: bytes | None = None) -> EncodeReport:
         """Fit the regions that have tokens (growing segments within them, or each one whole),
         fall back to zstd for the rest, write the archive."""
         writer = ArchiveWriter()
-        run = _ZstdRun(writer, zstd_level)
+        run = _RawRun(writer, zstd_level)
         state = Progress(0, sum(len(p.data) for p in regions))
         prefix = sink_prefix(lm, fit) if lm is not None else ()
-        if lm is not None and (len(prefix) > container.MAX_PREFIX_TOKENS
-                               or not all(0 <= t < lm.vocab_size for t in prefix)):
-            raise InputError(f"prefix must be at most {container.MAX_PREFIX_TOKENS} token ids "
-                             f"below the vocabulary size {lm.vocab_size}")
-        streams: dict[int, segmenting.Stream] = {}
-        if lm is not None and fit.max_steps > 0:
-            # A segment may end up with fit.vector_limit vectors; the decoder must still fit them all.
-            room = min(container.MAX_TOKENS_PER_SEGMENT,
-                       _max_positions(lm) - len(prefix) - fit.vector_limit)
-            for i, p in enumerate(regions):
-                if p.ids is None:
-                    continue
-                if growing and room >= 1:
-                    streams[i] = segmenting.Stream(lm.tokenizer, p.data.decode("utf-8"),
-                                                   min(fit.max_tokens, room))
-                elif not growing and len(p.ids) <= room:
-                    streams[i] = segmenting.Stream.whole(lm.tokenizer, p)
-        fitted = fit_streams(lm, streams.items(), fit) if streams else iter(())
+        if lm is not None and (len(prefix) > MAX_PREFIX_TOKENS or not all(0 <= t < lm.vocab_size for t in prefix)):
+            raise OptionError(f"prefix must be at most {MAX_PREFIX_TOKENS} token ids "
+                              f"below the vocabulary size {lm.vocab_size}")
+        plan = self._fit_plan(regions, lm, fit, growing, prefix) if lm is not None else {}
+        fitted = fit_regions(lm, plan.items(), fit) if plan else iter(())
         fits: list[SegmentFit] = []
         memory_tokens = memory_vectors = 0
-        arrived: dict[int, deque] = {i: deque() for i in streams}
+        arrived: dict[int, list[kinds.CodedSegment]] = {i: [] for i in plan}
         data_hash = hashlib.sha256()  # of what is written, to check it adds up to the input
 
-        def put(piece: segmenting.Piece, result: FitResult | None) -> None:
+        def put(segment: kinds.CodedSegment) -> None:
             nonlocal memory_tokens, memory_vectors
-            if result is not None and result.vectors is not None:
+            if segment.payload is not None:
                 run.flush()
-                payload = result.vectors.numpy().astype("<f2").tobytes()
-                vector_count = result.vectors.shape[0]
-                writer.add(KIND_MEMORY, piece.data, payload, len(piece.ids), vector_count)
+                writer.add(segment)
                 state.memory += 1
-                memory_tokens += len(piece.ids)
-                memory_vectors += vector_count
+                state.tokens += segment.token_count
+                memory_tokens += segment.token_count
+                memory_vectors += segment.vector_count
             else:
-                run.add(piece.data)
+                run.add(segment.data)
                 state.zstd += 1
-            data_hash.update(piece.data)
-            state.done += len(piece.data)
+            data_hash.update(segment.data)
+            state.done += len(segment.data)
             if progress:
                 progress(state)
 
         if progress:
             progress(state)  # show the bar before the first (slow) fit finishes
-        # Streams finish segments out of order; segments are written in order as soon as they can be.
+        # Regions finish segments out of order; segments are written in order as soon as they can be.
         for index, region in enumerate(regions):
-            stream = streams.get(index)
-            if stream is None:
-                put(region, None)
+            if index not in plan:
+                put(kinds.raw(region.data))
                 continue
-            while True:
-                while arrived[index]:
-                    piece, result = arrived[index].popleft()
-                    fits.append(SegmentFit(index, piece, result))
-                    put(piece, result)
-                if stream.done:
-                    break
-                key, piece, result = next(fitted)
-                arrived[key].append((piece, result))
+            left = len(region.data)
+            while left:
+                while not arrived[index]:
+                    key, segment = next(fitted)
+                    arrived[key].append(segment)
+                segment = arrived[index].pop(0)
+                fits.append(SegmentFit(index, segment))
+                put(segment)
+                left -= len(segment.data)
         run.flush()
         if expected_sha256 is not None and data_hash.digest() != expected_sha256:
-            raise RuntimeError("lmzip bug: the segments do not add up to the input")  # never write it
-        header = Header(
-            original_size=state.total,
-            content_sha256=data_hash.digest(),
-            segment_count=writer.segment_count,
-            **(self._model_fields(lm, fit, prefix) if lm else {}),
-        )
+            raise AssertionError("lmzip bug: the segments do not add up to the input")  # never write it
+        header = Header(original_size=state.total, content_sha256=data_hash.digest(),
+                        segment_count=writer.segment_count, **(self._model_fields(lm, fit, prefix) if lm else {}))
         size = writer.finish(out, header)
         return EncodeReport(header.original_size, size, writer.segment_count, state.memory,
                             state.zstd, memory_tokens, memory_vectors, fits)
 
     @staticmethod
     def _model_fields(lm: LoadedModel, fit: FitConfig, prefix: tuple[int, ...]) -> dict:
-        return dict(model_id=lm.model_id, tokenizer_sha256=lm.tokenizer_sha256,
-                    weights_sha256=lm.weights_sha256, hidden_size=lm.hidden_size,
-                    vectors_per_segment=fit.vectors, compute_dtype=container.DTYPE_FLOAT32,
-                    margin=fit.margin, prefix=prefix)
+        source = container.SOURCE_CODES[lm.source]
+        return dict(model_id=lm.model_id, model_source=source, revision=lm.revision,
+                    tokenizer_sha256=lm.tokenizer_sha256, weights_sha256=lm.weights_sha256,
+                    hidden_size=lm.hidden_size, vectors_per_segment=fit.vectors,
+                    compute_dtype=container.DTYPE_FLOAT32, margin=fit.margin, prefix=prefix)
 
     # -- decoding -----------------------------------------------------------------
 
-    def decode(self, blob, *, model: str | None = None) -> bytes:
+    def decode(self, blob, **options) -> bytes:
         out = io.BytesIO()
-        self.decode_to(blob, out, model=model)
+        self.decode_to(blob, out, **options)
         return out.getvalue()
 
+    def _model_for(self, header: Header, model: str | None, allow_download: bool | None) -> LoadedModel:
+        """The model to decode with: the one asked for, else the archive's own (never a surprise download)."""
+        allow = allow_download if allow_download is not None else (
+            self.allow_download if self.allow_download is not None else _env_flag("LMZIP_ALLOW_DOWNLOAD"))
+        spec = model or self.default_model
+        if not spec and header.model_source == container.SOURCE_LOCAL:
+            raise ModelUnavailableError(
+                f"this archive needs the local model '{header.model_id}' (tokenizer sha256 "
+                f"{header.tokenizer_sha256.hex()[:16]}…, weights sha256 {header.weights_sha256.hex()[:16]}…): "
+                "pass --model with its directory")
+        if not spec and header.model_source != container.SOURCE_EMBEDDED:
+            spec = header.model_id
+        try:
+            lm = self.model(spec, allow_download=allow)
+        except ModelUnavailableError as e:
+            raise ModelUnavailableError(
+                f"this archive needs model '{header.model_id}' ({header.source_name}; weights sha256 "
+                f"{header.weights_sha256.hex()[:16]}…), which cannot be loaded: {e}; "
+                "install it, or pass --model with where it is") from None
+        lm.check_matches(header.model_id, header.tokenizer_sha256, header.weights_sha256,
+                         legacy=header.version < 3)
+        if lm.hidden_size != header.hidden_size:
+            raise ModelMismatchError(f"model mismatch: the archive's vectors have size "
+                                     f"{header.hidden_size}, the model's {lm.hidden_size}")
+        if any(t >= lm.vocab_size for t in header.prefix):
+            raise HeaderError(f"damaged header: a prefix token is outside the model's "
+                              f"vocabulary of {lm.vocab_size}")
+        return lm
+
+    def check(self, blob) -> container.Archive:
+        """Integrity without the model: structure, limits and every payload's CRC-32 (v3)."""
+        archive = container.parse(_archive_bytes(blob))
+        container.check_payloads(archive)
+        return archive
+
     def decode_to(self, blob, out: BinaryIO, *, model: str | None = None,
-                  progress: ProgressCallback | None = None) -> int:
+                  progress: ProgressCallback | None = None, allow_download: bool | None = None,
+                  work_limit: int | None = None, batch_size: int = DECODE_BATCH) -> int:
         """Decode an archive into `out`; raise an LmzError unless every byte checks out.
 
         Bytes are written as segments decode; the caller must discard `out` on
         error (the CLI writes to a temporary file and renames it only on success).
+        Decoding costs at most `work_limit` model steps (default: LMZIP_WORK_LIMIT or
+        2^26), checked before any model runs.
         """
-        archive = container.parse(blob)
+        if batch_size < 1:
+            raise OptionError("batch size must be at least 1")
+        archive = self.check(blob)
         header = archive.header
+        limit, work = _work_limit(work_limit), decode_work(archive)
+        if work > limit:
+            raise WorkLimitError(f"decoding needs {work} model steps, over the limit of {limit} "
+                                 "(raise it with --work-limit or LMZIP_WORK_LIMIT)")
         lm = None
-        if any(s.kind == KIND_MEMORY for s in archive.segments):
-            try:
-                lm = self.model(model or header.model_id)
-            except ModelUnavailableError as e:
-                raise ModelUnavailableError(
-                    f"this archive needs model '{header.model_id}' (weights sha256 "
-                    f"{header.weights_sha256.hex()[:16]}…), which cannot be loaded: {e}; "
-                    "install it, or pass --model with where it is") from None
-            lm.check_matches(header.model_id, header.tokenizer_sha256, header.weights_sha256)
-            if lm.hidden_size != header.hidden_size:
-                raise ModelMismatchError(f"model mismatch: the archive's vectors have size "
-                                         f"{header.hidden_size}, the model's {lm.hidden_size}")
-            if any(t >= lm.vocab_size for t in header.prefix):
-                raise HeaderError(f"damaged header: a prefix token is outside the model's "
-                                  f"vocabulary of {lm.vocab_size}")
+        if any(kinds.get(s.kind).NEEDS_MODEL for s in archive.segments):
+            lm = self._model_for(header, model, allow_download)
+        ctx = kinds.DecodeContext(header, lm, batch_size)
         content_hash = hashlib.sha256()
         state = Progress(0, len(archive.segments))
         if progress:
             progress(state)
-        for index, segment in enumerate(archive.segments):
-            data = self._decode_segment(archive, index, lm)
-            if container.crc32(data) != segment.crc32:
-                raise SegmentError(index, "checksum mismatch")
-            content_hash.update(data)
-            out.write(data)
-            state.done = index + 1
-            if segment.kind == KIND_MEMORY:
-                state.memory += 1
-            else:
-                state.zstd += 1
-            if progress:
-                progress(state)
+        with exact_float32():
+            for start in range(0, len(archive.segments), batch_size):
+                indices = range(start, min(start + batch_size, len(archive.segments)))
+                for index, data in zip(indices, self._decode_window(archive, indices, ctx)):
+                    content_hash.update(data)
+                    out.write(data)
+                    segment = archive.segments[index]
+                    state.done = index + 1
+                    if segment.kind == KIND_MEMORY:
+                        state.memory += 1
+                        state.tokens += segment.token_count
+                    else:
+                        state.zstd += 1
+                    if progress:
+                        progress(state)
         if content_hash.digest() != header.content_sha256:
             raise ContentChecksumError("decoded content does not match the archive's SHA-256")
         return header.original_size
 
     @staticmethod
-    def _decode_segment(archive: container.Archive, index: int, lm: LoadedModel | None) -> bytes:
-        segment = archive.segments[index]
-        payload = archive.payload(index)
-        if segment.kind == KIND_ZSTD:
-            try:
-                return zstd_payload.decompress(payload, segment.original_length)
-            except ValueError as e:
-                raise SegmentError(index, str(e)) from None
-        prefix = archive.header.prefix
-        if len(prefix) + segment.vector_count + segment.token_count > _max_positions(lm):
-            raise SegmentError(index, f"{len(prefix)} prefix tokens, {segment.vector_count} vectors and "
-                                      f"{segment.token_count} tokens exceed the model's positions")
-        vectors = np.frombuffer(payload, dtype="<f2").reshape(segment.vector_count, -1)
-        vectors = torch.from_numpy(vectors.astype(np.float32))
-        ids = greedy_decode(lm, vectors, segment.token_count, prefix).ids
-        text = lm.tokenizer.decode(ids, clean_up_tokenization_spaces=False)
-        data = text.encode("utf-8", errors="surrogatepass")
-        if len(data) != segment.original_length:
-            raise SegmentError(index, f"decoded {len(data)} bytes, expected {segment.original_length}")
-        return data
+    def _decode_window(archive: container.Archive, indices: range, ctx: kinds.DecodeContext) -> list[bytes]:
+        """Decode some segments, each kind's together; a checksum that fails in a batch is decoded alone
+        before it counts as damage (SPEC.md, "Batched decoding")."""
+        jobs: dict[int, list[kinds.DecodeJob]] = {}
+        for i in indices:
+            jobs.setdefault(archive.segments[i].kind, []).append(
+                kinds.DecodeJob(i, archive.segments[i], bytes(archive.payload(i))))
+        decoded: dict[int, bytes] = {}
+        for kind, group in jobs.items():
+            module = kinds.get(kind)
+            for job, data in zip(group, module.decode(group, ctx)):
+                if container.crc32(data) != job.entry.crc32 and len(group) > 1:
+                    (data,) = module.decode([job], ctx)
+                if container.crc32(data) != job.entry.crc32:
+                    raise SegmentError(job.index, "checksum mismatch")
+                decoded[job.index] = data
+        return [decoded[i] for i in indices]
 
 
 def inspect(blob) -> dict:
     """Describe an archive without decoding it: header fields and the segment table."""
-    archive = container.parse(blob)
+    archive = container.parse(_archive_bytes(blob))
     h = archive.header
     return {
         "format_version": h.version,
@@ -349,6 +411,8 @@ def inspect(blob) -> dict:
         "archive_size": len(archive.data),
         "content_sha256": h.content_sha256.hex(),
         "model_id": h.model_id or None,
+        "model_source": h.source_name if h.has_model else None,
+        "model_revision": h.revision or None,
         "tokenizer_sha256": h.tokenizer_sha256.hex() if h.has_model else None,
         "weights_sha256": h.weights_sha256.hex() if h.has_model else None,
         "hidden_size": h.hidden_size,
@@ -356,10 +420,12 @@ def inspect(blob) -> dict:
         "compute_dtype": container.DTYPE_NAMES[h.compute_dtype],
         "margin": h.margin,
         "prefix_tokens": list(h.prefix),
+        "decode_work": decode_work(archive),
         "segments": [
             {"index": i, "kind": s.kind_name, "original_length": s.original_length,
              "payload_length": s.payload_length, "token_count": s.token_count,
-             "vector_count": s.vector_count, "crc32": f"{s.crc32:08x}"}
+             "vector_count": s.vector_count, "crc32": f"{s.crc32:08x}",
+             "payload_crc32": None if s.payload_crc32 is None else f"{s.payload_crc32:08x}"}
             for i, s in enumerate(archive.segments)
         ],
     }

@@ -26,9 +26,11 @@ from typing import Hashable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
+from . import kinds
 from .generate import greedy_decode, teacher_forced_accuracy, teacher_forced_logits
 from .models import LoadedModel
-from .segmenting import Piece, Stream
+from .precision import exact_float32
+from .segmenting import Piece, Region, Stream
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +136,8 @@ def sink_prefix(lm: LoadedModel, cfg: FitConfig) -> tuple[int, ...]:
 
 def verify(lm: LoadedModel, vectors16: torch.Tensor, ids, margin: float, prefix: tuple[int, ...]):
     """Decode exactly as the decoder will; return (ok, min_margin)."""
-    decoded = greedy_decode(lm, vectors16.float(), len(ids), prefix)
+    with exact_float32():
+        decoded = greedy_decode(lm, vectors16.float(), len(ids), prefix)
     ok = decoded.ids == list(ids) and decoded.min_margin >= margin
     return ok, decoded.min_margin
 
@@ -189,7 +192,8 @@ def _gap_to_runner_up(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 def _holding(lm: LoadedModel, vectors16: torch.Tensor, ids: torch.Tensor, margin: float,
              prefix: tuple[int, ...]) -> int:
     """Teacher-forced in float32: how many leading tokens are right by at least the margin."""
-    logits = teacher_forced_logits(lm, vectors16.float(), ids, prefix)
+    with exact_float32():
+        logits = teacher_forced_logits(lm, vectors16.float(), ids, prefix)
     return int((_gap_to_runner_up(logits, ids) >= margin).long().cumprod(0).sum())
 
 
@@ -226,6 +230,24 @@ def _batch_inputs(rows: list[_Row], prefix_embeds: torch.Tensor, lookahead: int)
         predictor[i, 1:] = p + k_max + ar[: t_max - 1]
     mask = torch.cat([torch.ones(b, p, dtype=torch.bool, device=device), slots, valid], dim=1)
     return k_max, tokens, target, valid, scored, mask.long(), positions, predictor
+
+
+def fit_regions(lm: LoadedModel, regions: Iterable[tuple[Hashable, Region]],
+                cfg: FitConfig) -> Iterator[tuple[Hashable, kinds.CodedSegment]]:
+    """Cut every region into fitted segments; yield (key, coded segment) for each.
+
+    Plain data in and out, so that the caller may be another process: a region's
+    segments come in order, each as soon as it closes (regions interleave); a
+    segment without a payload is raw text for zstd.
+    """
+    streams = ((key, Stream.of(lm.tokenizer, region)) for key, region in regions)
+    for key, piece, result in fit_streams(lm, streams, cfg):
+        stats = dict(tokens=len(piece.ids or ()), steps=result.steps, seconds=result.seconds,
+                     accuracy=result.accuracy, min_margin=result.min_margin)
+        if result.vectors is not None:
+            yield key, kinds.memory.encode(piece.data, piece.ids, result.vectors, **stats)
+        else:
+            yield key, kinds.raw(piece.data, **stats)
 
 
 def fit_streams(lm: LoadedModel, streams: Iterable[tuple[Hashable, Stream]],

@@ -44,6 +44,8 @@ class LoadedModel:
     tokenizer_sha256: bytes
     weights_sha256: bytes
     hidden_size: int
+    source: str = "local"   # embedded, hub or local
+    revision: str = ""
     _fitting_copy: torch.nn.Module | None = field(init=False, default=None, repr=False, compare=False)
 
     @property
@@ -90,7 +92,16 @@ class LoadedModel:
             self._fitting_copy = fitting
         return self._fitting_copy
 
-    def check_matches(self, model_id: str, tokenizer_sha256: bytes, weights_sha256: bytes) -> None:
+    @property
+    def legacy_tokenizer_sha256(self) -> bytes:
+        return self.tokenizer_sha256
+
+    @property
+    def legacy_weights_sha256(self) -> bytes:
+        return self.weights_sha256
+
+    def check_matches(self, model_id: str, tokenizer_sha256: bytes, weights_sha256: bytes, *,
+                      legacy: bool = False) -> None:
         """Refuse to decode with a model other than the one the archive was made with."""
         problems = []
         if tokenizer_sha256 != self.tokenizer_sha256:
@@ -202,15 +213,18 @@ def _load_embedded() -> tuple:
     raise ModelError(f"cannot build a working model cache in {target}")
 
 
-def load_model(spec: str | None = None, device: str | torch.device | None = None) -> LoadedModel:
+def load_model(spec: str | None = None, device: str | torch.device | None = None, *,
+               allow_download: bool | None = None) -> LoadedModel:
     """Load a model by name: the embedded default, a local directory or a hub ID."""
     spec = spec or DEFAULT_MODEL
     fingerprint = None
+    source = "embedded" if spec == EMBEDDED_MODEL_ID else "local" if Path(spec).is_dir() else "hub"
     if spec == EMBEDDED_MODEL_ID:
         model, tokenizer, fingerprint = _load_embedded()
     else:
         try:
-            model, tokenizer = _load_pretrained(spec)
+            model, tokenizer = _load_pretrained(spec, **({} if allow_download or source == "local"
+                                                          else {"local_files_only": True}))
         except Exception as e:  # transformers raises OSError, ValueError, HTTP errors…
             where = "directory" if Path(spec).is_dir() else "model (not a local directory; tried the hub)"
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -221,10 +235,11 @@ def load_model(spec: str | None = None, device: str | torch.device | None = None
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     return LoadedModel(
-        model_id=spec,
+        model_id=Path(spec).name if source == "local" else spec,
         model=model,
         tokenizer=tokenizer,
         tokenizer_sha256=tokenizer_fingerprint(tokenizer),
         weights_sha256=fingerprint or weights_fingerprint(model),
         hidden_size=model.get_input_embeddings().weight.shape[1],
+        source=source,
     )

@@ -4,7 +4,7 @@ Valid UTF-8 text is cut every N tokens, at character boundaries (the last
 segments of a run share its tail evenly, at most N tokens each); each piece is
 re-tokenized on its own and kept for memory coding only if its tokens decode
 back to exactly its text. Everything else (invalid UTF-8, a tokenizer that
-normalizes) is marked for zstd.
+normalizes, runs that cannot pay for a fit: see `worth_fitting`) is marked for zstd.
 """
 
 from __future__ import annotations
@@ -22,6 +22,37 @@ _ESCAPED_BYTES = re.compile("[\udc80-\udcff]+")
 class Piece:
     data: bytes
     ids: tuple[int, ...] | None  # the tokens to memory-code, or None for zstd
+
+
+@dataclass(frozen=True)
+class Region:
+    """Text for the fitter, as plain data: grown into segments, or fitted whole."""
+
+    text: str
+    growing: bool
+    max_tokens: int                     # growing: the longest a segment may become
+    ids: tuple[int, ...] | None = None  # whole: its tokens, as `memory_piece` checked them
+
+
+# A run of valid UTF-8 is memory-coded only if it can pay for its vectors (SPEC.md does not
+# depend on this; README "Junk input"): at least this many tokens, so that a segment's K
+# vectors stand for several tokens each ...
+MIN_MEMORY_TOKENS = 8
+# ... and text-like: this share of its characters printable or \t \n \r. Random bytes give
+# short valid runs, about a quarter of whose characters are control characters.
+MIN_PRINTABLE_SHARE = 0.9
+_UNPRINTABLE = re.compile(r"[^\t\n\r\x20-\x7e\xa0-\U0010ffff]|[\u2028\u2029\ufffe\uffff]")
+
+
+def worth_fitting(tokenizer, text: str) -> bool:
+    """Whether a run of valid UTF-8 may pay for memory vectors (else it goes to zstd unfitted)."""
+    if len(text) < MIN_MEMORY_TOKENS:  # a token is at least one character
+        return False
+    if len(_UNPRINTABLE.findall(text)) > (1 - MIN_PRINTABLE_SHARE) * len(text):
+        return False
+    if len(text) >= 64 * MIN_MEMORY_TOKENS:  # tokens are rarely that long: skip the tokenizer
+        return True
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= MIN_MEMORY_TOKENS
 
 
 def _runs(data: bytes) -> Iterator[tuple[str, bool]]:
@@ -83,7 +114,7 @@ def memory_piece(tokenizer, text: str) -> Piece:
 def plan(data: bytes, tokenizer, tokens_per_segment: int) -> Iterator[Piece]:
     """Cut `data` into pieces of about `tokens_per_segment` tokens."""
     for text, valid in _runs(data):
-        if not valid:
+        if not valid or not worth_fitting(tokenizer, text):
             yield Piece(text.encode("utf-8", errors="surrogateescape"), None)
             continue
         a = 0
@@ -108,6 +139,12 @@ class Stream:
         self.tokenizer, self.text, self.max_tokens = tokenizer, text, max_tokens
         self.start = 0  # character offset of the next segment
         self._load()
+
+    @classmethod
+    def of(cls, tokenizer, region: Region) -> "Stream":
+        if region.growing:
+            return cls(tokenizer, region.text, region.max_tokens)
+        return cls.whole(tokenizer, Piece(region.text.encode("utf-8"), region.ids))
 
     @classmethod
     def whole(cls, tokenizer, piece: Piece) -> "Stream":

@@ -1,26 +1,67 @@
 """Editing archives field by field, for the format samples and the fuzz tests.
 
 Each edit can recompute the checksum that guards the field, so that the damage
-reaches the checks behind it.
+reaches the checks behind it. Fields are named as in SPEC.md, in the blob's own
+format version.
 """
 
 from __future__ import annotations
 
 import struct
 
-from lmzip.container import _CRC, _ENTRY, _HEADERS, ENTRY_SIZE, crc32
+from lmzip.container import _CRC, _ENTRY, _HEADER_V1, _HEADER_V2, _HEADER_V3, ENTRY_SIZE, crc32
 
-HEADER_FIELDS = ("magic", "version", "flags", "header_size", "original_size", "content_sha256",
-                 "segment_count", "hidden_size", "vectors_per_segment", "compute_dtype", "reserved",
-                 "margin", "tokenizer_sha256", "weights_sha256", "model_id_length", "prefix_length")
+_LEGACY_FIELDS = ("magic", "version", "flags", "header_size", "original_size", "content_sha256",
+                  "segment_count", "hidden_size", "vectors_per_segment", "compute_dtype", "reserved",
+                  "margin", "tokenizer_sha256", "weights_sha256", "model_id_length")
+HEADERS = {
+    1: (_HEADER_V1, _LEGACY_FIELDS),
+    2: (_HEADER_V2, _LEGACY_FIELDS + ("prefix_length",)),
+    3: (_HEADER_V3, ("magic", "version", "incompatible_flags", "header_size", "compatible_flags",
+                     "model_source", "compute_dtype", "original_size", "content_sha256", "segment_count",
+                     "hidden_size", "vectors_per_segment", "prefix_length", "margin", "tokenizer_sha256",
+                     "weights_sha256", "model_id_length", "revision_length")),
+}
 ENTRY_FIELDS = ("kind", "flags", "vector_count", "token_count", "original_length",
-                "payload_length", "payload_offset", "crc32", "reserved")
+                "payload_length", "payload_offset", "crc32", "payload_crc32")
+ENTRY_FORMATS = ("B", "B", "H", "I", "I", "I", "Q", "I", "I")
+# Fields whose change moves the header's own layout (so the checksum lands elsewhere).
+LAYOUT_FIELDS = ("model_id_length", "revision_length", "prefix_length")
+
+
+def version_of(blob: bytes) -> int:
+    return struct.unpack_from("<H", blob, 8)[0]
+
+
+def header_fields(blob: bytes) -> tuple[str, ...]:
+    return HEADERS[version_of(blob)][1]
+
+
+def header_formats(blob: bytes) -> list[str]:
+    """struct codes of the header's fields, in order (for drawing values)."""
+    layout = HEADERS[version_of(blob)][0]
+    return [code for code in _split(layout.format)]
+
+
+def _split(fmt: str):
+    count = ""
+    for ch in fmt.lstrip("<"):
+        if ch.isdigit():
+            count += ch
+        else:
+            yield (count + ch) if ch == "s" else ch
+            if ch != "s":
+                for _ in range(int(count or 1) - 1):
+                    yield ch
+            count = ""
 
 
 def edit_header(blob: bytes, **changes) -> bytes:
     """Change header fields (in the blob's own layout) and recompute the header checksum."""
-    layout = _HEADERS[struct.unpack_from("<H", blob, 8)[0]]
-    fields = dict(zip(HEADER_FIELDS, layout.unpack_from(blob, 0)))
+    layout, names = HEADERS[version_of(blob)]
+    fields = dict(zip(names, layout.unpack_from(blob, 0)))
+    unknown = set(changes) - set(fields)
+    assert not unknown, f"no such header fields in this version: {unknown}"
     fields.update(changes)
     size = struct.unpack_from("<I", blob, 12)[0]  # the layout stays: only values change
     body = bytearray(blob[: size - _CRC.size])
@@ -28,9 +69,14 @@ def edit_header(blob: bytes, **changes) -> bytes:
     return bytes(body) + _CRC.pack(crc32(body)) + blob[size:]
 
 
+def header_value(blob: bytes, name: str):
+    layout, names = HEADERS[version_of(blob)]
+    return dict(zip(names, layout.unpack_from(blob, 0)))[name]
+
+
 def table_span(blob: bytes) -> tuple[int, int]:
     start = struct.unpack_from("<I", blob, 12)[0]
-    count = struct.unpack_from("<I", blob, 56)[0]
+    count = header_value(blob, "segment_count")
     return start, start + count * ENTRY_SIZE
 
 

@@ -109,7 +109,7 @@ def test_full_disk_on_a_file_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_missing_model_says_how_to_get_it(tmp_path):
-    blob = (Path(__file__).parent.parent / "formats" / "good-memory-tiny.lmz").read_bytes()
+    blob = (Path(__file__).parent.parent / "formats" / "good-memory-tiny-v2.lmz").read_bytes()
     moved = lmzip.Codec(device="cpu")
     archive = tmp_path / "x.lmz"
     archive.write_bytes(blob)

@@ -38,7 +38,7 @@ def test_compress_decompress_round_trip(workdir):
     assert "doc.txt: 25 ->" in r.stderr
     assert Path("doc.txt").exists(), "the input is kept by default"
     os.rename("doc.txt", "orig.txt")
-    assert run("decompress", "doc.txt.lmz").exit_code == 0
+    assert run("decompress", "--model", TINY_MODEL, "doc.txt.lmz").exit_code == 0
     assert Path("doc.txt").read_bytes() == TEXT
 
 
@@ -108,11 +108,13 @@ def test_info_and_test(workdir):
     assert run("compress", *TINY_ARGS, "doc.txt").exit_code == 0
     r = run("info", "--json", "doc.txt.lmz")
     info = json.loads(r.stdout)
-    assert info["original_size"] == len(TEXT) and info["model_id"] == TINY_MODEL
+    assert info["original_size"] == len(TEXT) and info["model_id"] == "tiny-llama"
     assert {s["kind"] for s in info["segments"]} == {"memory"}
     r = run("info", "doc.txt.lmz")
-    assert "memory" in r.stdout and "lmz format v2" in r.stdout
+    assert "memory" in r.stdout and "lmz format v3" in r.stdout
     r = run("test", "doc.txt.lmz")
+    assert r.exit_code == 1 and "local model 'tiny-llama'" in r.stderr and "pass --model" in r.stderr
+    r = run("test", "--model", TINY_MODEL, "doc.txt.lmz")
     assert r.exit_code == 0 and "doc.txt.lmz: OK" in r.stderr
     assert sorted(os.listdir()) == ["doc.txt", "doc.txt.lmz"]
     shutil.copy(FORMATS / "bad-wrong-weights.lmz", "wrong.lmz")

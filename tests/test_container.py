@@ -17,15 +17,15 @@ def zstd_archive(data: bytes) -> bytes:
 
 def test_magic_and_version_are_pinned():
     assert lmzip.MAGIC == b"\x89LMZ\r\n\x1a\n"
-    assert lmzip.FORMAT_VERSION == 2
+    assert lmzip.FORMAT_VERSION == 3
     blob = zstd_archive(b"abc")
     assert blob[:8] == lmzip.MAGIC
-    assert struct.unpack_from("<H", blob, 8) == (2,)
+    assert struct.unpack_from("<H", blob, 8) == (3,)
 
 
 def test_empty_input_is_a_header_and_an_empty_table():
     blob = zstd_archive(b"")
-    assert len(blob) == container.MIN_HEADER_SIZE + 2 + 4  # v2 adds prefix_length
+    assert len(blob) == container.MIN_HEADER_SIZE + 4  # and the table's checksum
     assert lmzip.decode(blob) == b""
     assert lmzip.inspect(blob)["segments"] == []
 

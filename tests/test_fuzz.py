@@ -6,6 +6,7 @@ boundary, appended bytes, swapped segments. Seeds: the good samples in
 formats/, memory-coded ones included.
 """
 
+import collections
 import signal
 import struct
 
@@ -14,31 +15,52 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import lmzip
-from archive_edit import (ENTRY_FIELDS, HEADER_FIELDS, boundaries, edit_entry, edit_header, entries,
-                          table_span)
+from archive_edit import (ENTRY_FIELDS, ENTRY_FORMATS, LAYOUT_FIELDS, boundaries, edit_entry, edit_header,
+                          entries, header_fields, header_formats, table_span)
 from lmzip.container import _CRC, _ENTRY, crc32
 
 from conftest import FORMATS, TINY_MODEL
 
 SEEDS = {p.name: (p.read_bytes(), p.with_suffix(".out").read_bytes()) for p in sorted(FORMATS.glob("good-*.lmz"))}
 NON_EMPTY = [name for name, (_, out) in SEEDS.items() if out]
-TRIED = {"count": 0}
+MULTI_SEGMENT = [name for name in NON_EMPTY if len(entries(SEEDS[name][0])) >= 2]
+# Outcomes of every mutant decoded, by error name, for the closing note (printed at the end).
+OUTCOMES: collections.Counter = collections.Counter()
 # Every decode of a mutant must finish well within this (the work is bounded by the limits).
 SECONDS_PER_DECODE = 30
 
 
+class DecodeTookTooLong(Exception):
+    pass
+
+
+def _too_long(signum, frame):
+    raise DecodeTookTooLong(f"a mutant took more than {SECONDS_PER_DECODE} s to decode")
+
+
 def outcome(codec, blob: bytes, original: bytes) -> str:
-    TRIED["count"] += 1
+    previous = signal.signal(signal.SIGALRM, _too_long)  # fails this test, not the run
     signal.alarm(SECONDS_PER_DECODE)
     try:
         out = codec.decode(blob, model=TINY_MODEL)
     except lmzip.LmzError as e:
         assert str(e) and "\n" not in str(e), "errors are one line"
+        OUTCOMES[type(e).__name__] += 1
         return type(e).__name__
     finally:
         signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     assert out == original, "a mutated archive decoded to other bytes"
+    OUTCOMES["ok"] += 1
     return "ok"
+
+
+def test_a_slow_decode_fails_its_test_only(codec, monkeypatch):
+    blob, original = SEEDS["good-zstd-text.lmz"]
+    monkeypatch.setattr(codec, "decode", lambda *a, **k: signal.pause())
+    monkeypatch.setattr(__import__(__name__), "SECONDS_PER_DECODE", 1)
+    with pytest.raises(DecodeTookTooLong):
+        outcome(codec, blob, original)
 
 
 seeds = st.sampled_from(sorted(SEEDS))
@@ -74,19 +96,13 @@ def _value_for(fmt: str, draw):
                           st.integers(0, (1 << (8 * size)) - 1)))
 
 
-HEADER_FORMATS = ["8s", "H", "H", "I", "Q", "32s", "I", "I", "H", "B", "B", "f", "32s", "32s", "H", "H"]
-ENTRY_FORMATS = ["B", "B", "H", "I", "I", "I", "Q", "I", "I"]
-
-
-@given(seeds, st.sampled_from(range(len(HEADER_FIELDS))), st.data())
-def test_header_field_edits_behind_a_valid_checksum(codec, name, field, data):
+@given(seeds, st.data())
+def test_header_field_edits_behind_a_valid_checksum(codec, name, data):
     blob, original = SEEDS[name]
-    value = _value_for(HEADER_FORMATS[field], data.draw)
-    if HEADER_FIELDS[field] == "model_id_length":
-        return  # moves the checksum itself; covered by byte edits
-    if HEADER_FIELDS[field] == "prefix_length" and blob[8] == 1:
-        return  # version 1 has no such field
-    outcome(codec, edit_header(blob, **{HEADER_FIELDS[field]: value}), original)
+    # Length fields move the checksum itself: byte edits and truncation cover them.
+    fields = [(f, code) for f, code in zip(header_fields(blob), header_formats(blob)) if f not in LAYOUT_FIELDS]
+    field, code = data.draw(st.sampled_from(fields))
+    outcome(codec, edit_header(blob, **{field: _value_for(code, data.draw)}), original)
 
 
 @given(non_empty, st.data())
@@ -112,12 +128,10 @@ def test_appended_bytes(codec, name, extra):
     assert outcome(codec, blob + extra, original) == "TrailingDataError"
 
 
-@given(non_empty, st.data())
+@given(st.sampled_from(MULTI_SEGMENT), st.data())
 def test_swapped_segments(codec, name, data):
     blob, original = SEEDS[name]
     rows = entries(blob)
-    if len(rows) < 2:
-        return
     i, j = data.draw(st.lists(st.integers(0, len(rows) - 1), min_size=2, max_size=2, unique=True))
     # Swap the table entries (offsets too, so the payloads follow): a reordered file.
     start, end = table_span(blob)
@@ -130,7 +144,13 @@ def test_swapped_segments(codec, name, data):
         assert result != "ok"
 
 
-def test_report_how_many_mutants_were_tried():
-    # Runs last in this file (pytest keeps file order): a count for the closing note.
-    print(f"\nfuzz: {TRIED['count']} mutated archives decoded")
-    assert TRIED["count"] > 0
+def test_the_seeds_cover_every_version_and_kind():
+    assert {SEEDS[n][0][8] for n in SEEDS} == {1, 2, 3}
+    assert MULTI_SEGMENT, "no seed has two segments to swap"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_outcomes():
+    yield
+    if OUTCOMES:  # a count for the closing note, whatever order the tests ran in
+        print(f"\nfuzz: {sum(OUTCOMES.values())} mutated archives decoded: {dict(sorted(OUTCOMES.items()))}")

@@ -33,7 +33,8 @@ def test_text_goes_to_memory_and_comes_back(codec, sentence_archive):
     assert set(kinds(sentence_archive)) == {"memory"}
     assert codec.decode(sentence_archive) == SENTENCE.encode()
     info = lmzip.inspect(sentence_archive)
-    assert info["model_id"] == TINY_MODEL and info["hidden_size"] == 128
+    # a local model is named by its directory's name, never its path
+    assert info["model_id"] == "tiny-llama" and info["model_source"] == "local" and info["hidden_size"] == 128
     assert sum(s["token_count"] for s in info["segments"]) == len(SENTENCE)  # byte-level tokenizer
 
 
@@ -118,16 +119,53 @@ def test_prefix_tokens_are_recorded_and_used(codec, sentence_archive, tiny):
     assert with_prefix == expected and without != expected
 
 
-def test_margin_guard_sends_unreachable_margins_to_zstd(codec):
-    blob = codec.encode("short", **{**TINY_OPTIONS, "margin": 60000.0, "max_steps": 20})
+GUARDED = "Rabbit hole"  # 11 byte tokens: memory-coded at a reachable margin
+
+
+def test_margin_guard_control_reachable_margin_goes_to_memory(codec):
+    blob = codec.encode(GUARDED, **{**TINY_OPTIONS, "tokens_per_segment": 16})
+    assert kinds(blob) == ["memory"] and codec.decode(blob) == GUARDED.encode()
+
+
+def test_margin_guard_in_greedy_verification_alone_sends_unreachable_margins_to_zstd(codec, monkeypatch):
+    """With the float32 screen told that everything holds, only `verify`'s guard stands between
+    an unreachable margin and a stored segment."""
+    from lmzip import fit
+
+    monkeypatch.setattr(fit, "_holding", lambda lm, vectors16, ids, margin, prefix: len(ids))
+    blob = codec.encode(GUARDED, **{**TINY_OPTIONS, "tokens_per_segment": 16, "margin": 60000.0,
+                                    "max_steps": 20})
     assert kinds(blob) == ["zstd"]
     assert lmzip.inspect(blob)["margin"] == 60000.0
 
 
+def test_verify_needs_every_token_and_every_gap(tiny, sentence_archive):
+    from lmzip.fit import verify
+
+    vectors, n = next(memory_segments(sentence_archive))
+    prefix = (256,)
+    ids = greedy_decode(tiny, vectors, n, prefix).ids
+    decoded = greedy_decode(tiny, vectors, n, prefix)
+    vectors16 = vectors.half()
+    assert verify(tiny, vectors16, ids, decoded.min_margin, prefix) == (True, decoded.min_margin)
+    assert verify(tiny, vectors16, ids, decoded.min_margin + 1e-3, prefix)[0] is False  # the guard
+    wrong = ids[:-1] + [(ids[-1] + 1) % tiny.vocab_size]
+    assert verify(tiny, vectors16, wrong, 0.0, prefix)[0] is False
+    assert verify(tiny, vectors16, ids[:-1], 0.0, prefix)[0] is True  # a prefix of what it holds
+
+
 @given(st.text(max_size=24))
 @settings(max_examples=10)
-def test_round_trip_text_through_memory(codec, text):
+def test_round_trip_any_text_through_the_memory_method(codec, text):
     blob = codec.encode(text, **TINY_OPTIONS)
+    assert codec.decode(blob) == text.encode()
+
+
+@given(st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=8, max_size=24))
+@settings(max_examples=8)
+def test_round_trip_printable_text_through_memory_segments(codec, text):
+    blob = codec.encode(text, **{**TINY_OPTIONS, "max_vectors": 4})
+    assert "memory" in kinds(blob)  # printable runs of 8 tokens and more are fitted
     assert codec.decode(blob) == text.encode()
 
 
@@ -163,7 +201,7 @@ def test_another_model_is_refused_by_name_and_hash(codec, sentence_archive, tmp_
     name = sorted(weights)[0]
     weights[name] = weights[name] + 1
     save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(lmzip.ModelMismatchError, match=f"needs model '{TINY_MODEL}' with weights sha256"):
+    with pytest.raises(lmzip.ModelMismatchError, match="needs model 'tiny-llama' with weights sha256"):
         codec.decode(sentence_archive, model=str(other))
 
 

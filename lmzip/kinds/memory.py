@@ -1,0 +1,105 @@
+"""Segment kind 1, memory: K fp16 vectors from which the model regenerates the segment's tokens.
+
+The decoder feeds the header's prefix tokens, then the vectors, and decodes greedily in
+float32 (`generate`); the encoder stored the vectors only after that same decoding gave
+exactly the segment's tokens with the margin guard (SPEC.md, "Decoding a memory segment").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import SegmentError
+from ..limits import MAX_TOKENS_PER_SEGMENT, MAX_VECTORS_PER_SEGMENT
+
+KIND = 1
+NAME = "memory"
+NEEDS_MODEL = True
+
+
+def check_entry(entry, header) -> str | None:
+    if not header.has_model:
+        return "a memory segment in an archive that names no model"
+    if not 1 <= entry.vector_count <= MAX_VECTORS_PER_SEGMENT:
+        return f"vector count {entry.vector_count} is outside [1, {MAX_VECTORS_PER_SEGMENT}]"
+    if not 1 <= entry.token_count <= min(MAX_TOKENS_PER_SEGMENT, entry.original_length):
+        return (f"token count {entry.token_count} is outside [1, {MAX_TOKENS_PER_SEGMENT}] "
+                "or more than the segment's bytes")
+    if entry.payload_length != entry.vector_count * header.hidden_size * 2:
+        return (f"payload of {entry.payload_length} bytes does not hold {entry.vector_count} fp16 vectors "
+                f"of size {header.hidden_size}")
+    return None
+
+
+def work(entry) -> int:
+    return entry.token_count
+
+
+def vectors_payload(vectors16) -> bytes:
+    """(K, H) fp16 vectors as the payload's little-endian binary16 values; non-finite ones refused."""
+    array = np.asarray(vectors16.cpu() if isinstance(vectors16, torch.Tensor) else vectors16, dtype="<f2")
+    if not np.isfinite(array).all():
+        raise ValueError("memory vectors must be finite")
+    return array.tobytes()
+
+
+def read_vectors(payload, vector_count: int) -> np.ndarray:
+    """The payload as a (K, H) float16 array; ValueError if a value is not finite."""
+    array = np.frombuffer(payload, dtype="<f2").reshape(vector_count, -1)
+    if not np.isfinite(array).all():
+        raise ValueError("a memory vector holds an infinite or NaN value")
+    return array
+
+
+def encode(data: bytes, ids, vectors16, **stats):
+    from . import CodedSegment
+
+    return CodedSegment(KIND, data, vectors_payload(vectors16), token_count=len(ids),
+                        vector_count=int(vectors16.shape[0]), stats=stats)
+
+
+def max_positions(lm) -> int:
+    """How many input positions the model can take (prefix, vectors and generated tokens)."""
+    return getattr(lm.model.config, "max_position_embeddings", None) or (1 << 30)
+
+
+def _positions_problem(lm, prefix, entry) -> str | None:
+    if len(prefix) + entry.vector_count + entry.token_count > max_positions(lm):
+        return (f"{len(prefix)} prefix tokens, {entry.vector_count} vectors and "
+                f"{entry.token_count} tokens exceed the model's positions")
+    return None
+
+
+def token_ids(jobs, ctx) -> list[list[int]]:
+    """Greedy decoding of each job's vectors, as the encoder verified it."""
+    from ..generate import greedy_decode
+
+    lm, prefix = ctx.model, ctx.header.prefix
+    out = []
+    for job in jobs:
+        problem = _positions_problem(lm, prefix, job.entry)
+        if problem:
+            raise SegmentError(job.index, problem)
+        try:
+            vectors = read_vectors(job.payload, job.entry.vector_count)
+        except ValueError as e:
+            raise SegmentError(job.index, str(e)) from None
+        out.append(greedy_decode(lm, torch.from_numpy(vectors.astype(np.float32)),
+                                 job.entry.token_count, prefix).ids)
+    return out
+
+
+def detokenize(lm, ids) -> bytes:
+    text = lm.tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+    return text.encode("utf-8", errors="surrogatepass")
+
+
+def decode(jobs, ctx) -> list[bytes]:
+    out = []
+    for job, ids in zip(jobs, token_ids(jobs, ctx)):
+        data = detokenize(ctx.model, ids)
+        if len(data) != job.entry.original_length:
+            raise SegmentError(job.index, f"decoded {len(data)} bytes, expected {job.entry.original_length}")
+        out.append(data)
+    return out
