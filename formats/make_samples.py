@@ -99,7 +99,8 @@ def main() -> None:
                                      lmzip.ContentChecksumError),
         "bad-absurd-segment-count.lmz": (edit_header(zstd_text, segment_count=0xFFFFFFFF), lmzip.LimitError),
         "bad-absurd-original-size.lmz": (edit_header(zstd_text, original_size=1 << 62), lmzip.LimitError),
-        "bad-table-bit-flip.lmz": (flip(zstd_text, MIN_HEADER_SIZE + 4), lmzip.SegmentTableError),
+        # the entry's crc32 field: only the table checksum tells this from a damaged segment
+        "bad-table-bit-flip.lmz": (flip(zstd_text, MIN_HEADER_SIZE + 24), lmzip.SegmentTableError),
         "bad-absurd-segment-length.lmz": (edit_entry(zstd_text, 0, original_length=0xFFFFFFFF),
                                           lmzip.SegmentTableError),
         "bad-sizes-disagree.lmz": (edit_entry(zstd_text, 0, original_length=len(text) - 1),

@@ -114,6 +114,11 @@ def test_arithmetic_is_pinned_to_float32_and_restored(codec, monkeypatch):
         assert torch.get_float32_matmul_precision() == "highest"
 
 
+def test_non_finite_vectors_are_damage_by_name(codec):
+    with pytest.raises(lmzip.SegmentError, match="infinite or NaN"):
+        codec.decode((FORMATS / "bad-infinite-vector.lmz").read_bytes(), model=TINY_MODEL)
+
+
 def test_non_finite_vectors_are_refused_by_the_writer():
     from lmzip.kinds import memory
 
