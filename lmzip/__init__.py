@@ -10,6 +10,7 @@ from .errors import (
     ContentChecksumError,
     HeaderError,
     InputError,
+    JournalError,
     LimitError,
     LmzError,
     ModelError,
@@ -57,5 +58,5 @@ __all__ = [
     "TruncatedError", "TrailingDataError", "HeaderError", "LimitError", "SegmentTableError",
     "SegmentError", "ContentChecksumError", "ModelError", "ModelUnavailableError",
     "ModelMismatchError", "InputError", "OptionError", "OutputExistsError", "UnsupportedError",
-    "UnsupportedKindError", "WorkLimitError",
+    "UnsupportedKindError", "WorkLimitError", "JournalError",
 ]

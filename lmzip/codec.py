@@ -15,6 +15,7 @@ from typing import BinaryIO, Callable
 
 from . import container, kinds, segmenting
 from .container import KIND_MEMORY, ArchiveWriter, Header
+from .journal import Journal
 from .errors import (ContentChecksumError, HeaderError, InputError, ModelMismatchError, ModelUnavailableError,
                      OptionError, SegmentError, WorkLimitError)
 from .fit import FitConfig, fit_regions, sink_prefix
@@ -149,6 +150,16 @@ def _check_fit_options(fit: FitConfig, tokens_per_segment: int | None, zstd_leve
         raise OptionError("zstd level must be in [1, 22]")
 
 
+def _rest_of(region: segmenting.Region, done_bytes: int) -> segmenting.Region | None:
+    """What is left to fit of a region after its first `done_bytes` (journaled segments)."""
+    data = region.text.encode("utf-8")
+    if done_bytes >= len(data):
+        return None
+    if not region.growing:
+        raise AssertionError("lmzip bug: a whole region was journaled in part")
+    return replace(region, text=data[done_bytes:].decode("utf-8"))
+
+
 class Codec:
     """Encodes and decodes .lmz archives, keeping loaded models between calls.
 
@@ -180,11 +191,15 @@ class Codec:
     def encode_to(self, data, out: BinaryIO, *, method: str = "memory", model: str | None = None,
                   tokens_per_segment: int | None = None, fit: FitConfig | None = None,
                   zstd_level: int = kinds.zstd.DEFAULT_LEVEL,
-                  progress: ProgressCallback | None = None, **fit_options) -> EncodeReport:
+                  progress: ProgressCallback | None = None, workers: int = 1,
+                  journal: str | os.PathLike | None = None, **fit_options) -> EncodeReport:
         """Encode `data` (bytes, or str as UTF-8) and write the archive to `out`.
 
         With `tokens_per_segment` None, segments grow while their vectors hold
         them (the fit sets each length); with N, text is cut every N tokens.
+        `workers` > 1 fits in that many processes. With `journal` (a directory),
+        each finished segment is kept there, and a rerun of the same encoding fits
+        only what is missing; the caller removes it once the archive is safe.
         Extra keyword options (vectors, max_steps, lr, batch_size, margin, …) set
         fields of the FitConfig.
         """
@@ -196,16 +211,31 @@ class Codec:
         except TypeError as e:
             raise OptionError(f"unknown encoder option: {e}") from None
         _check_fit_options(fit, tokens_per_segment, zstd_level)
+        if workers < 1:
+            raise OptionError("workers must be at least 1")
 
+        sha256 = hashlib.sha256(data).digest()
         if method == "zstd":
             regions, lm, growing = [segmenting.Piece(data, None)], None, False
         else:
             lm = self.model(model)  # the user named it (or the embedded one): it may be fetched
             growing = tokens_per_segment is None
             regions = list(segmenting.plan(data, lm.tokenizer, tokens_per_segment
-                                           or region_tokens(len(data), fit.batch_size)))
+                                           or region_tokens(len(data), fit.batch_size * workers)))
+        fitter = None
+        if workers > 1 and lm is not None:
+            from .workers import fit_in_workers
+
+            spec = model or self.default_model
+            fitter = lambda plan: fit_in_workers(spec, plan, fit, workers)  # noqa: E731
+        book = None
+        if journal is not None:
+            book = Journal(journal, {"input_sha256": sha256.hex(), "method": method,
+                                     "tokens_per_segment": tokens_per_segment, "zstd_level": zstd_level,
+                                     "fit": repr(fit), "model": lm and [lm.model_id, lm.weights_sha256.hex()],
+                                     "regions": [len(p.data) for p in regions]})
         return self.write_regions(regions, out, lm, fit, growing, zstd_level, progress,
-                                  expected_sha256=hashlib.sha256(data).digest())
+                                  expected_sha256=sha256, fitter=fitter, journal=book)
 
     def _fit_plan(self, regions: list[segmenting.Piece], lm: LoadedModel, fit: FitConfig, growing: bool,
                   prefix: tuple[int, ...]) -> dict[int, segmenting.Region]:
@@ -227,9 +257,11 @@ class Codec:
     def write_regions(self, regions: list[segmenting.Piece], out: BinaryIO, lm: LoadedModel | None,
                       fit: FitConfig, growing: bool, zstd_level: int = kinds.zstd.DEFAULT_LEVEL,
                       progress: ProgressCallback | None = None,
-                      expected_sha256: bytes | None = None) -> EncodeReport:
+                      expected_sha256: bytes | None = None, fitter=None,
+                      journal: Journal | None = None) -> EncodeReport:
         """Fit the regions that have tokens (growing segments within them, or each one whole),
-        fall back to zstd for the rest, write the archive."""
+        fall back to zstd for the rest, write the archive. `fitter(plan)` fits the plan
+        elsewhere (default: here); `journal` keeps each segment and gives back those kept."""
         writer = ArchiveWriter()
         run = _RawRun(writer, zstd_level)
         state = Progress(0, sum(len(p.data) for p in regions))
@@ -238,10 +270,16 @@ class Codec:
             raise OptionError(f"prefix must be at most {MAX_PREFIX_TOKENS} token ids "
                               f"below the vocabulary size {lm.vocab_size}")
         plan = self._fit_plan(regions, lm, fit, growing, prefix) if lm is not None else {}
-        fitted = fit_regions(lm, plan.items(), fit) if plan else iter(())
+        arrived: dict[int, list[kinds.CodedSegment]] = {i: [] for i in plan}
+        todo = dict(plan)
+        for i, kept in (journal.open() if journal else {}).items():
+            if i in plan:
+                arrived[i].extend(kept)
+                todo[i] = _rest_of(plan[i], sum(len(s.data) for s in kept))
+        todo = {i: r for i, r in todo.items() if r is not None}
+        fitted = (fitter or (lambda items: fit_regions(lm, items, fit)))(todo.items()) if todo else iter(())
         fits: list[SegmentFit] = []
         memory_tokens = memory_vectors = 0
-        arrived: dict[int, list[kinds.CodedSegment]] = {i: [] for i in plan}
         data_hash = hashlib.sha256()  # of what is written, to check it adds up to the input
 
         def put(segment: kinds.CodedSegment) -> None:
@@ -272,6 +310,8 @@ class Codec:
             while left:
                 while not arrived[index]:
                     key, segment = next(fitted)
+                    if journal:
+                        journal.add(key, segment)
                     arrived[key].append(segment)
                 segment = arrived[index].pop(0)
                 fits.append(SegmentFit(index, segment))

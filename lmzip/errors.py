@@ -84,3 +84,7 @@ class OutputExistsError(LmzError, FileExistsError):
 
 class WorkLimitError(LmzError):
     """Decoding the archive would take more work than the limit allows."""
+
+
+class JournalError(InputError):
+    """A resume journal belongs to another input or other options, or is unusable."""

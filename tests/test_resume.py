@@ -1,0 +1,128 @@
+"""Resumable runs (a journal beside the output) and fitting in several worker processes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import lmzip
+from lmzip import fit as fit_module
+
+from conftest import ROOT, TINY_MODEL, TINY_OPTIONS
+
+TEXT = ("Alice was beginning to get very tired of sitting by her sister on the bank, "
+        "and of having nothing to do: once or twice she had peeped into the book.")
+OPTIONS = {**TINY_OPTIONS, "tokens_per_segment": None, "start_tokens": 12, "grow_tokens": 8, "max_steps": 60}
+
+
+def kinds(blob):
+    return [s["kind"] for s in lmzip.inspect(blob)["segments"]]
+
+
+def counting_fits(monkeypatch):
+    """Count the segments the fitter closes (journaled ones are not fitted again)."""
+    closed = []
+    real = fit_module.fit_regions
+
+    def counted(lm, regions, cfg):
+        for key, segment in real(lm, regions, cfg):
+            closed.append(len(segment.data))
+            yield key, segment
+
+    monkeypatch.setattr("lmzip.codec.fit_regions", counted)
+    return closed
+
+
+def test_a_rerun_after_a_crash_fits_only_what_is_missing(codec, tmp_path, monkeypatch):
+    journal = tmp_path / "doc.lmz.journal"
+    closed = counting_fits(monkeypatch)
+    fresh = codec.encode(TEXT, **OPTIONS)
+    fresh_count = len(closed)
+    assert fresh_count >= 3 and "memory" in kinds(fresh)
+
+    closed.clear()
+    real = fit_module.fit_regions
+
+    def crashing(lm, regions, cfg):  # dies after two segments, as a kill would
+        for n, item in enumerate(real(lm, regions, cfg)):
+            if n == 2:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr("lmzip.codec.fit_regions", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        codec.encode(TEXT, journal=journal, **OPTIONS)
+    assert len(list(journal.glob("*.seg"))) == 2
+
+    closed = counting_fits(monkeypatch)
+    blob = codec.encode(TEXT, journal=journal, **OPTIONS)
+    assert len(closed) < fresh_count  # the two journaled segments were not fitted again
+    assert codec.decode(blob) == TEXT.encode()
+    assert "memory" in kinds(blob)
+
+
+def test_a_journal_of_other_input_or_options_is_refused(codec, tmp_path):
+    journal = tmp_path / "j"
+    codec.encode(TEXT, journal=journal, **{**OPTIONS, "max_steps": 0})
+    with pytest.raises(lmzip.JournalError, match="another compression \\(its input_sha256"):
+        codec.encode(TEXT + "!", journal=journal, **{**OPTIONS, "max_steps": 0})
+    with pytest.raises(lmzip.JournalError, match="its fit differ"):
+        codec.encode(TEXT, journal=journal, **{**OPTIONS, "max_steps": 0, "lr": 0.3})
+    (tmp_path / "not-a-journal").mkdir()
+    (tmp_path / "not-a-journal" / "x").write_text("x")
+    with pytest.raises(lmzip.JournalError, match="is not a journal"):
+        codec.encode(TEXT, journal=tmp_path / "not-a-journal", **OPTIONS)
+
+
+def test_a_damaged_segment_file_is_refitted_from_there(codec, tmp_path, monkeypatch):
+    journal = tmp_path / "j"
+    codec.encode(TEXT, journal=journal, **OPTIONS)
+    files = sorted(journal.glob("*.seg"))
+    assert len(files) >= 3
+    files[1].write_bytes(files[1].read_bytes()[:-1])  # truncated: the segments from it on are refitted
+    closed = counting_fits(monkeypatch)
+    blob = codec.encode(TEXT, journal=journal, **OPTIONS)
+    assert codec.decode(blob) == TEXT.encode() and len(closed) >= 1
+
+
+KILLED = """
+import sys, lmzip
+codec = lmzip.Codec(model=sys.argv[1], device="cpu")
+options = dict(tokens_per_segment=None, start_tokens=12, grow_tokens=8, max_steps=60, vectors=1, max_vectors=1,
+               lr=0.1, margin=0.5, batch_size=8, hinge=1.0, bf16=False)
+with open(sys.argv[3], "wb") as out:
+    codec.encode_to(sys.argv[2], out, journal=sys.argv[4], **options)
+"""
+
+
+def test_kill_9_half_way_then_rerun(codec, tmp_path, monkeypatch):
+    journal = tmp_path / "doc.lmz.journal"
+    child = subprocess.Popen([sys.executable, "-c", KILLED, TINY_MODEL, TEXT, str(tmp_path / "doc.lmz"),
+                              str(journal)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 300
+    while len(list(journal.glob("*.seg"))) < 2 and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    kept = len(list(journal.glob("*.seg")))
+    assert kept >= 2 and not list(journal.glob(".*.part"))  # whole segments only
+    closed = counting_fits(monkeypatch)
+    blob = codec.encode(TEXT, journal=journal, **OPTIONS)
+    assert codec.decode(blob) == TEXT.encode()
+    assert len(closed) + kept >= 3
+
+
+def test_two_workers_fit_and_the_archive_is_in_order(codec):
+    text = TEXT * 2
+    blob = codec.encode(text, workers=2, **OPTIONS)
+    assert codec.decode(blob) == text.encode()
+    assert "memory" in kinds(blob)
+
+
+def test_workers_must_be_positive(codec):
+    with pytest.raises(lmzip.OptionError, match="workers"):
+        codec.encode(TEXT, workers=0, **OPTIONS)
