@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import cli
+from lmzip import cli
 
 from conftest import FORMATS, TINY_MODEL
 
