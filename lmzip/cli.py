@@ -1,58 +1,56 @@
 """The `lmzip` command: a thin click layer over the lmzip library.
 
-It parses arguments, calls the library and turns its exceptions into one-line
-messages at one boundary (`_each_file`). Exit codes: 0 success, 1 bad data or
-failed I/O or verification, 2 usage, 130 interrupted.
+It parses arguments (xz-style short forms are rewritten into commands by
+cli_argv), calls the library and turns its exceptions into one-line messages at
+one boundary (`_attempt`). Exit codes: 0 success, 1 bad data, failed I/O or
+verification, or an internal error; 2 usage (an OptionError too); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import io
+import contextlib
 import json
 import os
 import shutil
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import click
 
 import lmzip
+from lmzip import cli_argv, export as memory_export
 from lmzip.atomic import atomic_output
-from lmzip.codec import METHODS, Progress
+from lmzip.codec import METHODS
 from lmzip.fit import FitConfig
+from lmzip.progress_line import ProgressLine
 
 SUFFIX = ".lmz"
+EXPORT_SUFFIX = ".safetensors"
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 _DEFAULTS = FitConfig()
 
 
-class _Failed(Exception):
-    """One file failed; the message is already printed."""
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed
+        return False
 
 
-class ProgressBar:
-    """A progress bar on stderr, shown only for a person watching a terminal (or -v)."""
-
-    def __init__(self, label: str, enabled: bool):
-        self.label, self.enabled, self.bar, self.last = label, enabled, None, 0
-
-    def __call__(self, p: Progress) -> None:
-        if not self.enabled:
-            return
-        if self.bar is None:
-            self.bar = click.progressbar(length=p.total, label=self.label, file=sys.stderr,
-                                         show_eta=True, show_pos=True,
-                                         item_show_func=lambda s: s)
-            self.bar.__enter__()
-        self.bar.update(p.done - self.last, f"memory {p.memory}, zstd {p.zstd}")
-        self.last = p.done
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
+@contextlib.contextmanager
+def _progress(obj: dict, label: str, unit: str):
+    """A progress callback for the library (None when no one watches); erased at the end."""
+    line = ProgressLine(label, sys.stderr, unit) if obj["progress"] else None
+    try:
+        yield line
+    finally:
+        if line is not None:
+            line.close()
 
 
 def _say(ctx_obj: dict, message: str) -> None:
@@ -69,30 +67,55 @@ def _read_input(name: str) -> bytes:
     return path.read_bytes()
 
 
-def _error_text(e: BaseException) -> str:
+def _error_text(e: BaseException, name: str) -> str:
     if isinstance(e, OSError) and e.strerror and not isinstance(e, FileExistsError):
-        return e.strerror  # the file name already leads the line
+        if e.filename in (None, name):
+            return e.strerror  # the file name already leads the line
+        return f"{e.filename}: {e.strerror}"
     return str(e)
 
 
-def _each_file(files, work) -> None:
+def _attempt(obj: dict, name: str, work) -> bool:
+    """Run work(); say what failed in one line on stderr and return False, or raise a usage error.
+
+    The library raises LmzError for everything a user can cause (OptionError: a usage
+    error, exit 2); OSError is I/O. Anything else is a bug in lmzip: one line, and the
+    traceback under -v. KeyboardInterrupt passes (the group exits 130).
+    """
+    try:
+        work()
+        return True
+    except click.ClickException:
+        raise
+    except lmzip.OptionError as e:
+        raise click.UsageError(str(e), click.get_current_context(silent=True)) from None
+    except (lmzip.LmzError, OSError) as e:
+        click.echo(f"lmzip: {name}: {_error_text(e, name)}", err=True)
+    except Exception as e:  # noqa: BLE001 - the one place that reports bugs
+        hint = " (rerun with -v for the traceback)"
+        if obj["verbose"]:
+            click.echo(traceback.format_exc().rstrip(), err=True)
+            hint = ""
+        message = " ".join(str(e).split())  # one line
+        click.echo(f"lmzip: {name}: internal error: {type(e).__name__}: {message}{hint}", err=True)
+    return False
+
+
+def _each_file(obj: dict, files, work) -> None:
     """Run work(name) on each file; report failures one line each; exit 1 if any failed."""
-    failed = False
-    for name in files:
-        try:
-            work(name)
-        except KeyboardInterrupt:
-            click.echo("lmzip: interrupted", err=True)
-            sys.exit(EXIT_INTERRUPTED)
-        except (lmzip.LmzError, OSError) as e:
-            click.echo(f"lmzip: {name}: {_error_text(e)}", err=True)
-            failed = True
+    failed = [name for name in files if not _attempt(obj, name, lambda: work(name))]
     if failed:
         sys.exit(EXIT_FAILURE)
 
 
-def _write(name: str, output: str | None, to_stdout: bool, force: bool, produce) -> None:
-    """Send what produce(stream) writes to stdout or, atomically, to `output`."""
+def _refuse_terminal(force: bool) -> None:
+    if sys.stdout.isatty() and not force:
+        raise click.UsageError("will not write binary data to a terminal (use -o, or -f to force)")
+
+
+def _write(name: str, output: str | None, to_stdout: bool, force: bool, produce, keep_stat: bool = True) -> None:
+    """Send what produce(stream) writes to stdout or, atomically, to `output` (with the
+    input's mode and times, as gzip, xz and zstd do, unless not keep_stat)."""
     if to_stdout:
         # Nothing reaches stdout unless the whole result checks out; a large one waits on disk.
         with tempfile.SpooledTemporaryFile(max_size=64 << 20) as buffer:
@@ -103,7 +126,7 @@ def _write(name: str, output: str | None, to_stdout: bool, force: bool, produce)
         return
     if name != "-" and os.path.exists(output) and os.path.samefile(name, output):
         raise lmzip.InputError(f"the output {output} is the input file")
-    with atomic_output(output, force=force) as f:
+    with atomic_output(output, force=force, like=name if keep_stat and name != "-" else None) as f:
         produce(f)
 
 
@@ -114,20 +137,57 @@ def _check_output_args(files, output, to_stdout) -> None:
         raise click.UsageError("-o and -c exclude each other")
 
 
-@click.group(context_settings=CONTEXT)
+class _Command(click.Command):
+    """A command that takes -q and -v (before its name too: the group moves them after it)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.params += [
+            click.Option(["-q", "--quiet"], is_flag=True, help="Print nothing but errors."),
+            click.Option(["-v", "--verbose"], is_flag=True,
+                         help="Print a summary per file, and the traceback of an internal error."),
+        ]
+
+    def invoke(self, ctx):
+        quiet, verbose = ctx.params.pop("quiet"), ctx.params.pop("verbose")
+        ctx.obj.update(quiet=quiet, verbose=verbose and not quiet,
+                       progress=not quiet and _stderr_is_terminal())
+        return super().invoke(ctx)
+
+
+class _Lmzip(click.Group):
+    """Reads xz-style command lines too (cli_argv); Ctrl-C anywhere in a command exits 130."""
+
+    command_class = _Command
+
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, cli_argv.rewrite(args, self.commands))
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:  # outputs in progress have removed themselves (atomic_output)
+            click.echo("lmzip: interrupted", err=True)
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+
+
+@click.group(cls=_Lmzip, context_settings=CONTEXT)
 @click.version_option(lmzip.__version__, prog_name="lmzip")
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-@click.option("-v", "--verbose", is_flag=True, help="Print a summary per file, and progress even off a terminal.")
 @click.pass_context
-def main(ctx, quiet, verbose):
+def main(ctx):
     """Lossless text compression into LLM memory vectors (.lmz).
 
-    Exit status: 0 success, 1 bad data or failed verification or I/O error,
-    2 usage error, 130 interrupted.
+    \b
+    Short forms, as in xz and zstd:
+      lmzip FILE...           compress (lmzip compress FILE...)
+      lmzip -d FILE.lmz...    decompress; -t test, -l list (info), -z compress
+      lmzip -dc FILE.lmz      short flags combine
+    -q, -v, -f, -k, -c and -o work before or after the command.
+
+    Exit status: 0 success; 1 bad data, failed verification, an I/O error or
+    an internal error; 2 usage error; 130 interrupted.
     """
-    ctx.obj = {"quiet": quiet, "verbose": verbose and not quiet,
-               "progress": not quiet and (verbose or sys.stderr.isatty()),
-               "codec": lmzip.Codec()}
+    ctx.obj = {"quiet": False, "verbose": False, "progress": False, "codec": lmzip.Codec()}
 
 
 def _output_flags(f):
@@ -203,16 +263,13 @@ def compress(obj, files, output, to_stdout, force, keep, remove, model, method, 
 
     def work(name):
         stdout = to_stdout or (name == "-" and not output)
-        if stdout and sys.stdout.isatty() and not force:
-            raise click.UsageError("will not write an archive to a terminal (use -o, or -f to force)")
+        if stdout:
+            _refuse_terminal(force)
         data = _read_input(name)
-        bar = ProgressBar(name, obj["progress"])
         reports = []
-        try:
+        with _progress(obj, name, "bytes") as bar:
             _write(name, output or f"{name}{SUFFIX}", stdout, force,
                    lambda f: reports.append(obj["codec"].encode_to(data, f, progress=bar, **options)))
-        finally:
-            bar.close()
         r = reports[0]
         if obj["verbose"]:
             _say(obj, f"{name}: {r.original_size} -> {r.archive_size} bytes; {r.memory_segments} memory "
@@ -221,7 +278,7 @@ def compress(obj, files, output, to_stdout, force, keep, remove, model, method, 
         if remove and name != "-" and not stdout:  # as gzip: -c never deletes the input
             os.unlink(name)
 
-    _each_file(files, work)
+    _each_file(obj, files, work)
 
 
 def _decompressed_name(name: str) -> str:
@@ -244,16 +301,13 @@ def decompress(obj, files, output, to_stdout, force, keep, remove, model):
         stdout = to_stdout or (name == "-" and not output)
         target = output or (None if stdout else _decompressed_name(name))
         blob = _read_input(name)
-        bar = ProgressBar(name, obj["progress"])
-        try:
+        with _progress(obj, name, "segments") as bar:
             _write(name, target, stdout, force,
                    lambda f: obj["codec"].decode_to(blob, f, model=model, progress=bar))
-        finally:
-            bar.close()
         if remove and name != "-" and not stdout:
             os.unlink(name)
 
-    _each_file(files, work)
+    _each_file(obj, files, work)
 
 
 @main.command(context_settings=CONTEXT)
@@ -271,14 +325,12 @@ def test(obj, files, model):
             return len(b)
 
     def work(name):
-        bar = ProgressBar(name, obj["progress"])
-        try:
-            obj["codec"].decode_to(_read_input(name), Sink(), model=model, progress=bar)
-        finally:
-            bar.close()
+        blob = _read_input(name)
+        with _progress(obj, name, "segments") as bar:
+            obj["codec"].decode_to(blob, Sink(), model=model, progress=bar)
         _say(obj, f"{name}: OK")
 
-    _each_file(files, work)
+    _each_file(obj, files, work)
 
 
 def _info_table(name: str, info: dict) -> str:
@@ -300,7 +352,8 @@ def _info_table(name: str, info: dict) -> str:
 @main.command(context_settings=CONTEXT)
 @click.argument("files", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON, one object per file.")
-def info(files, as_json):
+@click.pass_obj
+def info(obj, files, as_json):
     """Describe archives (header and segments) without decoding them."""
 
     def work(name):
@@ -310,7 +363,7 @@ def info(files, as_json):
         else:
             click.echo(_info_table(name, described))
 
-    _each_file(files, work)
+    _each_file(obj, files, work)
 
 
 @main.command(context_settings=CONTEXT)
@@ -338,20 +391,19 @@ def bench(obj, paths, chunk_chars, limit, skip, model, tokens_per_segment, whole
     from lmzip import bench as benchmark
 
     fit = _fit_config(fit_params)
-    bar = ProgressBar("bench", obj["progress"])
-    try:
-        result = benchmark.run(obj["codec"], list(paths), chunk_chars=chunk_chars, limit=limit or None,
-                               skip=skip, model=model, fit=fit,
-                               tokens_per_segment=tokens_per_segment, whole=whole, progress=bar)
-    except (lmzip.LmzError, OSError, UnicodeDecodeError) as e:
-        raise click.ClickException(_error_text(e)) from None
-    except KeyboardInterrupt:
-        click.echo("lmzip: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    finally:
-        bar.close()
-    click.echo(benchmark.format_table(result))
-    try:
+    result = {}
+
+    def measure():
+        with _progress(obj, "bench", "bytes") as bar:
+            try:
+                result.update(benchmark.run(obj["codec"], list(paths), chunk_chars=chunk_chars,
+                                            limit=limit or None, skip=skip, model=model, fit=fit,
+                                            tokens_per_segment=tokens_per_segment, whole=whole,
+                                            progress=bar))
+            except UnicodeDecodeError as e:  # bench.load_chunks reads the files as UTF-8
+                raise lmzip.InputError(f"not UTF-8 text: {e}") from None
+
+    def save():
         if json_out:
             with atomic_output(json_out, force=True) as f:
                 f.write(json.dumps({k: v for k, v in result.items() if k != "archive"}, indent=2).encode())
@@ -360,9 +412,47 @@ def bench(obj, paths, chunk_chars, limit, skip, model, tokens_per_segment, whole
         if archive_out:
             with atomic_output(archive_out, force=True) as f:
                 f.write(result["archive"])
-    except (lmzip.LmzError, OSError) as e:
-        raise click.ClickException(_error_text(e)) from None
+
+    if not _attempt(obj, "bench", measure):
+        sys.exit(EXIT_FAILURE)
+    click.echo(benchmark.format_table(result))
+    if not _attempt(obj, "bench", save):
+        sys.exit(EXIT_FAILURE)
+
+
+def _export_name(name: str) -> str:
+    return (name[: -len(SUFFIX)] if name.endswith(SUFFIX) and name != SUFFIX else name) + EXPORT_SUFFIX
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("files", nargs=-1, required=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to this file.")
+@click.option("-c", "--stdout", "to_stdout", is_flag=True, help="Write to standard output.")
+@click.option("-f", "--force", is_flag=True, help="Overwrite existing output files.")
+@click.pass_obj
+def export(obj, files, output, to_stdout, force):
+    """Write the memory vectors of FILE.lmz to FILE.safetensors, to feed to the model.
+
+    One float16 tensor segment.N.vectors (K, H) per memory segment; as metadata,
+    each one's prefix token ids, token count and byte span, and the model's id
+    and fingerprints. The model regenerates segment N by greedy decoding from the
+    prefix tokens' embeddings and the vectors as inputs_embeds (README).
+    """
+    _check_output_args(files, output, to_stdout)
+
+    def work(name):
+        stdout = to_stdout or (name == "-" and not output)
+        if stdout:
+            _refuse_terminal(force)
+        blob = _read_input(name)
+        target = output or (None if stdout else _export_name(name))
+        _write(name, target, stdout, force, lambda f: f.write(memory_export.to_safetensors(blob)),
+               keep_stat=False)
+        if obj["verbose"]:
+            _say(obj, f"{name}: {len(memory_export.memory(blob))} memory segments -> {target or 'stdout'}")
+
+    _each_file(obj, files, work)
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="lmzip")
