@@ -21,18 +21,17 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, force: bool = False, like: str | os.PathLike | None = None):
+def atomic_output(path: str | os.PathLike, force: bool = False, like: os.stat_result | None = None):
     """Yield a binary file that becomes `path` when the block succeeds.
 
-    With `like`, the output takes that file's permission bits and access and
-    modification times, as gzip, xz and zstd give their outputs the input's.
+    With `like` (the input's status), the output takes its permission bits and
+    access and modification times, as gzip, xz and zstd give their outputs the input's.
     """
     path = Path(path)
     if path.exists() and not force:
         raise OutputExistsError(f"{path} already exists (use -f to overwrite)")
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory")
-    source = os.stat(like) if like is not None else None
     # mkstemp makes it 0600, so nothing can read it before it has its final mode
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent or ".")
     try:
@@ -40,10 +39,10 @@ def atomic_output(path: str | os.PathLike, force: bool = False, like: str | os.P
             yield f
             f.flush()
             # without `like`, act like open(); setuid, setgid and sticky bits are not copied
-            os.fchmod(f.fileno(), source.st_mode & 0o777 if source else 0o666 & ~_umask())
+            os.fchmod(f.fileno(), like.st_mode & 0o777 if like is not None else 0o666 & ~_umask())
             os.fsync(f.fileno())
-        if source:
-            os.utime(tmp, ns=(source.st_atime_ns, source.st_mtime_ns))
+        if like is not None:
+            os.utime(tmp, ns=(like.st_atime_ns, like.st_mtime_ns))
         if path.exists() and not force:  # appeared while we worked
             raise OutputExistsError(f"{path} already exists (use -f to overwrite)")
         os.replace(tmp, path)

@@ -58,13 +58,19 @@ def _say(ctx_obj: dict, message: str) -> None:
         click.echo(message, err=True)
 
 
-def _read_input(name: str) -> bytes:
+def _read_with_stat(name: str) -> tuple[bytes, os.stat_result | None]:
+    """The input's bytes, and its status from before reading (None for standard input)."""
     if name == "-":
-        return sys.stdin.buffer.read()
-    path = Path(name)
-    if path.is_dir():
+        return sys.stdin.buffer.read(), None
+    if Path(name).is_dir():
         raise IsADirectoryError(f"{name} is a directory")
-    return path.read_bytes()
+    with open(name, "rb") as f:
+        status = os.fstat(f.fileno())  # before reading changes the access time
+        return f.read(), status
+
+
+def _read_input(name: str) -> bytes:
+    return _read_with_stat(name)[0]
 
 
 def _error_text(e: BaseException, name: str) -> str:
@@ -113,9 +119,10 @@ def _refuse_terminal(force: bool) -> None:
         raise click.UsageError("will not write binary data to a terminal (use -o, or -f to force)")
 
 
-def _write(name: str, output: str | None, to_stdout: bool, force: bool, produce, keep_stat: bool = True) -> None:
+def _write(name: str, output: str | None, to_stdout: bool, force: bool, produce,
+           like: os.stat_result | None = None) -> None:
     """Send what produce(stream) writes to stdout or, atomically, to `output` (with the
-    input's mode and times, as gzip, xz and zstd do, unless not keep_stat)."""
+    mode and times of `like`, the input's, as gzip, xz and zstd do)."""
     if to_stdout:
         # Nothing reaches stdout unless the whole result checks out; a large one waits on disk.
         with tempfile.SpooledTemporaryFile(max_size=64 << 20) as buffer:
@@ -126,7 +133,7 @@ def _write(name: str, output: str | None, to_stdout: bool, force: bool, produce,
         return
     if name != "-" and os.path.exists(output) and os.path.samefile(name, output):
         raise lmzip.InputError(f"the output {output} is the input file")
-    with atomic_output(output, force=force, like=name if keep_stat and name != "-" else None) as f:
+    with atomic_output(output, force=force, like=like) as f:
         produce(f)
 
 
@@ -265,11 +272,11 @@ def compress(obj, files, output, to_stdout, force, keep, remove, model, method, 
         stdout = to_stdout or (name == "-" and not output)
         if stdout:
             _refuse_terminal(force)
-        data = _read_input(name)
+        data, status = _read_with_stat(name)
         reports = []
         with _progress(obj, name, "bytes") as bar:
             _write(name, output or f"{name}{SUFFIX}", stdout, force,
-                   lambda f: reports.append(obj["codec"].encode_to(data, f, progress=bar, **options)))
+                   lambda f: reports.append(obj["codec"].encode_to(data, f, progress=bar, **options)), status)
         r = reports[0]
         if obj["verbose"]:
             _say(obj, f"{name}: {r.original_size} -> {r.archive_size} bytes; {r.memory_segments} memory "
@@ -300,10 +307,10 @@ def decompress(obj, files, output, to_stdout, force, keep, remove, model):
     def work(name):
         stdout = to_stdout or (name == "-" and not output)
         target = output or (None if stdout else _decompressed_name(name))
-        blob = _read_input(name)
+        blob, status = _read_with_stat(name)
         with _progress(obj, name, "segments") as bar:
             _write(name, target, stdout, force,
-                   lambda f: obj["codec"].decode_to(blob, f, model=model, progress=bar))
+                   lambda f: obj["codec"].decode_to(blob, f, model=model, progress=bar), status)
         if remove and name != "-" and not stdout:
             os.unlink(name)
 
@@ -446,8 +453,7 @@ def export(obj, files, output, to_stdout, force):
             _refuse_terminal(force)
         blob = _read_input(name)
         target = output or (None if stdout else _export_name(name))
-        _write(name, target, stdout, force, lambda f: f.write(memory_export.to_safetensors(blob)),
-               keep_stat=False)
+        _write(name, target, stdout, force, lambda f: f.write(memory_export.to_safetensors(blob)))
         if obj["verbose"]:
             _say(obj, f"{name}: {len(memory_export.memory(blob))} memory segments -> {target or 'stdout'}")
 

@@ -78,7 +78,7 @@ def rewrite(args: list[str], commands: dict[str, click.Command]) -> list[str]:
             i = _short_cluster(token, args, i, valued, out, modes)
         elif first is None and token in commands:
             if modes:
-                raise click.UsageError(f"{modes[0]} names the command, so '{token}' cannot "
+                raise click.UsageError(f"{modes[0]} and the command name '{token}' exclude each other "
                                        f"(for a file named {token}, put -- before it)")
             return [token, *out, *args[i:]]
         else:
