@@ -8,8 +8,8 @@ verification, or an internal error; 2 usage (an OptionError too); 130 interrupte
 
 from __future__ import annotations
 
-import io
 import contextlib
+import io
 import json
 import os
 import shutil
