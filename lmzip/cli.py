@@ -62,11 +62,11 @@ def _read_with_stat(name: str) -> tuple[bytes, os.stat_result | None]:
     """The input's bytes, and its status from before reading (None for standard input)."""
     if name == "-":
         return sys.stdin.buffer.read(), None
-    if Path(name).is_dir():
+    path = Path(name)
+    if path.is_dir():
         raise IsADirectoryError(f"{name} is a directory")
-    with open(name, "rb") as f:
-        status = os.fstat(f.fileno())  # before reading changes the access time
-        return f.read(), status
+    status = path.stat()  # before reading changes the access time
+    return path.read_bytes(), status
 
 
 def _read_input(name: str) -> bytes:
