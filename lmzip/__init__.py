@@ -1,7 +1,8 @@
 """lmzip: lossless text compression into LLM memory vectors, in a .lmz container.
 
 `encode()` and `decode()` are one-shot wrappers over `Codec`, which keeps the
-loaded model between calls.
+loaded model between calls; `memory()` reads an archive's memory vectors as
+plain data.
 """
 
 from .codec import Codec, EncodeReport, Progress, inspect
@@ -28,6 +29,7 @@ from .errors import (
     UnsupportedVersionError,
     WorkLimitError,
 )
+from .export import MemorySegment, memory
 from .fit import FitConfig
 
 __version__ = "0.1.0"
@@ -53,7 +55,8 @@ def decode(blob, **options) -> bytes:
 
 
 __all__ = [
-    "Codec", "EncodeReport", "FitConfig", "Progress", "encode", "decode", "inspect",
+    "Codec", "EncodeReport", "FitConfig", "Progress", "encode", "decode", "inspect", "memory",
+    "MemorySegment",
     "FORMAT_VERSION", "MAGIC", "LmzError", "NotLmzError", "UnsupportedVersionError",
     "TruncatedError", "TrailingDataError", "HeaderError", "LimitError", "SegmentTableError",
     "SegmentError", "ContentChecksumError", "ModelError", "ModelUnavailableError",

@@ -1,5 +1,5 @@
 """`python -m lmzip` runs the lmzip command."""
 
-from cli import main
+from .cli import main
 
 main(prog_name="lmzip")

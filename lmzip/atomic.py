@@ -21,19 +21,28 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, force: bool = False):
+def atomic_output(path: str | os.PathLike, force: bool = False, like: os.stat_result | None = None):
+    """Yield a binary file that becomes `path` when the block succeeds.
+
+    With `like` (the input's status), the output takes its permission bits and
+    access and modification times, as gzip, xz and zstd give their outputs the input's.
+    """
     path = Path(path)
     if path.exists() and not force:
         raise OutputExistsError(f"{path} already exists (use -f to overwrite)")
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory")
+    # mkstemp makes it 0600, so nothing can read it before it has its final mode
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent or ".")
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would surprise; act like open()
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
+            # without `like`, act like open(); setuid, setgid and sticky bits are not copied
+            os.fchmod(f.fileno(), like.st_mode & 0o777 if like is not None else 0o666 & ~_umask())
             os.fsync(f.fileno())
+        if like is not None:
+            os.utime(tmp, ns=(like.st_atime_ns, like.st_mtime_ns))
         if path.exists() and not force:  # appeared while we worked
             raise OutputExistsError(f"{path} already exists (use -f to overwrite)")
         os.replace(tmp, path)

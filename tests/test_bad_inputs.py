@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import cli
 import lmzip
+from lmzip import cli
 
 from conftest import TINY_MODEL, TINY_OPTIONS
 

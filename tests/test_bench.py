@@ -5,9 +5,8 @@ import json
 
 from click.testing import CliRunner
 
-import cli
 import lmzip
-from lmzip import bench
+from lmzip import bench, cli
 
 from conftest import TINY_MODEL, TINY_OPTIONS
 

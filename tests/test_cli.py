@@ -4,17 +4,20 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
 
-import cli
+import lmzip
+from lmzip import cli, progress_line
 
-from conftest import FORMATS, TINY_MODEL
+from conftest import FORMATS, ROOT, TINY_MODEL
 
 TINY_ARGS = ["--model", TINY_MODEL, "--tokens", "8", "--vectors", "1", "--max-vectors", "1",
              "--lr", "0.1", "--margin", "0.5", "--no-bf16"]
@@ -152,8 +155,8 @@ def test_installed_command(tmp_path):
 def test_ctrl_c_leaves_no_output_and_exits_130(tmp_path):
     src = tmp_path / "long.txt"
     src.write_text("A long text that takes a while to fit. " * 200)
-    proc = subprocess.Popen([installed_lmzip(), "compress", *TINY_ARGS, "--max-steps", "100000",
-                             "--margin", "1000", str(src)], stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "lmzip", "compress", *TINY_ARGS, "--max-steps", "100000",
+                             "--margin", "1000", str(src)], stderr=subprocess.PIPE, cwd=ROOT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not any(p.name.endswith(".part") for p in tmp_path.iterdir()):
         time.sleep(0.2)  # wait until it is writing
@@ -162,3 +165,167 @@ def test_ctrl_c_leaves_no_output_and_exits_130(tmp_path):
     assert proc.wait(timeout=60) == 130
     assert "interrupted" in proc.stderr.read().decode()
     assert [p.name for p in tmp_path.iterdir()] == ["long.txt"]
+
+
+def test_python_m_lmzip_and_the_checkout_script(tmp_path):
+    for command in ([sys.executable, "-m", "lmzip"], [sys.executable, "cli.py"]):
+        done = subprocess.run([*command, "-l", str(FORMATS / "good-zstd-text.lmz")], capture_output=True, cwd=ROOT)
+        assert done.returncode == 0 and b"1 segments" in done.stdout, (command, done.stderr)
+
+
+def test_xz_style_short_forms(workdir):
+    assert run("--method", "zstd", "doc.txt").exit_code == 0  # lmzip FILE compresses
+    assert Path("doc.txt.lmz").read_bytes()[:4] == b"\x89LMZ"
+    r = run("-dc", "doc.txt.lmz")
+    assert r.exit_code == 0 and r.stdout_bytes == TEXT
+    r = run("doc.txt.lmz", "--decompress", "-c")  # the mode flag may follow the file, as in xz
+    assert r.exit_code == 0 and r.stdout_bytes == TEXT
+    r = run("-t", "doc.txt.lmz")
+    assert r.exit_code == 0 and r.stderr == "doc.txt.lmz: OK\n"
+    r = run("-l", "--json", "doc.txt.lmz")
+    assert json.loads(r.stdout)["original_size"] == len(TEXT)
+    os.rename("doc.txt", "orig.txt")
+    assert run("-d", "doc.txt.lmz").exit_code == 0 and Path("doc.txt").read_bytes() == TEXT
+    assert run("-zf", "--method", "zstd", "doc.txt").exit_code == 0
+    Path("test").write_bytes(TEXT)  # a file named like a command: after --
+    assert run("--method", "zstd", "--", "test").exit_code == 0 and Path("test.lmz").exists()
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_common_flags_before_or_after_the_command(workdir, before):
+    def lmzip_(command, flags, *rest):
+        return run(*flags, command, *rest) if before else run(command, *flags, *rest)
+
+    r = lmzip_("compress", ["-v"], "--method", "zstd", "doc.txt")
+    assert r.exit_code == 0 and r.stderr.startswith("doc.txt: 25 -> ")
+    r = lmzip_("compress", ["-q", "-f", "-k"], "--method", "zstd", "doc.txt")
+    assert r.exit_code == 0 and r.stderr == ""
+    r = lmzip_("test", ["-q"], "doc.txt.lmz")
+    assert r.exit_code == 0 and r.stderr == ""
+    r = lmzip_("compress", ["-qc"], "--method", "zstd", "doc.txt")
+    assert r.exit_code == 0 and r.stdout_bytes[:4] == b"\x89LMZ"
+    r = lmzip_("decompress", ["-o", "back.txt"], "doc.txt.lmz")
+    assert r.exit_code == 0 and Path("back.txt").read_bytes() == TEXT
+
+
+def test_ambiguous_command_lines_are_usage_errors(workdir):
+    for args, message in [(["-d", "-t", "doc.txt"], "-d and -t exclude each other"),
+                          (["-d", "compress", "doc.txt"], "-d and the command name 'compress' exclude"),
+                          (["nothere.txt"], "no command or file named 'nothere.txt'"),
+                          (["-q"], "Missing argument"),
+                          (["doc.txt", "-x"], "No such option '-x'")]:
+        r = run(*args)
+        assert r.exit_code == 2 and message in r.stderr, (args, r.stderr)
+    assert os.listdir() == ["doc.txt"]
+
+
+def test_outputs_keep_the_inputs_mode_and_times(workdir):
+    times = (1_500_000_000_123_456_789, 1_600_000_000_987_654_321)
+    os.chmod("doc.txt", 0o640)
+    os.utime("doc.txt", ns=times)
+    assert run("compress", "--method", "zstd", "doc.txt").exit_code == 0
+    st = os.stat("doc.txt.lmz")
+    assert (stat.S_IMODE(st.st_mode), st.st_atime_ns, st.st_mtime_ns) == (0o640, *times)
+    os.rename("doc.txt", "orig.txt")
+    os.chmod("doc.txt.lmz", 0o604)
+    assert run("decompress", "doc.txt.lmz").exit_code == 0
+    st = os.stat("doc.txt")
+    assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (0o604, times[1])
+    r = CliRunner().invoke(cli.main, ["compress", "--method", "zstd", "-o", "piped.lmz", "-"], input=TEXT)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert r.exit_code == 0 and stat.S_IMODE(os.stat("piped.lmz").st_mode) == 0o666 & ~mask
+
+
+def test_progress_only_on_a_terminal_and_not_under_q(workdir, monkeypatch):
+    r = run("compress", "--method", "zstd", "doc.txt")
+    assert r.exit_code == 0 and r.stderr == ""  # CliRunner's stderr is not a terminal
+    monkeypatch.setattr(cli, "_stderr_is_terminal", lambda: True)
+    r = run("compress", "--method", "zstd", "-f", "doc.txt")
+    assert "\rdoc.txt: 100% of 25 bytes, 1 segments (0 memory, 1 zstd), done in 0:00\x1b[K" in r.stderr
+    assert r.stderr.endswith("\r\x1b[K")  # erased when done
+    r = run("test", "doc.txt.lmz")
+    assert "\rdoc.txt.lmz: segment 1/1 (0 memory, 1 zstd), done in " in r.stderr
+    assert run("-q", "compress", "--method", "zstd", "-f", "doc.txt").stderr == ""
+
+
+def test_progress_line_counts_segments_tokens_and_eta():
+    p = SimpleNamespace(done=50, total=200, memory=3, zstd=1, tokens=812)
+    assert progress_line.describe("doc.txt", p, 30.0, "bytes") == (
+        "doc.txt: 25% of 200 bytes, 4 segments (3 memory, 1 zstd), 812 tokens fitted, ETA 1:30")
+    p = SimpleNamespace(done=0, total=10, memory=0, zstd=0)
+    assert progress_line.describe("a.lmz", p, 0.0, "segments") == "a.lmz: segment 0/10 (0 memory, 0 zstd), ETA -:--"
+    assert progress_line.clock_text(3725) == "1:02:05"
+
+    class Terminal(list):
+        def write(self, text):
+            self.append(text)
+
+        def flush(self):
+            pass
+
+    now = [0.0]
+    screen = Terminal()
+    line = progress_line.ProgressLine("x", screen, "segments", clock=lambda: now[0])
+    for t, done in [(0.0, 0), (0.1, 1), (0.3, 2), (0.35, 4)]:
+        now[0] = t
+        line(SimpleNamespace(done=done, total=4, memory=done, zstd=0))
+    assert [s.split(",")[0] for s in screen] == ["\rx: segment 0/4 (0 memory", "\rx: segment 2/4 (2 memory",
+                                                 "\rx: segment 4/4 (4 memory"]  # 0.1 s: too soon
+    line.close()
+    assert screen[-1] == "\r\x1b[K"
+
+
+def broken(exception):
+    def encode_to(*args, **kwargs):
+        raise exception
+    return encode_to
+
+
+def test_an_internal_error_is_one_line_and_v_shows_the_traceback(workdir, monkeypatch):
+    monkeypatch.setattr(lmzip.Codec, "encode_to", broken(ValueError("bad\nthing")))
+    r = run("compress", "--method", "zstd", "doc.txt")
+    assert r.exit_code == 1
+    assert r.stderr == ("lmzip: doc.txt: internal error: ValueError: bad thing "
+                        "(rerun with -v for the traceback)\n")
+    r = run("-v", "compress", "--method", "zstd", "doc.txt")
+    assert r.exit_code == 1 and r.stderr.startswith("Traceback (most recent call last):")
+    assert r.stderr.endswith("\nlmzip: doc.txt: internal error: ValueError: bad thing\n")
+    assert os.listdir() == ["doc.txt"]
+
+
+def test_option_errors_exit_2_and_other_lmz_errors_1(workdir, monkeypatch):
+    monkeypatch.setattr(lmzip.Codec, "encode_to", broken(lmzip.OptionError("margin must be a number")))
+    r = run("compress", "--method", "zstd", "doc.txt")
+    assert r.exit_code == 2 and "Error: margin must be a number" in r.stderr
+    monkeypatch.setattr(lmzip.Codec, "encode_to", broken(lmzip.InputError("unusable")))
+    r = run("compress", "--method", "zstd", "doc.txt")
+    assert r.exit_code == 1 and r.stderr == "lmzip: doc.txt: unusable\n"
+
+
+def test_ctrl_c_in_process_exits_130_and_leaves_nothing(workdir, monkeypatch):
+    def interrupted(self, data, out, **options):
+        out.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lmzip.Codec, "encode_to", interrupted)
+    r = run("compress", "--method", "zstd", "doc.txt", "doc.txt")
+    assert r.exit_code == 130 and r.stderr == "lmzip: interrupted\n"
+    assert os.listdir() == ["doc.txt"]
+
+
+def _library_raises_option_error() -> bool:
+    try:
+        lmzip.encode(b"x", method="zstd", zstd_level=0)
+    except lmzip.OptionError:
+        return True
+    except lmzip.InputError:
+        return False
+    return False
+
+
+@pytest.mark.skipif(not _library_raises_option_error(), reason="until the library raises OptionError (issue 18)")
+def test_inconsistent_options_exit_2(workdir):
+    r = run("compress", "--start-tokens", "50", "--max-tokens", "10", "doc.txt")
+    assert r.exit_code == 2 and "start tokens" in r.stderr
+    assert run("compress", "--method", "zstd", "--level", "0", "doc.txt").exit_code == 2  # click's range
