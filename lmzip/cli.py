@@ -260,13 +260,18 @@ def _fit_config(params: dict) -> FitConfig:
 @_fit_flags
 @click.option("--level", type=click.IntRange(1, 22), default=19, show_default=True,
               help="zstd level for segments stored as zstd.")
+@click.option("--workers", default="auto", show_default=True, metavar="N|auto",
+              help="Fitting processes: auto is one one-thread process per core, or one per GPU.")
+@click.option("--journal/--no-journal", default=True, show_default=True,
+              help="Keep finished segments in OUTPUT.journal, so that rerunning the same command after a "
+              "crash fits only what is missing (removed on success).")
 @click.pass_obj
 def compress(obj, files, output, to_stdout, force, keep, remove, model, method, tokens_per_segment,
-             level, **fit_params):
+             level, workers, journal, **fit_params):
     """Compress FILES (or - for standard input) to FILE.lmz."""
     _check_output_args(files, output, to_stdout)
     options = dict(method=method, model=model, tokens_per_segment=tokens_per_segment,
-                   fit=_fit_config(fit_params), zstd_level=level)
+                   fit=_fit_config(fit_params), zstd_level=level, workers=_workers(workers))
 
     def work(name):
         stdout = to_stdout or (name == "-" and not output)
@@ -274,9 +279,14 @@ def compress(obj, files, output, to_stdout, force, keep, remove, model, method, 
             _refuse_terminal(force)
         data, status = _read_with_stat(name)
         reports = []
+        target = output or f"{name}{SUFFIX}"
+        book = f"{target}.journal" if journal and not stdout and method != "zstd" else None
         with _progress(obj, name, "bytes") as bar:
-            _write(name, output or f"{name}{SUFFIX}", stdout, force,
-                   lambda f: reports.append(obj["codec"].encode_to(data, f, progress=bar, **options)), status)
+            _write(name, target, stdout, force,
+                   lambda f: reports.append(obj["codec"].encode_to(data, f, progress=bar, journal=book,
+                                                                   **options)), status)
+        if book:
+            shutil.rmtree(book, ignore_errors=True)  # the archive is safely written: the journal is done
         r = reports[0]
         if obj["verbose"]:
             _say(obj, f"{name}: {r.original_size} -> {r.archive_size} bytes; {r.memory_segments} memory "
@@ -286,6 +296,26 @@ def compress(obj, files, output, to_stdout, force, keep, remove, model, method, 
             os.unlink(name)
 
     _each_file(obj, files, work)
+
+
+def _workers(value: str) -> int:
+    if value == "auto":
+        from lmzip.workers import default_workers
+
+        return default_workers()
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise click.BadParameter(f"{value!r} is not a number of workers (or auto)", param_hint="--workers")
+
+
+def _decode_flags(f):
+    """How far decoding may go: downloads and work."""
+    f = click.option("--allow-download", is_flag=True, default=None,
+                     help="Let a hub model the archive names be downloaded [env LMZIP_ALLOW_DOWNLOAD=1].")(f)
+    f = click.option("--work-limit", type=click.IntRange(0), default=None, metavar="TOKENS",
+                     help="Refuse archives that need more model steps than this "
+                     "[env LMZIP_WORK_LIMIT; default 2^26].")(f)
+    return f
 
 
 def _decompressed_name(name: str) -> str:
@@ -299,8 +329,9 @@ def _decompressed_name(name: str) -> str:
 @_output_flags
 @click.option("--model", help="Where to find the archive's model (hub ID or local directory), "
               "if not where the archive says.")
+@_decode_flags
 @click.pass_obj
-def decompress(obj, files, output, to_stdout, force, keep, remove, model):
+def decompress(obj, files, output, to_stdout, force, keep, remove, model, allow_download, work_limit):
     """Decompress FILE.lmz to FILE (or - for standard input, to standard output)."""
     _check_output_args(files, output, to_stdout)
 
@@ -310,7 +341,8 @@ def decompress(obj, files, output, to_stdout, force, keep, remove, model):
         blob, status = _read_with_stat(name)
         with _progress(obj, name, "segments") as bar:
             _write(name, target, stdout, force,
-                   lambda f: obj["codec"].decode_to(blob, f, model=model, progress=bar), status)
+                   lambda f: obj["codec"].decode_to(blob, f, model=model, progress=bar, work_limit=work_limit,
+                                                    allow_download=allow_download), status)
         if remove and name != "-" and not stdout:
             os.unlink(name)
 
@@ -320,8 +352,11 @@ def decompress(obj, files, output, to_stdout, force, keep, remove, model):
 @main.command(context_settings=CONTEXT)
 @click.argument("files", nargs=-1, required=True)
 @click.option("--model", help="Where to find the archive's model, if not where the archive says.")
+@click.option("--no-model", is_flag=True, help="Check structure and every stored payload's CRC-32 only "
+              "(format 3), without loading a model or decoding.")
+@_decode_flags
 @click.pass_obj
-def test(obj, files, model):
+def test(obj, files, model, no_model, allow_download, work_limit):
     """Decode FILES and verify every checksum, writing nothing."""
 
     class Sink(io.RawIOBase):
@@ -333,8 +368,14 @@ def test(obj, files, model):
 
     def work(name):
         blob = _read_input(name)
+        if no_model:
+            archive = obj["codec"].check(blob)
+            unchecked = " (payloads unchecked: format 1/2 has no payload CRC)" if archive.header.version < 3 else ""
+            _say(obj, f"{name}: OK, payloads intact{unchecked}; content not decoded")
+            return
         with _progress(obj, name, "segments") as bar:
-            obj["codec"].decode_to(blob, Sink(), model=model, progress=bar)
+            obj["codec"].decode_to(blob, Sink(), model=model, progress=bar, work_limit=work_limit,
+                                   allow_download=allow_download)
         _say(obj, f"{name}: OK")
 
     _each_file(obj, files, work)

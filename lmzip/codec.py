@@ -223,6 +223,7 @@ class Codec:
             regions = list(segmenting.plan(data, lm.tokenizer, tokens_per_segment
                                            or region_tokens(len(data), fit.batch_size * workers)))
         fitter = None
+        workers = min(workers, sum(p.ids is not None for p in regions))  # a worker per region at most
         if workers > 1 and lm is not None:
             from .workers import fit_in_workers
 

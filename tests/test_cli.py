@@ -242,7 +242,7 @@ def test_progress_only_on_a_terminal_and_not_under_q(workdir, monkeypatch):
     assert r.exit_code == 0 and r.stderr == ""  # CliRunner's stderr is not a terminal
     monkeypatch.setattr(cli, "_stderr_is_terminal", lambda: True)
     r = run("compress", "--method", "zstd", "-f", "doc.txt")
-    assert "\rdoc.txt: 100% of 25 bytes, 1 segments (0 memory, 1 zstd), done in 0:00\x1b[K" in r.stderr
+    assert "\rdoc.txt: 100% of 25 bytes, 1 segments (0 memory, 1 zstd), 0 tokens fitted, done" in r.stderr
     assert r.stderr.endswith("\r\x1b[K")  # erased when done
     r = run("test", "doc.txt.lmz")
     assert "\rdoc.txt.lmz: segment 1/1 (0 memory, 1 zstd), done in " in r.stderr
@@ -329,3 +329,35 @@ def test_inconsistent_options_exit_2(workdir):
     r = run("compress", "--start-tokens", "50", "--max-tokens", "10", "doc.txt")
     assert r.exit_code == 2 and "start tokens" in r.stderr
     assert run("compress", "--method", "zstd", "--level", "0", "doc.txt").exit_code == 2  # click's range
+
+
+def test_test_without_the_model_checks_every_payload(workdir):
+    shutil.copy(FORMATS / "good-memory-tiny.lmz", "a.lmz")
+    r = run("test", "--no-model", "a.lmz")
+    assert r.exit_code == 0 and "a.lmz: OK, payloads intact; content not decoded" in r.stderr
+    shutil.copy(FORMATS / "bad-payload-checksum.lmz", "b.lmz")
+    r = run("test", "--no-model", "b.lmz")
+    assert r.exit_code == 1 and "payload checksum mismatch" in r.stderr
+
+
+def test_work_limit_and_download_flags(workdir):
+    shutil.copy(FORMATS / "good-memory-tiny.lmz", "a.lmz")
+    r = run("test", "--model", TINY_MODEL, "--work-limit", "3", "a.lmz")
+    assert r.exit_code == 1 and "over the limit of 3" in r.stderr and "--work-limit" in r.stderr
+    r = run("decompress", "--model", TINY_MODEL, "--work-limit", "100000", "--allow-download", "a.lmz")
+    assert r.exit_code == 0 and Path("a").read_bytes() == (FORMATS / "good-memory-tiny.out").read_bytes()
+
+
+def test_the_journal_is_removed_after_success_and_workers_are_checked(workdir):
+    r = run("compress", *TINY_ARGS, "--workers", "1", "doc.txt")
+    assert r.exit_code == 0 and sorted(os.listdir()) == ["doc.txt", "doc.txt.lmz"]
+    r = run("compress", *TINY_ARGS, "--workers", "none", "-f", "doc.txt")
+    assert r.exit_code == 2 and "--workers" in r.output
+
+
+def test_a_stale_journal_of_other_input_is_refused(workdir):
+    os.mkdir("doc.txt.lmz.journal")
+    Path("doc.txt.lmz.journal/manifest.json").write_text('{"journal_version": 1, "input_sha256": "00"}')
+    r = run("compress", *TINY_ARGS, "--workers", "1", "doc.txt")
+    assert r.exit_code == 1 and "of another compression" in r.stderr and "remove it" in r.stderr
+    assert not Path("doc.txt.lmz").exists()
