@@ -135,20 +135,27 @@ def _read_safetensors_header(path: Path) -> dict[str, tuple]:
 
 
 def _hash_range(h, path: Path, begin: int, end: int) -> None:
-    with path.open("rb") as f:
-        f.seek(begin)
-        left = end - begin
-        while left:
-            chunk = f.read(min(HASH_CHUNK, left))
-            if not chunk:
-                raise ModelError(f"{path} ends inside a tensor")
-            h.update(chunk)
-            left -= len(chunk)
+    try:
+        with path.open("rb") as f:
+            f.seek(begin)
+            left = end - begin
+            while left:
+                chunk = f.read(min(HASH_CHUNK, left))
+                if not chunk:
+                    raise ModelError(f"{path} ends before byte {end}")
+                h.update(chunk)
+                left -= len(chunk)
+    except OSError as e:
+        raise ModelError(f"cannot read {path}: {e}") from None
 
 
 def file_sha256(path: Path) -> bytes:
     h = hashlib.sha256()
-    _hash_range(h, Path(path), 0, Path(path).stat().st_size)
+    try:
+        size = Path(path).stat().st_size
+    except OSError as e:
+        raise ModelError(f"cannot read {path}: {e}") from None
+    _hash_range(h, Path(path), 0, size)
     return h.digest()
 
 

@@ -225,3 +225,11 @@ def test_check_matches_names_what_differs(tiny):
     tiny.check_matches("tiny-llama", tiny.tokenizer_sha256, tiny.weights_sha256)
     with pytest.raises(lmzip.ModelMismatchError, match=r"weights sha256 0000.*format 1/2 fingerprints"):
         tiny.check_matches("tiny-llama", tiny.legacy_tokenizer_sha256, bytes(32), legacy=True)
+
+
+def test_unreadable_tokenizer_file_is_a_model_error(tmp_path):
+    directory = tiny_copy(tmp_path)
+    (directory / "tokenizer.json").unlink()
+    (directory / "tokenizer.json").mkdir()  # there, but not a file that can be read
+    with pytest.raises(lmzip.ModelError):
+        fingerprints.file_sha256(directory / "tokenizer.json")
