@@ -106,15 +106,14 @@ def norm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float):
 
 
 def exp_lookup(exact: ExactModel, scaled: torch.Tensor) -> torch.Tensor:
-    """E[round(d)] for d = x * 1024 >= 0 (float), clamped to the table's last entry (0)."""
-    last = exact.exp.shape[0] - 1
-    n = torch.round(torch.clamp(scaled, max=float(last)))
-    return exact.exp[n.long()]
+    """E[round(d)] for d = x * 1024 >= 0, clamped to the table's last entry (0); float64 integers."""
+    n = torch.round(torch.clamp(scaled, max=float(exact.exp.shape[0] - 1)))
+    return exact.exp_f64[n.long()]
 
 
 def silu(exact: ExactModel, g: torch.Tensor) -> torch.Tensor:
     """g * sigmoid(g), float32, with e = exp(-|g|) from the table."""
-    e = exp_lookup(exact, g.abs() * EXP_SCALE).float() / EXP_ONE
+    e = exp_lookup(exact, g.abs() * EXP_SCALE).float() * (1.0 / EXP_ONE)  # exact: a power of two
     denom = 1.0 + e
     sigmoid = torch.where(g >= 0, 1.0 / denom, e / denom)
     return g * sigmoid
@@ -127,33 +126,34 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
 
 
-def attention(exact: ExactModel, q, q_step, k, k_step, v, v_step, q_pos: torch.Tensor) -> torch.Tensor:
+def attention(exact: ExactModel, q, q_step, k, k_step, v, v_step, q_pos: torch.Tensor | None) -> torch.Tensor:
     """Exact causal attention of Tq queries over Tk cached keys.
 
     q (B, Hkv, G*Tq, D) int-valued float32, q_step (B, Hkv, G*Tq) float64; k, v (B, Hkv, Tk, D),
-    their steps (B, Hkv, Tk); q_pos (G*Tq,) the position of each query row. -> (B, Hkv, G*Tq, D) float32.
+    their steps (B, Hkv, Tk); q_pos (G*Tq,) the position of each query row, or None when every
+    query sees every key. -> (B, Hkv, G*Tq, D) float32.
     """
-    d = q.shape[-1]
     scores = torch.matmul(q, k.transpose(-1, -2)).double() * k_step[:, :, None, :]  # exact sum, one rounding
-    future = torch.arange(k.shape[2], device=q.device)[None, :] > q_pos[:, None]      # (G*Tq, Tk)
-    scores = scores.masked_fill(future, float("-inf"))
+    future = None
+    if q_pos is not None:
+        future = torch.arange(k.shape[2], device=q.device)[None, :] > q_pos[:, None]  # (G*Tq, Tk)
+        scores = scores.masked_fill(future, float("-inf"))
     top = scores.amax(dim=-1, keepdim=True)
-    coef = q_step * (1.0 / math.sqrt(d))  # IEEE sqrt: correctly rounded                                                  # (B, Hkv, G*Tq)
-    scaled = ((top - scores) * coef[..., None]) * EXP_SCALE
-    last = float(exact.exp.shape[0] - 1)
-    scaled = torch.where(future, last, scaled)            # masked: inf or nan -> the table's 0
-    weights = exp_lookup(exact, scaled).double()           # (B, Hkv, G*Tq, Tk) integers <= 2**24
+    # (top - s) * (q_step / sqrt(D)) * 1024; the power of two folds into the factor exactly
+    coef = (q_step * (1.0 / math.sqrt(q.shape[-1]))) * EXP_SCALE                   # (B, Hkv, G*Tq)
+    scaled = (top - scores) * coef[..., None]
+    if future is not None:
+        scaled = scaled.masked_fill(future, float(exact.exp.shape[0] - 1))  # inf or nan -> the table's 0
+    weights = exp_lookup(exact, scaled)                                      # integers <= 2**24, float64
     u = weights * v_step[:, :, None, :]
     u_top = u.amax(dim=-1, keepdim=True)
     u_safe = torch.where(u_top > 0, u_top, torch.ones_like(u_top))
-    ints = torch.round((u / u_safe) * float(1 << ATTN_BITS))            # [0, 2**18]
-    base = float(1 << LIMB_BITS)
-    hi = torch.floor(ints / (base * base))
-    mid = torch.floor((ints - hi * (base * base)) / base)
-    lo = ints - hi * (base * base) - mid * base
+    ints = torch.round(u / (u_safe * (1.0 / (1 << ATTN_BITS)))).long()      # [0, 2**18]
     rows = q.shape[2]
-    limbs = torch.cat([hi, mid, lo], dim=2).float()                       # (B, Hkv, 3*G*Tq, Tk)
+    mask = (1 << LIMB_BITS) - 1
+    limbs = torch.cat([ints >> 2 * LIMB_BITS, (ints >> LIMB_BITS) & mask, ints & mask], dim=2).float()
     acc = torch.matmul(limbs, v).double()                                 # exact: limb * 127 * Tk < 2**24
+    base = float(1 << LIMB_BITS)
     total = (acc[:, :, :rows] * (base * base) + acc[:, :, rows:2 * rows] * base) + acc[:, :, 2 * rows:]
     coef = u_top / (weights.sum(dim=-1, keepdim=True) * float(1 << ATTN_BITS))  # integer sum: exact
     return (total * coef).float()
@@ -182,7 +182,7 @@ def attention_block(exact: ExactModel, layer: Layer, index: int, x: torch.Tensor
     # queries grouped by kv head: (B, Hkv, G * T, D), head h = kv * G + g
     q = q.float().reshape(b, t, hk, g, d).permute(0, 2, 3, 1, 4).reshape(b, hk, g * t, d)
     q_step = q_step.reshape(b, t, hk, g).permute(0, 2, 3, 1).reshape(b, hk, g * t)
-    q_pos = torch.arange(start, end, device=x.device).repeat(g)
+    q_pos = torch.arange(start, end, device=x.device).repeat(g) if t > 1 else None
     out = attention(exact, q, q_step, cache.k[index][:, :, :end], cache.k_scale[index][:, :, :end],
                     cache.v[index][:, :, :end], cache.v_scale[index][:, :, :end], q_pos)
     out = out.reshape(b, hk, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, hq * d)
@@ -214,7 +214,9 @@ def forward(exact: ExactModel, ids: torch.Tensor, cache: Cache) -> torch.Tensor:
 
 
 def frequencies(exact: ExactModel, logits: torch.Tensor) -> torch.Tensor:
-    """int64 frequencies (..., V): 1 + E[round((max - logit) * 1024)], every token at least 1."""
-    l64 = logits.double()
-    top = l64.amax(dim=-1, keepdim=True)
-    return exp_lookup(exact, (top - l64) * EXP_SCALE) + 1
+    """int64 frequencies (..., V): 1 + E[round((max - logit) * 1024)], every token at least 1.
+
+    max - logit is one float32 subtraction; times 1024 is exact."""
+    top = logits.amax(dim=-1, keepdim=True)
+    n = torch.round(torch.clamp((top - logits) * EXP_SCALE, max=float(exact.exp.shape[0] - 1)))
+    return exact.exp[n.long()] + 1

@@ -91,6 +91,9 @@ class ExactModel:
     exp: torch.Tensor        # (N + 1,) int64 exp table, see tables.exp_table
     fingerprint: bytes       # 32 bytes
 
+    def __post_init__(self):
+        self.exp_f64 = self.exp.double()  # the same integers, for float64 arithmetic
+
     @classmethod
     def from_loaded(cls, lm) -> "ExactModel":
         """Quantize a LoadedModel (lmzip.models) once."""
