@@ -24,6 +24,15 @@ MASK = TOP - 1
 MAX_TOTAL = 1 << 48               # r = width // total >= 2**8
 
 
+def _final_value(low: int, width: int) -> int:
+    """The value in [low, low + width) with the most trailing zero bits (may carry past 2**64)."""
+    for k in range(STATE_BITS, -1, -1):
+        value = (low + (1 << k) - 1) >> k << k
+        if value < low + width:
+            return value
+    raise AssertionError("width >= 1 always holds a value")
+
+
 class RangeEncoder:
     def __init__(self):
         self.out = bytearray()
@@ -53,11 +62,7 @@ class RangeEncoder:
 
     def finish(self) -> bytes:
         """The shortest byte string that decodes to the symbols encoded."""
-        end = self.low + self.width  # exclusive
-        for k in range(STATE_BITS, -1, -1):  # the value with the most trailing zero bits
-            value = (self.low + (1 << k) - 1) >> k << k
-            if value < end:
-                break
+        value = _final_value(self.low, self.width)
         if value >= TOP:
             value -= TOP
             self._carry()
@@ -71,6 +76,7 @@ class RangeDecoder:
         self.pos = STATE_BITS // 8
         self.code = int.from_bytes(self.data[:self.pos].ljust(self.pos, b"\0"), "big")
         self.width = MASK
+        self.low = 0  # the encoder's low, tracked to check that the data ends where it must
         self.r = 0
 
     def target(self, total: int) -> int:
@@ -86,6 +92,7 @@ class RangeDecoder:
     def consume(self, cum: int, freq: int) -> None:
         """Narrow to the symbol found for the last `target` (cum <= target < cum + freq)."""
         self.code -= self.r * cum
+        self.low = (self.low + self.r * cum) & MASK
         self.width = self.r * freq
         if not 0 <= self.code < self.width:
             raise ValueError("damaged range-coded data: the symbol does not contain the target")
@@ -93,6 +100,7 @@ class RangeDecoder:
             byte = self.data[self.pos] if self.pos < len(self.data) else 0
             self.pos += 1
             self.code = (self.code << 8) | byte
+            self.low = (self.low << 8) & MASK
             self.width <<= 8
 
     def decode(self, cumulative, total: int) -> int:
@@ -110,6 +118,11 @@ class RangeDecoder:
         return lo
 
     def finish(self) -> None:
-        """Raise ValueError if the data holds bytes the symbols did not use."""
+        """Raise ValueError unless the data is exactly what the encoder writes for these symbols:
+        its final value, no bytes after it, no zero byte at the end."""
+        if (self.low + self.code) & MASK != _final_value(self.low, self.width) & MASK:
+            raise ValueError("damaged range-coded data: it does not end on the encoder's final value")
         if len(self.data) > self.pos:
             raise ValueError(f"damaged range-coded data: {len(self.data) - self.pos} bytes after the end")
+        if self.data.endswith(b"\0"):
+            raise ValueError("damaged range-coded data: a zero byte at the end")

@@ -107,8 +107,11 @@ def test_code_outside_the_interval_is_refused():
 def test_trailing_bytes_are_refused():
     steps = [([1, 2, 3], 2)] * 10
     payload, _ = _encode(steps)
+    dec = RangeDecoder(payload)
+    _ = [dec.decode([0, 1, 3, 6], 6) for _ in steps]
+    padded = payload + b"\0" * (dec.pos - len(payload))  # the same values, then one byte more
     with pytest.raises(ValueError, match="after the end"):
-        _decode(payload + b"\x01" * 9, steps)
+        _decode(padded + b"\x01", steps)
 
 
 def test_damaged_payloads_fail_cleanly():
@@ -143,3 +146,15 @@ def test_consuming_a_symbol_that_misses_the_target_is_refused():
     assert dec.target(15) >= 10
     with pytest.raises(ValueError, match="does not contain"):
         dec.consume(0, 5)
+
+
+def test_only_the_canonical_payload_is_accepted():
+    """Each symbol sequence has one payload: extra, changed or zero bytes at the end are refused."""
+    rng = random.Random(3)
+    steps = [([rng.randint(1, 1 << 20) for _ in range(6)], rng.randrange(6)) for _ in range(50)]
+    payload, _ = _encode(steps)
+    for damaged in (payload + b"\x01", payload + b"\0", payload[:-1] + bytes([payload[-1] ^ 1])):
+        with pytest.raises(ValueError, match="damaged"):
+            _decode(damaged, steps)
+    with pytest.raises(ValueError, match="damaged"):
+        _decode(b"\x01", [([1], 0)] * 3)
