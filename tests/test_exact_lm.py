@@ -233,3 +233,19 @@ def test_fingerprint_follows_the_weights(lm):
             w[3, 5] = saved
     assert changed.fingerprint != exact.fingerprint
     assert ExactModel.from_loaded(lm).fingerprint == exact.fingerprint
+
+
+def test_tree_sum_has_one_fixed_order():
+    """Neighbours first, zero-padded to a power of two: rounding makes any other order differ."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 37)) * 10.0 ** rng.integers(-8, 9, (4, 37))
+
+    def reference(row):
+        values = list(row) + [0.0] * (64 - len(row))
+        while len(values) > 1:
+            values = [values[i] + values[i + 1] for i in range(0, len(values), 2)]
+        return values[0]
+
+    got = F.tree_sum(torch.from_numpy(x))
+    assert got.tolist() == [reference(row) for row in x]
+    assert got.tolist() != x.sum(-1).tolist()  # the data is one where the order shows

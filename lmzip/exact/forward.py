@@ -23,6 +23,7 @@ from .tables import EXP_ONE_BITS, EXP_STEP_BITS
 ACT_LIMIT = 127        # |int activation| <= 127
 ATTN_BITS = 18         # attention weights are integers in [0, 2**18] before P @ V
 LIMB_BITS = 6          # ... split into 6-bit limbs: 64 * 127 * MAX_POSITIONS < 2**24
+QUERY_BLOCK = 512     # query rows per attention call in whole-sequence passes (memory only)
 EXP_SCALE = float(1 << EXP_STEP_BITS)
 EXP_ONE = float(1 << EXP_ONE_BITS)
 
@@ -183,8 +184,14 @@ def attention_block(exact: ExactModel, layer: Layer, index: int, x: torch.Tensor
     q = q.float().reshape(b, t, hk, g, d).permute(0, 2, 3, 1, 4).reshape(b, hk, g * t, d)
     q_step = q_step.reshape(b, t, hk, g).permute(0, 2, 3, 1).reshape(b, hk, g * t)
     q_pos = torch.arange(start, end, device=x.device).repeat(g) if t > 1 else None
-    out = attention(exact, q, q_step, cache.k[index][:, :, :end], cache.k_scale[index][:, :, :end],
-                    cache.v[index][:, :, :end], cache.v_scale[index][:, :, :end], q_pos)
+    keys = (cache.k[index][:, :, :end], cache.k_scale[index][:, :, :end],
+            cache.v[index][:, :, :end], cache.v_scale[index][:, :, :end])
+    if q_pos is None:
+        out = attention(exact, q, q_step, *keys, None)
+    else:  # query rows are independent: blocks bound the (rows x keys) float64 temporaries
+        out = torch.cat([attention(exact, q[:, :, i:i + QUERY_BLOCK], q_step[:, :, i:i + QUERY_BLOCK],
+                                   *keys, q_pos[i:i + QUERY_BLOCK])
+                         for i in range(0, g * t, QUERY_BLOCK)], dim=2)
     out = out.reshape(b, hk, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, hq * d)
     o_int, o_step = quantize_rows(out)
     return linear(o_int, o_step, layer.o)
