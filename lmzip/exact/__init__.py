@@ -1,0 +1,13 @@
+"""Exact (machine-independent) arithmetic for coding tokens under the language model.
+
+    exact = ExactModel.from_loaded(lm)          # quantize once
+    payloads = encode_chunks(exact, chunks, prefix)
+    chunks = decode_chunks(exact, payloads, token_counts, prefix, batch_size=64)
+
+docs/lm-arithmetic.md specifies the arithmetic and the payload format.
+"""
+
+from .coding import decode_chunks, encode_chunks
+from .model import ARITHMETIC_VERSION, MAX_POSITIONS, ExactModel
+
+__all__ = ["ARITHMETIC_VERSION", "MAX_POSITIONS", "ExactModel", "decode_chunks", "encode_chunks"]

@@ -1,0 +1,229 @@
+"""The exact forward pass: the same logits, bit for bit, on every machine.
+
+Every sum of many terms is a sum of integers that the hardware adds exactly
+in any order: int8 x int8 products summed in int32 (`torch._int_mm`), or
+integer-valued float32/float64 operands whose sums stay below 2**24 / 2**53.
+Everything else is one separately rounded IEEE operation at a time (add, mul,
+div, sqrt, round), applied element-wise, or a fixed-order tree of them; exp,
+sigmoid and rope cos/sin come from the integer-built tables in tables.py.
+So the result does not depend on threads, batch size or composition, SIMD
+width, BLAS, CPU or GPU; and a whole-sequence pass equals the token-by-token
+one. docs/lm-arithmetic.md is the specification, step by step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .model import MAX_POSITIONS, ExactModel, IntLinear, Layer, Shape
+from .tables import EXP_ONE_BITS, EXP_STEP_BITS
+
+ACT_LIMIT = 127        # |int activation| <= 127
+ATTN_BITS = 18         # attention weights are integers in [0, 2**18] before P @ V
+LIMB_BITS = 6          # ... split into 6-bit limbs: 64 * 127 * MAX_POSITIONS < 2**24
+QUERY_BLOCK = 512     # query rows per attention call in whole-sequence passes (memory only)
+EXP_SCALE = float(1 << EXP_STEP_BITS)
+EXP_ONE = float(1 << EXP_ONE_BITS)
+
+assert (1 << LIMB_BITS) * ACT_LIMIT * MAX_POSITIONS < 1 << 24, "P @ V limb sums must stay exact in float32"
+
+
+class Cache:
+    """Keys and values of every layer for B rows that advance in lockstep."""
+
+    def __init__(self, shape: Shape, rows: int, capacity: int, device):
+        if capacity > MAX_POSITIONS:
+            raise ValueError(f"context of {capacity} positions exceeds the limit {MAX_POSITIONS}")
+        kv = (rows, shape.kv_heads, capacity, shape.head_dim)
+        f32 = dict(dtype=torch.float32, device=device)
+        f64 = dict(dtype=torch.float64, device=device)
+        self.k = [torch.zeros(kv, **f32) for _ in range(shape.layers)]   # integer-valued
+        self.v = [torch.zeros(kv, **f32) for _ in range(shape.layers)]
+        self.k_scale = [torch.zeros(kv[:3], **f64) for _ in range(shape.layers)]
+        self.v_scale = [torch.zeros(kv[:3], **f64) for _ in range(shape.layers)]
+        self.length = 0
+        self.capacity = capacity
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the given rows (decoding drops rows that are done)."""
+        for store in (self.k, self.v, self.k_scale, self.v_scale):
+            for i, t in enumerate(store):
+                store[i] = t[rows]
+
+
+def int_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(M, K) int8 @ (K, N) int8 -> (M, N) int32, exact."""
+    if x.device.type == "cuda":  # cuBLASLt int8 wants M > 16 and K, N multiples of 8
+        m, k = x.shape
+        n = w.shape[1]
+        pad_m, pad_k, pad_n = max(17 - m, 0), -k % 8, -n % 8
+        if pad_m or pad_k or pad_n:
+            x = torch.nn.functional.pad(x, (0, pad_k, 0, pad_m))
+            w = torch.nn.functional.pad(w, (0, pad_n, 0, pad_k))
+            return torch._int_mm(x, w)[:m, :n]
+    return torch._int_mm(x, w)
+
+
+def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 (..., K) -> int8 round(t * (127 / max|t|)) and the float64 step max|t| / 127 per row."""
+    top = t.abs().amax(dim=-1)
+    safe = torch.where(top > 0, top, torch.ones_like(top))
+    factor = ACT_LIMIT / safe                                      # float32 division
+    q = torch.round(t * factor[..., None]).clamp_(-ACT_LIMIT, ACT_LIMIT).to(torch.int8)
+    step = torch.where(top > 0, top.double() / ACT_LIMIT, torch.zeros_like(top, dtype=torch.float64))
+    return q, step
+
+
+def linear(q: torch.Tensor, step: torch.Tensor, lin: IntLinear) -> torch.Tensor:
+    """int8 (..., K) with float64 steps (...) -> float32 (..., N) = (Y * w_scale) * step, Y exact."""
+    lead = q.shape[:-1]
+    y = int_matmul(q.reshape(-1, q.shape[-1]), lin.weight).reshape(*lead, -1).double()
+    return ((y * lin.scale) * step[..., None]).float()
+
+
+def tree_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of the last dim in one fixed order: pad with zeros to a power of two, add neighbours."""
+    n = x.shape[-1]
+    size = 1 << max(n - 1, 0).bit_length()
+    if size != n:
+        x = torch.nn.functional.pad(x, (0, size - n))
+    while x.shape[-1] > 1:
+        x = x[..., 0::2] + x[..., 1::2]
+    return x[..., 0]
+
+
+def rms_factor(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """float64 1 / sqrt(mean(x**2) + eps) per row of float32 x, each square exact in float64."""
+    xd = x.double()
+    return 1.0 / torch.sqrt(tree_sum(xd * xd) / x.shape[-1] + eps)
+
+
+def norm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    """RMSNorm then int8: the per-row factor 1/rms only scales the step."""
+    q, step = quantize_rows(x * weight)
+    return q, step * rms_factor(x, eps)
+
+
+def exp_lookup(exact: ExactModel, scaled: torch.Tensor) -> torch.Tensor:
+    """E[round(d)] for d = x * 1024 >= 0, clamped to the table's last entry (0); float64 integers."""
+    n = torch.round(torch.clamp(scaled, max=float(exact.exp.shape[0] - 1)))
+    return exact.exp_f64[n.long()]
+
+
+def silu(exact: ExactModel, g: torch.Tensor) -> torch.Tensor:
+    """g * sigmoid(g), float32, with e = exp(-|g|) from the table."""
+    e = exp_lookup(exact, g.abs() * EXP_SCALE).float() * (1.0 / EXP_ONE)  # exact: a power of two
+    denom = 1.0 + e
+    sigmoid = torch.where(g >= 0, 1.0 / denom, e / denom)
+    return g * sigmoid
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, heads, D) float32 at positions with tables (T, D): x * cos + rotate_half(x) * sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+
+
+def attention(exact: ExactModel, q, q_step, k, k_step, v, v_step, q_pos: torch.Tensor | None) -> torch.Tensor:
+    """Exact causal attention of Tq queries over Tk cached keys.
+
+    q (B, Hkv, G*Tq, D) int-valued float32, q_step (B, Hkv, G*Tq) float64; k, v (B, Hkv, Tk, D),
+    their steps (B, Hkv, Tk); q_pos (G*Tq,) the position of each query row, or None when every
+    query sees every key. -> (B, Hkv, G*Tq, D) float32.
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)).double() * k_step[:, :, None, :]  # exact sum, one rounding
+    future = None
+    if q_pos is not None:
+        future = torch.arange(k.shape[2], device=q.device)[None, :] > q_pos[:, None]  # (G*Tq, Tk)
+        scores = scores.masked_fill(future, float("-inf"))
+    top = scores.amax(dim=-1, keepdim=True)
+    # (top - s) * (q_step / sqrt(D)) * 1024; the power of two folds into the factor exactly
+    coef = (q_step * (1.0 / math.sqrt(q.shape[-1]))) * EXP_SCALE                   # (B, Hkv, G*Tq)
+    scaled = (top - scores) * coef[..., None]
+    if future is not None:
+        scaled = scaled.masked_fill(future, float(exact.exp.shape[0] - 1))  # inf or nan -> the table's 0
+    weights = exp_lookup(exact, scaled)                                      # integers <= 2**24, float64
+    u = weights * v_step[:, :, None, :]
+    u_top = u.amax(dim=-1, keepdim=True)
+    u_safe = torch.where(u_top > 0, u_top, torch.ones_like(u_top))
+    ints = torch.round(u / (u_safe * (1.0 / (1 << ATTN_BITS)))).long()      # [0, 2**18]
+    rows = q.shape[2]
+    mask = (1 << LIMB_BITS) - 1
+    limbs = torch.cat([ints >> 2 * LIMB_BITS, (ints >> LIMB_BITS) & mask, ints & mask], dim=2).float()
+    acc = torch.matmul(limbs, v).double()                                 # exact: limb * 127 * Tk < 2**24
+    base = float(1 << LIMB_BITS)
+    total = (acc[:, :, :rows] * (base * base) + acc[:, :, rows:2 * rows] * base) + acc[:, :, 2 * rows:]
+    coef = u_top / (weights.sum(dim=-1, keepdim=True) * float(1 << ATTN_BITS))  # integer sum: exact
+    return (total * coef).float()
+
+
+def attention_block(exact: ExactModel, layer: Layer, index: int, x: torch.Tensor, cache: Cache,
+                    start: int) -> torch.Tensor:
+    s = exact.shape
+    b, t, _ = x.shape
+    hq, hk, d = s.heads, s.kv_heads, s.head_dim
+    g = hq // hk
+    q_int, step = norm_quantize(x, layer.attn_norm, s.eps)
+    qkv = linear(q_int, step, layer.qkv)                                   # (B, T, (hq + 2 hk) * D)
+    q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+    cos, sin = exact.cos[start:start + t], exact.sin[start:start + t]
+    q = rope(q.reshape(b, t, hq, d), cos, sin)
+    k = rope(k.reshape(b, t, hk, d), cos, sin)
+    q, q_step = quantize_rows(q)                                            # per (row, position, head)
+    k, k_step = quantize_rows(k)
+    v, v_step = quantize_rows(v.reshape(b, t, hk, d))
+    end = start + t
+    cache.k[index][:, :, start:end] = k.transpose(1, 2).float()
+    cache.v[index][:, :, start:end] = v.transpose(1, 2).float()
+    cache.k_scale[index][:, :, start:end] = k_step.transpose(1, 2)
+    cache.v_scale[index][:, :, start:end] = v_step.transpose(1, 2)
+    # queries grouped by kv head: (B, Hkv, G * T, D), head h = kv * G + g
+    q = q.float().reshape(b, t, hk, g, d).permute(0, 2, 3, 1, 4).reshape(b, hk, g * t, d)
+    q_step = q_step.reshape(b, t, hk, g).permute(0, 2, 3, 1).reshape(b, hk, g * t)
+    q_pos = torch.arange(start, end, device=x.device).repeat(g) if t > 1 else None
+    keys = (cache.k[index][:, :, :end], cache.k_scale[index][:, :, :end],
+            cache.v[index][:, :, :end], cache.v_scale[index][:, :, :end])
+    if q_pos is None:
+        out = attention(exact, q, q_step, *keys, None)
+    else:  # query rows are independent: blocks bound the (rows x keys) float64 temporaries
+        out = torch.cat([attention(exact, q[:, :, i:i + QUERY_BLOCK], q_step[:, :, i:i + QUERY_BLOCK],
+                                   *keys, q_pos[i:i + QUERY_BLOCK])
+                         for i in range(0, g * t, QUERY_BLOCK)], dim=2)
+    out = out.reshape(b, hk, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, hq * d)
+    o_int, o_step = quantize_rows(out)
+    return linear(o_int, o_step, layer.o)
+
+
+def mlp_block(exact: ExactModel, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+    q, step = norm_quantize(x, layer.mlp_norm, exact.shape.eps)
+    gate, up = linear(q, step, layer.gate_up).chunk(2, dim=-1)
+    h = silu(exact, gate) * up
+    h_int, h_step = quantize_rows(h)
+    return linear(h_int, h_step, layer.down)
+
+
+@torch.no_grad()
+def forward(exact: ExactModel, ids: torch.Tensor, cache: Cache) -> torch.Tensor:
+    """Logits (B, T, V) float32 for tokens ids (B, T) at the cache's next T positions; fills the cache."""
+    start = cache.length
+    if start + ids.shape[1] > cache.capacity:
+        raise ValueError("the cache is full")
+    x = exact.embed[ids]                                                    # (B, T, H) float32
+    for index, layer in enumerate(exact.layers):
+        x = x + attention_block(exact, layer, index, x, cache, start)
+        x = x + mlp_block(exact, layer, x)
+    cache.length = start + ids.shape[1]
+    q, step = norm_quantize(x, exact.final_norm, exact.shape.eps)
+    return linear(q, step, exact.head)
+
+
+def frequencies(exact: ExactModel, logits: torch.Tensor) -> torch.Tensor:
+    """int64 frequencies (..., V): 1 + E[round((max - logit) * 1024)], every token at least 1.
+
+    max - logit is one float32 subtraction; times 1024 is exact."""
+    top = logits.amax(dim=-1, keepdim=True)
+    n = torch.round(torch.clamp((top - logits) * EXP_SCALE, max=float(exact.exp.shape[0] - 1)))
+    return exact.exp[n.long()] + 1

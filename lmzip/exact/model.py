@@ -1,0 +1,170 @@
+"""A Llama model in exact integer form: the weights the exact forward pass reads.
+
+Every Linear weight becomes int8 values in [-63, 63] with one float32 scale per
+output row (63, not 127: without VNNI, oneDNN's int8 GEMM sums pairs of
+products in saturating 16-bit lanes, and 255 * 63 * 2 is the largest pair that
+cannot saturate). The token embedding stays float32 (a lookup is a copy); the
+tied output head is its int8 form. Quantizing runs once per load with
+separately rounded element-wise operations, so every machine gets the same
+integers; `fingerprint` pins them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import ModelError
+from . import tables
+
+ARITHMETIC_VERSION = b"lmzip-exact-lm/1"
+WEIGHT_LIMIT = 63       # |int weight| <= 63 (see the module docstring)
+MAX_POSITIONS = 2048    # prefix + chunk tokens; bounds the exact attention sums (forward.py)
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    eps: float          # RMSNorm epsilon, as the float32 value the config holds
+    rope_theta: float
+
+
+@dataclass
+class IntLinear:
+    weight: torch.Tensor  # (K, N) int8 in [-63, 63]: the second operand of torch._int_mm
+    scale: torch.Tensor   # (N,) float64, each the float32 scale of one output row
+
+
+@dataclass
+class Layer:
+    attn_norm: torch.Tensor  # (H,) float32
+    qkv: IntLinear           # N = (heads + 2 kv_heads) * head_dim
+    o: IntLinear
+    mlp_norm: torch.Tensor   # (H,) float32
+    gate_up: IntLinear       # N = 2 * intermediate: gate, then up
+    down: IntLinear
+
+
+def quantize_weight(w: torch.Tensor) -> IntLinear:
+    """(N, K) float weights -> int8 (K, N) with a float32 scale per output row: round(w / (max|w| / 63))."""
+    w = w.detach().to("cpu", torch.float32)
+    top = w.abs().amax(dim=1)
+    scale = torch.where(top > 0, top / WEIGHT_LIMIT, torch.ones_like(top))  # float32 division
+    q = torch.round(w / scale[:, None]).clamp_(-WEIGHT_LIMIT, WEIGHT_LIMIT)
+    return IntLinear(q.to(torch.int8).t().contiguous(), scale.to(torch.float64))
+
+
+def _check_supported(config) -> None:
+    rope = getattr(config, "rope_parameters", None) or {}
+    problems = []
+    if getattr(config, "model_type", None) != "llama":
+        problems.append(f"model_type {getattr(config, 'model_type', None)!r}")
+    if getattr(config, "hidden_act", None) != "silu":
+        problems.append(f"hidden_act {config.hidden_act!r}")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        problems.append("biases")
+    if rope.get("rope_type", "default") != "default":
+        problems.append(f"rope_type {rope.get('rope_type')!r}")
+    if problems:
+        raise ModelError("the exact lm arithmetic supports plain Llama models only, not " + ", ".join(problems))
+
+
+@dataclass
+class ExactModel:
+    shape: Shape
+    embed: torch.Tensor      # (V, H) float32 input embeddings
+    layers: list[Layer]
+    final_norm: torch.Tensor  # (H,) float32
+    head: IntLinear          # (H, V)
+    cos: torch.Tensor        # (MAX_POSITIONS, head_dim) float32 rope tables
+    sin: torch.Tensor
+    exp: torch.Tensor        # (N + 1,) int64 exp table, see tables.exp_table
+    fingerprint: bytes       # 32 bytes
+
+    def __post_init__(self):
+        self.exp_f64 = self.exp.double()  # the same integers, for float64 arithmetic
+
+    @classmethod
+    def from_loaded(cls, lm) -> "ExactModel":
+        """Quantize a LoadedModel (lmzip.models) once."""
+        model = lm.model
+        config = model.config
+        _check_supported(config)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        rope = getattr(config, "rope_parameters", None) or {}
+        theta = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+        shape = Shape(hidden=config.hidden_size, layers=config.num_hidden_layers,
+                      heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
+                      head_dim=head_dim, intermediate=config.intermediate_size,
+                      vocab=model.get_input_embeddings().num_embeddings,
+                      eps=float(np.float32(config.rms_norm_eps)), rope_theta=theta)
+        f32 = lambda t: t.detach().to("cpu", torch.float32).contiguous()  # noqa: E731
+        layers = []
+        for block in model.model.layers:
+            a, m = block.self_attn, block.mlp
+            layers.append(Layer(
+                attn_norm=f32(block.input_layernorm.weight),
+                qkv=quantize_weight(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])),
+                o=quantize_weight(a.o_proj.weight),
+                mlp_norm=f32(block.post_attention_layernorm.weight),
+                gate_up=quantize_weight(torch.cat([m.gate_proj.weight, m.up_proj.weight])),
+                down=quantize_weight(m.down_proj.weight)))
+        cos, sin = tables.rope_tables(theta, head_dim, MAX_POSITIONS)
+        exact = cls(shape=shape, embed=f32(model.get_input_embeddings().weight), layers=layers,
+                    final_norm=f32(model.model.norm.weight),
+                    head=quantize_weight(model.get_output_embeddings().weight),
+                    cos=torch.from_numpy(cos), sin=torch.from_numpy(sin),
+                    exp=torch.from_numpy(tables.exp_table()), fingerprint=b"")
+        exact.fingerprint = exact._digest()
+        return exact
+
+    def tensors(self):
+        """(name, tensor) of everything the arithmetic reads, in fingerprint order."""
+        yield "embed", self.embed
+        for i, layer in enumerate(self.layers):
+            yield f"{i}.attn_norm", layer.attn_norm
+            for name in ("qkv", "o", "gate_up", "down"):
+                lin = getattr(layer, name)
+                yield f"{i}.{name}.weight", lin.weight
+                yield f"{i}.{name}.scale", lin.scale
+            yield f"{i}.mlp_norm", layer.mlp_norm
+        yield "final_norm", self.final_norm
+        yield "head.weight", self.head.weight
+        yield "head.scale", self.head.scale
+
+    def _digest(self) -> bytes:
+        h = hashlib.sha256(ARITHMETIC_VERSION + b"\0")
+        s = self.shape
+        h.update(struct.pack("<7I2d", s.hidden, s.layers, s.heads, s.kv_heads, s.head_dim,
+                             s.intermediate, s.vocab, s.eps, s.rope_theta))
+        for name, t in self.tensors():
+            arr = t.contiguous().numpy()
+            h.update(f"{name}\0{arr.dtype.str}\0{arr.shape}\0".encode())
+            h.update(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+        h.update(tables.table_digest(s.rope_theta, s.head_dim, MAX_POSITIONS))
+        return h.digest()
+
+    def to(self, device) -> "ExactModel":
+        """The same model with its tensors on `device` (the fingerprint is of the values, unchanged)."""
+        mv = lambda t: t.to(device)  # noqa: E731
+        lin = lambda x: IntLinear(mv(x.weight), mv(x.scale))  # noqa: E731
+        return ExactModel(
+            shape=self.shape, embed=mv(self.embed),
+            layers=[Layer(mv(l.attn_norm), lin(l.qkv), lin(l.o), mv(l.mlp_norm), lin(l.gate_up), lin(l.down))
+                    for l in self.layers],
+            final_norm=mv(self.final_norm), head=lin(self.head), cos=mv(self.cos), sin=mv(self.sin),
+            exp=mv(self.exp), fingerprint=self.fingerprint)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device

@@ -1,0 +1,251 @@
+"""The exact lm arithmetic: the same frequencies bit for bit under every setting we can vary here
+(threads, batch size and composition, incremental vs whole-sequence, ATen and oneDNN
+instruction sets), the coder's round trip, damaged payloads, pinned tables and fingerprints."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, TINY_MODEL
+from lmzip.exact import forward as F
+from lmzip.exact import tables
+from lmzip.exact.coding import decode_chunks, encode_chunks
+from lmzip.exact.model import MAX_POSITIONS, WEIGHT_LIMIT, ExactModel, quantize_weight
+from lmzip.models import load_model
+from lmzip.rangecoder import MAX_TOTAL
+
+PREFIX = (256,)
+# Pins: a change to the arithmetic must change ARITHMETIC_VERSION, then these.
+TINY_FINGERPRINT = "11a61bf6740d6dd8b02603a532090499330c3ec56781397ab59927d291eb9716"
+TINY_FREQ_SHA256 = "270a6e88904870e7b710aa26e845598ab95fbd9e6084abfe52a056cd225b19bd"
+EXP_TABLE_SHA256 = "2332e04e6d9f19cf66f31019d9ba1ab99915bcd7a645977e91e76c00319f63bc"
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_model(TINY_MODEL, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def exact(lm):
+    return ExactModel.from_loaded(lm)
+
+
+def _ids(rows, length, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 257, (rows, length), generator=g)
+
+
+def _logits(exact, ids):
+    return F.forward(exact, ids, F.Cache(exact.shape, ids.shape[0], ids.shape[1], "cpu"))
+
+
+def _freq_digest(exact, ids):
+    return hashlib.sha256(F.frequencies(exact, _logits(exact, ids)).numpy().tobytes()).hexdigest()
+
+
+def test_pinned_tables_fingerprint_and_frequencies(exact):
+    assert hashlib.sha256(tables.exp_table().astype("<i8").tobytes()).hexdigest() == EXP_TABLE_SHA256
+    assert exact.fingerprint.hex() == TINY_FINGERPRINT
+    assert _freq_digest(exact, _ids(2, 30)) == TINY_FREQ_SHA256
+
+
+def test_tables_agree_with_the_functions_they_stand_for():
+    e = tables.exp_table()
+    x = np.arange(len(e)) / 1024
+    assert np.abs(e - 2.0 ** 24 * np.exp(-x)).max() <= 0.5 + 1e-6
+    assert e[-1] == 0 and e[-2] > 0
+    cos, sin = tables.rope_tables(10000.0, 8, 300)
+    angles = np.arange(300)[:, None] * 10000.0 ** (-np.arange(0, 8, 2) / 8)
+    assert np.abs(cos[:, :4] - np.cos(angles)).max() < 1e-7
+    assert np.abs(sin[:, 4:] - np.sin(angles)).max() < 1e-7
+
+
+def test_close_to_the_float_model(lm, exact):
+    ids = _ids(2, 40)
+    with torch.no_grad():
+        ref = torch.log_softmax(lm.model(ids).logits.double(), -1)
+    ours = torch.log_softmax(_logits(exact, ids).double(), -1)
+    kl = (ref.exp() * (ref - ours)).sum(-1).mean().item()
+    assert kl < 0.1, kl
+
+
+def test_incremental_equals_whole_sequence(exact):
+    ids = _ids(3, 48)
+    whole = _logits(exact, ids)
+    cache = F.Cache(exact.shape, 3, 48, "cpu")
+    parts = [F.forward(exact, ids[:, :5], cache)]
+    parts += [F.forward(exact, ids[:, i:i + 1], cache) for i in range(5, 40)]
+    parts.append(F.forward(exact, ids[:, 40:], cache))
+    assert torch.equal(torch.cat(parts, 1), whole)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 7])
+def test_batch_size_and_composition_do_not_matter(exact, batch):
+    target = _ids(1, 33, seed=1)
+    alone = _logits(exact, target)
+    others = _ids(batch, 33, seed=batch + 10)
+    for row in range(batch):
+        mixed = others.clone()
+        mixed[row] = target[0]
+        assert torch.equal(_logits(exact, mixed)[row], alone[0])
+
+
+def test_threads_do_not_matter(exact):
+    ids = _ids(4, 64, seed=3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _logits(exact, ids)
+        torch.set_num_threads(2)
+        two = _logits(exact, ids)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+CHILD = textwrap.dedent("""
+    import hashlib, json, sys, torch
+    from lmzip.exact import forward as F
+    from lmzip.exact.model import ExactModel, WEIGHT_LIMIT
+    from lmzip.models import load_model
+    torch.set_num_threads(int(sys.argv[2]))
+    exact = ExactModel.from_loaded(load_model(sys.argv[1], device="cpu"))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 257, (3, 50), generator=g)
+    logits = F.forward(exact, ids, F.Cache(exact.shape, 3, 50, "cpu"))
+    # the worst case for saturating int8 kernels: every product at the limit, one sign
+    a = torch.full((5, 1536), 127, dtype=torch.int8)
+    w = torch.full((1536, 24), WEIGHT_LIMIT, dtype=torch.int8)
+    worst_ok = bool((F.int_matmul(a, w).long() == a.long() @ w.long()).all())
+    print(json.dumps({"freq": hashlib.sha256(F.frequencies(exact, logits).numpy().tobytes()).hexdigest(),
+                      "fingerprint": exact.fingerprint.hex(), "worst_ok": worst_ok,
+                      "capability": torch.backends.cpu.get_cpu_capability()}))
+""")
+
+SETTINGS = [
+    ({}, 2),
+    ({"ATEN_CPU_CAPABILITY": "avx2"}, 2),
+    ({"ATEN_CPU_CAPABILITY": "default"}, 1),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, 2),
+    ({"ONEDNN_MAX_CPU_ISA": "SSE41", "ATEN_CPU_CAPABILITY": "default"}, 1),
+]
+
+
+def _child(env_extra, threads):
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
+    env.update(env_extra)
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, "-c", CHILD, TINY_MODEL, str(threads)], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_instruction_sets_do_not_matter(exact):
+    """ATen's SIMD level and oneDNN's ISA (no VNNI under AVX2: saturating int8 pairs) change nothing."""
+    here = _freq_digest(exact, _ids(3, 50))
+    seen = {}
+    for env_extra, threads in SETTINGS:
+        result = _child(env_extra, threads)
+        assert result["worst_ok"], f"int8 GEMM not exact under {env_extra}"
+        assert result["fingerprint"] == exact.fingerprint.hex(), env_extra
+        assert result["freq"] == here, env_extra
+        seen[json.dumps(env_extra)] = result["capability"]
+    assert seen[json.dumps({"ATEN_CPU_CAPABILITY": "default"})] == "DEFAULT"  # the setting took effect
+
+
+def test_weights_stay_within_the_saturation_limit():
+    w = torch.randn(40, 100) * torch.logspace(-3, 2, 100)
+    lin = quantize_weight(w)
+    assert lin.weight.dtype == torch.int8 and int(lin.weight.abs().max()) == WEIGHT_LIMIT
+    approx = lin.weight.t().double() * lin.scale[:, None]
+    assert (approx - w.double()).abs().max(dim=1).values.le(lin.scale * 0.5 + 1e-12).all()
+
+
+def test_frequencies_are_positive_and_bounded(exact):
+    logits = torch.tensor([[0.0] * 257, [1e30] + [-1e30] * 256, [float(i) for i in range(257)]])
+    freqs = F.frequencies(exact, logits)
+    assert int(freqs.min()) >= 1
+    assert int(freqs.sum(-1).max()) <= MAX_TOTAL
+    assert freqs[1, 0] == (1 << 24) + 1 and int(freqs[1, 1:].max()) == 1
+
+
+def test_round_trip_over_batch_sizes(lm, exact):
+    text = "Alice was beginning to get very tired of sitting by her sister on the bank. " * 3
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    chunks = [ids[0:90], ids[90:91], [], ids[91:150], ids[150:180], ids[180:200], ids[200:228]]
+    payloads = encode_chunks(exact, chunks, PREFIX)
+    assert payloads[2] == b""
+    for chunk, payload in zip(chunks, payloads):  # within 2 bytes of the frequencies' ideal
+        if chunk:
+            freqs = F.frequencies(exact, _logits(exact, torch.tensor([list(PREFIX) + chunk]))[0, :-1]).double()
+            bits = -(freqs.gather(1, torch.tensor(chunk)[:, None])[:, 0] / freqs.sum(-1)).log2().sum().item()
+            assert len(payload) <= bits / 8 + 2
+    counts = [len(c) for c in chunks]
+    for batch_size in (1, 2, 7, 64):
+        assert decode_chunks(exact, payloads, counts, PREFIX, batch_size=batch_size) == chunks
+
+
+def test_damaged_payloads_raise_value_error_or_decode_wrongly(exact):
+    chunks = [_ids(1, 40, seed=s)[0].tolist() for s in range(3)]
+    payloads = encode_chunks(exact, chunks, PREFIX)
+    counts = [len(c) for c in chunks]
+    outcomes = []
+    for trial in range(6):
+        damaged = list(payloads)
+        p = bytearray(damaged[trial % 3])
+        if trial < 3:
+            p[len(p) // 2] ^= 0x10
+        else:
+            p += b"\x07\x00\x01"
+        damaged[trial % 3] = bytes(p)
+        try:
+            outcomes.append(decode_chunks(exact, damaged, counts, PREFIX, batch_size=3) == chunks)
+        except ValueError:
+            outcomes.append("error")
+    assert True not in outcomes
+    assert "error" in outcomes  # the trailing bytes
+
+
+@pytest.mark.parametrize("counts", [[MAX_POSITIONS], [-1]])
+def test_impossible_token_counts_are_refused(exact, counts):
+    with pytest.raises(ValueError):
+        decode_chunks(exact, [b""], counts, PREFIX)
+
+
+def test_fingerprint_follows_the_weights(lm):
+    exact = ExactModel.from_loaded(lm)
+    with torch.no_grad():
+        w = lm.model.model.layers[0].mlp.down_proj.weight
+        saved = w[3, 5].item()
+        w[3, 5] = saved + 0.5
+        try:
+            changed = ExactModel.from_loaded(lm)
+        finally:
+            w[3, 5] = saved
+    assert changed.fingerprint != exact.fingerprint
+    assert ExactModel.from_loaded(lm).fingerprint == exact.fingerprint
+
+
+def test_tree_sum_has_one_fixed_order():
+    """Neighbours first, zero-padded to a power of two: rounding makes any other order differ."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 37)) * 10.0 ** rng.integers(-8, 9, (4, 37))
+
+    def reference(row):
+        values = list(row) + [0.0] * (64 - len(row))
+        while len(values) > 1:
+            values = [values[i] + values[i + 1] for i in range(0, len(values), 2)]
+        return values[0]
+
+    got = F.tree_sum(torch.from_numpy(x))
+    assert got.tolist() == [reference(row) for row in x]
+    assert got.tolist() != x.sum(-1).tolist()  # the data is one where the order shows
