@@ -24,7 +24,8 @@ from .limits import DEFAULT_WORK_LIMIT, MAX_PREFIX_TOKENS, MAX_TOKENS_PER_SEGMEN
 from .models import LoadedModel, load_model
 from .precision import exact_float32
 
-METHODS = ("memory", "zstd")
+METHODS = ("memory", "lm", "zstd")
+LM_CHUNK_TOKENS = 512  # tokens per lm segment: the context each chunk's tokens are coded in
 # Growing segments (no fixed length) are cut from regions fitted side by side, one after another
 # within a region. A region's last segment is whatever is left of it, so regions are long, but a
 # text of a few thousand tokens is cut into about a batch of them, so that its segments are not
@@ -215,6 +216,8 @@ class Codec:
             raise OptionError("workers must be at least 1")
 
         sha256 = hashlib.sha256(data).digest()
+        if method == "lm":
+            return self._encode_lm(data, out, model, fit, tokens_per_segment, zstd_level, progress, sha256)
         if method == "zstd":
             regions, lm, growing = [segmenting.Piece(data, None)], None, False
         else:
@@ -237,6 +240,58 @@ class Codec:
                                      "regions": [len(p.data) for p in regions]})
         return self.write_regions(regions, out, lm, fit, growing, zstd_level, progress,
                                   expected_sha256=sha256, fitter=fitter, journal=book)
+
+    def _encode_lm(self, data: bytes, out: BinaryIO, model: str | None, fit: FitConfig,
+                   tokens_per_segment: int | None, zstd_level: int, progress: ProgressCallback | None,
+                   sha256: bytes) -> EncodeReport:
+        """Range-code the text's tokens under the model, in independent chunks (kind lm)."""
+        lm = self.model(model)
+        prefix = sink_prefix(lm, fit)
+        if not prefix:
+            raise OptionError("the lm method needs a prefix token (the model has no start-of-text token)")
+        chunk = min(tokens_per_segment or LM_CHUNK_TOKENS, kinds.lm.max_chunk_tokens(prefix))
+        pieces = list(segmenting.plan(data, lm.tokenizer, chunk, worth=lambda tokenizer, text: True))
+        writer = ArchiveWriter()
+        run = _RawRun(writer, zstd_level)
+        state = Progress(0, len(data))
+        if progress:
+            progress(state)
+        batch: list[segmenting.Piece] = []
+
+        def flush_batch() -> None:
+            for segment in kinds.lm.encode(lm, batch, prefix) if batch else ():
+                self._put(segment, writer, run, state, progress)
+            batch.clear()
+
+        for piece in pieces:
+            if piece.ids is None:
+                flush_batch()
+                self._put(kinds.raw(piece.data), writer, run, state, progress)
+            else:
+                batch.append(piece)
+                if len(batch) == 16:
+                    flush_batch()
+        flush_batch()
+        run.flush()
+        header = Header(original_size=len(data), content_sha256=sha256, segment_count=writer.segment_count,
+                        **self._model_fields(lm, replace(fit, vectors=0, margin=0.0), prefix))
+        size = writer.finish(out, header)
+        return EncodeReport(len(data), size, writer.segment_count, state.memory, state.zstd, state.tokens, 0, [])
+
+    @staticmethod
+    def _put(segment: kinds.CodedSegment, writer: ArchiveWriter, run: "_RawRun", state: Progress,
+             progress: ProgressCallback | None) -> None:
+        if segment.payload is None:
+            run.add(segment.data)
+            state.zstd += 1
+        else:
+            run.flush()
+            writer.add(segment)
+            state.memory += 1
+            state.tokens += segment.token_count
+        state.done += len(segment.data)
+        if progress:
+            progress(state)
 
     def _fit_plan(self, regions: list[segmenting.Piece], lm: LoadedModel, fit: FitConfig, growing: bool,
                   prefix: tuple[int, ...]) -> dict[int, segmenting.Region]:

@@ -111,10 +111,11 @@ def memory_piece(tokenizer, text: str) -> Piece:
     return Piece(data, tuple(ids))
 
 
-def plan(data: bytes, tokenizer, tokens_per_segment: int) -> Iterator[Piece]:
-    """Cut `data` into pieces of about `tokens_per_segment` tokens."""
+def plan(data: bytes, tokenizer, tokens_per_segment: int, worth=worth_fitting) -> Iterator[Piece]:
+    """Cut `data` into pieces of about `tokens_per_segment` tokens; runs of valid UTF-8 that
+    `worth(tokenizer, text)` turns down go to zstd whole."""
     for text, valid in _runs(data):
-        if not valid or not worth_fitting(tokenizer, text):
+        if not valid or not worth(tokenizer, text):
             yield Piece(text.encode("utf-8", errors="surrogateescape"), None)
             continue
         a = 0

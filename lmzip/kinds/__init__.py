@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import UnsupportedKindError
-from . import memory, zstd
+from . import lm, memory, zstd
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class DecodeContext:
     batch_size: int = 64
 
 
-KINDS = {module.KIND: module for module in (zstd, memory)}
+KINDS = {module.KIND: module for module in (zstd, memory, lm)}
 
 
 def get(kind: int):

@@ -1,0 +1,95 @@
+"""Segment kind 2, lm: the segment's tokens range-coded under the model's own predictions.
+
+The frequencies come from `lmzip.exact`, an integer form of the model that gives the
+same numbers bit for bit on any machine, thread count, batch or instruction set
+(docs/lm-arithmetic.md), so an archive decodes wherever the model's files match its
+fingerprints. The context of a segment is the header's prefix tokens and the segment's
+own earlier tokens, so segments decode independently and in batches.
+"""
+
+from __future__ import annotations
+
+from ..errors import SegmentError
+from ..limits import MAX_TOKENS_PER_SEGMENT
+
+KIND = 2
+NAME = "lm"
+NEEDS_MODEL = True
+# A token costs at most log2(total frequency) < 40 bits, so a payload is at most 5 bytes a token
+# and the coder's flush; 8 a token leaves room and bounds what a hostile entry can claim.
+MAX_PAYLOAD_BYTES_PER_TOKEN = 8
+PAYLOAD_SLACK = 16
+
+
+def check_entry(entry, header) -> str | None:
+    if not header.has_model or not header.prefix:
+        return "an lm segment in an archive that names no model or prefix token"
+    if entry.vector_count:
+        return "an lm segment has a vector count"
+    if not 1 <= entry.token_count <= min(MAX_TOKENS_PER_SEGMENT, entry.original_length):
+        return (f"token count {entry.token_count} is outside [1, {MAX_TOKENS_PER_SEGMENT}] "
+                "or more than the segment's bytes")
+    if entry.payload_length > MAX_PAYLOAD_BYTES_PER_TOKEN * entry.token_count + PAYLOAD_SLACK:
+        return f"payload of {entry.payload_length} bytes is too long for {entry.token_count} tokens"
+    return None
+
+
+def work(entry) -> int:
+    return entry.token_count
+
+
+def exact_model(lm):
+    """The model's exact form, made once per loaded model."""
+    from ..exact import ExactModel
+
+    if "_exact" not in lm.__dict__:
+        lm.__dict__["_exact"] = ExactModel.from_loaded(lm)
+    return lm.__dict__["_exact"]
+
+
+def max_chunk_tokens(prefix) -> int:
+    from ..exact import MAX_POSITIONS
+
+    return min(MAX_TOKENS_PER_SEGMENT, MAX_POSITIONS - len(prefix))
+
+
+def encode(lm, pieces, prefix, check_every: int = 16) -> list:
+    """Code each piece (its `ids`); decode every `check_every`-th one (and the first) as the decoder
+    will, and send one that does not come back to zstd. Returns coded segments, in order."""
+    from ..exact import decode_chunks, encode_chunks
+    from . import CodedSegment, raw
+
+    exact = exact_model(lm)
+    payloads = encode_chunks(exact, [p.ids for p in pieces], prefix)
+    sample = list(range(0, len(pieces), check_every))
+    back = decode_chunks(exact, [payloads[i] for i in sample], [len(pieces[i].ids) for i in sample], prefix)
+    failed = {i for i, ids in zip(sample, back) if tuple(ids) != tuple(pieces[i].ids)}
+    return [raw(p.data) if i in failed else
+            CodedSegment(KIND, p.data, payload, token_count=len(p.ids), stats={"tokens": len(p.ids)})
+            for i, (p, payload) in enumerate(zip(pieces, payloads))]
+
+
+def _token_lists(jobs, ctx) -> list[list[int]]:
+    from ..exact import decode_chunks
+
+    exact, prefix = exact_model(ctx.model), ctx.header.prefix
+    payloads = [job.payload for job in jobs]
+    counts = [job.entry.token_count for job in jobs]
+    try:
+        return decode_chunks(exact, payloads, counts, prefix, batch_size=ctx.batch_size)
+    except ValueError as e:
+        if len(jobs) == 1:
+            raise SegmentError(jobs[0].index, f"the range coder cannot follow the payload ({e})") from None
+    return [_token_lists([job], ctx)[0] for job in jobs]  # find the damaged one
+
+
+def decode(jobs, ctx) -> list[bytes]:
+    from .memory import detokenize
+
+    out = []
+    for job, ids in zip(jobs, _token_lists(jobs, ctx)):
+        data = detokenize(ctx.model, ids)
+        if len(data) != job.entry.original_length:
+            raise SegmentError(job.index, f"decoded {len(data)} bytes, expected {job.entry.original_length}")
+        out.append(data)
+    return out
