@@ -78,12 +78,16 @@ def main() -> None:
     assert "memory" in kinds and "zstd" in kinds, kinds
     first_memory = kinds.index("memory")
     end = len(zstd_text)
+    # The lm kind's frequencies are the same on every machine, so this file is a check of the arithmetic.
+    lm_coded = codec.encode(mixed, method="lm", model=TINY, tokens_per_segment=16)
+    first_lm = [s["kind"] for s in lmzip.inspect(lm_coded)["segments"]].index("lm")
 
     samples = {
         "good-empty.lmz": (lmzip.encode(b"", method="zstd"), b""),
         "good-zstd-text.lmz": (zstd_text, text),
         "good-zstd-binary.lmz": (lmzip.encode(binary, method="zstd"), binary),
         "good-memory-tiny.lmz": (memory, mixed),
+        "good-lm-tiny.lmz": (lm_coded, mixed),
         "good-compatible-header-extension.lmz": (longer_header(zstd_text, 3, 40, compatible_flags=0x8000), text),
         "good-compatible-segment-flag.lmz": (edit_entry(zstd_text, 0, flags=0x80), text),
         "bad-magic.lmz": (b"\x89LMX" + zstd_text[4:], lmzip.NotLmzError),
@@ -120,6 +124,8 @@ def main() -> None:
         "bad-wrong-weights.lmz": (edit_header(memory, weights_sha256=b"\x01" * 32), lmzip.ModelMismatchError),
         "bad-wrong-tokenizer.lmz": (edit_header(memory, tokenizer_sha256=b"\x01" * 32),
                                     lmzip.ModelMismatchError),
+        "bad-lm-payload.lmz": (payload_crc(flip(lm_coded, payload_offset(lm_coded, first_lm) + 2, 0x10), first_lm),
+                               lmzip.SegmentError),
         "bad-absurd-prefix.lmz": (edit_header(memory, prefix_length=0xFFFF), lmzip.LimitError),
         "unsupported-version-4.lmz": (longer_header(zstd_text, 4, 2000), lmzip.UnsupportedVersionError),
         "unsupported-incompatible-flag.lmz": (edit_header(zstd_text, incompatible_flags=0x0001),
