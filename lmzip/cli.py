@@ -427,14 +427,19 @@ def info(obj, files, as_json):
               help="Cut each chunk into memory segments of about this many tokens "
               "[default: segments grow within each chunk, as compress does].")
 @click.option("--whole", is_flag=True, help="Fit each chunk whole, as one segment (the paper's setting).")
+@click.option("--method", "bench_method", type=click.Choice(["memory", "lm"]), default="memory", show_default=True,
+              help="memory: the paper's table on chunks; lm: bits per byte of the lm kind on the whole files "
+              "(--tokens sets its chunk length, --bytes how much to take).")
+@click.option("--bytes", "max_bytes", type=click.IntRange(0), default=0, help="With --method lm: the first N bytes "
+              "(0: all).")
 @_fit_flags
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write every row and the summary here.")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), help="Write a PNG plot here (needs matplotlib).")
 @click.option("--archive", "archive_out", type=click.Path(dir_okay=False),
               help="Keep the benchmark's archive here (to decode it elsewhere, say on another device).")
 @click.pass_obj
-def bench(obj, paths, chunk_chars, limit, skip, model, tokens_per_segment, whole, json_out, plot_out, archive_out,
-          **fit_params):
+def bench(obj, paths, chunk_chars, limit, skip, model, tokens_per_segment, whole, bench_method, max_bytes, json_out,
+          plot_out, archive_out, **fit_params):
     """Measure lmzip on text files or CSVs (column 'chunk'): the paper's table, speed, bytes."""
     from lmzip import bench as benchmark
 
@@ -443,6 +448,12 @@ def bench(obj, paths, chunk_chars, limit, skip, model, tokens_per_segment, whole
 
     def measure():
         with _progress(obj, "bench", "bytes") as bar:
+            if bench_method == "lm":
+                from lmzip import bench_lm
+
+                result.update(bench_lm.run(obj["codec"], list(paths), model=model, chunk_tokens=tokens_per_segment,
+                                           max_bytes=max_bytes or None, progress=bar))
+                return
             try:
                 result.update(benchmark.run(obj["codec"], list(paths), chunk_chars=chunk_chars,
                                             limit=limit or None, skip=skip, model=model, fit=fit,
@@ -463,7 +474,12 @@ def bench(obj, paths, chunk_chars, limit, skip, model, tokens_per_segment, whole
 
     if not _attempt(obj, "bench", measure):
         sys.exit(EXIT_FAILURE)
-    click.echo(benchmark.format_table(result))
+    if bench_method == "lm":
+        from lmzip import bench_lm
+
+        click.echo(bench_lm.format_table(result))
+    else:
+        click.echo(benchmark.format_table(result))
     if not _attempt(obj, "bench", save):
         sys.exit(EXIT_FAILURE)
 

@@ -95,3 +95,21 @@ def test_bench_cuts_chunks_into_segments_with_tokens(tmp_path):
     assert s["vectors_stored"] == sum(row["vectors"] for row in rows) > 0
     assert all(row["exact"] == (row["kind"] == "memory") for row in rows)
     assert s["tokens_per_vector"] == sum(row["memory_tokens"] for row in rows) / s["vectors_stored"]
+
+
+def test_bench_method_lm_reports_bits_and_the_frequency_cost(tmp_path):
+    from click.testing import CliRunner
+
+    from lmzip import cli
+
+    text = tmp_path / "t.txt"
+    text.write_text("Alice was beginning to get very tired of sitting by her sister on the bank. " * 4)
+    out = tmp_path / "lm.json"
+    r = CliRunner().invoke(cli.main, ["bench", "--method", "lm", "--model", TINY_MODEL, "--tokens", "64",
+                                      "--json", str(out), str(text)])
+    assert r.exit_code == 0, r.output
+    assert "| .lmz (lm) |" in r.stdout and "bits per token" in r.stdout
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["lm_segments"] == 5 and summary["bytes"] == 304
+    # the range coder spends within a few bits per segment of what the integer frequencies promise
+    assert abs(summary["lm_payload_bits_per_byte"] - summary["integer_frequency_bits_per_byte"]) * 304 < 5 * 40

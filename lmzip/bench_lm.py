@@ -1,0 +1,114 @@
+"""`lmzip bench --method lm`: bits per byte of the lm kind, what its integer frequencies cost,
+encode and decode speed, against zstd -19 and xz -9e.
+
+The files are coded as `compress --method lm` codes them (a real archive, decoded
+back by the real decoder and checked). The cost of the frequencies is measured per
+lm segment: the bits the range coder spent against the ideal -log2 p of the same
+exact model's softmax (the floor of one count every token gets, and the exp table).
+"""
+
+from __future__ import annotations
+
+import io
+import lzma
+import math
+import time
+from pathlib import Path
+
+import torch
+import zstandard
+
+from . import container
+from .codec import Codec, ProgressCallback
+from .errors import InputError
+from .fit import FitConfig, sink_prefix
+from .kinds import lm as lm_kind
+
+
+def _ideal_bits(lm, archive: container.Archive, data: bytes) -> tuple[float, float, int]:
+    """(softmax bits, integer-frequency bits, tokens) over the archive's lm segments."""
+    from .exact.coding import chunk_logits
+    from .exact.forward import frequencies
+
+    exact, prefix = lm_kind.exact_model(lm), archive.header.prefix
+    soft = freq = 0.0
+    tokens, at = 0, 0
+    for s in archive.segments:
+        piece, at = data[at: at + s.original_length], at + s.original_length
+        if s.kind != lm_kind.KIND:
+            continue
+        ids = lm.tokenizer(piece.decode("utf-8"), add_special_tokens=False)["input_ids"]
+        logits = chunk_logits(exact, ids, prefix)
+        sym = torch.tensor(ids)[:, None]
+        soft -= torch.log_softmax(logits.double(), -1).gather(1, sym).sum().item() / math.log(2)
+        f = frequencies(exact, logits).double()
+        freq -= (f.gather(1, sym)[:, 0].log2() - f.sum(-1).log2()).sum().item()
+        tokens += len(ids)
+    return soft, freq, tokens
+
+
+def run(codec: Codec, paths: list[str], *, model: str | None = None, chunk_tokens: int | None = None,
+        max_bytes: int | None = None, batch_size: int = 64, ideal: bool = True,
+        progress: ProgressCallback | None = None) -> dict:
+    data = b"".join(Path(p).read_bytes() for p in paths)[: max_bytes or None]
+    if not data:
+        raise InputError("no text to benchmark")
+    lm = codec.model(model)
+    out = io.BytesIO()
+    started = time.perf_counter()
+    report = codec.encode_to(data, out, method="lm", model=model, tokens_per_segment=chunk_tokens,
+                             progress=progress)
+    encode_seconds = time.perf_counter() - started
+    blob = out.getvalue()
+    started = time.perf_counter()
+    back = codec.decode(blob, model=model, batch_size=batch_size)
+    decode_seconds = time.perf_counter() - started
+    if back != data:
+        raise AssertionError("bench archive did not decode to its input")
+    archive = container.parse(blob)
+    lm_payload = sum(s.payload_length for s in archive.segments if s.kind == lm_kind.KIND)
+    soft, freq, tokens = _ideal_bits(lm, archive, data) if ideal else (None, None, report.memory_tokens)
+    zstd_size = len(zstandard.ZstdCompressor(level=19).compress(data))
+    xz_size = len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))
+    n = len(data)
+    return {"summary": {
+        "model": lm.model_id, "bytes": n, "tokens": tokens, "segments": report.segments,
+        "lm_segments": report.memory_segments, "chunk_tokens": chunk_tokens or "default",
+        "prefix": list(sink_prefix(lm, FitConfig())),
+        "lmz_bytes": len(blob), "lmz_bits_per_byte": 8 * len(blob) / n,
+        "lm_payload_bits_per_byte": 8 * lm_payload / n,
+        "ideal_softmax_bits_per_byte": soft / n if soft is not None else None,
+        "integer_frequency_bits_per_byte": freq / n if freq is not None else None,
+        "frequency_cost_bits_per_token": (freq - soft) / tokens if soft is not None and tokens else None,
+        "encode_kb_per_second": n / 1000 / encode_seconds, "decode_kb_per_second": n / 1000 / decode_seconds,
+        "encode_seconds": encode_seconds, "decode_seconds": decode_seconds,
+        "zstd19_bytes": zstd_size, "zstd19_bits_per_byte": 8 * zstd_size / n,
+        "xz9e_bytes": xz_size, "xz9e_bits_per_byte": 8 * xz_size / n,
+        "threads": torch.get_num_threads(), "batch_size": batch_size,
+    }, "archive": blob}
+
+
+def format_table(result: dict) -> str:
+    s = result["summary"]
+
+    def f(v, spec):
+        return "n/a" if v is None else format(v, spec)
+
+    return "\n".join([
+        f"lm: {s['bytes']} bytes, {s['tokens']} tokens in {s['lm_segments']} lm segments "
+        f"({s['segments']} in all), {s['model']}",
+        "",
+        "| | bytes | bits per byte |",
+        "|---|---|---|",
+        f"| .lmz (lm) | {s['lmz_bytes']} | {s['lmz_bits_per_byte']:.3f} |",
+        f"| zstd -19 | {s['zstd19_bytes']} | {s['zstd19_bits_per_byte']:.3f} |",
+        f"| xz -9e | {s['xz9e_bytes']} | {s['xz9e_bits_per_byte']:.3f} |",
+        "",
+        f"lm payloads {s['lm_payload_bits_per_byte']:.3f} bits per byte; ideal under the exact model's softmax "
+        f"{f(s['ideal_softmax_bits_per_byte'], '.3f')}, under its integer frequencies "
+        f"{f(s['integer_frequency_bits_per_byte'], '.3f')} "
+        f"(they cost {f(s['frequency_cost_bits_per_token'], '.4f')} bits per token)",
+        f"encode {s['encode_kb_per_second']:.2f} KB/s ({s['encode_seconds']:.1f} s), decode "
+        f"{s['decode_kb_per_second']:.2f} KB/s ({s['decode_seconds']:.1f} s), {s['threads']} threads, "
+        f"batch {s['batch_size']}",
+    ])
