@@ -67,7 +67,7 @@ class _Rows:
     def __len__(self) -> int:
         return len(self.jobs)
 
-    def select(self, keep: torch.Tensor) -> None:
+    def select(self, keep: torch.Tensor) -> _Rows:
         """Keep only the rows `keep` (B',), then drop columns none of them attends to."""
         first = int(self.mask[keep].any(0).long().argmax())  # mask is right-aligned: a prefix of pad columns
         for layer in self.cache.layers:
@@ -77,8 +77,9 @@ class _Rows:
         self.mask = self.mask[keep, first:]
         for name in ("positions", "remaining", "min_margin", "logits"):
             setattr(self, name, getattr(self, name)[keep])
+        return self
 
-    def join(self, other: _Rows) -> None:
+    def join(self, other: _Rows) -> _Rows:
         """Append other's rows; the shorter cache is left-padded with masked zero columns."""
         length = max(self.mask.shape[1], other.mask.shape[1])
         for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
@@ -88,6 +89,7 @@ class _Rows:
         self.mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(other.mask, length, 1)])
         for name in ("positions", "remaining", "min_margin", "logits"):
             setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+        return self
 
 
 def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -129,6 +131,16 @@ def _step(lm: LoadedModel, rows: _Rows, next_ids: torch.Tensor) -> None:
     rows.positions = rows.positions + 1
 
 
+def _choose(rows: _Rows, ids: list[list[int]]) -> torch.Tensor:
+    """Each row's next token (B,) from its logits, appended to its job's ids; counts it and its margin."""
+    next_ids = torch.argmax(rows.logits, dim=-1)  # ties: the lowest id, as in the single decoder
+    rows.min_margin = torch.minimum(rows.min_margin, top2_margin(rows.logits))
+    rows.remaining = rows.remaining - 1
+    for job, token in zip(rows.jobs, next_ids.tolist()):
+        ids[job].append(token)
+    return next_ids
+
+
 def _plain_cache_layers(lm: LoadedModel) -> bool:
     """Whether the model's cache holds every column of every layer (no sliding window, no
     chunked or linear layers): joining and trimming rows column by column is right only then."""
@@ -167,27 +179,17 @@ def greedy_decode_batch(lm: LoadedModel, jobs: list[tuple[torch.Tensor, int]], p
         free = batch_size - (len(rows) if rows is not None else 0)
         if waiting and free > 0:
             admitted = _prefill(lm, prefix, jobs, [waiting.popleft() for _ in range(min(free, len(waiting)))])
-            if rows is None:
-                rows = admitted
-            else:
-                rows.join(admitted)
+            rows = admitted if rows is None else rows.join(admitted)
         if observe is not None:
             observe(rows.jobs, rows.logits)
-        next_ids = torch.argmax(rows.logits, dim=-1)  # (B,); ties: the lowest id, as the single decoder
-        rows.min_margin = torch.minimum(rows.min_margin, top2_margin(rows.logits))
-        rows.remaining = rows.remaining - 1
-        for job, token in zip(rows.jobs, next_ids.tolist()):
-            ids[job].append(token)
+        next_ids = _choose(rows, ids)
         done = rows.remaining == 0
         if bool(done.any()):
-            for job, margin in zip((rows.jobs[i] for i in done.nonzero()[:, 0].tolist()),
-                                   rows.min_margin[done].tolist()):
-                margins[job] = margin
+            for row in done.nonzero()[:, 0].tolist():
+                margins[rows.jobs[row]] = float(rows.min_margin[row])
             keep = (~done).nonzero()[:, 0]
-            if len(keep) == 0:
-                rows = None
-                continue
-            rows.select(keep)
+            rows = rows.select(keep) if len(keep) else None
             next_ids = next_ids[keep]
-        _step(lm, rows, next_ids)
+        if rows is not None:
+            _step(lm, rows, next_ids)
     return [Decoded(i, m) for i, m in zip(ids, margins)]
