@@ -33,6 +33,9 @@ from .errors import InputError, OptionError
 from .models import LoadedModel
 
 DEFAULT_BATCH_SIZE = 64
+# Rows times columns of one prefill: its logits take this times the vocabulary in float32
+# (400 MB for SmolLM2), however many vectors a segment has (an archive may give 1024).
+MAX_PREFILL_POSITIONS = 2048
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,20 @@ def _prefill(lm: LoadedModel, prefix: tuple[int, ...], jobs, chosen: list[int]) 
                  min_margin=torch.full((len(chosen),), float("inf"), device=lm.device), logits=logits)
 
 
+def _admit(waiting: deque, free: int, length) -> list[int]:
+    """Take the next waiting jobs for one prefill: at most `free`, and at most MAX_PREFILL_POSITIONS
+    rows times columns (but always one)."""
+    chosen = [waiting.popleft()]
+    longest = length(chosen[0])
+    while waiting and len(chosen) < free:
+        widest = max(longest, length(waiting[0]))
+        if (len(chosen) + 1) * widest > MAX_PREFILL_POSITIONS:
+            break
+        chosen.append(waiting.popleft())
+        longest = widest
+    return chosen
+
+
 def _step(lm: LoadedModel, rows: _Rows, next_ids: torch.Tensor) -> None:
     """Feed each row its chosen token (B,) at its next position; one forward pass for all rows."""
     embeds = lm.embed(next_ids).float().unsqueeze(1)  # (B, 1, H)
@@ -178,7 +195,7 @@ def greedy_decode_batch(lm: LoadedModel, jobs: list[tuple[torch.Tensor, int]], p
     while waiting or rows is not None:
         free = batch_size - (len(rows) if rows is not None else 0)
         if waiting and free > 0:
-            admitted = _prefill(lm, prefix, jobs, [waiting.popleft() for _ in range(min(free, len(waiting)))])
+            admitted = _prefill(lm, prefix, jobs, _admit(waiting, free, lambda j: len(prefix) + len(jobs[j][0])))
             rows = admitted if rows is None else rows.join(admitted)
         if observe is not None:
             observe(rows.jobs, rows.logits)

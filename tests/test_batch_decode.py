@@ -91,6 +91,18 @@ def test_joining_rows_pads_the_running_cache_or_the_new_one(tiny):
     assert_same(got, expected)
 
 
+def test_prefills_are_cut_to_the_position_budget(tiny, monkeypatch):
+    # A budget of 8 rows x columns: the K=6 rows (7 columns with the prefix) are prefilled one
+    # at a time, the K=1 rows (2 columns) four at a time, each group joining the running rows.
+    monkeypatch.setattr(lmzip.batch_decode, "MAX_PREFILL_POSITIONS", 8)
+    jobs = random_jobs(tiny, [(6, 9), (6, 8), (1, 7), (1, 6), (1, 5), (1, 4), (1, 3)], seed=4)
+    seen = []
+    got = greedy_decode_batch(tiny, jobs, PREFIX, batch_size=64,
+                              observe=lambda rows, logits: seen.append(list(rows)))
+    assert seen[:3] == [[0], [0, 1], [0, 1, 2, 3, 4, 5]]
+    assert_same(got, reference(tiny, jobs, PREFIX))
+
+
 def test_results_come_back_in_job_order(tiny):
     jobs = random_jobs(tiny, [(1, 2), (1, 7), (2, 0), (1, 4)], seed=5)
     got = greedy_decode_batch(tiny, jobs, PREFIX, batch_size=2)
