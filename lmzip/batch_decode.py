@@ -1,0 +1,212 @@
+"""Greedy decoding of many memory segments at once: one forward pass per step for a whole batch.
+
+Each row is one segment, laid out exactly as the single decoder lays it out
+(SPEC.md, "Decoding a memory segment"): the prefix tokens at positions 0 to
+P - 1, its K vectors at P to P + K - 1, then its generated tokens. Rows differ
+in K and in length, so they are aligned on the right (left padding): the
+attention mask hides the padding columns and the position ids are given per
+row, so padding moves no row's positions.
+
+The batch is kept full (continuous batching): a row that has all its tokens
+leaves, and waiting segments are prefilled together and joined to the running
+rows, the caches left-padded to a common length; columns that no row attends
+to any more are dropped. The longest segments are admitted first, so the
+batch drains at the end over the short ones.
+
+Batching changes the float32 rounding (other GEMM shapes, padded softmax
+rows), and should never change which token wins: the encoder stores a segment
+only if every step's top-1 logit led the runner-up by at least the archive's
+margin, and batched logits differ from single-row ones by far less
+(notes-batchdec.md has the measured figure). A segment that still fails its
+CRC in a batch is decoded alone before it is reported as damaged.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InputError, OptionError
+from .models import LoadedModel
+
+DEFAULT_BATCH_SIZE = 64
+# Rows times columns of one prefill: its logits take this times the vocabulary in float32
+# (400 MB for SmolLM2), however many vectors a segment has (an archive may give 1024).
+MAX_PREFILL_POSITIONS = 2048
+
+
+@dataclass(frozen=True)
+class Decoded:
+    ids: list[int]
+    min_margin: float  # smallest (top-1 logit - top-2 logit) over all steps
+
+
+def top2_margin(logits: torch.Tensor) -> torch.Tensor:
+    top = torch.topk(logits, 2, dim=-1).values  # (..., 2)
+    return top[..., 0] - top[..., 1]
+
+
+def memory_inputs(lm: LoadedModel, prefix: tuple[int, ...], vectors: torch.Tensor) -> torch.Tensor:
+    """(P + K, H) float32 input embeddings: the prefix tokens' embeddings, then the vectors."""
+    ids = torch.tensor(prefix, dtype=torch.long, device=lm.device)
+    return torch.cat([lm.embed(ids).float(), vectors.to(lm.device, torch.float32)])
+
+
+@dataclass
+class _Rows:
+    """The running rows, one per segment: state as (B, ...) tensors, a KV cache of B rows."""
+
+    jobs: list[int]  # the job each row decodes
+    cache: object  # transformers DynamicCache: per layer, keys and values (B, heads, L, head_dim)
+    mask: torch.Tensor  # (B, L) long: 1 where a column holds one of the row's positions
+    positions: torch.Tensor  # (B,) long: the position the row's next input takes
+    remaining: torch.Tensor  # (B,) long: tokens the row has still to generate
+    min_margin: torch.Tensor  # (B,) float32: smallest top-1 lead so far
+    logits: torch.Tensor  # (B, V) float32: what the row's next token is chosen from
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def select(self, keep: torch.Tensor) -> _Rows:
+        """Keep only the rows `keep` (B',), then drop columns none of them attends to."""
+        first = int(self.mask[keep].any(0).long().argmax())  # mask is right-aligned: a prefix of pad columns
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[keep, :, first:]
+            layer.values = layer.values[keep, :, first:]
+        self.jobs = [self.jobs[i] for i in keep.tolist()]
+        self.mask = self.mask[keep, first:]
+        for name in ("positions", "remaining", "min_margin", "logits"):
+            setattr(self, name, getattr(self, name)[keep])
+        return self
+
+    def join(self, other: _Rows) -> _Rows:
+        """Append other's rows; the shorter cache is left-padded with masked zero columns."""
+        length = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([_left_pad(mine.keys, length, 2), _left_pad(theirs.keys, length, 2)])
+            mine.values = torch.cat([_left_pad(mine.values, length, 2), _left_pad(theirs.values, length, 2)])
+        self.jobs = self.jobs + other.jobs
+        self.mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(other.mask, length, 1)])
+        for name in ("positions", "remaining", "min_margin", "logits"):
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+        return self
+
+
+def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _prefill(lm: LoadedModel, prefix: tuple[int, ...], jobs, chosen: list[int]) -> _Rows:
+    """Run the prefix and vectors of the `chosen` jobs, right-aligned, in one forward pass."""
+    inputs = [memory_inputs(lm, prefix, jobs[j][0]) for j in chosen]
+    length = max(len(x) for x in inputs)
+    embeds = inputs[0].new_zeros(len(inputs), length, inputs[0].shape[1])  # (G, L, H)
+    mask = torch.zeros(len(inputs), length, dtype=torch.long, device=lm.device)  # (G, L)
+    for row, x in enumerate(inputs):
+        embeds[row, length - len(x):] = x
+        mask[row, length - len(x):] = 1
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)  # (G, L): 0 at each row's first real column
+    # Logits at every position, as a one-row decode computes them: keeping only the last one
+    # changes the head's matrix shape and its rounding, and one row stays bit-identical so.
+    out = lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=True)
+    logits = out.logits[:, -1].float()  # (G, V)
+    return _Rows(jobs=list(chosen), cache=out.past_key_values, mask=mask, positions=mask.sum(1),
+                 remaining=torch.tensor([jobs[j][1] for j in chosen], device=lm.device),
+                 min_margin=torch.full((len(chosen),), float("inf"), device=lm.device), logits=logits)
+
+
+def _admit(waiting: deque, free: int, length) -> list[int]:
+    """Take the next waiting jobs for one prefill: at most `free`, and at most MAX_PREFILL_POSITIONS
+    rows times columns (but always one)."""
+    chosen = [waiting.popleft()]
+    longest = length(chosen[0])
+    while waiting and len(chosen) < free:
+        widest = max(longest, length(waiting[0]))
+        if (len(chosen) + 1) * widest > MAX_PREFILL_POSITIONS:
+            break
+        chosen.append(waiting.popleft())
+        longest = widest
+    return chosen
+
+
+def _step(lm: LoadedModel, rows: _Rows, next_ids: torch.Tensor) -> None:
+    """Feed each row its chosen token (B,) at its next position; one forward pass for all rows."""
+    embeds = lm.embed(next_ids).float().unsqueeze(1)  # (B, 1, H)
+    rows.mask = torch.cat([rows.mask, rows.mask.new_ones(len(rows), 1)], dim=1)
+    out = lm.model(inputs_embeds=embeds, attention_mask=rows.mask, position_ids=rows.positions.unsqueeze(1),
+                   past_key_values=rows.cache, use_cache=True)
+    rows.cache = out.past_key_values
+    rows.logits = out.logits[:, -1].float()
+    rows.positions = rows.positions + 1
+
+
+def _choose(rows: _Rows, ids: list[list[int]]) -> torch.Tensor:
+    """Each row's next token (B,) from its logits, appended to its job's ids; counts it and its margin."""
+    next_ids = torch.argmax(rows.logits, dim=-1)  # ties: the lowest id, as in the single decoder
+    rows.min_margin = torch.minimum(rows.min_margin, top2_margin(rows.logits))
+    rows.remaining = rows.remaining - 1
+    for job, token in zip(rows.jobs, next_ids.tolist()):
+        ids[job].append(token)
+    return next_ids
+
+
+def _plain_cache_layers(lm: LoadedModel) -> bool:
+    """Whether the model's cache holds every column of every layer (no sliding window, no
+    chunked or linear layers): joining and trimming rows column by column is right only then."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer  # transformers loads with the model
+
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=lm.model.config).layers)
+
+
+@torch.no_grad()
+def greedy_decode_batch(lm: LoadedModel, jobs: list[tuple[torch.Tensor, int]], prefix: tuple[int, ...] = (),
+                        batch_size: int = DEFAULT_BATCH_SIZE,
+                        observe: Callable[[list[int], torch.Tensor], None] | None = None) -> list[Decoded]:
+    """Decode every job (vectors (K_i, H), n_tokens_i) as `greedy_decode` would; results in job order.
+
+    At most `batch_size` segments run side by side. The caller checks that P + K_i + n_tokens_i
+    fits the model's positions (as for `greedy_decode`). `observe(jobs, logits)`, if given, sees
+    each step's (B, V) logits and the job of each row before a token is chosen (for measurements).
+    """
+    if batch_size < 1:
+        raise OptionError(f"decode batch size must be at least 1, not {batch_size}")
+    for vectors, n_tokens in jobs:
+        if vectors.dim() != 2 or vectors.shape[1] != lm.hidden_size or len(prefix) + vectors.shape[0] == 0:
+            raise InputError(f"memory vectors of shape {tuple(vectors.shape)} for a model of hidden size "
+                             f"{lm.hidden_size} (and {len(prefix)} prefix tokens)")
+        if n_tokens < 0:
+            raise InputError(f"cannot generate {n_tokens} tokens")
+    if not _plain_cache_layers(lm):
+        batch_size = 1  # one row never joins or trims a cache
+
+    ids: list[list[int]] = [[] for _ in jobs]
+    margins = [float("inf")] * len(jobs)
+    # Longest first: the batch drains over the short ones at the end.
+    waiting = deque(sorted((j for j in range(len(jobs)) if jobs[j][1] > 0), key=lambda j: -jobs[j][1]))
+    rows: _Rows | None = None
+    while waiting or rows is not None:
+        free = batch_size - (len(rows) if rows is not None else 0)
+        if waiting and free > 0:
+            admitted = _prefill(lm, prefix, jobs, _admit(waiting, free, lambda j: len(prefix) + len(jobs[j][0])))
+            rows = admitted if rows is None else rows.join(admitted)
+        if observe is not None:
+            observe(rows.jobs, rows.logits)
+        next_ids = _choose(rows, ids)
+        done = rows.remaining == 0
+        if bool(done.any()):
+            for row in done.nonzero()[:, 0].tolist():
+                margins[rows.jobs[row]] = float(rows.min_margin[row])
+            keep = (~done).nonzero()[:, 0]
+            rows = rows.select(keep) if len(keep) else None
+            next_ids = next_ids[keep]
+        if rows is not None:
+            _step(lm, rows, next_ids)
+    return [Decoded(i, m) for i, m in zip(ids, margins)]

@@ -1,0 +1,179 @@
+"""Batched greedy decoding gives every segment the tokens a one-segment decode gives it."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lmzip
+from lmzip import container
+from lmzip.batch_decode import greedy_decode_batch
+from lmzip.generate import greedy_decode
+
+from conftest import FORMATS
+
+BATCH_SIZES = (1, 2, 7, 64)
+PREFIX = (256,)  # the tiny tokenizer's end-of-text token, as its archives use
+# Batching moves logits by about 1e-5 on the tiny model; a segment whose reference decode had a
+# closer call than this may legitimately take another token, as the margin guard allows.
+CLEAR_MARGIN = 1e-3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The tiny model's operations are too small to share between threads, and on a busy machine
+    # two threads spend most of a step waiting for each other (10x slower here).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_jobs(tiny, shapes, seed):
+    """Jobs of random vectors spread like the token embeddings, one per (K, n_tokens)."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = float(tiny.model.get_input_embeddings().weight.std())
+    return [(scale * torch.randn(k, tiny.hidden_size, generator=gen), n) for k, n in shapes]
+
+
+def reference(tiny, jobs, prefix):
+    """One segment at a time, without a cache: nothing of the batch bookkeeping is involved."""
+    return [greedy_decode(tiny, v, n, prefix, use_cache=False) for v, n in jobs]
+
+
+def assert_same(got, expected):
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert len(g.ids) == len(e.ids)
+        if e.min_margin >= CLEAR_MARGIN:
+            assert g.ids == e.ids
+            assert g.min_margin == pytest.approx(e.min_margin, abs=1e-4)
+
+
+# Rows differ in K and in length; 0-token jobs return at once; more jobs than small batches hold.
+SHAPES = [(1, 12), (3, 5), (2, 0), (4, 17), (1, 1), (2, 9), (1, 3), (3, 14), (2, 2), (1, 20), (4, 6)]
+
+
+@pytest.fixture(scope="module")
+def shaped(tiny):
+    jobs = random_jobs(tiny, SHAPES, seed=0)
+    expected = reference(tiny, jobs, PREFIX)
+    assert sum(e.min_margin >= CLEAR_MARGIN for e in expected) >= 8, "too few clear rows to compare"
+    return jobs, expected
+
+
+@pytest.mark.parametrize("batch_size", BATCH_SIZES)
+def test_batched_equals_single(tiny, shaped, batch_size):
+    jobs, expected = shaped
+    assert_same(greedy_decode_batch(tiny, jobs, PREFIX, batch_size=batch_size), expected)
+
+
+def test_one_row_is_the_single_decoder_to_the_bit(tiny, shaped):
+    jobs, _ = shaped
+    cached = [greedy_decode(tiny, v, n, PREFIX) for v, n in jobs]
+    assert greedy_decode_batch(tiny, jobs, PREFIX, batch_size=1) == cached
+
+
+def test_joining_rows_pads_the_running_cache_or_the_new_one(tiny):
+    # Batch 2, longest first: rows 0 and 1 start; row 1 leaves after one token and row 2 (K=8)
+    # joins row 0, whose cache is shorter than row 2's; when row 2 leaves, row 3 (K=1) joins a
+    # cache longer than its own.
+    jobs = random_jobs(tiny, [(1, 5), (1, 1), (8, 1), (1, 1)], seed=3)
+    expected = reference(tiny, jobs, PREFIX)
+    assert all(e.min_margin >= CLEAR_MARGIN for e in expected)
+    seen = []
+    got = greedy_decode_batch(tiny, jobs, PREFIX, batch_size=2,
+                              observe=lambda rows, logits: seen.append(list(rows)))
+    assert seen == [[0, 1], [0, 2], [0, 3], [0], [0]]
+    assert_same(got, expected)
+
+
+def test_prefills_are_cut_to_the_position_budget(tiny, monkeypatch):
+    # A budget of 8 rows x columns: the K=6 rows (7 columns with the prefix) are prefilled one
+    # at a time, the K=1 rows (2 columns) four at a time, each group joining the running rows.
+    monkeypatch.setattr(lmzip.batch_decode, "MAX_PREFILL_POSITIONS", 8)
+    jobs = random_jobs(tiny, [(6, 9), (6, 8), (1, 7), (1, 6), (1, 5), (1, 4), (1, 3)], seed=4)
+    seen = []
+    got = greedy_decode_batch(tiny, jobs, PREFIX, batch_size=64,
+                              observe=lambda rows, logits: seen.append(list(rows)))
+    assert seen[:3] == [[0], [0, 1], [0, 1, 2, 3, 4, 5]]
+    assert_same(got, reference(tiny, jobs, PREFIX))
+
+
+def test_results_come_back_in_job_order(tiny):
+    jobs = random_jobs(tiny, [(1, 2), (1, 7), (2, 0), (1, 4)], seed=5)
+    got = greedy_decode_batch(tiny, jobs, PREFIX, batch_size=2)
+    assert [len(d.ids) for d in got] == [2, 7, 0, 4]
+    assert got[2] == lmzip.generate.Decoded([], float("inf"))
+    assert greedy_decode_batch(tiny, [], PREFIX) == []
+
+
+def test_no_prefix(tiny):
+    jobs = random_jobs(tiny, [(2, 6), (1, 9), (3, 4)], seed=6)
+    assert_same(greedy_decode_batch(tiny, jobs, (), batch_size=3), reference(tiny, jobs, ()))
+
+
+@given(shapes=st.lists(st.tuples(st.integers(1, 5), st.integers(0, 12)), min_size=1, max_size=12),
+       seed=st.integers(0, 2**16), batch_size=st.sampled_from(BATCH_SIZES + (3,)))
+@settings(max_examples=10)
+def test_batched_equals_single_on_random_vectors(tiny, shapes, seed, batch_size):
+    jobs = random_jobs(tiny, shapes, seed)
+    assert_same(greedy_decode_batch(tiny, jobs, PREFIX, batch_size=batch_size), reference(tiny, jobs, PREFIX))
+
+
+def memory_jobs(archive):
+    """(segment index, (vectors, token_count)) for each memory segment."""
+    for i, s in enumerate(archive.segments):
+        if s.kind == container.KIND_MEMORY:
+            vectors = np.frombuffer(archive.payload(i), "<f2").reshape(s.vector_count, -1)
+            yield i, (torch.from_numpy(vectors.astype(np.float32)), s.token_count)
+
+
+def good_memory_samples():
+    names = re.findall(r"^\| (good-\S+\.lmz) \| ok \|", (FORMATS / "README.md").read_text(), re.M)
+    with_memory = [n for n in names if any(memory_jobs(container.parse((FORMATS / n).read_bytes())))]
+    assert len(with_memory) >= 2, "formats/ lost its good memory samples"
+    return with_memory
+
+
+@pytest.mark.parametrize("name", good_memory_samples())
+def test_good_samples_decode_to_their_segments_at_every_batch_size(tiny, name):
+    archive = container.parse((FORMATS / name).read_bytes())
+    indices, jobs = zip(*memory_jobs(archive))
+    prefix = archive.header.prefix
+    expected = [greedy_decode(tiny, v, n, prefix).ids for v, n in jobs]  # batch size 1
+    for index, ids in zip(indices, expected):  # which gives the stored bytes
+        text = tiny.tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+        assert container.crc32(text.encode("utf-8", errors="surrogatepass")) == archive.segments[index].crc32
+    for batch_size in BATCH_SIZES[1:]:
+        assert [d.ids for d in greedy_decode_batch(tiny, list(jobs), prefix, batch_size=batch_size)] == expected
+
+
+def test_models_with_windowed_caches_decode_one_row_at_a_time(tiny, monkeypatch):
+    # Joining caches column by column would be wrong for sliding-window layers; such a model
+    # (here: the tiny one told its window is longer than any row) decodes row by row.
+    n_layers = tiny.model.config.num_hidden_layers
+    monkeypatch.setattr(tiny.model.config, "layer_types", ["sliding_attention"] * n_layers, raising=False)
+    monkeypatch.setattr(tiny.model.config, "sliding_window", 1000, raising=False)
+    jobs = random_jobs(tiny, [(1, 5), (2, 3), (3, 4)], seed=7)
+    batch_rows = []
+    got = greedy_decode_batch(tiny, jobs, PREFIX, batch_size=64,
+                              observe=lambda rows, logits: batch_rows.append(len(rows)))
+    assert set(batch_rows) == {1}
+    monkeypatch.undo()
+    assert_same(got, reference(tiny, jobs, PREFIX))
+
+
+def test_bad_arguments_are_lmz_errors(tiny):
+    vectors = torch.zeros(1, tiny.hidden_size)
+    with pytest.raises(lmzip.OptionError, match="batch size"):
+        greedy_decode_batch(tiny, [(vectors, 1)], PREFIX, batch_size=0)
+    with pytest.raises(lmzip.InputError, match="hidden size"):
+        greedy_decode_batch(tiny, [(torch.zeros(1, tiny.hidden_size + 1), 1)], PREFIX)
+    with pytest.raises(lmzip.InputError, match="hidden size"):
+        greedy_decode_batch(tiny, [(torch.zeros(0, tiny.hidden_size), 1)], ())
+    with pytest.raises(lmzip.InputError, match="tokens"):
+        greedy_decode_batch(tiny, [(vectors, -1)], PREFIX)
