@@ -72,11 +72,12 @@ def _positions_problem(lm, prefix, entry) -> str | None:
 
 
 def token_ids(jobs, ctx) -> list[list[int]]:
-    """Greedy decoding of each job's vectors, as the encoder verified it."""
-    from ..generate import greedy_decode
+    """Greedy decoding of each job's vectors, as the encoder verified it, `ctx.batch_size` at a time
+    (batching changes float32 rounding, never a token that led by the margin: SPEC.md)."""
+    from ..generate import greedy_decode_batch
 
     lm, prefix = ctx.model, ctx.header.prefix
-    out = []
+    inputs = []
     for job in jobs:
         problem = _positions_problem(lm, prefix, job.entry)
         if problem:
@@ -85,9 +86,8 @@ def token_ids(jobs, ctx) -> list[list[int]]:
             vectors = read_vectors(job.payload, job.entry.vector_count)
         except ValueError as e:
             raise SegmentError(job.index, str(e)) from None
-        out.append(greedy_decode(lm, torch.from_numpy(vectors.astype(np.float32)),
-                                 job.entry.token_count, prefix).ids)
-    return out
+        inputs.append((torch.from_numpy(vectors.astype(np.float32)), job.entry.token_count))
+    return [d.ids for d in greedy_decode_batch(lm, inputs, prefix, batch_size=ctx.batch_size)]
 
 
 def detokenize(lm, ids) -> bytes:
