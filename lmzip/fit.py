@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kinds
-from .generate import greedy_decode, teacher_forced_accuracy, teacher_forced_logits
+from .generate import greedy_decode, greedy_decode_batch, teacher_forced_accuracy, teacher_forced_logits
 from .models import LoadedModel
 from .precision import exact_float32
 from .segmenting import Piece, Region, Stream
@@ -132,6 +132,23 @@ def sink_prefix(lm: LoadedModel, cfg: FitConfig) -> tuple[int, ...]:
         if token_id is not None:
             return (int(token_id),)
     return ()
+
+
+def verify_all(lm: LoadedModel, candidates: list[tuple[torch.Tensor, list[int]]], margin: float,
+               prefix: tuple[int, ...]) -> list[tuple[bool, float]]:
+    """Verify several segments in one batched decode (a closing segment does not hold up the fit);
+    one that fails in the batch is verified alone before it counts as failed (SPEC.md, "Batched
+    decoding"). Each (vectors16, ids) gets (ok, min_margin)."""
+    if len(candidates) == 1:
+        return [verify(lm, *candidates[0], margin, prefix)]
+    with exact_float32():
+        decoded = greedy_decode_batch(lm, [(v.float(), len(ids)) for v, ids in candidates], prefix,
+                                      batch_size=len(candidates))
+    out = []
+    for (vectors16, ids), d in zip(candidates, decoded):
+        ok = d.ids == list(ids) and d.min_margin >= margin
+        out.append((True, d.min_margin) if ok else verify(lm, vectors16, ids, margin, prefix))
+    return out
 
 
 def verify(lm: LoadedModel, vectors16: torch.Tensor, ids, margin: float, prefix: tuple[int, ...]):
@@ -310,15 +327,26 @@ def fit_streams(lm: LoadedModel, streams: Iterable[tuple[Hashable, Stream]],
                 yield key, stream.skip(), _unfitted()
                 pending.appendleft((key, stream))  # done, or on to what follows the skipped text
 
-    def close(r: _Row) -> tuple[Hashable, Piece, FitResult]:
-        """Verify the row's best vectors by real decoding and cut its piece from the stream."""
-        vectors16 = None
-        if r.best is not None:
-            ok, r.last_margin = verify(lm, r.best, r.ids[: r.best_n].tolist(), cfg.margin, prefix)
-            if not ok and r.fallback is not None:  # a salvaged length failed: the one before it
-                r.best_n, r.best = r.fallback
-                ok, r.last_margin = verify(lm, r.best, r.ids[: r.best_n].tolist(), cfg.margin, prefix)
-            vectors16 = r.best.cpu() if ok else None
+    def verify_closing(closed: list[_Row]) -> dict[int, bool]:
+        """Verify the closing rows' best vectors together by real decoding; a salvaged length that
+        fails falls back to the one verified before it."""
+        ok: dict[int, bool] = {}
+        todo = [r for r in closed if r.best is not None]
+        while todo:
+            results = verify_all(lm, [(r.best, r.ids[: r.best_n].tolist()) for r in todo], cfg.margin, prefix)
+            retry = []
+            for r, (good, r.last_margin) in zip(todo, results):
+                ok[id(r)] = good
+                if not good and r.fallback is not None:
+                    r.best_n, r.best = r.fallback
+                    r.fallback = None
+                    retry.append(r)
+            todo = retry
+        return ok
+
+    def close(r: _Row, ok: bool) -> tuple[Hashable, Piece, FitResult]:
+        """Cut the row's piece from the stream: memory-coded if its vectors verified."""
+        vectors16 = r.best.cpu() if ok else None
         n = r.best_n or r.n
         tried = r.best if r.best is not None else r.params.half()
         acc = teacher_forced_accuracy(lm, tried.float(), r.ids[:n].tolist(), prefix)
@@ -440,8 +468,9 @@ def fit_streams(lm: LoadedModel, streams: Iterable[tuple[Hashable, Stream]],
         if closing:
             closed = [rows[i] for i in closing]
             rows = [r for i, r in enumerate(rows) if i not in closing]
+            verified = verify_closing(closed)
             for r in closed:
-                yield close(r)
+                yield close(r, verified.get(id(r), False))
                 if not r.stream.done:  # the stream's next segment goes first
                     pending.appendleft((r.key, r.stream))
             yield from admit()

@@ -315,3 +315,23 @@ def test_gap_to_runner_up_is_the_target_logit_minus_the_best_other():
     logits = torch.tensor([[3.0, 1.0, 2.0], [3.0, 1.0, 2.0], [2.0, 2.0, 0.0], [0.0, 5.0, 5.0]])
     target = torch.tensor([0, 2, 1, 0])
     assert _gap_to_runner_up(logits, target).tolist() == [1.0, -1.0, 0.0, -5.0]
+
+
+def test_closing_segments_are_verified_together_and_alone_before_they_fail(tiny, sentence_archive, monkeypatch):
+    from lmzip import fit
+
+    (vectors, n), prefix = next(memory_segments(sentence_archive)), (256,)
+    ids = greedy_decode(tiny, vectors, n, prefix).ids
+    wrong = ids[:-1] + [(ids[-1] + 1) % tiny.vocab_size]
+    good, bad = (vectors.half(), ids), (vectors.half(), wrong)
+    assert [ok for ok, _ in fit.verify_all(tiny, [good, bad, good], 0.0, prefix)] == [True, False, True]
+    batches = []
+    real = fit.greedy_decode_batch
+
+    def garbled(lm, jobs, prefix, batch_size):  # a batch that goes wrong: each row is verified alone
+        batches.append(len(jobs))
+        return [d.__class__([0] * len(d.ids), d.min_margin) for d in real(lm, jobs, prefix, batch_size=batch_size)]
+
+    monkeypatch.setattr(fit, "greedy_decode_batch", garbled)
+    assert [ok for ok, _ in fit.verify_all(tiny, [good, good], 0.0, prefix)] == [True, True]
+    assert batches == [2]  # then each row alone, through greedy_decode, which held
