@@ -7,6 +7,7 @@ loaded model between calls.
 from .codec import Codec, EncodeReport, Progress, inspect
 from .container import FORMAT_VERSION, MAGIC
 from .errors import (
+    ClusterError,
     ContentChecksumError,
     HeaderError,
     InputError,
@@ -58,5 +59,5 @@ __all__ = [
     "TruncatedError", "TrailingDataError", "HeaderError", "LimitError", "SegmentTableError",
     "SegmentError", "ContentChecksumError", "ModelError", "ModelUnavailableError",
     "ModelMismatchError", "InputError", "OptionError", "OutputExistsError", "UnsupportedError",
-    "UnsupportedKindError", "WorkLimitError", "JournalError",
+    "UnsupportedKindError", "WorkLimitError", "JournalError", "ClusterError",
 ]
