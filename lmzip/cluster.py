@@ -96,7 +96,7 @@ def connect(address: str):
     if not ray.is_initialized():
         try:
             if address == LOCAL:
-                ray.init(include_dashboard=False, logging_level=logging.WARNING)
+                ray.init(address=LOCAL, include_dashboard=False, logging_level=logging.WARNING)
             else:
                 ray.init(address=address, logging_level=logging.WARNING)
         except Exception as e:  # ConnectionError, ValueError, RuntimeError, …
@@ -190,7 +190,9 @@ def fit_on_ray(address: str, model: str | None, regions: Iterable[tuple[Hashable
         while todo or calls:
             while pool.idle and todo:
                 actor = pool.idle.pop()
-                batch = [todo.popleft() for _ in range(min(per_call, len(todo)))]
+                # Near the end (or after a loss) what is left is shared out rather than given to one.
+                take = min(per_call, math.ceil(len(todo) / pool.size))
+                batch = [todo.popleft() for _ in range(take)]
                 calls[actor.fit.options(num_returns="streaming").remote(batch, cfg)] = _Call(actor, dict(batch))
             (ready,), _ = ray.wait([*pool.starting, *calls], num_returns=1)
             if ready in pool.starting:
