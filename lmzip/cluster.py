@@ -31,6 +31,7 @@ from .segmenting import Region
 LOCAL = "local"              # the address that starts a one-machine cluster here
 ACTOR_PREFIX = "lmzip-fit-"  # actor names, as `ray list actors` shows them
 MAX_LOSSES = 3               # a region lost with its actor this many times is not tried again
+REACH_TIMEOUT = 10           # seconds to wait for the head node to accept a connection
 CALL_BATCHES = 2             # regions per call, in batches: fewer half-empty batches at a call's end
 
 
@@ -88,12 +89,25 @@ def _import_ray(local_only: bool):
     return ray
 
 
+def _check_reachable(address: str) -> None:
+    """Ray retries an unreachable head for minutes: a HOST:PORT that refuses is said at once."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in host:
+        return  # "auto", "local", or a form Ray resolves itself (ray://…)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_TIMEOUT).close()
+    except OSError as e:
+        raise ClusterError(f"cannot reach the Ray cluster at '{address}' ({e.strerror or e}): "
+                           "is `ray start --head` running there?") from None
+
+
 def connect(address: str):
     """This process's Ray connection, made once: a running cluster's address, "auto" (the one
     `ray start` runs here, or RAY_ADDRESS), or "local" (a new one on this machine, localhost only).
     A process already connected keeps its connection."""
     ray = _import_ray(address == LOCAL)
     if not ray.is_initialized():
+        _check_reachable(address)
         try:
             if address == LOCAL:
                 ray.init(address=LOCAL, include_dashboard=False, logging_level=logging.WARNING)

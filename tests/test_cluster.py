@@ -48,6 +48,14 @@ def test_a_local_cluster_listens_on_localhost_only(ray):
     assert started.stdout.startswith("127.0.0.1:"), started.stderr[-2000:]
 
 
+def test_an_unreachable_head_is_said_at_once(ray):
+    script = "from lmzip import cluster; cluster.connect('127.0.0.1:9')"  # nothing listens on port 9
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    started = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert "ClusterError: cannot reach the Ray cluster at '127.0.0.1:9' (Connection refused)" in started.stderr
+
+
 def test_an_archive_fitted_on_ray_decodes_exactly(codec, ray, tmp_path):
     journal = tmp_path / "doc.lmz.journal"
     blob = codec.encode(TEXT, cluster="auto", journal=journal, **OPTIONS)
