@@ -12,6 +12,7 @@ from .errors import (
     ContentChecksumError,
     HeaderError,
     InputError,
+    InternalError,
     JournalError,
     LimitError,
     LmzError,
@@ -62,5 +63,5 @@ __all__ = [
     "TruncatedError", "TrailingDataError", "HeaderError", "LimitError", "SegmentTableError",
     "SegmentError", "ContentChecksumError", "ModelError", "ModelUnavailableError",
     "ModelMismatchError", "InputError", "OptionError", "OutputExistsError", "UnsupportedError",
-    "UnsupportedKindError", "WorkLimitError", "JournalError", "ClusterError",
+    "UnsupportedKindError", "WorkLimitError", "JournalError", "InternalError", "ClusterError",
 ]

@@ -21,7 +21,7 @@ import zstandard
 
 from . import segmenting
 from .codec import Codec, Progress, ProgressCallback
-from .errors import InputError
+from .errors import InputError, InternalError
 from .fit import FitConfig
 
 
@@ -92,7 +92,7 @@ def _decode_timed(codec: Codec, archive: bytes, model: str | None, original: byt
     out = io.BytesIO()
     codec.decode_to(archive, out, model=model, progress=tick)
     if out.getvalue() != original:
-        raise AssertionError("bench archive did not decode to its input")
+        raise InternalError("lmzip bug: the bench archive did not decode to its input")
     return seconds
 
 

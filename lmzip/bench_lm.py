@@ -20,7 +20,7 @@ import zstandard
 
 from . import container
 from .codec import Codec, ProgressCallback
-from .errors import InputError
+from .errors import InputError, InternalError
 from .fit import FitConfig, sink_prefix
 from .kinds import lm as lm_kind
 
@@ -64,7 +64,7 @@ def run(codec: Codec, paths: list[str], *, model: str | None = None, chunk_token
     back = codec.decode(blob, model=model, batch_size=batch_size)
     decode_seconds = time.perf_counter() - started
     if back != data:
-        raise AssertionError("bench archive did not decode to its input")
+        raise InternalError("lmzip bug: the bench archive did not decode to its input")
     archive = container.parse(blob)
     lm_payload = sum(s.payload_length for s in archive.segments if s.kind == lm_kind.KIND)
     soft, freq, tokens = _ideal_bits(lm, archive, data) if ideal else (None, None, report.memory_tokens)

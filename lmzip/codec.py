@@ -16,7 +16,7 @@ from typing import BinaryIO, Callable
 from . import container, kinds, segmenting
 from .container import KIND_MEMORY, ArchiveWriter, Header
 from .journal import Journal
-from .errors import (ContentChecksumError, HeaderError, InputError, ModelMismatchError, ModelUnavailableError,
+from .errors import (ContentChecksumError, InternalError, HeaderError, InputError, ModelMismatchError, ModelUnavailableError,
                      OptionError, SegmentError, WorkLimitError)
 from .fit import FitConfig, fit_regions, sink_prefix
 from .kinds.memory import max_positions
@@ -157,7 +157,7 @@ def _rest_of(region: segmenting.Region, done_bytes: int) -> segmenting.Region | 
     if done_bytes >= len(data):
         return None
     if not region.growing:
-        raise AssertionError("lmzip bug: a whole region was journaled in part")
+        raise InternalError("lmzip bug: a whole region was journaled in part")
     return replace(region, text=data[done_bytes:].decode("utf-8"))
 
 
@@ -386,7 +386,7 @@ class Codec:
                 left -= len(segment.data)
         run.flush()
         if expected_sha256 is not None and data_hash.digest() != expected_sha256:
-            raise AssertionError("lmzip bug: the segments do not add up to the input")  # never write it
+            raise InternalError("lmzip bug: the segments do not add up to the input")  # never write it
         header = Header(original_size=state.total, content_sha256=data_hash.digest(),
                         segment_count=writer.segment_count, **(self._model_fields(lm, fit, prefix) if lm else {}))
         size = writer.finish(out, header)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from . import kinds
-from .errors import (HeaderError, LimitError, NotLmzError, SegmentError, SegmentTableError,
+from .errors import (HeaderError, InternalError, LimitError, NotLmzError, SegmentError, SegmentTableError,
                      TrailingDataError, TruncatedError, UnsupportedError, UnsupportedVersionError)
 from .limits import (MAX_ANY_HEADER_SIZE, MAX_HEADER_EXTENSION, MAX_HIDDEN_SIZE, MAX_MODEL_ID_BYTES,
                      MAX_ORIGINAL_SIZE, MAX_PREFIX_TOKENS, MAX_REVISION_BYTES, MAX_SEGMENT_BYTES,
@@ -144,7 +144,7 @@ def crc32(data) -> int:
 def pack_header(h: Header) -> bytes:
     """The header's bytes in format v3, checked by the reader's own rules."""
     if h.version != 3:
-        raise ValueError("lmzip writes format version 3 only")
+        raise InternalError("lmzip bug: lmzip writes format version 3 only")
     model_id, revision = h.model_id.encode("utf-8"), h.revision.encode("utf-8")
     fields = [MAGIC, 3, 0, 0, h.compatible_flags, h.model_source, h.compute_dtype, h.original_size,
               h.content_sha256, h.segment_count, h.hidden_size, h.vectors_per_segment, len(h.prefix),
@@ -181,7 +181,7 @@ class ArchiveWriter:
 
     def add(self, segment: kinds.CodedSegment) -> None:
         if segment.payload is None:
-            raise ValueError("lmzip bug: a raw piece reached the writer uncoded")
+            raise InternalError("lmzip bug: a raw piece reached the writer uncoded")
         if len(segment.data) > MAX_SEGMENT_BYTES:
             raise LimitError(f"segment of {len(segment.data)} bytes is over the {MAX_SEGMENT_BYTES}-byte limit")
         self._spool.write(segment.payload)

@@ -92,3 +92,7 @@ class JournalError(InputError):
 
 class ClusterError(LmzError):
     """The Ray cluster cannot be used (Ray missing, unreachable) or kept losing the fitting work."""
+
+
+class InternalError(LmzError):
+    """An invariant of lmzip itself failed (a bug): nothing is written, and the message says so."""

@@ -26,12 +26,18 @@ AWKWARD = {
 }
 
 
+# Inputs with a run of printable text of 8 tokens and more: memory segments, not only zstd.
+TEXT_LIKE = {"crlf-and-lone-cr", "bom", "rtl-and-combining", "emoji", "invalid-utf8", "long-line"}
+
+
 @pytest.mark.parametrize("name", sorted(AWKWARD))
-def test_awkward_inputs_round_trip_through_memory_segments(codec, name):
+def test_awkward_inputs_round_trip(codec, name):
     data = AWKWARD[name]
     options = {**TINY_OPTIONS, "max_steps": 40} if name == "long-line" else TINY_OPTIONS
     blob = codec.encode(data, **options)
     assert codec.decode(blob) == data
+    kinds = {s["kind"] for s in lmzip.inspect(blob)["segments"]}
+    assert ("memory" in kinds) == (name in TEXT_LIKE), kinds
 
 
 def test_text_of_several_megabytes_is_cut_in_windows(codec, tiny):

@@ -211,7 +211,7 @@ def test_damaged_safetensors_header_is_a_model_error(tmp_path):
 
 # -- the legacy pair (formats 1 and 2) --------------------------------------------------------
 
-@pytest.mark.parametrize("sample", ["good-memory-tiny.lmz", "good-memory-tiny-v1.lmz"])
+@pytest.mark.parametrize("sample", ["good-memory-tiny-v2.lmz", "good-memory-tiny-v1.lmz"])
 def test_legacy_pair_matches_what_old_archives_recorded(tiny, sample):
     info = lmzip.inspect((FORMATS / sample).read_bytes())
     recorded = bytes.fromhex(info["tokenizer_sha256"]), bytes.fromhex(info["weights_sha256"])
