@@ -249,3 +249,20 @@ def test_tree_sum_has_one_fixed_order():
     got = F.tree_sum(torch.from_numpy(x))
     assert got.tolist() == [reference(row) for row in x]
     assert got.tolist() != x.sum(-1).tolist()  # the data is one where the order shows
+
+
+def test_reduced_float32_matmul_precision_is_refused(exact):
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        with pytest.raises(ValueError, match="highest"):
+            _logits(exact, _ids(1, 4))
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_autocast_does_not_reach_the_arithmetic(exact):
+    ids = _ids(2, 20)
+    plain = _logits(exact, ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(_logits(exact, ids), plain)

@@ -205,9 +205,23 @@ def mlp_block(exact: ExactModel, layer: Layer, x: torch.Tensor) -> torch.Tensor:
     return linear(h_int, h_step, layer.down)
 
 
+def _check_float_matmuls(device: torch.device) -> None:
+    """The float32 matmuls here are exact only at full float32 precision (no TF32, no bf16)."""
+    if torch.get_float32_matmul_precision() != "highest" or (
+            device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32):
+        raise ValueError("the exact lm arithmetic needs torch.set_float32_matmul_precision('highest') "
+                         "and TF32 off")
+
+
 @torch.no_grad()
 def forward(exact: ExactModel, ids: torch.Tensor, cache: Cache) -> torch.Tensor:
     """Logits (B, T, V) float32 for tokens ids (B, T) at the cache's next T positions; fills the cache."""
+    _check_float_matmuls(ids.device)
+    with torch.autocast(ids.device.type, enabled=False):
+        return _forward(exact, ids, cache)
+
+
+def _forward(exact: ExactModel, ids: torch.Tensor, cache: Cache) -> torch.Tensor:
     start = cache.length
     if start + ids.shape[1] > cache.capacity:
         raise ValueError("the cache is full")
