@@ -92,7 +92,7 @@ class ExactModel:
     fingerprint: bytes       # 32 bytes
 
     def __post_init__(self):
-        self.exp_f64 = self.exp.double()  # the same integers, for float64 arithmetic
+        self.exp_f32 = self.exp.float()  # the same integers (<= 2**24), exact in float32
 
     @classmethod
     def from_loaded(cls, lm) -> "ExactModel":
