@@ -273,3 +273,11 @@ def test_query_blocks_do_not_matter(exact, monkeypatch):
     whole = _logits(exact, ids)
     monkeypatch.setattr(F, "QUERY_POSITIONS", 4)
     assert torch.equal(_logits(exact, ids), whole)
+
+
+def test_divisions_by_and_of_numbers_are_correctly_rounded():
+    """`127 / tensor` is a reciprocal then a product in torch (and CUDA's `tensor / 127` too)."""
+    x = torch.rand(20000, generator=torch.Generator().manual_seed(0)) * 100 + 1e-3
+    assert torch.equal(F.divide(127, x), (127.0 / x.double()).float())
+    assert torch.equal(F.divide(x, 127), (x.double() / 127.0).float())
+    assert not torch.equal(127 / x, (127.0 / x.double()).float())  # what divide avoids

@@ -65,14 +65,28 @@ def int_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(x, w)
 
 
+def divide(a, b) -> torch.Tensor:
+    """a / b correctly rounded, where one side may be a Python number.
+
+    Not `tensor / number`: CUDA computes that as a times the rounded reciprocal of b, and
+    `number / tensor` is a reciprocal then a product; a full tensor divisor takes the one
+    correctly rounded division on every device.
+    """
+    if not isinstance(a, torch.Tensor):
+        a = torch.full_like(b, a)
+    if not isinstance(b, torch.Tensor):
+        b = torch.full_like(a, b)
+    return a / b
+
+
 def quantize_rows(t: torch.Tensor, step_dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 (..., K) -> int8 round(t * (127 / max|t|)) and the step max|t| / 127 per row,
     divided in `step_dtype` (float64 before a Linear, float32 for attention heads)."""
     top = t.abs().amax(dim=-1)
     safe = torch.where(top > 0, top, torch.ones_like(top))
-    factor = ACT_LIMIT / safe                                      # float32 division
+    factor = divide(ACT_LIMIT, safe)                               # float32 division
     q = torch.round(t * factor[..., None]).clamp_(-ACT_LIMIT, ACT_LIMIT).to(torch.int8)
-    return q, top.to(step_dtype) / ACT_LIMIT                       # 0 where top is 0
+    return q, divide(top.to(step_dtype), ACT_LIMIT)                # 0 where top is 0
 
 
 def linear(q: torch.Tensor, step: torch.Tensor, lin: IntLinear) -> torch.Tensor:
@@ -96,7 +110,7 @@ def tree_sum(x: torch.Tensor) -> torch.Tensor:
 def rms_factor(x: torch.Tensor, eps: float) -> torch.Tensor:
     """float64 1 / sqrt(mean(x**2) + eps) per row of float32 x, each square exact in float64."""
     xd = x.double()
-    return 1.0 / torch.sqrt(tree_sum(xd * xd) / x.shape[-1] + eps)
+    return divide(1.0, torch.sqrt(divide(tree_sum(xd * xd), x.shape[-1]) + eps))
 
 
 def norm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float):
@@ -115,7 +129,7 @@ def silu(exact: ExactModel, g: torch.Tensor) -> torch.Tensor:
     """g * sigmoid(g), float32, with e = exp(-|g|) from the table."""
     e = exp_lookup(exact, g.abs() * EXP_SCALE) * (1.0 / EXP_ONE)  # exact: a power of two
     denom = 1.0 + e
-    sigmoid = torch.where(g >= 0, 1.0 / denom, e / denom)
+    sigmoid = torch.where(g >= 0, divide(1.0, denom), e / denom)
     return g * sigmoid
 
 

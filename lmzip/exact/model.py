@@ -59,7 +59,7 @@ def quantize_weight(w: torch.Tensor) -> IntLinear:
     """(N, K) float weights -> int8 (K, N) with a float32 scale per output row: round(w / (max|w| / 63))."""
     w = w.detach().to("cpu", torch.float32)
     top = w.abs().amax(dim=1)
-    scale = torch.where(top > 0, top / WEIGHT_LIMIT, torch.ones_like(top))  # float32 division
+    scale = torch.where(top > 0, top / torch.full_like(top, WEIGHT_LIMIT), torch.ones_like(top))  # float32 division
     q = torch.round(w / scale[:, None]).clamp_(-WEIGHT_LIMIT, WEIGHT_LIMIT)
     return IntLinear(q.to(torch.int8).t().contiguous(), scale.to(torch.float64))
 
