@@ -281,3 +281,14 @@ def test_divisions_by_and_of_numbers_are_correctly_rounded():
     assert torch.equal(F.divide(127, x), (127.0 / x.double()).float())
     assert torch.equal(F.divide(x, 127), (x.double() / 127.0).float())
     assert not torch.equal(127 / x, (127.0 / x.double()).float())  # what divide avoids
+
+
+def test_lm_bench_runs_and_checks_its_round_trip(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("Down the rabbit hole. " * 12)
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "lm_bench.py"), str(text), "--model", TINY_MODEL,
+                          "--chunk-tokens", "100", "--threads", "1", "--batch-size", "2"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "OK" in out.stdout and "MISMATCH" not in out.stdout
+    assert "freq cost" in out.stdout and "zstd -19" in out.stdout
