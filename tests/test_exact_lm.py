@@ -24,7 +24,7 @@ from lmzip.rangecoder import MAX_TOTAL
 PREFIX = (256,)
 # Pins: a change to the arithmetic must change ARITHMETIC_VERSION, then these.
 TINY_FINGERPRINT = "11a61bf6740d6dd8b02603a532090499330c3ec56781397ab59927d291eb9716"
-TINY_FREQ_SHA256 = "270a6e88904870e7b710aa26e845598ab95fbd9e6084abfe52a056cd225b19bd"
+TINY_FREQ_SHA256 = "9782e05e21f70de4e11a4e4b5f600645268615fdfb93ce891d4b501bdbd2522d"
 EXP_TABLE_SHA256 = "2332e04e6d9f19cf66f31019d9ba1ab99915bcd7a645977e91e76c00319f63bc"
 
 
@@ -249,3 +249,46 @@ def test_tree_sum_has_one_fixed_order():
     got = F.tree_sum(torch.from_numpy(x))
     assert got.tolist() == [reference(row) for row in x]
     assert got.tolist() != x.sum(-1).tolist()  # the data is one where the order shows
+
+
+def test_reduced_float32_matmul_precision_is_refused(exact):
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        with pytest.raises(ValueError, match="highest"):
+            _logits(exact, _ids(1, 4))
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_autocast_does_not_reach_the_arithmetic(exact):
+    ids = _ids(2, 20)
+    plain = _logits(exact, ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(_logits(exact, ids), plain)
+
+
+def test_query_blocks_do_not_matter(exact, monkeypatch):
+    ids = _ids(2, 45, seed=4)
+    whole = _logits(exact, ids)
+    monkeypatch.setattr(F, "QUERY_POSITIONS", 4)
+    assert torch.equal(_logits(exact, ids), whole)
+
+
+def test_divisions_by_and_of_numbers_are_correctly_rounded():
+    """`127 / tensor` is a reciprocal then a product in torch (and CUDA's `tensor / 127` too)."""
+    x = torch.rand(20000, generator=torch.Generator().manual_seed(0)) * 100 + 1e-3
+    assert torch.equal(F.divide(127, x), (127.0 / x.double()).float())
+    assert torch.equal(F.divide(x, 127), (x.double() / 127.0).float())
+    assert not torch.equal(127 / x, (127.0 / x.double()).float())  # what divide avoids
+
+
+def test_lm_bench_runs_and_checks_its_round_trip(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("Down the rabbit hole. " * 12)
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "lm_bench.py"), str(text), "--model", TINY_MODEL,
+                          "--chunk-tokens", "100", "--threads", "1", "--batch-size", "2"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "OK" in out.stdout and "MISMATCH" not in out.stdout
+    assert "freq cost" in out.stdout and "zstd -19" in out.stdout

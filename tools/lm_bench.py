@@ -90,7 +90,8 @@ def main():
             decoded = decode_chunks(exact, payloads, [len(c) for c in chunks], prefix, batch_size=args.batch_size)
             dec_s, dec_cpu = time.perf_counter() - t, time.process_time() - cpu
             ok = decoded == [list(c) for c in chunks]
-            line += f"; decode {n / dec_s / 1000:.2f} KB/s ({dec_s:.1f} s wall, {dec_cpu:.1f} s CPU, batch {args.batch_size}) {'OK' if ok else 'MISMATCH'}"
+            line += (f"; decode {n / dec_s / 1000:.2f} KB/s ({dec_s:.1f} s wall, {dec_cpu:.1f} s CPU, "
+                     f"batch {args.batch_size}) {'OK' if ok else 'MISMATCH'}")
         print(line, flush=True)
         if not args.no_ideal:
             soft, freq, flt = ideal_bits(exact, chunks, prefix, lm if args.float else None)

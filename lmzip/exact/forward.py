@@ -23,7 +23,7 @@ from .tables import EXP_ONE_BITS, EXP_STEP_BITS
 ACT_LIMIT = 127        # |int activation| <= 127
 ATTN_BITS = 18         # attention weights are integers in [0, 2**18] before P @ V
 LIMB_BITS = 6          # ... split into 6-bit limbs: 64 * 127 * MAX_POSITIONS < 2**24
-QUERY_BLOCK = 512     # query rows per attention call in whole-sequence passes (memory only)
+QUERY_POSITIONS = 64  # whole-sequence passes: positions per attention call (speed and memory only)
 EXP_SCALE = float(1 << EXP_STEP_BITS)
 EXP_ONE = float(1 << EXP_ONE_BITS)
 
@@ -38,11 +38,10 @@ class Cache:
             raise ValueError(f"context of {capacity} positions exceeds the limit {MAX_POSITIONS}")
         kv = (rows, shape.kv_heads, capacity, shape.head_dim)
         f32 = dict(dtype=torch.float32, device=device)
-        f64 = dict(dtype=torch.float64, device=device)
         self.k = [torch.zeros(kv, **f32) for _ in range(shape.layers)]   # integer-valued
         self.v = [torch.zeros(kv, **f32) for _ in range(shape.layers)]
-        self.k_scale = [torch.zeros(kv[:3], **f64) for _ in range(shape.layers)]
-        self.v_scale = [torch.zeros(kv[:3], **f64) for _ in range(shape.layers)]
+        self.k_scale = [torch.zeros(kv[:3], **f32) for _ in range(shape.layers)]
+        self.v_scale = [torch.zeros(kv[:3], **f32) for _ in range(shape.layers)]
         self.length = 0
         self.capacity = capacity
 
@@ -66,14 +65,28 @@ def int_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(x, w)
 
 
-def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 (..., K) -> int8 round(t * (127 / max|t|)) and the float64 step max|t| / 127 per row."""
+def divide(a, b) -> torch.Tensor:
+    """a / b correctly rounded, where one side may be a Python number.
+
+    Not `tensor / number`: CUDA computes that as a times the rounded reciprocal of b, and
+    `number / tensor` is a reciprocal then a product; a full tensor divisor takes the one
+    correctly rounded division on every device.
+    """
+    if not isinstance(a, torch.Tensor):
+        a = torch.full_like(b, a)
+    if not isinstance(b, torch.Tensor):
+        b = torch.full_like(a, b)
+    return a / b
+
+
+def quantize_rows(t: torch.Tensor, step_dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 (..., K) -> int8 round(t * (127 / max|t|)) and the step max|t| / 127 per row,
+    divided in `step_dtype` (float64 before a Linear, float32 for attention heads)."""
     top = t.abs().amax(dim=-1)
     safe = torch.where(top > 0, top, torch.ones_like(top))
-    factor = ACT_LIMIT / safe                                      # float32 division
+    factor = divide(ACT_LIMIT, safe)                               # float32 division
     q = torch.round(t * factor[..., None]).clamp_(-ACT_LIMIT, ACT_LIMIT).to(torch.int8)
-    step = torch.where(top > 0, top.double() / ACT_LIMIT, torch.zeros_like(top, dtype=torch.float64))
-    return q, step
+    return q, divide(top.to(step_dtype), ACT_LIMIT)                # 0 where top is 0
 
 
 def linear(q: torch.Tensor, step: torch.Tensor, lin: IntLinear) -> torch.Tensor:
@@ -97,7 +110,7 @@ def tree_sum(x: torch.Tensor) -> torch.Tensor:
 def rms_factor(x: torch.Tensor, eps: float) -> torch.Tensor:
     """float64 1 / sqrt(mean(x**2) + eps) per row of float32 x, each square exact in float64."""
     xd = x.double()
-    return 1.0 / torch.sqrt(tree_sum(xd * xd) / x.shape[-1] + eps)
+    return divide(1.0, torch.sqrt(divide(tree_sum(xd * xd), x.shape[-1]) + eps))
 
 
 def norm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float):
@@ -107,16 +120,16 @@ def norm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float):
 
 
 def exp_lookup(exact: ExactModel, scaled: torch.Tensor) -> torch.Tensor:
-    """E[round(d)] for d = x * 1024 >= 0, clamped to the table's last entry (0); float64 integers."""
+    """E[round(d)] for d = x * 1024 >= 0, clamped to the table's last entry (0); float32 integers."""
     n = torch.round(torch.clamp(scaled, max=float(exact.exp.shape[0] - 1)))
-    return exact.exp_f64[n.long()]
+    return exact.exp_f32[n.long()]
 
 
 def silu(exact: ExactModel, g: torch.Tensor) -> torch.Tensor:
     """g * sigmoid(g), float32, with e = exp(-|g|) from the table."""
-    e = exp_lookup(exact, g.abs() * EXP_SCALE).float() * (1.0 / EXP_ONE)  # exact: a power of two
+    e = exp_lookup(exact, g.abs() * EXP_SCALE) * (1.0 / EXP_ONE)  # exact: a power of two
     denom = 1.0 + e
-    sigmoid = torch.where(g >= 0, 1.0 / denom, e / denom)
+    sigmoid = torch.where(g >= 0, divide(1.0, denom), e / denom)
     return g * sigmoid
 
 
@@ -128,36 +141,39 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 def attention(exact: ExactModel, q, q_step, k, k_step, v, v_step, q_pos: torch.Tensor | None) -> torch.Tensor:
-    """Exact causal attention of Tq queries over Tk cached keys.
+    """Exact causal attention of query rows over cached keys, in float32 but for the sums.
 
-    q (B, Hkv, G*Tq, D) int-valued float32, q_step (B, Hkv, G*Tq) float64; k, v (B, Hkv, Tk, D),
-    their steps (B, Hkv, Tk); q_pos (G*Tq,) the position of each query row, or None when every
-    query sees every key. -> (B, Hkv, G*Tq, D) float32.
+    q (B, Hkv, R, D) int-valued float32, q_step (B, Hkv, R) float32; k, v (B, Hkv, Tk, D) likewise,
+    their steps (B, Hkv, Tk); q_pos (R,) the position of each query row, or None when every row
+    sees every key. -> (B, Hkv, R, D) float32.
     """
-    scores = torch.matmul(q, k.transpose(-1, -2)).double() * k_step[:, :, None, :]  # exact sum, one rounding
+    scores = torch.matmul(q, k.transpose(-1, -2)) * k_step[:, :, None, :]  # exact sum, one rounding
     future = None
     if q_pos is not None:
-        future = torch.arange(k.shape[2], device=q.device)[None, :] > q_pos[:, None]  # (G*Tq, Tk)
-        scores = scores.masked_fill(future, float("-inf"))
+        future = torch.arange(k.shape[2], device=q.device)[None, :] > q_pos[:, None]  # (R, Tk)
+        scores.masked_fill_(future, float("-inf"))
     top = scores.amax(dim=-1, keepdim=True)
-    # (top - s) * (q_step / sqrt(D)) * 1024; the power of two folds into the factor exactly
-    coef = (q_step * (1.0 / math.sqrt(q.shape[-1]))) * EXP_SCALE                   # (B, Hkv, G*Tq)
+    inv_sqrt_d = torch.tensor(1.0 / math.sqrt(q.shape[-1]), dtype=torch.float32, device=q.device)
+    coef = (q_step * inv_sqrt_d) * EXP_SCALE                                # (B, Hkv, R)
     scaled = (top - scores) * coef[..., None]
+    last = float(exact.exp.shape[0] - 1)
     if future is not None:
-        scaled = scaled.masked_fill(future, float(exact.exp.shape[0] - 1))  # inf or nan -> the table's 0
-    weights = exp_lookup(exact, scaled)                                      # integers <= 2**24, float64
+        scaled.masked_fill_(future, last)                   # inf or nan -> the table's 0
+    weights = exp_lookup(exact, scaled)                                   # integers <= 2**24
     u = weights * v_step[:, :, None, :]
     u_top = u.amax(dim=-1, keepdim=True)
     u_safe = torch.where(u_top > 0, u_top, torch.ones_like(u_top))
-    ints = torch.round(u / (u_safe * (1.0 / (1 << ATTN_BITS)))).long()      # [0, 2**18]
-    rows = q.shape[2]
-    mask = (1 << LIMB_BITS) - 1
-    limbs = torch.cat([ints >> 2 * LIMB_BITS, (ints >> LIMB_BITS) & mask, ints & mask], dim=2).float()
-    acc = torch.matmul(limbs, v).double()                                 # exact: limb * 127 * Tk < 2**24
+    ints = torch.round(u / (u_safe * (1.0 / (1 << ATTN_BITS))))           # [0, 2**18], exact in float32
     base = float(1 << LIMB_BITS)
+    hi = torch.floor(ints * (1.0 / (base * base)))
+    rest = ints - hi * (base * base)
+    mid = torch.floor(rest * (1.0 / base))
+    lo = rest - mid * base
+    rows = q.shape[2]
+    acc = torch.matmul(torch.cat([hi, mid, lo], dim=2), v).double()       # exact: limb * 127 * Tk < 2**24
     total = (acc[:, :, :rows] * (base * base) + acc[:, :, rows:2 * rows] * base) + acc[:, :, 2 * rows:]
-    coef = u_top / (weights.sum(dim=-1, keepdim=True) * float(1 << ATTN_BITS))  # integer sum: exact
-    return (total * coef).float()
+    weight_sum = weights.sum(dim=-1, keepdim=True, dtype=torch.float64)  # integers: exact
+    return (total * (u_top.double() / (weight_sum * float(1 << ATTN_BITS)))).float()
 
 
 def attention_block(exact: ExactModel, layer: Layer, index: int, x: torch.Tensor, cache: Cache,
@@ -170,29 +186,31 @@ def attention_block(exact: ExactModel, layer: Layer, index: int, x: torch.Tensor
     qkv = linear(q_int, step, layer.qkv)                                   # (B, T, (hq + 2 hk) * D)
     q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
     cos, sin = exact.cos[start:start + t], exact.sin[start:start + t]
-    q = rope(q.reshape(b, t, hq, d), cos, sin)
-    k = rope(k.reshape(b, t, hk, d), cos, sin)
-    q, q_step = quantize_rows(q)                                            # per (row, position, head)
-    k, k_step = quantize_rows(k)
-    v, v_step = quantize_rows(v.reshape(b, t, hk, d))
+    q, q_step = quantize_rows(rope(q.reshape(b, t, hq, d), cos, sin), torch.float32)  # per head
+    k, k_step = quantize_rows(rope(k.reshape(b, t, hk, d), cos, sin), torch.float32)
+    v, v_step = quantize_rows(v.reshape(b, t, hk, d), torch.float32)
     end = start + t
     cache.k[index][:, :, start:end] = k.transpose(1, 2).float()
     cache.v[index][:, :, start:end] = v.transpose(1, 2).float()
     cache.k_scale[index][:, :, start:end] = k_step.transpose(1, 2)
     cache.v_scale[index][:, :, start:end] = v_step.transpose(1, 2)
-    # queries grouped by kv head: (B, Hkv, G * T, D), head h = kv * G + g
-    q = q.float().reshape(b, t, hk, g, d).permute(0, 2, 3, 1, 4).reshape(b, hk, g * t, d)
-    q_step = q_step.reshape(b, t, hk, g).permute(0, 2, 3, 1).reshape(b, hk, g * t)
-    q_pos = torch.arange(start, end, device=x.device).repeat(g) if t > 1 else None
-    keys = (cache.k[index][:, :, :end], cache.k_scale[index][:, :, :end],
-            cache.v[index][:, :, :end], cache.v_scale[index][:, :, :end])
-    if q_pos is None:
-        out = attention(exact, q, q_step, *keys, None)
-    else:  # query rows are independent: blocks bound the (rows x keys) float64 temporaries
-        out = torch.cat([attention(exact, q[:, :, i:i + QUERY_BLOCK], q_step[:, :, i:i + QUERY_BLOCK],
-                                   *keys, q_pos[i:i + QUERY_BLOCK])
-                         for i in range(0, g * t, QUERY_BLOCK)], dim=2)
-    out = out.reshape(b, hk, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, hq * d)
+    # query rows by kv head, position-major: (B, Hkv, T * G, D), row t * G + g is head kv * G + g
+    q = q.float().reshape(b, t, hk, g, d).transpose(1, 2).reshape(b, hk, t * g, d)
+    q_step = q_step.reshape(b, t, hk, g).transpose(1, 2).reshape(b, hk, t * g)
+    if t == 1:
+        out = attention(exact, q, q_step, cache.k[index][:, :, :end], cache.k_scale[index][:, :, :end],
+                        cache.v[index][:, :, :end], cache.v_scale[index][:, :, :end], None)
+    else:  # rows are independent: blocks of positions see only the keys up to their last one
+        blocks = []
+        for first in range(start, end, QUERY_POSITIONS):
+            last = min(first + QUERY_POSITIONS, end)
+            rows = slice((first - start) * g, (last - start) * g)
+            q_pos = torch.arange(first, last, device=x.device).repeat_interleave(g)
+            blocks.append(attention(exact, q[:, :, rows], q_step[:, :, rows],
+                                    cache.k[index][:, :, :last], cache.k_scale[index][:, :, :last],
+                                    cache.v[index][:, :, :last], cache.v_scale[index][:, :, :last], q_pos))
+        out = torch.cat(blocks, dim=2)
+    out = out.reshape(b, hk, t, g, d).transpose(1, 2).reshape(b, t, hq * d)
     o_int, o_step = quantize_rows(out)
     return linear(o_int, o_step, layer.o)
 
@@ -205,9 +223,23 @@ def mlp_block(exact: ExactModel, layer: Layer, x: torch.Tensor) -> torch.Tensor:
     return linear(h_int, h_step, layer.down)
 
 
+def _check_float_matmuls(device: torch.device) -> None:
+    """The float32 matmuls here are exact only at full float32 precision (no TF32, no bf16)."""
+    if torch.get_float32_matmul_precision() != "highest" or (
+            device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32):
+        raise ValueError("the exact lm arithmetic needs torch.set_float32_matmul_precision('highest') "
+                         "and TF32 off")
+
+
 @torch.no_grad()
 def forward(exact: ExactModel, ids: torch.Tensor, cache: Cache) -> torch.Tensor:
     """Logits (B, T, V) float32 for tokens ids (B, T) at the cache's next T positions; fills the cache."""
+    _check_float_matmuls(ids.device)
+    with torch.autocast(ids.device.type, enabled=False):
+        return _forward(exact, ids, cache)
+
+
+def _forward(exact: ExactModel, ids: torch.Tensor, cache: Cache) -> torch.Tensor:
     start = cache.length
     if start + ids.shape[1] > cache.capacity:
         raise ValueError("the cache is full")

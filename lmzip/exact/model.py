@@ -59,7 +59,7 @@ def quantize_weight(w: torch.Tensor) -> IntLinear:
     """(N, K) float weights -> int8 (K, N) with a float32 scale per output row: round(w / (max|w| / 63))."""
     w = w.detach().to("cpu", torch.float32)
     top = w.abs().amax(dim=1)
-    scale = torch.where(top > 0, top / WEIGHT_LIMIT, torch.ones_like(top))  # float32 division
+    scale = torch.where(top > 0, top / torch.full_like(top, WEIGHT_LIMIT), torch.ones_like(top))  # float32 division
     q = torch.round(w / scale[:, None]).clamp_(-WEIGHT_LIMIT, WEIGHT_LIMIT)
     return IntLinear(q.to(torch.int8).t().contiguous(), scale.to(torch.float64))
 
@@ -92,7 +92,7 @@ class ExactModel:
     fingerprint: bytes       # 32 bytes
 
     def __post_init__(self):
-        self.exp_f64 = self.exp.double()  # the same integers, for float64 arithmetic
+        self.exp_f32 = self.exp.float()  # the same integers (<= 2**24), exact in float32
 
     @classmethod
     def from_loaded(cls, lm) -> "ExactModel":
