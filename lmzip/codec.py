@@ -25,7 +25,10 @@ from .models import LoadedModel, load_model
 from .precision import exact_float32
 
 METHODS = ("memory", "lm", "zstd")
-LM_CHUNK_TOKENS = 512  # tokens per lm segment: the context each chunk's tokens are coded in
+# Tokens per lm segment, the context each token is coded in: longer is smaller (first 20 KB of
+# alice29: 1.489 bits per byte at 128, 1.264 at 512, 1.172 at 2047) and decodes slower per token
+# (BENCHMARKS.md); 2047 fills the exact arithmetic's 2048 positions after the prefix token.
+LM_CHUNK_TOKENS = 2047
 # Growing segments (no fixed length) are cut from regions fitted side by side, one after another
 # within a region. A region's last segment is whatever is left of it, so regions are long, but a
 # text of a few thousand tokens is cut into about a batch of them, so that its segments are not

@@ -19,6 +19,9 @@ NEEDS_MODEL = True
 # and the coder's flush; 8 a token leaves room and bounds what a hostile entry can claim.
 MAX_PAYLOAD_BYTES_PER_TOKEN = 8
 PAYLOAD_SLACK = 16
+# Rows decoded side by side: the key/value cache takes about 47 KB per row and position on the
+# embedded model, so 16 rows of 2048 positions is about 1.5 GB.
+MAX_DECODE_ROWS = 16
 
 
 def check_entry(entry, header) -> str | None:
@@ -76,7 +79,7 @@ def _token_lists(jobs, ctx) -> list[list[int]]:
     payloads = [job.payload for job in jobs]
     counts = [job.entry.token_count for job in jobs]
     try:
-        return decode_chunks(exact, payloads, counts, prefix, batch_size=ctx.batch_size)
+        return decode_chunks(exact, payloads, counts, prefix, batch_size=min(ctx.batch_size, MAX_DECODE_ROWS))
     except ValueError as e:
         if len(jobs) == 1:
             raise SegmentError(jobs[0].index, f"the range coder cannot follow the payload ({e})") from None
