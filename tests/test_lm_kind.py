@@ -70,3 +70,15 @@ def test_payloads_fit_the_bound(lm_archive):
     for e in entries(lm_archive):
         if e["kind"] == lm_kind.KIND:
             assert e["payload_length"] <= lm_kind.MAX_PAYLOAD_BYTES_PER_TOKEN * e["token_count"]
+
+
+def test_a_host_that_lowered_float32_precision_still_gets_the_exact_arithmetic(codec):
+    import torch
+
+    torch.set_float32_matmul_precision("high")
+    try:
+        blob = codec.encode(TEXT[:60], method="lm", model=TINY_MODEL)
+        assert codec.decode(blob, model=TINY_MODEL) == TEXT[:60]
+        assert torch.get_float32_matmul_precision() == "high"  # the host's setting, given back
+    finally:
+        torch.set_float32_matmul_precision("highest")

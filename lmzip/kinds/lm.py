@@ -62,10 +62,14 @@ def encode(lm, pieces, prefix, check_every: int = 16) -> list:
     from ..exact import decode_chunks, encode_chunks
     from . import CodedSegment, raw
 
+    from ..precision import exact_float32
+
     exact = exact_model(lm)
-    payloads = encode_chunks(exact, [p.ids for p in pieces], prefix)
-    sample = list(range(0, len(pieces), check_every))
-    back = decode_chunks(exact, [payloads[i] for i in sample], [len(pieces[i].ids) for i in sample], prefix)
+    with exact_float32():  # the exact forward refuses reduced-precision matmuls
+        payloads = encode_chunks(exact, [p.ids for p in pieces], prefix)
+        sample = list(range(0, len(pieces), check_every))
+        back = decode_chunks(exact, [payloads[i] for i in sample], [len(pieces[i].ids) for i in sample], prefix,
+                             batch_size=MAX_DECODE_ROWS)
     failed = {i for i, ids in zip(sample, back) if tuple(ids) != tuple(pieces[i].ids)}
     return [raw(p.data) if i in failed else
             CodedSegment(KIND, p.data, payload, token_count=len(p.ids), stats={"tokens": len(p.ids)})
