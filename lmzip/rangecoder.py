@@ -4,7 +4,7 @@ Each symbol is coded with (cum, freq, total): its frequency, the sum of the
 frequencies before it, and the sum of all, 1 <= freq, cum + freq <= total <=
 MAX_TOTAL. The frequencies are the caller's (for lmzip the exact model's), so
 the coder adds no modelling of its own and the format is exactly this file;
-docs/lm-arithmetic.md spells it out for other implementations.
+SPEC.md ("lm payloads") spells it out for other implementations.
 
 State: `low` and `width` of the current interval in units of 2**-64 below the
 bytes already written. A step narrows the interval to

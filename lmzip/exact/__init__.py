@@ -4,7 +4,7 @@
     payloads = encode_chunks(exact, chunks, prefix)
     chunks = decode_chunks(exact, payloads, token_counts, prefix, batch_size=64)
 
-docs/lm-arithmetic.md specifies the arithmetic and the payload format.
+SPEC.md ("lm payloads") specifies the arithmetic and the payload format.
 """
 
 from .coding import decode_chunks, encode_chunks

@@ -8,7 +8,7 @@ div, sqrt, round), applied element-wise, or a fixed-order tree of them; exp,
 sigmoid and rope cos/sin come from the integer-built tables in tables.py.
 So the result does not depend on threads, batch size or composition, SIMD
 width, BLAS, CPU or GPU; and a whole-sequence pass equals the token-by-token
-one. docs/lm-arithmetic.md is the specification, step by step.
+one. SPEC.md ("lm payloads") is the specification, step by step.
 """
 
 from __future__ import annotations

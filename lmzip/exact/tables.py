@@ -2,7 +2,7 @@
 
 No host libm touches a value that must match across machines: exp and the
 rotary cos/sin come from fixed-point series evaluated with Python integers
-(every machine computes the same integers), then rounded once. docs/lm-arithmetic.md
+(every machine computes the same integers), then rounded once. SPEC.md ("lm payloads")
 defines each table; `table_digest` pins them in the model fingerprint.
 """
 

@@ -2,7 +2,7 @@
 
 The frequencies come from `lmzip.exact`, an integer form of the model that gives the
 same numbers bit for bit on any machine, thread count, batch or instruction set
-(docs/lm-arithmetic.md), so an archive decodes wherever the model's files match its
+(SPEC.md ("lm payloads")), so an archive decodes wherever the model's files match its
 fingerprints. The context of a segment is the header's prefix tokens and the segment's
 own earlier tokens, so segments decode independently and in batches.
 """
