@@ -17,8 +17,8 @@ Batching changes the float32 rounding (other GEMM shapes, padded softmax
 rows), and should never change which token wins: the encoder stores a segment
 only if every step's top-1 logit led the runner-up by at least the archive's
 margin, and batched logits differ from single-row ones by far less
-(notes-batchdec.md has the measured figure). A segment that still fails its
-CRC in a batch is decoded alone before it is reported as damaged.
+(notes-batchdec.md has the measured figure). A caller decodes a segment that
+fails its CRC in a batch again alone before it reports the segment damaged.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ since it is slow. With `--compare` it also records every step's logits at
 batch 1 and reports the largest |logit difference| of each batched run against
 them, over all steps, segments and vocabulary entries, and the largest change
 of a step's top-1 minus top-2 margin. The machine's load average is printed
-with each figure: timings on a shared machine are only as good as that.
+with each figure: timings on a shared machine are only as good as that; with
+one thread, tokens per CPU second are close to what a core of one's own gives.
 
     python tools/decode_speed.py --segments 64 --tokens 32 --batch-sizes 1 64 --threads 1 2
     python tools/decode_speed.py --archive doc.lmz --batch-sizes 1 8 64 --compare
@@ -70,10 +71,10 @@ class LogitRecorder:
 
 def run(lm, jobs, prefix, batch_size, inference_mode, observe=None):
     context = torch.inference_mode() if inference_mode else nullcontext()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     with context:
         decoded = greedy_decode_batch(lm, jobs, prefix, batch_size=batch_size, observe=observe)
-    return decoded, time.perf_counter() - started
+    return decoded, time.perf_counter() - started, time.process_time() - cpu_started
 
 
 def main(argv=None):
@@ -110,21 +111,22 @@ def main(argv=None):
     reference = None
     if args.compare:
         reference = LogitRecorder()
-        single, _ = run(lm, jobs, prefix, 1, args.inference_mode, observe=reference)
+        single, *_ = run(lm, jobs, prefix, 1, args.inference_mode, observe=reference)
     for threads in args.threads:
         torch.set_num_threads(threads)
         run(lm, jobs[:2], prefix, 2, args.inference_mode)  # warm-up
         for batch_size in args.batch_sizes:
             some = jobs[: args.single_segments] if batch_size == 1 and args.single_segments else jobs
             load_before = os.getloadavg()[0]
-            decoded, seconds = run(lm, some, prefix, batch_size, args.inference_mode)
+            decoded, seconds, cpu_seconds = run(lm, some, prefix, batch_size, args.inference_mode)
             tokens = sum(len(d.ids) for d in decoded)
             print(f"batch {batch_size:3d}, {threads} threads: {len(some)} segments, {tokens} tokens in "
-                  f"{seconds:.1f} s = {tokens / seconds:.1f} tokens/s "
+                  f"{seconds:.1f} s = {tokens / seconds:.1f} tokens/s; {cpu_seconds:.1f} CPU s = "
+                  f"{tokens / cpu_seconds:.1f} tokens per CPU second "
                   f"(load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after)", flush=True)
             if reference is not None and batch_size > 1:
                 recorder = LogitRecorder(reference)
-                batched, _ = run(lm, jobs, prefix, batch_size, args.inference_mode, observe=recorder)
+                batched, *_ = run(lm, jobs, prefix, batch_size, args.inference_mode, observe=recorder)
                 same = sum(a.ids == b.ids for a, b in zip(single, batched))
                 print(f"  against batch 1: {same}/{len(jobs)} segments with the same tokens, "
                       f"max |Δlogit| {recorder.max_logit_diff:.3g}, "
