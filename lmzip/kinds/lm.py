@@ -91,12 +91,6 @@ def _token_lists(jobs, ctx) -> list[list[int]]:
 
 
 def decode(jobs, ctx) -> list[bytes]:
-    from .memory import detokenize
+    from .memory import to_bytes
 
-    out = []
-    for job, ids in zip(jobs, _token_lists(jobs, ctx)):
-        data = detokenize(ctx.model, ids)
-        if len(data) != job.entry.original_length:
-            raise SegmentError(job.index, f"decoded {len(data)} bytes, expected {job.entry.original_length}")
-        out.append(data)
-    return out
+    return to_bytes(jobs, _token_lists(jobs, ctx), ctx.model)

@@ -95,11 +95,16 @@ def detokenize(lm, ids) -> bytes:
     return text.encode("utf-8", errors="surrogatepass")
 
 
-def decode(jobs, ctx) -> list[bytes]:
+def to_bytes(jobs, token_lists, lm) -> list[bytes]:
+    """Each job's tokens as its original bytes, which must be as long as its entry says."""
     out = []
-    for job, ids in zip(jobs, token_ids(jobs, ctx)):
-        data = detokenize(ctx.model, ids)
+    for job, ids in zip(jobs, token_lists):
+        data = detokenize(lm, ids)
         if len(data) != job.entry.original_length:
             raise SegmentError(job.index, f"decoded {len(data)} bytes, expected {job.entry.original_length}")
         out.append(data)
     return out
+
+
+def decode(jobs, ctx) -> list[bytes]:
+    return to_bytes(jobs, token_ids(jobs, ctx), ctx.model)
