@@ -349,25 +349,14 @@ class Codec:
         todo = {i: r for i, r in todo.items() if r is not None}
         fitted = (fitter or (lambda items: fit_regions(lm, items, fit)))(todo.items()) if todo else iter(())
         fits: list[SegmentFit] = []
-        memory_tokens = memory_vectors = 0
+        memory_vectors = 0
         data_hash = hashlib.sha256()  # of what is written, to check it adds up to the input
 
         def put(segment: kinds.CodedSegment) -> None:
-            nonlocal memory_tokens, memory_vectors
-            if segment.payload is not None:
-                run.flush()
-                writer.add(segment)
-                state.memory += 1
-                state.tokens += segment.token_count
-                memory_tokens += segment.token_count
-                memory_vectors += segment.vector_count
-            else:
-                run.add(segment.data)
-                state.zstd += 1
+            nonlocal memory_vectors
+            memory_vectors += segment.vector_count
             data_hash.update(segment.data)
-            state.done += len(segment.data)
-            if progress:
-                progress(state)
+            self._put(segment, writer, run, state, progress)
 
         if progress:
             progress(state)  # show the bar before the first (slow) fit finishes
@@ -394,7 +383,7 @@ class Codec:
                         segment_count=writer.segment_count, **(self._model_fields(lm, fit, prefix) if lm else {}))
         size = writer.finish(out, header)
         return EncodeReport(header.original_size, size, writer.segment_count, state.memory,
-                            state.zstd, memory_tokens, memory_vectors, fits)
+                            state.zstd, state.tokens, memory_vectors, fits)
 
     @staticmethod
     def _model_fields(lm: LoadedModel, fit: FitConfig, prefix: tuple[int, ...]) -> dict:
