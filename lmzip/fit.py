@@ -27,7 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from . import kinds
-from .generate import greedy_decode, greedy_decode_batch, teacher_forced_accuracy, teacher_forced_logits
+from .fit_batch import FitBatch, Layout, layout
+from .fit_decisions import (escalated_vectors, first_length, grown_length, salvaged_length, shrunk_length,
+                            step_decisions, tail_vectors)
+from .generate import greedy_decode, greedy_decode_batch, teacher_forced_accuracy
 from .models import LoadedModel
 from .precision import exact_float32
 from .segmenting import Piece, Region, Stream
@@ -75,39 +78,20 @@ class FitResult:
 
 @dataclass
 class _Row:
-    """One segment being fitted: the next piece of its stream, of length n for now."""
+    """What the fit loop knows of one row on the host; its numbers live in a `FitBatch`."""
 
     key: Hashable
     stream: Stream
     ids: torch.Tensor      # (T,) all the tokens the stream offers
-    embeds: torch.Tensor   # (T, H), frozen token embeddings
-    n: int                 # the loss covers the first n tokens
     started: float
-    params: torch.Tensor   # (K, H) the vectors being fitted
-    m: torch.Tensor = field(init=False)  # Adam moments, like params
-    v: torch.Tensor = field(init=False)
-    step: int = 0          # of the learning-rate schedule (restarts with new vectors or length)
-    total_steps: int = 0
-    since: int = 0         # steps since the last verified length (or the start)
+    k: int                 # vectors
+    n: int                 # the loss covers the first n tokens
     best_n: int = 0        # the longest length verified by the float32 check, and its vectors
     best: torch.Tensor | None = None
-    peak: int = 0          # the most leading tokens seen holding in a fit step, and those vectors
-    peak_vectors: torch.Tensor | None = None
     fallback: tuple[int, torch.Tensor] | None = None  # the verified length a salvage replaced
     last_margin: float = float("-inf")
-
-    def __post_init__(self):
-        self.m = torch.zeros_like(self.params)
-        self.v = torch.zeros_like(self.params)
-
-    @property
-    def k(self) -> int:
-        return self.params.shape[0]
-
-    def span(self, lookahead: int) -> int:
-        """Tokens in the forward pass: a growing row looks past its loss to see how far it holds
-        (the fitted vectors often already give the next few tokens)."""
-        return min(len(self.ids), self.n + lookahead) if self.stream.growing else self.n
+    total_steps: int = 0   # read from the batch when the row closes
+    tried: torch.Tensor | None = None  # its last vectors, when it closes without a verified length
 
 
 # The token GPT-2-style pretraining puts between documents: what such a model sees first.
@@ -159,14 +143,6 @@ def verify(lm: LoadedModel, vectors16: torch.Tensor, ids, margin: float, prefix:
     return ok, decoded.min_margin
 
 
-def _lr(cfg: FitConfig, step: int) -> float:
-    """Warm-up, then cosine decay to a tenth of the peak at the step budget."""
-    if step < cfg.warmup:
-        return cfg.lr * step / cfg.warmup
-    progress = min(max((step - cfg.warmup) / max(cfg.max_steps - cfg.warmup, 1), 0.0), 1.0)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 class _VectorInit:
     """Draws starting vectors around the mean token embedding, spread like the embeddings.
 
@@ -206,47 +182,30 @@ def _gap_to_runner_up(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return right - best_other
 
 
-def _holding(lm: LoadedModel, vectors16: torch.Tensor, ids: torch.Tensor, margin: float,
-             prefix: tuple[int, ...]) -> int:
-    """Teacher-forced in float32: how many leading tokens are right by at least the margin."""
-    with exact_float32():
-        logits = teacher_forced_logits(lm, vectors16.float(), ids, prefix)
-    return int((_gap_to_runner_up(logits, ids) >= margin).long().cumprod(0).sum())
-
-
-def _batch_inputs(rows: list[_Row], prefix_embeds: torch.Tensor, lookahead: int):
-    """Lay out a batch of rows with different K and T; return what one fit step needs.
-
-    Each row is [prefix | K_max vector slots | T_max token slots]. A row with fewer
-    vectors leaves its last slots masked, and position ids skip them, so the row
-    sees exactly the positions the decoder gives it: prefix, vectors, tokens.
-    """
-    device = prefix_embeds.device
-    b, p = len(rows), prefix_embeds.shape[0]
-    k_max = max(r.k for r in rows)
-    t_max = max(r.span(lookahead) for r in rows)
-    hidden = prefix_embeds.shape[1]
-    tokens = torch.zeros(b, t_max, hidden, device=device)
-    target = torch.zeros(b, t_max, dtype=torch.long, device=device)
-    valid = torch.zeros(b, t_max, dtype=torch.bool, device=device)  # in the forward pass
-    scored = torch.zeros(b, t_max, dtype=torch.bool, device=device)  # in the loss
-    slots = torch.zeros(b, k_max, dtype=torch.bool, device=device)
-    positions = torch.zeros(b, p + k_max + t_max, dtype=torch.long, device=device)
-    predictor = torch.zeros(b, t_max, dtype=torch.long, device=device)  # input index predicting token j
-    ar = torch.arange(p + k_max + t_max, device=device)
-    for i, r in enumerate(rows):
-        t = r.span(lookahead)
-        tokens[i, :t] = r.embeds[:t]
-        target[i, :t] = r.ids[:t]
-        valid[i, :t] = True
-        scored[i, : r.n] = True
-        slots[i, : r.k] = True
-        positions[i, : p + k_max] = ar[: p + k_max]
-        positions[i, p + k_max :] = p + r.k + ar[:t_max]
-        predictor[i, 0] = p + r.k - 1
-        predictor[i, 1:] = p + k_max + ar[: t_max - 1]
-    mask = torch.cat([torch.ones(b, p, dtype=torch.bool, device=device), slots, valid], dim=1)
-    return k_max, tokens, target, valid, scored, mask.long(), positions, predictor
+def _holding(lm: LoadedModel, candidates: list[tuple[torch.Tensor, torch.Tensor]], margin: float,
+             prefix: tuple[int, ...]) -> list[int]:
+    """The float32 screen, batched: for each (vectors16 (K, H), ids (T,)), teacher-forced, how many
+    leading tokens are right by at least the margin. One forward pass and one host sync for all;
+    only a screen (padding may move a logit in its last bits): `verify` decides."""
+    if not candidates:
+        return []
+    device = lm.device
+    k = torch.tensor([v.shape[0] for v, _ in candidates], device=device)
+    n = torch.tensor([len(ids) for _, ids in candidates], device=device)
+    ids = torch.nn.utils.rnn.pad_sequence([torch.as_tensor(t, device=device) for _, t in candidates],
+                                          batch_first=True)
+    vectors = torch.nn.utils.rnn.pad_sequence([v.float() for v, _ in candidates], batch_first=True)
+    lay = layout(ids, k, n, n, len(prefix), vectors.shape[1])
+    with torch.no_grad(), exact_float32():
+        prefix_embeds = lm.embed(torch.tensor(prefix, dtype=torch.long, device=device)).float()
+        embeds = torch.cat([prefix_embeds.expand(len(candidates), -1, -1), vectors,
+                            lm.embed(lay.target).float()], dim=1)
+        hidden = lm.model.base_model(inputs_embeds=embeds, attention_mask=lay.mask, position_ids=lay.positions,
+                                     use_cache=False).last_hidden_state
+        picked = hidden.gather(1, lay.predictor.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        logits = lm.model.get_output_embeddings()(picked).float()
+        gap = _gap_to_runner_up(logits, lay.target)
+        return ((gap >= margin) & lay.scored).long().cumprod(1).sum(1).tolist()
 
 
 def fit_regions(lm: LoadedModel, regions: Iterable[tuple[Hashable, Region]],
@@ -283,49 +242,79 @@ def fit_streams(lm: LoadedModel, streams: Iterable[tuple[Hashable, Stream]],
     body, head = fitting.base_model, fitting.get_output_embeddings()
     init_vectors = _VectorInit(lm, cfg.seed)
     pending = deque(streams)
-    rows: list[_Row] = []
+    batch = FitBatch(lm.hidden_size, device)
+    rows: list[_Row] = []  # rows[i] is row i of `batch`
     held: dict[Hashable, tuple[int, int]] = {}  # per stream: tokens and vectors memory-coded so far
 
-    def open_row(key: Hashable, stream: Stream) -> _Row | None:
-        """The stream's next segment as a row, or None if it has no valid length (then: zstd)."""
-        if stream.growing:
-            n = stream.length_at_least(min(cfg.start_tokens, len(stream.ids)))
-        else:
-            n = len(stream.ids)
-        if n is None:
-            n = stream.length_at_most(len(stream.ids))
-        if n is None:
-            return None
-        t = torch.tensor(stream.ids, device=device)
-        with torch.no_grad():
-            embeds = lm.embed(t).float()
-        return _Row(key, stream, t, embeds, n, time.perf_counter(), init_vectors(vectors_for(key, stream)))
-
-    def vectors_for(key: Hashable, stream: Stream) -> int:
-        """K for the stream's next segment. Near the end of a grown stream K vectors would hold
-        far more than is left, and a segment's vectors are stored whole: the tail gets as many as
-        the stream's density so far says it needs (up to a quarter vector's worth over is left to
-        the fit to hold), and at most half when no more than the first length is left."""
-        k = cfg.vectors
-        if not stream.growing or stream.start == 0:
-            return k
-        left = stream.tokens_left
-        tokens, vectors = held.get(key, (0, 0))
-        if vectors:
-            k = min(k, max(1, -(-(4 * left * vectors - tokens) // (4 * tokens))))  # ceil(left/density - 1/4)
-        if left <= cfg.start_tokens:
-            k = min(k, max(1, cfg.vectors // 2))
-        return k
-
     def admit():
-        while pending and len(rows) < cfg.batch_size:
+        """Fill the batch from the waiting streams; a stream with no valid length here skips on."""
+        new: list[_Row] = []
+        while pending and len(rows) + len(new) < cfg.batch_size:
             key, stream = pending.popleft()
-            row = open_row(key, stream) if not stream.done else None
-            if row is not None:
-                rows.append(row)
+            n = first_length(stream, cfg.start_tokens) if not stream.done else None
+            if n is not None:
+                k = tail_vectors(stream, cfg.vectors, *held.get(key, (0, 0)), cfg.start_tokens)
+                ids = torch.tensor(stream.ids, device=device)
+                new.append(_Row(key, stream, ids, time.perf_counter(), k, n))
             elif not stream.done:
                 yield key, stream.skip(), _unfitted()
                 pending.appendleft((key, stream))  # done, or on to what follows the skipped text
+        batch.add([(init_vectors(r.k), r.ids, r.n, r.stream.growing) for r in new])
+        rows.extend(new)
+
+    def set_length(i: int, n: int) -> None:
+        rows[i].n = n
+        batch.set_length(i, n, cfg.warmup)  # back to the peak rate, no second warm-up
+
+    def verified(i: int, vectors16: torch.Tensor, holding: int) -> bool:
+        """Row i's vectors passed the float32 screen at its length: keep them; grow if it can.
+        False: the row closes."""
+        r = rows[i]
+        r.best_n, r.best = r.n, vectors16
+        batch.best_n[i] = r.n
+        n = grown_length(r.stream, max(r.n, holding), r.best_n, cfg.grow_tokens) if r.stream.growing else None
+        if n is not None:
+            set_length(i, n)
+        return n is not None
+
+    def out_of_steps(out: list[int], before: torch.Tensor) -> list[int]:
+        """Rows out of steps salvage, grow, shrink or escalate; return those that close."""
+        salvaging = [i for i in out if rows[i].stream.growing]
+        tried = {i: [before[i, : rows[i].k].half()] for i in salvaging}
+        for i in salvaging:
+            if int(batch.peak[i]) > 0:
+                tried[i].insert(0, batch.peak_vectors[i, : rows[i].k].clone())
+        flat = [(v, rows[i].ids) for i in salvaging for v in tried[i]]
+        holdings = iter(_holding(lm, flat, cfg.margin, prefix))
+        closing = []
+        for i in out:
+            r = rows[i]
+            if r.stream.growing:
+                first = r.best is None
+                choice = salvaged_length(r.stream, [next(holdings) for _ in tried[i]], r.best_n)
+                if choice is not None:
+                    if r.best is not None and r.fallback is None:
+                        r.fallback = (r.best_n, r.best)
+                    r.best_n, r.best = choice[1], tried[i][choice[0]]
+                    batch.best_n[i] = r.best_n
+                if first and r.best is not None:  # the first length fell short: go on from what holds
+                    n = grown_length(r.stream, r.best_n, r.best_n, cfg.grow_tokens)
+                    if n is not None:
+                        set_length(i, n)
+                        continue
+                if r.best is None:
+                    n = shrunk_length(r.stream, r.n)
+                    if n is not None:
+                        set_length(i, n)
+                        continue
+            elif r.best is None:
+                k = escalated_vectors(r.k, cfg.vector_limit)
+                if k is not None:
+                    batch.add_vectors_in_front(i, r.k, init_vectors(k - r.k))
+                    r.k = k
+                    continue
+            closing.append(i)
+        return closing
 
     def verify_closing(closed: list[_Row]) -> dict[int, bool]:
         """Verify the closing rows' best vectors together by real decoding; a salvaged length that
@@ -348,7 +337,7 @@ def fit_streams(lm: LoadedModel, streams: Iterable[tuple[Hashable, Stream]],
         """Cut the row's piece from the stream: memory-coded if its vectors verified."""
         vectors16 = r.best.cpu() if ok else None
         n = r.best_n or r.n
-        tried = r.best if r.best is not None else r.params.half()
+        tried = r.best if r.best is not None else r.tried
         acc = teacher_forced_accuracy(lm, tried.float(), r.ids[:n].tolist(), prefix)
         result = FitResult(vectors16, r.total_steps, time.perf_counter() - r.started, acc, r.last_margin)
         log.debug("segment of stream %s: %d tokens, %d vectors, %s after %d steps, %.1f s", r.key, n, r.k,
@@ -358,119 +347,69 @@ def fit_streams(lm: LoadedModel, streams: Iterable[tuple[Hashable, Stream]],
             held[r.key] = (tokens + n, vectors + r.k)
         return r.key, r.stream.take(n), result
 
-    def escalate(r: _Row) -> bool:
-        """A fixed segment out of steps: more vectors and a new budget, if it may have them."""
-        k = min(2 * r.k, cfg.vector_limit)
-        if k <= r.k:
-            return False
-        fresh = init_vectors(k - r.k)
-        r.params, r.step, r.since = torch.cat([fresh, r.params]), 0, 0
-        r.m = torch.cat([torch.zeros_like(fresh), r.m])
-        r.v = torch.cat([torch.zeros_like(fresh), r.v])
-        return True
-
-    def shrink(r: _Row) -> bool:
-        """A growing segment that never verified: try half the length, same vectors."""
-        n = r.stream.length_at_most(r.n // 2)
-        if n is None:
-            return False
-        r.n, r.step, r.since = n, cfg.warmup, 0
-        return True
-
-    def salvage(r: _Row) -> None:
-        """A growing segment out of patience: its vectors often hold more than the last verified
-        length, just not the whole target; keep the longest valid length that holds in float32
-        (without this, lengths landed on the last multiple of grow_tokens)."""
-        for vectors16 in (r.peak_vectors, r.params.half()):
-            if vectors16 is None:
-                continue
-            n = r.stream.length_at_most(_holding(lm, vectors16, r.ids, cfg.margin, prefix))
-            if n is not None and n > r.best_n:
-                if r.best is not None and r.fallback is None:
-                    r.fallback = (r.best_n, r.best)
-                r.best_n, r.best = n, vectors16
-
-    def grow(r: _Row, holding: int) -> bool:
-        """A growing segment just verified its best length: aim past all that holds already
-        (`holding` tokens), if the stream has more."""
-        n = (r.stream.length_at_least(holding + cfg.grow_tokens)
-             or r.stream.length_at_most(len(r.ids)))
-        if n is None or n <= r.best_n:
-            return False
-        r.n, r.since = n, 0
-        r.step = cfg.warmup  # back to the peak rate, no second warm-up
-        return True
-
     yield from admit()
+    embedded: tuple[Layout | None, torch.Tensor | None] = (None, None)
     while rows:
         b = len(rows)
-        k_max, tokens, target, valid, scored, mask, positions, predictor = _batch_inputs(
-            rows, prefix_embeds, cfg.grow_tokens)
-        params = torch.zeros(b, k_max, lm.hidden_size, device=device)
-        for i, r in enumerate(rows):
-            params[i, : r.k] = r.params
-        params.requires_grad_(True)
-        embeds = torch.cat([prefix_embeds.expand(b, -1, -1), params, tokens], dim=1)
+        lay = batch.layout(len(prefix), cfg.grow_tokens)
+        if embedded[0] is not lay:  # token embeddings change only with the layout
+            with torch.no_grad():
+                embedded = (lay, lm.embed(lay.target).float())
+        before = batch.params  # updates replace it, so this stays the vectors of this pass
+        params = before.detach().requires_grad_(True)
+        embeds = torch.cat([prefix_embeds.expand(b, -1, -1), params, embedded[1]], dim=1)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            hidden = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+            hidden = body(inputs_embeds=embeds, attention_mask=lay.mask, position_ids=lay.positions,
                           use_cache=False).last_hidden_state
-            picked = hidden.gather(1, predictor.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+            picked = hidden.gather(1, lay.predictor.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
             logits = head(picked).float()  # (B, T, V): logits[i, j] predicts token j of row i
-        ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (B, T)
+        ce = F.cross_entropy(logits.transpose(1, 2), lay.target, reduction="none")  # (B, T)
         # Optional hinge on thin gaps: it helps the tiny test model reach the margin with
         # one vector, but on SmolLM2 cross-entropy alone verified in fewer steps (README).
         if cfg.hinge:
-            gap = _gap_to_runner_up(logits, target)  # (B, T)
+            gap = _gap_to_runner_up(logits, lay.target)  # (B, T)
             loss = ce + cfg.hinge * F.relu(2 * cfg.margin - gap)
         else:  # the gap only tells what holds: keep its (B, T, V) work out of the backward pass
-            gap = _gap_to_runner_up(logits.detach(), target)
+            gap = _gap_to_runner_up(logits.detach(), lay.target)
             loss = ce
-        per_row = (loss * scored).sum(1) / scored.sum(1)
+        per_row = (loss * lay.scored).sum(1) / lay.scored.sum(1)
         (grad,) = torch.autograd.grad(per_row.sum(), params)
 
         with torch.no_grad():
-            # How many leading tokens each row already gets right by the margin (bf16 here).
-            holds = ((gap.detach() >= cfg.margin) & valid).long().cumprod(1).sum(1).tolist()
-            closing: list[int] = []
-            b1, b2 = cfg.betas
-            for i, r in enumerate(rows):
-                if holds[i] >= r.n:
-                    # One float32 teacher-forced pass on the fp16 vectors: bf16 candidates often
-                    # fail in float32, and the real (greedy) decode costs a forward per token.
-                    vectors16 = r.params.half()
-                    if _holding(lm, vectors16, r.ids[: r.n], cfg.margin, prefix) >= r.n:
-                        r.best_n, r.best = r.n, vectors16
-                        if not (r.stream.growing and grow(r, max(r.n, holds[i]))):
-                            closing.append(i)
-                        continue
-                if r.stream.growing and holds[i] > max(r.peak, r.best_n):
-                    r.peak, r.peak_vectors = holds[i], r.params.half()
-                if r.since >= cfg.max_steps:
-                    if r.stream.growing:
-                        first = r.best is None
-                        salvage(r)
-                        if first and r.best is not None and grow(r, r.best_n):
-                            continue  # the first length fell short: go on from what holds
-                    if r.best is None and (escalate(r) if not r.stream.growing else shrink(r)):
-                        continue  # a new attempt gets its first gradient in the next pass
-                    closing.append(i)
-                    continue
-                # Adam, with this row's own step count and learning rate.
-                r.step += 1
-                r.total_steps += 1
-                r.since += 1
-                g = grad[i, : r.k]
-                r.m.mul_(b1).add_(g, alpha=1 - b1)
-                r.v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                update = (r.m / (1 - b1 ** r.step)) / ((r.v / (1 - b2 ** r.step)).sqrt() + 1e-8)
-                r.params -= _lr(cfg, r.step) * (update + cfg.weight_decay * r.params)
+            # What each row holds in this (bf16) pass, read back in one host sync.
+            holds, candidate, over = step_decisions(gap.detach(), lay.valid, batch.n, batch.since,
+                                                    cfg.max_steps, cfg.margin)
+            batch.note_peaks(holds)
+            holds_h, candidate_h, over_h = torch.stack([holds, candidate.long(), over.long()]).tolist()
+            screened = [i for i in range(b) if candidate_h[i]]
+            # One float32 teacher-forced pass on the fp16 vectors of all candidates: bf16
+            # candidates often fail in float32, and the real (greedy) decode costs a pass per token.
+            sixteen = {i: before[i, : rows[i].k].half() for i in screened}
+            screen = _holding(lm, [(sixteen[i], rows[i].ids[: rows[i].n]) for i in screened], cfg.margin, prefix)
+            passed = [i for i, h in zip(screened, screen) if h >= rows[i].n]
+            stays = set(passed)
+            active = ~over
+            if passed:
+                active[passed] = False
+            batch.adam(grad, active, cfg.lr, cfg.warmup, cfg.max_steps, cfg.betas, cfg.weight_decay)
+
+            closing = [i for i in passed if not verified(i, sixteen[i], holds_h[i])]
+            closing += out_of_steps([i for i in range(b) if over_h[i] and i not in stays], before)
 
         if closing:
+            closing.sort()
+            totals = batch.total[closing].tolist()
+            for i, total in zip(closing, totals):
+                rows[i].total_steps = total
+                rows[i].tried = before[i, : rows[i].k].half()
             closed = [rows[i] for i in closing]
-            rows = [r for i, r in enumerate(rows) if i not in closing]
-            verified = verify_closing(closed)
+            gone = set(closing)
+            kept = [i for i in range(b) if i not in gone]
+            batch.keep(kept)
+            rows[:] = [rows[i] for i in kept]
+            ok = verify_closing(closed)
             for r in closed:
-                yield close(r, verified.get(id(r), False))
+                yield close(r, ok.get(id(r), False))
                 if not r.stream.done:  # the stream's next segment goes first
                     pending.appendleft((r.key, r.stream))
             yield from admit()

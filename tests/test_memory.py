@@ -132,7 +132,7 @@ def test_margin_guard_in_greedy_verification_alone_sends_unreachable_margins_to_
     an unreachable margin and a stored segment."""
     from lmzip import fit
 
-    monkeypatch.setattr(fit, "_holding", lambda lm, vectors16, ids, margin, prefix: len(ids))
+    monkeypatch.setattr(fit, "_holding", lambda lm, candidates, margin, prefix: [len(ids) for _, ids in candidates])
     blob = codec.encode(GUARDED, **{**TINY_OPTIONS, "tokens_per_segment": 16, "margin": 60000.0,
                                     "max_steps": 20})
     assert kinds(blob) == ["zstd"]

@@ -70,7 +70,8 @@ class Problem:
         """Cheap bf16 screen first, then lmzip's float32 check on the fp16 vectors."""
         if not bool((gap >= self.cfg.margin).all()):
             return False
-        return _holding(self.lm, vectors.detach().half(), self.ids, self.cfg.margin, self.prefix) >= len(self.ids)
+        holding = _holding(self.lm, [(vectors.detach().half(), self.ids)], self.cfg.margin, self.prefix)[0]
+        return holding >= len(self.ids)
 
 
 def adam(problem, start, budget, lr=0.2, betas=(0.9, 0.9), warmup=10, schedule="cosine", kind="ce",

@@ -1,0 +1,112 @@
+"""Time the fit loop's steps over 1 to 256 rows: how much host work a step costs as rows grow.
+
+Each run fits ROWS fixed segments of --tokens tokens together, at a margin no
+row can reach, so every step is a plain step (forward, backward, decisions,
+masked update) and no row leaves before --steps. A step's time is the interval
+between two calls of the loop's per-step decision read-out; the median over
+the steps after the first few is reported. "model" is the forward and backward
+pass alone at the same shape (the arithmetic); "host" is the step minus that.
+On the tiny test model the arithmetic is small, so "host" is the loop's own
+cost. The README's figures come from:
+
+    python tools/fit_step_time.py --rows 1 8 64 256 --threads 2
+    python tools/fit_step_time.py --model embedded --rows 1 8 --tokens 27 --steps 12 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lmzip import fit  # noqa: E402
+from lmzip.models import load_model  # noqa: E402
+from lmzip.segmenting import Piece, Stream  # noqa: E402
+
+TINY = str(ROOT / "tests" / "data" / "tiny-llama")
+TEXT = "Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing to do. "
+
+
+def streams(lm, rows: int, tokens: int):
+    """`rows` fixed streams of `tokens` tokens each, from different places of the text."""
+    ids = lm.tokenizer(TEXT * 8, add_special_tokens=False)["input_ids"]
+    for r in range(rows):
+        start = (r * 7) % (len(ids) - tokens)
+        chosen = ids[start:start + tokens]
+        piece = Piece(lm.tokenizer.decode(chosen).encode("utf-8"), tuple(chosen))
+        yield r, Stream.whole(lm.tokenizer, piece)
+
+
+def step_times(lm, rows: int, tokens: int, steps: int, vectors: int, bf16: bool) -> list[float]:
+    """Seconds between consecutive steps of the real fit loop."""
+    stamps: list[float] = []
+    hook = "step_decisions" if hasattr(fit, "step_decisions") else "_batch_inputs"  # older loops
+    real = getattr(fit, hook)
+
+    def stamped(*args, **kwargs):
+        stamps.append(time.perf_counter())
+        return real(*args, **kwargs)
+
+    setattr(fit, hook, stamped)
+    try:
+        cfg = fit.FitConfig(vectors=vectors, max_vectors=None, max_steps=steps, batch_size=rows, margin=1e9,
+                            bf16=bf16)
+        for _ in fit.fit_streams(lm, streams(lm, rows, tokens), cfg):
+            break  # the first row out of steps ends the measurement
+    finally:
+        setattr(fit, hook, real)
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def model_pass(lm, rows: int, tokens: int, vectors: int, bf16: bool, repeat: int = 5) -> float:
+    """Median seconds of the forward and backward pass alone, laid out as the fit lays it out."""
+    model = lm.fitting_copy() if bf16 else lm.model
+    body, head = model.base_model, model.get_output_embeddings()
+    times = []
+    for _ in range(repeat + 1):
+        x = (0.1 * torch.randn(rows, 1 + vectors + tokens, lm.hidden_size)).requires_grad_(True)
+        target = torch.randint(0, lm.vocab_size, (rows, tokens))
+        started = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            h = body(inputs_embeds=x, use_cache=False).last_hidden_state
+            logits = head(h[:, vectors: vectors + tokens]).float()
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target)
+        torch.autograd.grad(loss, x)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=TINY, help="model spec (default: the tiny test model)")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64, 256])
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--vectors", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--skip", type=int, default=3, help="first steps left out of the median")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--bf16", action="store_true", help="fit under bf16 as lmzip does where it is native")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load_model(args.model, device="cpu")
+    first = None
+    for rows in args.rows:
+        times = step_times(lm, rows, args.tokens, args.steps, args.vectors, args.bf16)[args.skip:]
+        step = statistics.median(times)
+        arithmetic = model_pass(lm, rows, args.tokens, args.vectors, args.bf16)
+        first = first or step
+        print(f"{rows:4d} rows x {args.tokens} tokens, {torch.get_num_threads()} threads: "
+              f"step {step * 1000:7.1f} ms ({step / first:4.1f}x 1 row), model {arithmetic * 1000:7.1f} ms, "
+              f"host {(step - arithmetic) * 1000:6.1f} ms, {len(times)} steps", flush=True)
+
+
+if __name__ == "__main__":
+    main()
