@@ -5,7 +5,9 @@ row can reach, so every step is a plain step (forward, backward, decisions,
 masked update) and no row leaves before --steps. A step's time is the interval
 between two calls of the loop's per-step decision read-out; the median over
 the steps after the first few is reported. "model" is the forward and backward
-pass alone at the same shape (the arithmetic); "host" is the step minus that.
+pass alone at the same shape (the arithmetic); "host" is the step minus that;
+"tensor ops" counts the operations a step dispatches (each is host work, and
+a kernel launch on a GPU), a count that does not depend on the machine's load.
 On the tiny test model the arithmetic is small, so "host" is the loop's own
 cost. The README's figures come from:
 
@@ -16,12 +18,14 @@ cost. The README's figures come from:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -44,48 +48,66 @@ def streams(lm, rows: int, tokens: int):
         yield r, Stream.whole(lm.tokenizer, piece)
 
 
-def step_times(lm, rows: int, tokens: int, steps: int, vectors: int, bf16: bool) -> list[float]:
-    """Seconds between consecutive steps of the real fit loop."""
+class OpCounter(TorchDispatchMode):
+    """Counts the tensor operations dispatched (forward, backward and the loop's own): each is
+    host work, and on a GPU a kernel launch."""
+
+    count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_times(lm, rows: int, tokens: int, steps: int, vectors: int, bf16: bool,
+               counter: OpCounter | None = None) -> list[float]:
+    """Seconds between consecutive steps of the real fit loop (tensor operations, with a counter)."""
     stamps: list[float] = []
     hook = "step_decisions" if hasattr(fit, "step_decisions") else "_batch_inputs"  # older loops
     real = getattr(fit, hook)
 
     def stamped(*args, **kwargs):
-        stamps.append(time.perf_counter())
+        stamps.append(counter.count if counter else time.perf_counter())
         return real(*args, **kwargs)
 
     setattr(fit, hook, stamped)
     try:
         cfg = fit.FitConfig(vectors=vectors, max_vectors=None, max_steps=steps, batch_size=rows, margin=1e9,
                             bf16=bf16)
-        for _ in fit.fit_streams(lm, streams(lm, rows, tokens), cfg):
-            break  # the first row out of steps ends the measurement
+        with counter or contextlib.nullcontext():
+            for _ in fit.fit_streams(lm, streams(lm, rows, tokens), cfg):
+                break  # the first row out of steps ends the measurement
     finally:
         setattr(fit, hook, real)
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
 def model_pass(lm, rows: int, tokens: int, vectors: int, bf16: bool, repeat: int = 5) -> float:
-    """Median seconds of the forward and backward pass alone, laid out as the fit lays it out."""
+    """Median seconds of the forward and backward pass alone, as the loop runs it: gradients to
+    the vectors only, logits at the token positions only, an attention mask."""
     model = lm.fitting_copy() if bf16 else lm.model
     body, head = model.base_model, model.get_output_embeddings()
     times = []
     for _ in range(repeat + 1):
-        x = (0.1 * torch.randn(rows, 1 + vectors + tokens, lm.hidden_size)).requires_grad_(True)
+        vec = (0.1 * torch.randn(rows, vectors, lm.hidden_size)).requires_grad_(True)
+        fixed = 0.1 * torch.randn(rows, 1 + tokens, lm.hidden_size)
+        mask = torch.ones(rows, 1 + vectors + tokens, dtype=torch.long)
         target = torch.randint(0, lm.vocab_size, (rows, tokens))
         started = time.perf_counter()
+        x = torch.cat([fixed[:, :1], vec, fixed[:, 1:]], dim=1)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            h = body(inputs_embeds=x, use_cache=False).last_hidden_state
+            h = body(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
             logits = head(h[:, vectors: vectors + tokens]).float()
         loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target)
-        torch.autograd.grad(loss, x)
+        torch.autograd.grad(loss, vec)
         times.append(time.perf_counter() - started)
     return statistics.median(times[1:])
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=TINY, help="model spec (default: the tiny test model)")
+    parser.add_argument("--model", default="tiny",
+                        help="'tiny' (the test model, the default), 'embedded', or a model spec")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64, 256])
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--vectors", type=int, default=2)
@@ -96,16 +118,19 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = load_model(args.model, device="cpu")
+    spec = {"tiny": TINY, "embedded": None}.get(args.model, args.model)
+    lm = load_model(spec, device="cpu")
     first = None
     for rows in args.rows:
         times = step_times(lm, rows, args.tokens, args.steps, args.vectors, args.bf16)[args.skip:]
         step = statistics.median(times)
         arithmetic = model_pass(lm, rows, args.tokens, args.vectors, args.bf16)
+        ops = statistics.median(step_times(lm, rows, args.tokens, args.skip + 4, args.vectors, args.bf16,
+                                           OpCounter())[args.skip:])
         first = first or step
         print(f"{rows:4d} rows x {args.tokens} tokens, {torch.get_num_threads()} threads: "
               f"step {step * 1000:7.1f} ms ({step / first:4.1f}x 1 row), model {arithmetic * 1000:7.1f} ms, "
-              f"host {(step - arithmetic) * 1000:6.1f} ms, {len(times)} steps", flush=True)
+              f"host {(step - arithmetic) * 1000:6.1f} ms, {ops:.0f} tensor ops, {len(times)} steps", flush=True)
 
 
 if __name__ == "__main__":
