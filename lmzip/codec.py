@@ -18,6 +18,7 @@ from .container import KIND_MEMORY, ArchiveWriter, Header
 from .journal import Journal
 from .errors import (ContentChecksumError, InternalError, HeaderError, InputError, ModelMismatchError, ModelUnavailableError,
                      OptionError, SegmentError, WorkLimitError)
+from .batch_decode import decode_threads
 from .fit import FitConfig, fit_regions, sink_prefix
 from .kinds.memory import max_positions
 from .limits import DEFAULT_WORK_LIMIT, MAX_PREFIX_TOKENS, MAX_TOKENS_PER_SEGMENT, MAX_VECTORS_PER_SEGMENT
@@ -456,14 +457,15 @@ class Codec:
         lm = None
         if any(kinds.get(s.kind).NEEDS_MODEL for s in archive.segments):
             lm = self._model_for(header, model, allow_download)
-        ctx = kinds.DecodeContext(header, lm, batch_size)
+        ctx = kinds.DecodeContext(header, lm, batch_size, decode_threads(lm) if lm is not None else 1)
+        window = batch_size * ctx.threads  # segments in memory at once: a batch per thread
         content_hash = hashlib.sha256()
         state = Progress(0, len(archive.segments))
         if progress:
             progress(state)
         with exact_float32():
-            for start in range(0, len(archive.segments), batch_size):
-                indices = range(start, min(start + batch_size, len(archive.segments)))
+            for start in range(0, len(archive.segments), window):
+                indices = range(start, min(start + window, len(archive.segments)))
                 for index, data in zip(indices, self._decode_window(archive, indices, ctx)):
                     content_hash.update(data)
                     out.write(data)

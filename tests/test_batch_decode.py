@@ -1,6 +1,7 @@
 """Batched greedy decoding gives every segment the tokens a one-segment decode gives it."""
 
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 
 import lmzip
 from lmzip import container
-from lmzip.batch_decode import greedy_decode_batch
+from lmzip.batch_decode import greedy_decode_batch, greedy_decode_sharded
 from lmzip.generate import greedy_decode
 
 from conftest import FORMATS
@@ -122,6 +123,46 @@ def test_no_prefix(tiny):
 def test_batched_equals_single_on_random_vectors(tiny, shapes, seed, batch_size):
     jobs = random_jobs(tiny, shapes, seed)
     assert_same(greedy_decode_batch(tiny, jobs, PREFIX, batch_size=batch_size), reference(tiny, jobs, PREFIX))
+
+
+@pytest.mark.parametrize("threads, batch_size", [(2, 2), (3, 2), (2, 64)])
+def test_shards_decode_as_one_batch_does(tiny, shaped, threads, batch_size):
+    jobs, expected = shaped
+    threads_used = set()
+    real = lmzip.batch_decode.greedy_decode_batch
+
+    def spy(*args, **kwargs):
+        threads_used.add((threading.current_thread().name.split("_")[0], torch.get_num_threads()))
+        return real(*args, **kwargs)
+
+    torch.set_num_threads(2)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(lmzip.batch_decode, "greedy_decode_batch", spy)
+            got = greedy_decode_sharded(tiny, jobs, PREFIX, batch_size=batch_size, threads=threads)
+        assert torch.get_num_threads() == 2  # the caller's setting is back
+    finally:
+        torch.set_num_threads(1)
+    assert_same(got, expected)
+    if batch_size == 64:  # the jobs fill less than one batch: no second thread
+        assert threads_used == {("MainThread", 2)}
+    else:  # a shard per thread, each thread running one torch thread
+        assert threads_used == {("lmzip-decode", 1)}
+
+
+def test_decompress_shards_a_window_and_gives_the_bytes(tiny, monkeypatch):
+    from lmzip import codec as codec_module
+
+    blob = (FORMATS / "good-memory-tiny.lmz").read_bytes()
+    calls = []
+    real = lmzip.batch_decode.greedy_decode_sharded
+    monkeypatch.setattr(codec_module, "decode_threads", lambda lm: 2)
+    monkeypatch.setattr(lmzip.batch_decode, "greedy_decode_sharded",
+                        lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+    codec = lmzip.Codec(model=str(FORMATS.parent / "tests" / "data" / "tiny-llama"))
+    expected = codec.decode(blob, batch_size=64)
+    assert codec.decode(blob, batch_size=1) == expected
+    assert calls and set(calls) == {2}
 
 
 def memory_jobs(archive):

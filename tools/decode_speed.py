@@ -13,6 +13,7 @@ one thread, tokens per CPU second are close to what a core of one's own gives.
 
     python tools/decode_speed.py --segments 64 --tokens 32 --batch-sizes 1 64 --threads 1 2
     python tools/decode_speed.py --archive doc.lmz --batch-sizes 1 8 64 --compare
+    python tools/decode_speed.py --segments 128 --tokens 32 --batch-sizes 64 --threads 2 --sharded
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from lmzip import container
-from lmzip.batch_decode import greedy_decode_batch, top2_margin
+from lmzip.batch_decode import greedy_decode_batch, greedy_decode_sharded, top2_margin
 from lmzip.fit import FitConfig, sink_prefix
 from lmzip.models import load_model
 
@@ -69,11 +70,14 @@ class LogitRecorder:
                                            float((top2_margin(logits[row]) - top2_margin(ref)).abs()))
 
 
-def run(lm, jobs, prefix, batch_size, inference_mode, observe=None):
+def run(lm, jobs, prefix, batch_size, inference_mode, observe=None, sharded=False):
     context = torch.inference_mode() if inference_mode else nullcontext()
     started, cpu_started = time.perf_counter(), time.process_time()
     with context:
-        decoded = greedy_decode_batch(lm, jobs, prefix, batch_size=batch_size, observe=observe)
+        if sharded:  # as decompress runs it: a batch per thread, each on one core
+            decoded = greedy_decode_sharded(lm, jobs, prefix, batch_size, torch.get_num_threads())
+        else:
+            decoded = greedy_decode_batch(lm, jobs, prefix, batch_size=batch_size, observe=observe)
     return decoded, time.perf_counter() - started, time.process_time() - cpu_started
 
 
@@ -91,6 +95,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
     parser.add_argument("--attention", choices=["sdpa", "eager"], default=None)
     parser.add_argument("--inference-mode", action="store_true", help="run under torch.inference_mode()")
+    parser.add_argument("--sharded", action="store_true",
+                        help="decode as decompress does: with T threads, up to T batches side by side, "
+                             "each on one thread")
     parser.add_argument("--compare", action="store_true",
                         help="max |logit difference| of each batched run against batch 1 (all segments)")
     args = parser.parse_args(argv)
@@ -118,9 +125,10 @@ def main(argv=None):
         for batch_size in args.batch_sizes:
             some = jobs[: args.single_segments] if batch_size == 1 and args.single_segments else jobs
             load_before = os.getloadavg()[0]
-            decoded, seconds, cpu_seconds = run(lm, some, prefix, batch_size, args.inference_mode)
+            decoded, seconds, cpu_seconds = run(lm, some, prefix, batch_size, args.inference_mode,
+                                                sharded=args.sharded)
             tokens = sum(len(d.ids) for d in decoded)
-            print(f"batch {batch_size:3d}, {threads} threads: {len(some)} segments, {tokens} tokens in "
+            print(f"batch {batch_size:3d}{' sharded' if args.sharded else ''}, {threads} threads: {len(some)} segments, {tokens} tokens in "
                   f"{seconds:.1f} s = {tokens / seconds:.1f} tokens/s; {cpu_seconds:.1f} CPU s = "
                   f"{tokens / cpu_seconds:.1f} tokens per CPU second "
                   f"(load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after)", flush=True)

@@ -52,6 +52,7 @@ class DecodeContext:
     header: object                 # container.Header
     model: object | None = None    # models.LoadedModel, for kinds that need one
     batch_size: int = 64
+    threads: int = 1                 # batches of batch_size rows decoded side by side (CPU threads)
 
 
 KINDS = {module.KIND: module for module in (zstd, memory, lm)}

@@ -74,7 +74,7 @@ def _positions_problem(lm, prefix, entry) -> str | None:
 def token_ids(jobs, ctx) -> list[list[int]]:
     """Greedy decoding of each job's vectors, as the encoder verified it, `ctx.batch_size` at a time
     (batching changes float32 rounding, never a token that led by the margin: SPEC.md)."""
-    from ..generate import greedy_decode_batch
+    from ..batch_decode import greedy_decode_sharded
 
     lm, prefix = ctx.model, ctx.header.prefix
     inputs = []
@@ -87,7 +87,7 @@ def token_ids(jobs, ctx) -> list[list[int]]:
         except ValueError as e:
             raise SegmentError(job.index, str(e)) from None
         inputs.append((torch.from_numpy(vectors.astype(np.float32)), job.entry.token_count))
-    return [d.ids for d in greedy_decode_batch(lm, inputs, prefix, batch_size=ctx.batch_size)]
+    return [d.ids for d in greedy_decode_sharded(lm, inputs, prefix, ctx.batch_size, ctx.threads)]
 
 
 def detokenize(lm, ids) -> bytes:
