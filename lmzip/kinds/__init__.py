@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import UnsupportedKindError
-from . import lm, memory, zstd
+from . import lm, lm_long, memory, zstd
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class DecodeContext:
     batch_size: int = 64
 
 
-KINDS = {module.KIND: module for module in (zstd, memory, lm)}
+KINDS = {module.KIND: module for module in (zstd, memory, lm, lm_long)}
 
 
 def get(kind: int):
