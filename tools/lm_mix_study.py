@@ -62,6 +62,9 @@ def collect(args) -> None:
     t0, cpu0 = time.perf_counter(), time.process_time()
     with exact_float32():
         for c, chunk in enumerate(chunks):
+            if c < args.first_chunk:
+                continue
+            logits = None  # free the last chunk's before the next
             logits = chunk_logits(exact, chunk, prefix)
             sym = torch.tensor(chunk)[:, None]
             for start in range(0, len(chunk), 64):
@@ -79,6 +82,7 @@ def collect(args) -> None:
             bits = -sum(math.log2(f / t) for f, t in zip(freq, total))
             print(f"chunk {c + 1}/{len(chunks)}: {len(freq)} tokens, {bits / 8:.0f} bytes so far; "
                   f"{time.perf_counter() - t0:.0f} s wall, {time.process_time() - cpu0:.0f} s CPU", flush=True)
+    ids = [t for chunk in chunks[args.first_chunk:] for t in chunk]
     np.savez_compressed(args.out, tokens=np.array(ids, dtype=np.int64), freq=np.array(freq, dtype=np.int64),
                         total=np.array(total, dtype=np.int64), chunk=np.array(chunk_of, dtype=np.int64),
                         top_ids=np.concatenate(top_ids), top_freq=np.concatenate(top_freq),
@@ -86,6 +90,40 @@ def collect(args) -> None:
                         sharpen=np.array(SHARPEN), sharp_log2p=np.array(sharp))
     print(f"{args.file}: {len(data)} bytes, {len(ids)} tokens, {len(chunks)} chunks of {args.chunk_tokens}: "
           f"{bits / len(data):.4f} bpb (ideal under the integer frequencies)")
+
+
+def step_cost(args) -> None:
+    """CPU seconds of one decode step (B rows, one token each) over a random cache of C positions."""
+    import torch
+
+    from lmzip.exact.forward import Cache, forward, frequencies
+    from lmzip.exact.model import ExactModel
+    from lmzip.models import load_model
+    from lmzip.precision import exact_float32
+
+    torch.set_num_threads(args.threads)
+    exact = ExactModel.from_loaded(load_model(args.model, device="cpu"))
+    g = torch.Generator().manual_seed(0)
+    for rows in args.rows:
+        for context in args.context:
+            cache = Cache(exact.shape, rows, context + 4, "cpu")
+            for store in (cache.k, cache.v):
+                for t in store:
+                    t.copy_(torch.randint(-127, 128, t.shape, generator=g).float())
+            for store in (cache.k_scale, cache.v_scale):
+                for t in store:
+                    t.fill_(0.01)
+            cache.length = context
+            ids = torch.randint(0, exact.shape.vocab, (rows, 1), generator=g)
+            times = []
+            with exact_float32():
+                for _ in range(3):
+                    cpu = time.process_time()
+                    frequencies(exact, forward(exact, ids, cache)[:, -1])
+                    times.append(time.process_time() - cpu)
+            best = min(times[1:])
+            print(f"rows {rows:3d}, context {context:5d}: {best:.2f} CPU s a step, "
+                  f"{rows / best:.1f} tokens per CPU s", flush=True)
 
 
 def main():
@@ -98,14 +136,17 @@ def main():
     c.add_argument("--bytes", type=int, default=0)
     c.add_argument("--chunk-tokens", type=int, default=2047)
     c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--first-chunk", type=int, default=0, help="skip the chunks before this one")
     c.add_argument("--max-positions", type=int, default=0, help="raise the exact model's position limit")
     s = sub.add_parser("study")
     s.add_argument("npz", nargs="+")
+    t = sub.add_parser("step")
+    t.add_argument("--model", default=None)
+    t.add_argument("--rows", type=int, nargs="+", default=[4, 16])
+    t.add_argument("--context", type=int, nargs="+", default=[1024, 4096, 8000])
+    t.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    if args.cmd == "collect":
-        collect(args)
-    else:
-        study(args)
+    {"collect": collect, "study": study, "step": step_cost}[args.cmd](args)
 
 def load(path):
     d = np.load(path)

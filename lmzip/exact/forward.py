@@ -25,6 +25,7 @@ ATTN_BITS = 18         # attention weights are integers in [0, 2**18] before P @
 LIMB_BITS = 6          # ... split into 6-bit limbs
 KEY_BLOCK = 2048       # P @ V sums keys in blocks, each exact in float32: 64 * 127 * 2048 < 2**24
 QUERY_POSITIONS = 64  # whole-sequence passes: positions per attention call (speed and memory only)
+HEAD_POSITIONS = 256  # ... and per output head call (memory only)
 EXP_SCALE = float(1 << EXP_STEP_BITS)
 EXP_ONE = float(1 << EXP_ONE_BITS)
 
@@ -259,7 +260,13 @@ def _forward(exact: ExactModel, ids: torch.Tensor, cache: Cache) -> torch.Tensor
         x = x + mlp_block(exact, layer, x)
     cache.length = start + ids.shape[1]
     q, step = norm_quantize(x, exact.final_norm, exact.shape.eps)
-    return linear(q, step, exact.head)
+    # the head by blocks of positions (each row's arithmetic is its own): its float64 temporaries
+    # for 8192 positions would take about 10 GB at once
+    logits = torch.empty(*ids.shape, exact.shape.vocab, dtype=torch.float32, device=ids.device)
+    for first in range(0, ids.shape[1], HEAD_POSITIONS):
+        rows = slice(first, first + HEAD_POSITIONS)
+        logits[:, rows] = linear(q[:, rows], step[:, rows], exact.head)
+    return logits
 
 
 def frequencies(exact: ExactModel, logits: torch.Tensor) -> torch.Tensor:
