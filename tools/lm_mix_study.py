@@ -231,6 +231,16 @@ def study(args) -> None:
         base = -np.log2(p_lm).sum()
         print(f"{path}: {n_bytes} bytes, {len(tokens)} tokens, chunks of {int(d['chunk_tokens'])}: "
               f"lm {base / n_bytes:.4f} bpb")
+        if "sharp_log2p" in d:
+            scales = [1.0] + d["sharpen"].tolist()
+            costs = np.vstack([np.log2(p_lm)[None], d["sharp_log2p"]]) * -1  # (S, n) bits
+            fixed = ", ".join(f"{sc:g}: {c.sum() / n_bytes:.4f}" for sc, c in zip(scales, costs))
+            online = 0.0
+            for c in np.unique(chunk):  # the scale with the least cost so far in the chunk
+                cc = costs[:, chunk == c]
+                past = np.hstack([np.zeros((len(scales), 1)), np.cumsum(cc, 1)[:, :-1]])
+                online += cc[past.argmin(0), np.arange(cc.shape[1])].sum()
+            print(f"  (max - logit) scaled by {fixed} bpb; per chunk, best so far: {online / n_bytes:.4f}")
         top1 = d["top_ids"][:, 0]
         toks = np.array(tokens)
         for min_len in (1, 2, 3, 4):
