@@ -81,6 +81,9 @@ def main() -> None:
     # The lm kind's frequencies are the same on every machine, so this file is a check of the arithmetic.
     lm_coded = codec.encode(mixed, method="lm", model=TINY, tokens_per_segment=16)
     first_lm = [s["kind"] for s in lmzip.inspect(lm_coded)["segments"]].index("lm")
+    long_text = text * 32  # past 2048 positions: one lm-long segment (arithmetic /2)
+    lm_long = codec.encode(long_text, method="lm", model=TINY, tokens_per_segment=8191)
+    assert [s["kind"] for s in lmzip.inspect(lm_long)["segments"]] == ["lm-long"]
 
     samples = {
         "good-empty.lmz": (lmzip.encode(b"", method="zstd"), b""),
@@ -88,6 +91,7 @@ def main() -> None:
         "good-zstd-binary.lmz": (lmzip.encode(binary, method="zstd"), binary),
         "good-memory-tiny.lmz": (memory, mixed),
         "good-lm-tiny.lmz": (lm_coded, mixed),
+        "good-lm-long-tiny.lmz": (lm_long, long_text),
         "good-compatible-header-extension.lmz": (longer_header(zstd_text, 3, 40, compatible_flags=0x8000), text),
         "good-compatible-segment-flag.lmz": (edit_entry(zstd_text, 0, flags=0x80), text),
         "bad-magic.lmz": (b"\x89LMX" + zstd_text[4:], lmzip.NotLmzError),

@@ -17,13 +17,14 @@ from conftest import ROOT, TINY_MODEL
 from lmzip.exact import forward as F
 from lmzip.exact import tables
 from lmzip.exact.coding import decode_chunks, encode_chunks
-from lmzip.exact.model import MAX_POSITIONS, WEIGHT_LIMIT, ExactModel, quantize_weight
+from lmzip.exact.model import MAX_POSITIONS, V1_POSITIONS, WEIGHT_LIMIT, ExactModel, quantize_weight
 from lmzip.models import load_model
 from lmzip.rangecoder import MAX_TOTAL
 
 PREFIX = (256,)
-# Pins: a change to the arithmetic must change ARITHMETIC_VERSION, then these.
-TINY_FINGERPRINT = "11a61bf6740d6dd8b02603a532090499330c3ec56781397ab59927d291eb9716"
+# Pins: a change to the arithmetic must change ARITHMETIC_VERSION, then these. The frequencies are
+# those of arithmetic /1 too (/2 only adds positions 2048 to 8191).
+TINY_FINGERPRINT = "7d054096993982db0a8ea96244e197e5c4f9abc405313a061d675bbcb6b1d65d"
 TINY_FREQ_SHA256 = "9782e05e21f70de4e11a4e4b5f600645268615fdfb93ce891d4b501bdbd2522d"
 EXP_TABLE_SHA256 = "2332e04e6d9f19cf66f31019d9ba1ab99915bcd7a645977e91e76c00319f63bc"
 
@@ -219,6 +220,28 @@ def test_damaged_payloads_raise_value_error_or_decode_wrongly(exact):
 def test_impossible_token_counts_are_refused(exact, counts):
     with pytest.raises(ValueError):
         decode_chunks(exact, [b""], counts, PREFIX)
+
+
+def test_a_chunk_past_the_positions_asked_for_is_refused(exact):
+    with pytest.raises(ValueError, match="outside 0..2047"):
+        decode_chunks(exact, [b""], [V1_POSITIONS], PREFIX, positions=V1_POSITIONS)
+
+
+def test_value_sums_stay_exact_past_2048_keys():
+    """Sums of limb * value over 8192 keys pass 2**24: one float32 matmul would round them."""
+    g = torch.Generator().manual_seed(3)
+    limbs = torch.randint(32, 64, (2, 3, 8192), generator=g).float()
+    v = torch.randint(64, 128, (2, 8192, 5), generator=g).float()
+    want = torch.matmul(limbs.long(), v.long())
+    assert want.max() > 1 << 24
+    assert torch.equal(F.limb_products(limbs, v), want.double())
+
+
+def test_long_chunks_round_trip_and_match_the_step_by_step_pass(exact):
+    """Past 2048 positions the whole-sequence pass (encoder) and the cached steps (decoder) agree."""
+    chunk = _ids(1, 2100, seed=5)[0].tolist()
+    payloads = encode_chunks(exact, [chunk, chunk[:40]], PREFIX)
+    assert decode_chunks(exact, payloads, [2100, 40], PREFIX, batch_size=2) == [chunk, chunk[:40]]
 
 
 def test_fingerprint_follows_the_weights(lm):

@@ -11,7 +11,7 @@ from lmzip.exact import ExactModel, decode_chunks, encode_chunks
 from lmzip.models import load_model
 
 SENTENCE = "The quick brown fox jumps over the lazy dog."
-EMBEDDED_EXACT_FINGERPRINT = "0a3ee08a3c6923d68a90b30257d51e9d6cf22c16c0f5e37ad91a6924f8a4d17e"
+EMBEDDED_EXACT_FINGERPRINT = "5da9b9fc712a952841b5d33652f8091b4c329fe6dadd28243b43d9e01a66dc4e"
 PAYLOADS = ["40b6fca0", "40b7"]
 
 

@@ -82,3 +82,11 @@ def test_a_host_that_lowered_float32_precision_still_gets_the_exact_arithmetic(c
         assert torch.get_float32_matmul_precision() == "high"  # the host's setting, given back
     finally:
         torch.set_float32_matmul_precision("highest")
+
+
+def test_a_chunk_past_2048_positions_is_an_lm_long_segment(codec):
+    text = b"Alice was beginning to get very tired of sitting by her sister on the bank. " * 28
+    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=8191)
+    segments = lmzip.inspect(blob)["segments"]
+    assert [s["kind"] for s in segments] == ["lm-long"] and segments[0]["token_count"] > 2047
+    assert codec.decode(blob, model=TINY_MODEL) == text  # (what fits 2048 positions stays kind 2: above)

@@ -8,6 +8,6 @@ SPEC.md ("lm payloads") specifies the arithmetic and the payload format.
 """
 
 from .coding import decode_chunks, encode_chunks
-from .model import ARITHMETIC_VERSION, MAX_POSITIONS, ExactModel
+from .model import ARITHMETIC_VERSION, MAX_POSITIONS, V1_POSITIONS, ExactModel
 
-__all__ = ["ARITHMETIC_VERSION", "MAX_POSITIONS", "ExactModel", "decode_chunks", "encode_chunks"]
+__all__ = ["ARITHMETIC_VERSION", "MAX_POSITIONS", "V1_POSITIONS", "ExactModel", "decode_chunks", "encode_chunks"]

@@ -20,12 +20,12 @@ from .model import MAX_POSITIONS, ExactModel
 FREQ_ROWS = 64  # positions whose frequency rows are built at once (each row is V int64)
 
 
-def _check_lengths(exact: ExactModel, prefix: Sequence[int], counts: Sequence[int]) -> None:
+def _check_lengths(exact: ExactModel, prefix: Sequence[int], counts: Sequence[int], positions: int) -> None:
     if not prefix:
         raise ValueError("the lm coder needs at least one prefix token")
     if any(not 0 <= t < exact.shape.vocab for t in prefix):
         raise ValueError("a prefix token is outside the vocabulary")
-    limit = MAX_POSITIONS - len(prefix)
+    limit = min(positions, MAX_POSITIONS) - len(prefix)
     for count in counts:
         if not 0 <= count <= limit:
             raise ValueError(f"a chunk of {count} tokens is outside 0..{limit}")
@@ -53,10 +53,11 @@ def chunk_logits(exact: ExactModel, chunk: Sequence[int], prefix: Sequence[int])
     return logits[len(prefix) - 1:-1]
 
 
-def encode_chunks(exact: ExactModel, chunks: Sequence[Sequence[int]], prefix: Sequence[int]) -> list[bytes]:
-    """One range-coded payload per chunk of token ids."""
+def encode_chunks(exact: ExactModel, chunks: Sequence[Sequence[int]], prefix: Sequence[int],
+                  positions: int = MAX_POSITIONS) -> list[bytes]:
+    """One range-coded payload per chunk of token ids, each at most `positions` with the prefix."""
     prefix = tuple(int(t) for t in prefix)
-    _check_lengths(exact, prefix, [len(c) for c in chunks])
+    _check_lengths(exact, prefix, [len(c) for c in chunks], positions)
     payloads = []
     for chunk in chunks:
         if any(not 0 <= t < exact.shape.vocab for t in chunk):
@@ -71,7 +72,7 @@ def encode_chunks(exact: ExactModel, chunks: Sequence[Sequence[int]], prefix: Se
 
 
 def decode_chunks(exact: ExactModel, payloads: Sequence[bytes], token_counts: Sequence[int],
-                  prefix: Sequence[int], batch_size: int = 64) -> list[list[int]]:
+                  prefix: Sequence[int], batch_size: int = 64, positions: int = MAX_POSITIONS) -> list[list[int]]:
     """The token ids of each payload; raises ValueError on a payload the coder cannot follow.
 
     Chunks run `batch_size` at a time (longest first, so a batch's rows finish close together);
@@ -83,7 +84,7 @@ def decode_chunks(exact: ExactModel, payloads: Sequence[bytes], token_counts: Se
         raise ValueError("one token count per payload")
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    _check_lengths(exact, prefix, token_counts)
+    _check_lengths(exact, prefix, token_counts, positions)
     order = sorted(range(len(payloads)), key=lambda i: -token_counts[i])
     out: list[list[int]] = [[] for _ in payloads]
     for start in range(0, len(order), batch_size):

@@ -22,12 +22,14 @@ from .tables import EXP_ONE_BITS, EXP_STEP_BITS
 
 ACT_LIMIT = 127        # |int activation| <= 127
 ATTN_BITS = 18         # attention weights are integers in [0, 2**18] before P @ V
-LIMB_BITS = 6          # ... split into 6-bit limbs: 64 * 127 * MAX_POSITIONS < 2**24
+LIMB_BITS = 6          # ... split into 6-bit limbs
+KEY_BLOCK = 2048       # P @ V sums keys in blocks, each exact in float32: 64 * 127 * 2048 < 2**24
 QUERY_POSITIONS = 64  # whole-sequence passes: positions per attention call (speed and memory only)
+HEAD_POSITIONS = 256  # ... and per output head call (memory only)
 EXP_SCALE = float(1 << EXP_STEP_BITS)
 EXP_ONE = float(1 << EXP_ONE_BITS)
 
-assert (1 << LIMB_BITS) * ACT_LIMIT * MAX_POSITIONS < 1 << 24, "P @ V limb sums must stay exact in float32"
+assert (1 << LIMB_BITS) * ACT_LIMIT * KEY_BLOCK < 1 << 24, "P @ V limb sums must stay exact in float32"
 
 
 class Cache:
@@ -170,10 +172,19 @@ def attention(exact: ExactModel, q, q_step, k, k_step, v, v_step, q_pos: torch.T
     mid = torch.floor(rest * (1.0 / base))
     lo = rest - mid * base
     rows = q.shape[2]
-    acc = torch.matmul(torch.cat([hi, mid, lo], dim=2), v).double()       # exact: limb * 127 * Tk < 2**24
+    acc = limb_products(torch.cat([hi, mid, lo], dim=2), v)
     total = (acc[:, :, :rows] * (base * base) + acc[:, :, rows:2 * rows] * base) + acc[:, :, 2 * rows:]
     weight_sum = weights.sum(dim=-1, keepdim=True, dtype=torch.float64)  # integers: exact
     return (total * (u_top.double() / (weight_sum * float(1 << ATTN_BITS)))).float()
+
+
+def limb_products(limbs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """limbs (..., R, Tk) @ v (..., Tk, D) as float64, exact: float32 matmuls over blocks of
+    KEY_BLOCK keys (each sum < 64 * 127 * 2048 < 2**24), the block results added in float64."""
+    acc = torch.matmul(limbs[..., :KEY_BLOCK], v[..., :KEY_BLOCK, :]).double()
+    for first in range(KEY_BLOCK, v.shape[-2], KEY_BLOCK):
+        acc = acc + torch.matmul(limbs[..., first:first + KEY_BLOCK], v[..., first:first + KEY_BLOCK, :]).double()
+    return acc
 
 
 def attention_block(exact: ExactModel, layer: Layer, index: int, x: torch.Tensor, cache: Cache,
@@ -249,7 +260,13 @@ def _forward(exact: ExactModel, ids: torch.Tensor, cache: Cache) -> torch.Tensor
         x = x + mlp_block(exact, layer, x)
     cache.length = start + ids.shape[1]
     q, step = norm_quantize(x, exact.final_norm, exact.shape.eps)
-    return linear(q, step, exact.head)
+    # the head by blocks of positions (each row's arithmetic is its own): its float64 temporaries
+    # for 8192 positions would take about 10 GB at once
+    logits = torch.empty(*ids.shape, exact.shape.vocab, dtype=torch.float32, device=ids.device)
+    for first in range(0, ids.shape[1], HEAD_POSITIONS):
+        rows = slice(first, first + HEAD_POSITIONS)
+        logits[:, rows] = linear(q[:, rows], step[:, rows], exact.head)
+    return logits
 
 
 def frequencies(exact: ExactModel, logits: torch.Tensor) -> torch.Tensor:

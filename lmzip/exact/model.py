@@ -21,9 +21,10 @@ import torch
 from ..errors import ModelError
 from . import tables
 
-ARITHMETIC_VERSION = b"lmzip-exact-lm/1"
+ARITHMETIC_VERSION = b"lmzip-exact-lm/2"
 WEIGHT_LIMIT = 63       # |int weight| <= 63 (see the module docstring)
-MAX_POSITIONS = 2048    # prefix + chunk tokens; bounds the exact attention sums (forward.py)
+MAX_POSITIONS = 8192    # prefix + chunk tokens (arithmetic /2; /1 is the same restricted to 2048)
+V1_POSITIONS = 2048
 
 
 @dataclass(frozen=True)

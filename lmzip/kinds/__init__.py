@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import UnsupportedKindError
-from . import lm, memory, zstd
+from . import lm, lm_long, memory, zstd
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class DecodeContext:
     threads: int = 1                 # batches of batch_size rows decoded side by side (CPU threads)
 
 
-KINDS = {module.KIND: module for module in (zstd, memory, lm)}
+KINDS = {module.KIND: module for module in (zstd, memory, lm, lm_long)}
 
 
 def get(kind: int):

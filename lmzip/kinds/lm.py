@@ -1,10 +1,13 @@
-"""Segment kind 2, lm: the segment's tokens range-coded under the model's own predictions.
+"""Segment kinds 2, lm, and 3, lm-long: the segment's tokens range-coded under the model's own predictions.
 
 The frequencies come from `lmzip.exact`, an integer form of the model that gives the
 same numbers bit for bit on any machine, thread count, batch or instruction set
 (SPEC.md ("lm payloads")), so an archive decodes wherever the model's files match its
 fingerprints. The context of a segment is the header's prefix tokens and the segment's
-own earlier tokens, so segments decode independently and in batches.
+own earlier tokens, so segments decode independently and in batches. Kind 2 holds chunks of at
+most 2048 positions with the prefix (arithmetic /1), kind 3 (lm_long.py) longer ones, up to 8192
+(arithmetic /2, which gives the same frequencies at 2048 positions or fewer); the encoder writes
+kind 2 where it can, so those segments stay readable by a reader that knows only /1.
 """
 
 from __future__ import annotations
@@ -20,8 +23,13 @@ NEEDS_MODEL = True
 MAX_PAYLOAD_BYTES_PER_TOKEN = 8
 PAYLOAD_SLACK = 16
 # Rows decoded side by side: the key/value cache takes about 47 KB per row and position on the
-# embedded model, so 16 rows of 2048 positions is about 1.5 GB.
+# embedded model, so 16 rows of 2048 positions (or 4 of 8192) is about 1.5 GB.
 MAX_DECODE_ROWS = 16
+DECODE_ROW_POSITIONS = 16 * 2048
+
+
+def decode_rows(positions: int) -> int:
+    return max(1, min(MAX_DECODE_ROWS, DECODE_ROW_POSITIONS // positions))
 
 
 def check_entry(entry, header) -> str | None:
@@ -56,6 +64,14 @@ def max_chunk_tokens(prefix) -> int:
     return min(MAX_TOKENS_PER_SEGMENT, MAX_POSITIONS - len(prefix))
 
 
+def kind_of(tokens: int, prefix) -> int:
+    """Kind 2 for a chunk that fits arithmetic /1's 2048 positions, else kind 3."""
+    from ..exact import V1_POSITIONS
+    from . import lm_long
+
+    return KIND if len(prefix) + tokens <= V1_POSITIONS else lm_long.KIND
+
+
 def encode(lm, pieces, prefix, check_every: int = 16) -> list:
     """Code each piece (its `ids`); decode every `check_every`-th one (and the first) as the decoder
     will, and send one that does not come back to zstd. Returns coded segments, in order."""
@@ -68,29 +84,34 @@ def encode(lm, pieces, prefix, check_every: int = 16) -> list:
     with exact_float32():  # the exact forward refuses reduced-precision matmuls
         payloads = encode_chunks(exact, [p.ids for p in pieces], prefix)
         sample = list(range(0, len(pieces), check_every))
-        back = decode_chunks(exact, [payloads[i] for i in sample], [len(pieces[i].ids) for i in sample], prefix,
-                             batch_size=MAX_DECODE_ROWS)
+        counts = [len(pieces[i].ids) for i in sample]
+        back = decode_chunks(exact, [payloads[i] for i in sample], counts, prefix,
+                             batch_size=decode_rows(len(prefix) + max(counts, default=0)))
     failed = {i for i, ids in zip(sample, back) if tuple(ids) != tuple(pieces[i].ids)}
     return [raw(p.data) if i in failed else
-            CodedSegment(KIND, p.data, payload, token_count=len(p.ids), stats={"tokens": len(p.ids)})
+            CodedSegment(kind_of(len(p.ids), prefix), p.data, payload, token_count=len(p.ids),
+                         stats={"tokens": len(p.ids)})
             for i, (p, payload) in enumerate(zip(pieces, payloads))]
 
 
-def _token_lists(jobs, ctx) -> list[list[int]]:
+def token_lists(jobs, ctx, positions: int) -> list[list[int]]:
+    """The tokens of each job's payload, coded in chunks of at most `positions` with the prefix."""
     from ..exact import decode_chunks
 
     exact, prefix = exact_model(ctx.model), ctx.header.prefix
     payloads = [job.payload for job in jobs]
     counts = [job.entry.token_count for job in jobs]
+    rows = min(ctx.batch_size, decode_rows(min(positions, len(prefix) + max(counts))))
     try:
-        return decode_chunks(exact, payloads, counts, prefix, batch_size=min(ctx.batch_size, MAX_DECODE_ROWS))
+        return decode_chunks(exact, payloads, counts, prefix, batch_size=rows, positions=positions)
     except ValueError as e:
         if len(jobs) == 1:
             raise SegmentError(jobs[0].index, f"the range coder cannot follow the payload ({e})") from None
-    return [_token_lists([job], ctx)[0] for job in jobs]  # find the damaged one
+    return [token_lists([job], ctx, positions)[0] for job in jobs]  # find the damaged one
 
 
 def decode(jobs, ctx) -> list[bytes]:
+    from ..exact import V1_POSITIONS
     from .memory import to_bytes
 
-    return to_bytes(jobs, _token_lists(jobs, ctx), ctx.model)
+    return to_bytes(jobs, token_lists(jobs, ctx, V1_POSITIONS), ctx.model)
