@@ -25,13 +25,13 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from .errors import InputError, OptionError
 from .models import LoadedModel
+from .sharding import cpu_threads, deal, map_shards
 
 DEFAULT_BATCH_SIZE = 64
 # Rows times columns of one prefill: its logits take this times the vocabulary in float32
@@ -216,7 +216,7 @@ def greedy_decode_batch(lm: LoadedModel, jobs: list[tuple[torch.Tensor, int]], p
 def decode_threads(lm: LoadedModel) -> int:
     """Batches to run side by side: on a CPU one per thread torch would use, each batch on one
     core (two one-thread batches of 64 rows beat one two-thread batch: BENCHMARKS.md); else 1."""
-    return torch.get_num_threads() if lm.device.type == "cpu" else 1
+    return cpu_threads(lm.device)
 
 
 def greedy_decode_sharded(lm: LoadedModel, jobs: list[tuple[torch.Tensor, int]], prefix: tuple[int, ...] = (),
@@ -228,24 +228,6 @@ def greedy_decode_sharded(lm: LoadedModel, jobs: list[tuple[torch.Tensor, int]],
     the second thread gains). Like any batch composition, sharding changes float32 rounding, not
     a token that led by the margin."""
     shards = max(1, min(threads, -(-len(jobs) // batch_size)))
-    if shards == 1:
-        return greedy_decode_batch(lm, jobs, prefix, batch_size=batch_size)
-    # Longest first, dealt round-robin: shards of about equal work.
-    order = sorted(range(len(jobs)), key=lambda j: -jobs[j][1])
-    dealt = [order[s::shards] for s in range(shards)]
-
-    def run(indices: list[int]) -> list[Decoded]:
-        torch.set_num_threads(1)  # this thread's own setting (OpenMP keeps one per thread)
-        return greedy_decode_batch(lm, [jobs[j] for j in indices], prefix, batch_size=batch_size)
-
-    saved = torch.get_num_threads()
-    try:
-        with ThreadPoolExecutor(shards, thread_name_prefix="lmzip-decode") as pool:
-            results = list(pool.map(run, dealt))
-    finally:
-        torch.set_num_threads(saved)
-    out: list[Decoded | None] = [None] * len(jobs)
-    for indices, decoded in zip(dealt, results):
-        for j, d in zip(indices, decoded):
-            out[j] = d
-    return out
+    return map_shards(lambda indices: greedy_decode_batch(lm, [jobs[j] for j in indices], prefix,
+                                                          batch_size=batch_size),
+                      deal([n for _, n in jobs], shards), len(jobs))

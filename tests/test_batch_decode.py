@@ -147,7 +147,7 @@ def test_shards_decode_as_one_batch_does(tiny, shaped, threads, batch_size):
     if batch_size == 64:  # the jobs fill less than one batch: no second thread
         assert threads_used == {("MainThread", 2)}
     else:  # a shard per thread, each thread running one torch thread
-        assert threads_used == {("lmzip-decode", 1)}
+        assert threads_used == {("lmzip-shard", 1)}
 
 
 def test_decompress_shards_a_window_and_gives_the_bytes(tiny, monkeypatch):

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -193,6 +194,19 @@ def test_round_trip_over_batch_sizes(lm, exact):
     counts = [len(c) for c in chunks]
     for batch_size in (1, 2, 7, 64):
         assert decode_chunks(exact, payloads, counts, PREFIX, batch_size=batch_size) == chunks
+    # chunks dealt to threads (each with one torch thread): the same payloads and tokens
+    threads_seen = set()
+    real = F.forward
+
+    def spy(*args, **kwargs):
+        threads_seen.add(threading.current_thread().name.split("_")[0])
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("lmzip.exact.coding.forward", spy)
+        assert encode_chunks(exact, chunks, PREFIX, threads=3) == payloads
+        assert decode_chunks(exact, payloads, counts, PREFIX, batch_size=2, threads=2) == chunks
+    assert threads_seen == {"lmzip-shard"}
 
 
 def test_damaged_payloads_raise_value_error_or_decode_wrongly(exact):

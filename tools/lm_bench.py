@@ -55,6 +55,8 @@ def main():
     ap.add_argument("--chunk-tokens", type=int, nargs="+", default=[512])
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sharded", action="store_true",
+                    help="deal chunks to --threads threads of one torch thread each, as lmzip does")
     ap.add_argument("--float", action="store_true", help="also the float32 model's ideal bits (slow)")
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--no-ideal", action="store_true")
@@ -80,14 +82,16 @@ def main():
     for length in args.chunk_tokens:
         chunks = [ids[i:i + length] for i in range(0, len(ids), length)]
         t, cpu = time.perf_counter(), time.process_time()
-        payloads = encode_chunks(exact, chunks, prefix)
+        shards = args.threads if args.sharded else 1
+        payloads = encode_chunks(exact, chunks, prefix, threads=shards)
         enc_s, enc_cpu = time.perf_counter() - t, time.process_time() - cpu
         size = sum(map(len, payloads))
         line = (f"chunk {length:5d} tokens, {len(chunks):4d} chunks: {size * 8 / n:.4f} bpb "
                 f"({size} bytes); encode {n / enc_s / 1000:.2f} KB/s ({enc_s:.1f} s wall, {enc_cpu:.1f} s CPU)")
         if not args.no_decode:
             t, cpu = time.perf_counter(), time.process_time()
-            decoded = decode_chunks(exact, payloads, [len(c) for c in chunks], prefix, batch_size=args.batch_size)
+            decoded = decode_chunks(exact, payloads, [len(c) for c in chunks], prefix, batch_size=args.batch_size,
+                                    threads=shards)
             dec_s, dec_cpu = time.perf_counter() - t, time.process_time() - cpu
             ok = decoded == [list(c) for c in chunks]
             line += (f"; decode {n / dec_s / 1000:.2f} KB/s ({dec_s:.1f} s wall, {dec_cpu:.1f} s CPU, "

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from ..rangecoder import RangeDecoder, RangeEncoder
+from ..sharding import deal, map_shards
 from .forward import Cache, forward, frequencies
 from .model import MAX_POSITIONS, ExactModel
 
@@ -54,28 +55,34 @@ def chunk_logits(exact: ExactModel, chunk: Sequence[int], prefix: Sequence[int])
 
 
 def encode_chunks(exact: ExactModel, chunks: Sequence[Sequence[int]], prefix: Sequence[int],
-                  positions: int = MAX_POSITIONS) -> list[bytes]:
-    """One range-coded payload per chunk of token ids, each at most `positions` with the prefix."""
+                  positions: int = MAX_POSITIONS, threads: int = 1) -> list[bytes]:
+    """One range-coded payload per chunk of token ids, each at most `positions` with the prefix;
+    chunks are dealt to up to `threads` CPU threads (the arithmetic is the same on any)."""
     prefix = tuple(int(t) for t in prefix)
     _check_lengths(exact, prefix, [len(c) for c in chunks], positions)
-    payloads = []
-    for chunk in chunks:
-        if any(not 0 <= t < exact.shape.vocab for t in chunk):
-            raise ValueError("a token is outside the vocabulary")
-        encoder = RangeEncoder()
-        if chunk:
-            symbols = torch.tensor(list(chunk), dtype=torch.long, device=exact.device)
-            for cum, freq, total in zip(*_symbol_frequencies(exact, chunk_logits(exact, chunk, prefix), symbols)):
-                encoder.encode(cum, freq, total)
-        payloads.append(encoder.finish())
-    return payloads
+    if any(not 0 <= t < exact.shape.vocab for chunk in chunks for t in chunk):
+        raise ValueError("a token is outside the vocabulary")
+    shards = deal([len(c) for c in chunks], max(1, min(threads, len(chunks))))
+    return map_shards(lambda indices: [_encode_chunk(exact, chunks[i], prefix) for i in indices],
+                      shards, len(chunks))
+
+
+def _encode_chunk(exact: ExactModel, chunk: Sequence[int], prefix: tuple[int, ...]) -> bytes:
+    encoder = RangeEncoder()
+    if chunk:
+        symbols = torch.tensor(list(chunk), dtype=torch.long, device=exact.device)
+        for cum, freq, total in zip(*_symbol_frequencies(exact, chunk_logits(exact, chunk, prefix), symbols)):
+            encoder.encode(cum, freq, total)
+    return encoder.finish()
 
 
 def decode_chunks(exact: ExactModel, payloads: Sequence[bytes], token_counts: Sequence[int],
-                  prefix: Sequence[int], batch_size: int = 64, positions: int = MAX_POSITIONS) -> list[list[int]]:
+                  prefix: Sequence[int], batch_size: int = 64, positions: int = MAX_POSITIONS,
+                  threads: int = 1) -> list[list[int]]:
     """The token ids of each payload; raises ValueError on a payload the coder cannot follow.
 
-    Chunks run `batch_size` at a time (longest first, so a batch's rows finish close together);
+    Chunks are dealt to up to `threads` CPU threads, and each thread runs its chunks
+    `batch_size` at a time (longest first, so a batch's rows finish close together);
     a damaged payload decodes to wrong tokens or raises ValueError, never loops: each row stops
     after its token count.
     """
@@ -85,12 +92,19 @@ def decode_chunks(exact: ExactModel, payloads: Sequence[bytes], token_counts: Se
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     _check_lengths(exact, prefix, token_counts, positions)
-    order = sorted(range(len(payloads)), key=lambda i: -token_counts[i])
+    shards = deal(token_counts, max(1, min(threads, len(payloads))))
+    return map_shards(lambda indices: _decode_shard(exact, [payloads[i] for i in indices],
+                                                    [token_counts[i] for i in indices], prefix, batch_size),
+                      shards, len(payloads))
+
+
+def _decode_shard(exact: ExactModel, payloads, counts, prefix, batch_size: int) -> list[list[int]]:
+    order = sorted(range(len(payloads)), key=lambda i: -counts[i])
     out: list[list[int]] = [[] for _ in payloads]
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         for i, tokens in zip(rows, _decode_batch(exact, [payloads[i] for i in rows],
-                                                  [token_counts[i] for i in rows], prefix)):
+                                                  [counts[i] for i in rows], prefix)):
             out[i] = tokens
     return out
 

@@ -13,6 +13,7 @@ kind 2 where it can, so those segments stay readable by a reader that knows only
 from __future__ import annotations
 
 from ..errors import SegmentError
+from ..sharding import cpu_threads
 from ..limits import MAX_TOKENS_PER_SEGMENT
 
 KIND = 2
@@ -82,7 +83,7 @@ def encode(lm, pieces, prefix, check_every: int = 16) -> list:
 
     exact = exact_model(lm)
     with exact_float32():  # the exact forward refuses reduced-precision matmuls
-        payloads = encode_chunks(exact, [p.ids for p in pieces], prefix)
+        payloads = encode_chunks(exact, [p.ids for p in pieces], prefix, threads=cpu_threads(exact.device))
         sample = list(range(0, len(pieces), check_every))
         counts = [len(pieces[i].ids) for i in sample]
         back = decode_chunks(exact, [payloads[i] for i in sample], counts, prefix,
@@ -101,9 +102,11 @@ def token_lists(jobs, ctx, positions: int) -> list[list[int]]:
     exact, prefix = exact_model(ctx.model), ctx.header.prefix
     payloads = [job.payload for job in jobs]
     counts = [job.entry.token_count for job in jobs]
-    rows = min(ctx.batch_size, decode_rows(min(positions, len(prefix) + max(counts))))
+    # the rows' key/value caches are bounded in all: threads share the rows
+    rows = max(1, min(ctx.batch_size, decode_rows(min(positions, len(prefix) + max(counts)))) // ctx.threads)
     try:
-        return decode_chunks(exact, payloads, counts, prefix, batch_size=rows, positions=positions)
+        return decode_chunks(exact, payloads, counts, prefix, batch_size=rows, positions=positions,
+                             threads=ctx.threads)
     except ValueError as e:
         if len(jobs) == 1:
             raise SegmentError(jobs[0].index, f"the range coder cannot follow the payload ({e})") from None
