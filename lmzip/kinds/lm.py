@@ -83,6 +83,8 @@ def encode(lm, pieces, prefix, check_every: int = 16) -> list:
 
     exact = exact_model(lm)
     with exact_float32():  # the exact forward refuses reduced-precision matmuls
+        # whole-chunk passes: chunks dealt to one-thread threads code 1.3x faster than one
+        # two-thread pass at a time (BENCHMARKS.md)
         payloads = encode_chunks(exact, [p.ids for p in pieces], prefix, threads=cpu_threads(exact.device))
         sample = list(range(0, len(pieces), check_every))
         counts = [len(pieces[i].ids) for i in sample]
@@ -102,11 +104,11 @@ def token_lists(jobs, ctx, positions: int) -> list[list[int]]:
     exact, prefix = exact_model(ctx.model), ctx.header.prefix
     payloads = [job.payload for job in jobs]
     counts = [job.entry.token_count for job in jobs]
-    # the rows' key/value caches are bounded in all: threads share the rows
-    rows = max(1, min(ctx.batch_size, decode_rows(min(positions, len(prefix) + max(counts)))) // ctx.threads)
+    rows = min(ctx.batch_size, decode_rows(min(positions, len(prefix) + max(counts))))
     try:
-        return decode_chunks(exact, payloads, counts, prefix, batch_size=rows, positions=positions,
-                             threads=ctx.threads)
+        # one thread: each step codes every row's token in Python, and two threads of that
+        # contend for the interpreter (decoding 20 KB took 87 s dealt to 2 threads, 41 s in one)
+        return decode_chunks(exact, payloads, counts, prefix, batch_size=rows, positions=positions)
     except ValueError as e:
         if len(jobs) == 1:
             raise SegmentError(jobs[0].index, f"the range coder cannot follow the payload ({e})") from None
