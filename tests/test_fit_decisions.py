@@ -103,7 +103,7 @@ def test_masked_adam_steps_active_rows_as_alone_and_leaves_the_others():
     gen = torch.Generator().manual_seed(0)
     batch = FitBatch(4, torch.device("cpu"))
     batch.add([(torch.randn(k, 4, generator=gen), torch.arange(6), 3, True) for k in (2, 1, 2)])
-    batch.step[2] = 40  # rows keep their own schedules
+    batch.step[1], batch.step[2] = 5, 40  # rows keep their own schedules (row 1's rate is not 0)
     start = batch.params.clone()
     grad = torch.randn(3, 2, 4, generator=gen)
     grad[1, 1] = 0  # a masked slot gets no gradient
@@ -112,7 +112,7 @@ def test_masked_adam_steps_active_rows_as_alone_and_leaves_the_others():
         params, m, v = reference_adam(start[i], torch.zeros(2, 4), torch.zeros(2, 4), grad[i], step, 0.2)
         assert torch.allclose(batch.params[i], params, atol=1e-6) and torch.allclose(batch.m[i], m)
     assert torch.equal(batch.params[1], start[1]) and not batch.m[1].any()
-    assert batch.step.tolist() == [1, 0, 41] and batch.total.tolist() == [1, 0, 1]
+    assert batch.step.tolist() == [1, 5, 41] and batch.total.tolist() == [1, 0, 1]
 
 
 def test_learning_rates_warm_up_then_decay_to_a_tenth():
