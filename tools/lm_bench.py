@@ -56,7 +56,9 @@ def main():
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sharded", action="store_true",
-                    help="deal chunks to --threads threads of one torch thread each, as lmzip does")
+                    help="encode: deal chunks to --threads threads of one torch thread each, as lmzip does")
+    ap.add_argument("--decode-threads", type=int, default=1,
+                    help="decode: deal chunks to this many threads (lmzip decodes in one)")
     ap.add_argument("--float", action="store_true", help="also the float32 model's ideal bits (slow)")
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--no-ideal", action="store_true")
@@ -91,7 +93,7 @@ def main():
         if not args.no_decode:
             t, cpu = time.perf_counter(), time.process_time()
             decoded = decode_chunks(exact, payloads, [len(c) for c in chunks], prefix, batch_size=args.batch_size,
-                                    threads=shards)
+                                    threads=args.decode_threads)
             dec_s, dec_cpu = time.perf_counter() - t, time.process_time() - cpu
             ok = decoded == [list(c) for c in chunks]
             line += (f"; decode {n / dec_s / 1000:.2f} KB/s ({dec_s:.1f} s wall, {dec_cpu:.1f} s CPU, "
