@@ -1,9 +1,10 @@
-"""The fit's decisions and its batch tensors, each on its own (no model)."""
+"""The fit's decisions and its batch tensors, each on its own (no model), and the host work of a step."""
 
 import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmzip.fit_batch import FitBatch, layout, learning_rates
 from lmzip.fit_decisions import (escalated_vectors, first_length, grown_length, salvaged_length, shrunk_length,
@@ -132,3 +133,37 @@ def test_new_vectors_go_in_front_and_rows_leave_in_one_step():
     assert batch.params[0, :, 0].tolist() == [1.0, 1.0, 0.0, 0.0]  # others keep theirs; new slots masked
     batch.keep([2, 0])
     assert batch.k_max == 2 and batch.params[:, 0, 0].tolist() == [3.0, 1.0] and batch.k.tolist() == [2, 2]
+
+
+class OpCounter(TorchDispatchMode):
+    count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(tiny, rows: int, monkeypatch) -> list[int]:
+    """Tensor operations between consecutive steps of the real fit loop over `rows` fixed segments
+    that never verify (an unreachable margin), so every step is a plain one."""
+    from lmzip import fit
+    from lmzip.segmenting import Piece, Stream
+
+    counter, marks = OpCounter(), []
+    real = fit.step_decisions
+    monkeypatch.setattr(fit, "step_decisions", lambda *a, **k: marks.append(counter.count) or real(*a, **k))
+    ids = tiny.tokenizer("Alice was beginning to get very tired of sitting", add_special_tokens=False)["input_ids"]
+    streams = [(r, Stream.whole(tiny.tokenizer, Piece(tiny.tokenizer.decode(ids[r:r + 12]).encode(),
+                                                      tuple(ids[r:r + 12])))) for r in range(rows)]
+    cfg = fit.FitConfig(vectors=2, max_vectors=None, max_steps=6, batch_size=rows, margin=1e9, bf16=False)
+    with counter:
+        next(fit.fit_streams(tiny, streams, cfg))
+    return [b - a for a, b in zip(marks, marks[1:])]
+
+
+def test_a_fit_step_dispatches_as_many_tensor_operations_for_16_rows_as_for_1(tiny, monkeypatch):
+    one, many = ops_per_step(tiny, 1, monkeypatch), ops_per_step(tiny, 16, monkeypatch)
+    assert len(one) >= 4 and len(many) == len(one)
+    # after the first step (which builds the layout), at most an op or two apart (one expand is a
+    # no-op for one row); the per-row loop this replaced dispatched 49 more per row
+    assert all(abs(m - o) <= 2 for o, m in zip(one[1:], many[1:]))
