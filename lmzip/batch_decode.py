@@ -31,7 +31,7 @@ import torch
 
 from .errors import InputError, OptionError
 from .models import LoadedModel
-from .sharding import cpu_threads, deal, map_shards
+from .sharding import deal, map_shards
 
 DEFAULT_BATCH_SIZE = 64
 # Rows times columns of one prefill: its logits take this times the vocabulary in float32
@@ -211,12 +211,6 @@ def greedy_decode_batch(lm: LoadedModel, jobs: list[tuple[torch.Tensor, int]], p
         if rows is not None:
             _step(lm, rows, next_ids)
     return [Decoded(i, m) for i, m in zip(ids, margins)]
-
-
-def decode_threads(lm: LoadedModel) -> int:
-    """Batches to run side by side: on a CPU one per thread torch would use, each batch on one
-    core (two one-thread batches of 64 rows beat one two-thread batch: BENCHMARKS.md); else 1."""
-    return cpu_threads(lm.device)
 
 
 def greedy_decode_sharded(lm: LoadedModel, jobs: list[tuple[torch.Tensor, int]], prefix: tuple[int, ...] = (),

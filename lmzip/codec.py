@@ -18,12 +18,12 @@ from .container import KIND_MEMORY, ArchiveWriter, Header
 from .journal import Journal
 from .errors import (ContentChecksumError, InternalError, HeaderError, InputError, ModelMismatchError, ModelUnavailableError,
                      OptionError, SegmentError, WorkLimitError)
-from .batch_decode import decode_threads
 from .fit import FitConfig, fit_regions, sink_prefix
 from .kinds.memory import max_positions
 from .limits import DEFAULT_WORK_LIMIT, MAX_PREFIX_TOKENS, MAX_TOKENS_PER_SEGMENT, MAX_VECTORS_PER_SEGMENT
 from .models import LoadedModel, load_model
 from .precision import exact_float32
+from .sharding import cpu_threads
 
 METHODS = ("memory", "lm", "zstd")
 # Tokens per lm segment, the context each token is coded in: longer is smaller (first 20 KB of
@@ -457,7 +457,7 @@ class Codec:
         lm = None
         if any(kinds.get(s.kind).NEEDS_MODEL for s in archive.segments):
             lm = self._model_for(header, model, allow_download)
-        ctx = kinds.DecodeContext(header, lm, batch_size, decode_threads(lm) if lm is not None else 1)
+        ctx = kinds.DecodeContext(header, lm, batch_size, cpu_threads(lm.device) if lm is not None else 1)
         window = batch_size * ctx.threads  # segments in memory at once: a batch per thread
         content_hash = hashlib.sha256()
         state = Progress(0, len(archive.segments))

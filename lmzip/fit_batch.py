@@ -41,10 +41,7 @@ def layout(ids: torch.Tensor, k: torch.Tensor, n: torch.Tensor, span: torch.Tens
     ar_t = torch.arange(t_max, device=device)
     valid = ar_t < span[:, None]
     scored = ar_t < n[:, None]
-    ids = ids[:, :t_max]
-    target = torch.where(valid[:, : ids.shape[1]], ids, 0)
-    if target.shape[1] < t_max:
-        target = torch.nn.functional.pad(target, (0, t_max - target.shape[1]))
+    target = torch.where(valid, ids[:, :t_max], 0)  # a span never passes the row's own ids
     slots = torch.arange(k_max, device=device) < k[:, None]
     head = torch.arange(prefix_len + k_max, device=device).expand(b, -1)
     positions = torch.cat([head, prefix_len + k[:, None] + ar_t], dim=1)
@@ -65,6 +62,7 @@ class FitBatch:
     """Batch tensors of the rows being fitted; row i of every tensor is the i-th row."""
 
     LONG = ("k", "n", "t_len", "step", "since", "total", "best_n", "peak")
+    VECTORS = ("params", "m", "v", "peak_vectors")  # (B, K_max, H)
 
     def __init__(self, hidden: int, device: torch.device):
         self.hidden, self.device = hidden, device
@@ -84,13 +82,10 @@ class FitBatch:
     def k_max(self) -> int:
         return self.params.shape[1]
 
-    def _vector_tensors(self) -> tuple[str, ...]:
-        return ("params", "m", "v", "peak_vectors")
-
     def _pad(self, k_max: int, t_max: int) -> None:
         """Widen the vector slots to k_max and the token slots to t_max (zeros: masked)."""
         if k_max > self.k_max:
-            for name in self._vector_tensors():
+            for name in self.VECTORS:
                 t = getattr(self, name)
                 setattr(self, name, torch.nn.functional.pad(t, (0, 0, 0, k_max - t.shape[1])))
         if t_max > self.ids.shape[1]:
@@ -125,16 +120,12 @@ class FitBatch:
         """Keep only these rows, in this order; vector slots shrink to the widest kept row."""
         index = torch.tensor(indices, dtype=torch.long, device=self.device)
         k_max = int(self.k[index].max()) if indices else 0
-        for name in self._vector_tensors():
+        for name in self.VECTORS:
             setattr(self, name, getattr(self, name)[index, :k_max])
         self.ids = self.ids[index]
         for name in self.LONG + ("growing",):
             setattr(self, name, getattr(self, name)[index])
         self._layout = None
-
-    def vectors(self, i: int, k: int) -> torch.Tensor:
-        """Row i's current vectors (k, H)."""
-        return self.params[i, :k]
 
     def set_length(self, i: int, n: int, step: int) -> None:
         """Row i aims at n tokens from now on, its schedule at `step`, its patience renewed."""

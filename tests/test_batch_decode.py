@@ -156,7 +156,7 @@ def test_decompress_shards_a_window_and_gives_the_bytes(tiny, monkeypatch):
     blob = (FORMATS / "good-memory-tiny.lmz").read_bytes()
     calls = []
     real = lmzip.batch_decode.greedy_decode_sharded
-    monkeypatch.setattr(codec_module, "decode_threads", lambda lm: 2)
+    monkeypatch.setattr(codec_module, "cpu_threads", lambda device: 2)
     monkeypatch.setattr(lmzip.batch_decode, "greedy_decode_sharded",
                         lambda *a, **k: calls.append(a[4]) or real(*a, **k))
     codec = lmzip.Codec(model=str(FORMATS.parent / "tests" / "data" / "tiny-llama"))

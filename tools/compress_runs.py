@@ -27,7 +27,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-KIND_MEMORY = 1
+sys.path.insert(0, str(ROOT))
+
+from lmzip.container import KIND_MEMORY  # noqa: E402
 
 
 def lmzip(*args: str) -> list[str]:
