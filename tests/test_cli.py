@@ -155,14 +155,20 @@ def test_installed_command(tmp_path):
 def test_ctrl_c_leaves_no_output_and_exits_130(tmp_path):
     src = tmp_path / "long.txt"
     src.write_text("A long text that takes a while to fit. " * 200)
+    # As from a terminal: a shell's background job (as CI may run us) starts with SIGINT ignored,
+    # and a program that inherits that rightly keeps ignoring it.
     proc = subprocess.Popen([sys.executable, "-m", "lmzip", "compress", *TINY_ARGS, "--max-steps", "100000",
-                             "--margin", "1000", str(src)], stderr=subprocess.PIPE, cwd=ROOT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not any(p.name.endswith(".part") for p in tmp_path.iterdir()):
-        time.sleep(0.2)  # wait until it is writing
-    time.sleep(1)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 130
+                             "--margin", "1000", str(src)], stderr=subprocess.PIPE, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(p.name.endswith(".part") for p in tmp_path.iterdir()):
+            time.sleep(0.2)  # wait until it is writing
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()  # never left fitting for the rest of the run
     assert "interrupted" in proc.stderr.read().decode()
     assert [p.name for p in tmp_path.iterdir()] == ["long.txt"]
 
