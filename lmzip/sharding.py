@@ -1,18 +1,27 @@
-"""Independent work split over CPU threads, each thread running torch on one core.
+"""Independent work split over CPU cores, each shard running torch on one thread.
 
 On this kind of work (batches of a few dozen rows, element-wise steps between
 small GEMMs) two one-thread batches side by side do more than one batch on two
-threads (BENCHMARKS.md, "A batch per thread"). torch releases the GIL inside
-its operations, so Python threads suffice; each must set its own thread count,
-since OpenMP keeps one per thread.
+threads (BENCHMARKS.md, "A batch per thread"). Where the operations are large,
+torch releases the GIL inside them and Python threads suffice (each must set its
+own thread count, since OpenMP keeps one per thread). Where they are thousands
+of small ones a step (the exact lm arithmetic), threads of one process queue on
+the interpreter, and shards run in forked processes instead.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence, TypeVar
 
 import torch
+
+from .errors import ModelError
 
 T = TypeVar("T")
 
@@ -44,8 +53,97 @@ def map_shards(run: Callable[[list[int]], list[T]], shards: list[list[int]], cou
                 results = list(pool.map(one_core, shards))
         finally:
             torch.set_num_threads(saved)
+    return _in_item_order(shards, results, count)
+
+
+def _in_item_order(shards: list[list[int]], results: list[list[T]], count: int) -> list[T]:
     out: list[T | None] = [None] * count
     for indices, part in zip(shards, results):
         for i, r in zip(indices, part):
             out[i] = r
     return out
+
+
+def exit_with_parent() -> None:
+    """Stop this child process as soon as its parent is gone, even killed with SIGKILL: nobody
+    would read its results, and long work would hold a core for hours (daemon processes are
+    only stopped by a parent that exits normally)."""
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="lmzip-parent-watch", daemon=True).start()
+
+
+def can_fork() -> bool:
+    """Forked shards where fork is safe for torch on the CPU: Linux (macOS forks badly)."""
+    return sys.platform.startswith("linux")
+
+
+def map_shards_forked(run: Callable[[list[int]], list[T]], shards: list[list[int]], count: int) -> list[T]:
+    """map_shards with every shard but the first in a forked process of one torch thread (the
+    first runs here, also on one thread). The children share the parent's memory (the model is
+    not loaded again) and send back results or the exception they raised."""
+    if len(shards) == 1 or not can_fork():
+        return map_shards(run, shards, count)
+    context = mp.get_context("fork")
+    children = []
+    try:
+        for indices in shards[1:]:
+            receive, send = context.Pipe(duplex=False)
+            child = context.Process(target=_forked_shard, args=(run, indices, send), daemon=True)
+            child.start()
+            send.close()
+            children.append((child, receive))
+        results = [_one_thread(run, shards[0])]
+        for child, receive in children:
+            results.append(_result_of(child, receive))
+    finally:
+        for child, receive in children:
+            if child.is_alive():
+                child.kill()  # an error or Ctrl-C here: the others' work is not wanted
+            child.join()
+            receive.close()
+    return _in_item_order(shards, results, count)
+
+
+def _one_thread(run: Callable[[list[int]], list[T]], indices: list[int]) -> list[T]:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run(indices)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _forked_shard(run, indices, send) -> None:
+    exit_with_parent()
+    try:
+        torch.set_num_threads(1)
+        outcome = (True, run(indices))
+    except BaseException as e:  # noqa: BLE001 - raised again in the parent
+        outcome = (False, e)
+    try:
+        send.send(outcome)
+    except Exception as e:  # noqa: BLE001 - an exception that does not pickle
+        error = outcome[1]
+        send.send((False, ModelError(f"a process of the work failed: {type(error).__name__}: {error} ({e})")))
+    finally:
+        send.close()
+        os._exit(0)  # no atexit handlers or buffers of the parent's run twice
+
+
+def _result_of(child, receive):
+    try:
+        ok, value = receive.recv()
+    except EOFError:
+        child.join()
+        raise ModelError(f"a process of the work ended without a result (exit code {child.exitcode}; "
+                         "out of memory?)") from None
+    if not ok:
+        raise value
+    return value

@@ -10,16 +10,15 @@ Two one-thread processes do about 30 % more than one two-thread process on a
 from __future__ import annotations
 
 import multiprocessing as mp
-import multiprocessing.connection
 import os
 import queue
-import threading
 from typing import Hashable, Iterable, Iterator
 
 from .errors import LmzError, ModelError
 from .fit import FitConfig
 from .kinds import CodedSegment
 from .segmenting import Region
+from .sharding import exit_with_parent
 
 _DONE = "done"
 
@@ -39,24 +38,9 @@ def _device_for(worker: int) -> str | None:
     return f"cuda:{worker % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
 
 
-def _exit_with_parent() -> None:
-    """Stop this worker as soon as its parent is gone, even killed with SIGKILL: nobody would
-    read what it fits, and a long fit would hold a core for hours (daemon processes are only
-    stopped by a parent that exits normally)."""
-    parent = mp.parent_process()
-    if parent is None:
-        return
-
-    def watch() -> None:
-        multiprocessing.connection.wait([parent.sentinel])
-        os._exit(1)
-
-    threading.Thread(target=watch, name="lmzip-parent-watch", daemon=True).start()
-
-
 def _work(worker: int, threads: int, model: str | None, regions: list, cfg: FitConfig, out) -> None:
     """One worker: load the model (from the cache), fit its regions, send back each segment."""
-    _exit_with_parent()
+    exit_with_parent()
     try:
         import torch
 

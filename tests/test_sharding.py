@@ -1,0 +1,83 @@
+"""Shards of independent work: threads, and forked processes for the exact lm decoder."""
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+import lmzip
+from lmzip.sharding import can_fork, deal, map_shards, map_shards_forked
+
+pytestmark = pytest.mark.skipif(not can_fork(), reason="forked shards run on Linux only")
+
+
+def where(indices):
+    return [(i, os.getpid(), torch.get_num_threads()) for i in indices]
+
+
+def test_deal_balances_the_weights():
+    assert deal([5, 1, 4, 2], 2) == [[0, 3], [2, 1]]
+
+
+def test_forked_shards_come_back_in_item_order_from_processes_of_one_thread():
+    before = torch.get_num_threads()
+    shards = deal([3, 1, 2, 5, 4], 3)
+    out = map_shards_forked(where, shards, 5)
+    assert [i for i, _, _ in out] == list(range(5))
+    pids = {pid for _, pid, _ in out}
+    assert len(pids) == 3 and os.getpid() in pids  # the first shard runs here
+    assert {threads for _, _, threads in out} == {1}
+    assert torch.get_num_threads() == before
+    assert map_shards(where, shards, 5)[0][0] == 0
+
+
+def test_an_error_in_a_child_is_raised_here_as_itself():
+    def run(indices):
+        if os.getpid() != parent:
+            raise ValueError("the range coder cannot follow the payload")
+        return indices
+
+    parent = os.getpid()
+    with pytest.raises(ValueError, match="cannot follow"):
+        map_shards_forked(run, [[0], [1]], 2)
+
+
+def test_an_error_that_does_not_pickle_is_still_reported():
+    class Local(Exception):  # a local class does not pickle
+        pass
+
+    def run(indices):
+        if os.getpid() != parent:
+            raise Local("boom")
+        return indices
+
+    parent = os.getpid()
+    with pytest.raises(lmzip.ModelError, match="Local: boom"):
+        map_shards_forked(run, [[0], [1]], 2)
+
+
+def test_a_child_killed_is_an_error_not_a_hang():
+    def run(indices):
+        if os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return indices
+
+    parent = os.getpid()
+    with pytest.raises(lmzip.ModelError, match="ended without a result"):
+        map_shards_forked(run, [[0], [1]], 2)
+
+
+def test_an_error_here_stops_the_children():
+    def run(indices):
+        if os.getpid() == parent:
+            raise ValueError("damaged")
+        time.sleep(600)
+        return indices
+
+    parent = os.getpid()
+    start = time.monotonic()
+    with pytest.raises(ValueError):
+        map_shards_forked(run, [[0], [1]], 2)
+    assert time.monotonic() - start < 60
