@@ -180,7 +180,7 @@ def test_frequencies_are_positive_and_bounded(exact):
     assert freqs[1, 0] == (1 << 24) + 1 and int(freqs[1, 1:].max()) == 1
 
 
-def test_round_trip_over_batch_sizes(lm, exact):
+def test_round_trip_over_batch_sizes(lm, exact, tmp_path):
     text = "Alice was beginning to get very tired of sitting by her sister on the bank. " * 3
     ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
     chunks = [ids[0:90], ids[90:91], [], ids[91:150], ids[150:180], ids[180:200], ids[200:228]]
@@ -194,19 +194,25 @@ def test_round_trip_over_batch_sizes(lm, exact):
     counts = [len(c) for c in chunks]
     for batch_size in (1, 2, 7, 64):
         assert decode_chunks(exact, payloads, counts, PREFIX, batch_size=batch_size) == chunks
-    # chunks dealt to threads (each with one torch thread): the same payloads and tokens
-    threads_seen = set()
+    # encoding dealt to threads, decoding to processes (forked: the spy's log is a file), each
+    # shard on one torch thread: the same payloads and tokens
+    log = tmp_path / "forward.log"
     real = F.forward
 
     def spy(*args, **kwargs):
-        threads_seen.add(threading.current_thread().name.split("_")[0])
+        with open(log, "a") as f:
+            f.write(f"{threading.current_thread().name.split('_')[0]} {os.getpid()} {torch.get_num_threads()}\n")
         return real(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("lmzip.exact.coding.forward", spy)
         assert encode_chunks(exact, chunks, PREFIX, threads=3) == payloads
+        assert {line.split()[0] for line in log.read_text().splitlines()} == {"lmzip-shard"}
+        log.unlink()
         assert decode_chunks(exact, payloads, counts, PREFIX, batch_size=2, threads=2) == chunks
-    assert threads_seen == {"lmzip-shard"}
+    seen = {tuple(line.split()) for line in log.read_text().splitlines()}
+    pids = {pid for _, pid, _ in seen}
+    assert str(os.getpid()) in pids and len(pids) == 2 and {n for _, _, n in seen} == {"1"}
 
 
 def test_damaged_payloads_raise_value_error_or_decode_wrongly(exact):

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from ..rangecoder import RangeDecoder, RangeEncoder
-from ..sharding import deal, map_shards
+from ..sharding import deal, map_shards, map_shards_forked
 from .forward import Cache, forward, frequencies
 from .model import MAX_POSITIONS, ExactModel
 
@@ -81,8 +81,9 @@ def decode_chunks(exact: ExactModel, payloads: Sequence[bytes], token_counts: Se
                   threads: int = 1) -> list[list[int]]:
     """The token ids of each payload; raises ValueError on a payload the coder cannot follow.
 
-    Chunks are dealt to up to `threads` CPU threads, and each thread runs its chunks
-    `batch_size` at a time (longest first, so a batch's rows finish close together);
+    Chunks are dealt to up to `threads` CPU cores (forked processes of one thread where the
+    platform allows, else threads), and each runs its chunks `batch_size` at a time (longest
+    first, so a batch's rows finish close together);
     a damaged payload decodes to wrong tokens or raises ValueError, never loops: each row stops
     after its token count.
     """
@@ -93,9 +94,11 @@ def decode_chunks(exact: ExactModel, payloads: Sequence[bytes], token_counts: Se
         raise ValueError("batch_size must be at least 1")
     _check_lengths(exact, prefix, token_counts, positions)
     shards = deal(token_counts, max(1, min(threads, len(payloads))))
-    return map_shards(lambda indices: _decode_shard(exact, [payloads[i] for i in indices],
-                                                    [token_counts[i] for i in indices], prefix, batch_size),
-                      shards, len(payloads))
+    # processes, not threads: a step is thousands of small operations, and threads queue on the GIL
+    return map_shards_forked(lambda indices: _decode_shard(exact, [payloads[i] for i in indices],
+                                                           [token_counts[i] for i in indices], prefix,
+                                                           batch_size),
+                             shards, len(payloads))
 
 
 def _decode_shard(exact: ExactModel, payloads, counts, prefix, batch_size: int) -> list[list[int]]:

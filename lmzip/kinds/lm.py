@@ -106,9 +106,8 @@ def token_lists(jobs, ctx, positions: int) -> list[list[int]]:
     counts = [job.entry.token_count for job in jobs]
     rows = min(ctx.batch_size, decode_rows(min(positions, len(prefix) + max(counts))))
     try:
-        # one thread: each step codes every row's token in Python, and two threads of that
-        # contend for the interpreter (decoding 20 KB took 87 s dealt to 2 threads, 41 s in one)
-        return decode_chunks(exact, payloads, counts, prefix, batch_size=rows, positions=positions)
+        return decode_chunks(exact, payloads, counts, prefix, batch_size=rows, positions=positions,
+                             threads=ctx.threads)
     except ValueError as e:
         if len(jobs) == 1:
             raise SegmentError(jobs[0].index, f"the range coder cannot follow the payload ({e})") from None
