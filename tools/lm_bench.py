@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import lzma
 import math
+import resource
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,22 @@ def ideal_bits(exact, chunks, prefix, lm=None):
     return soft, freq, flt
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its children that have ended (forked decoding shards)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def timed_decode(exact, payloads, chunks, prefix, batch_size: int, threads: int, n: int) -> str:
+    t, cpu = time.perf_counter(), cpu_seconds()
+    decoded = decode_chunks(exact, payloads, [len(c) for c in chunks], prefix, batch_size=batch_size,
+                            threads=threads)
+    dec_s, dec_cpu = time.perf_counter() - t, cpu_seconds() - cpu
+    ok = decoded == [list(c) for c in chunks]
+    return (f"decode dealt to {threads} process(es): {n / dec_s / 1000:.2f} KB/s ({dec_s:.1f} s wall, "
+            f"{dec_cpu:.1f} s CPU, batch {batch_size}) {'OK' if ok else 'MISMATCH'}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("file")
@@ -57,8 +74,10 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sharded", action="store_true",
                     help="encode: deal chunks to --threads threads of one torch thread each, as lmzip does")
-    ap.add_argument("--decode-threads", type=int, default=1,
-                    help="decode: deal chunks to this many threads (lmzip decodes in one)")
+    ap.add_argument("--decode-threads", type=int, nargs="+", default=[2],
+                    help="decode with chunks dealt to this many cores (forked processes, as lmzip does); "
+                         "several values: each decoded in turn, --repeat times")
+    ap.add_argument("--repeat", type=int, default=1, help="decode this many times per --decode-threads value")
     ap.add_argument("--float", action="store_true", help="also the float32 model's ideal bits (slow)")
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--no-ideal", action="store_true")
@@ -90,15 +109,10 @@ def main():
         size = sum(map(len, payloads))
         line = (f"chunk {length:5d} tokens, {len(chunks):4d} chunks: {size * 8 / n:.4f} bpb "
                 f"({size} bytes); encode {n / enc_s / 1000:.2f} KB/s ({enc_s:.1f} s wall, {enc_cpu:.1f} s CPU)")
-        if not args.no_decode:
-            t, cpu = time.perf_counter(), time.process_time()
-            decoded = decode_chunks(exact, payloads, [len(c) for c in chunks], prefix, batch_size=args.batch_size,
-                                    threads=args.decode_threads)
-            dec_s, dec_cpu = time.perf_counter() - t, time.process_time() - cpu
-            ok = decoded == [list(c) for c in chunks]
-            line += (f"; decode {n / dec_s / 1000:.2f} KB/s ({dec_s:.1f} s wall, {dec_cpu:.1f} s CPU, "
-                     f"batch {args.batch_size}) {'OK' if ok else 'MISMATCH'}")
         print(line, flush=True)
+        for _ in range(0 if args.no_decode else args.repeat):
+            for threads in args.decode_threads:  # in turn, so that a busy spell hits every setting
+                print("    " + timed_decode(exact, payloads, chunks, prefix, args.batch_size, threads, n), flush=True)
         if not args.no_ideal:
             soft, freq, flt = ideal_bits(exact, chunks, prefix, lm if args.float else None)
             line = (f"    ideal {soft / n:.4f} bpb; integer frequencies {freq / n:.4f} bpb "
