@@ -15,6 +15,9 @@ MAX_SEGMENTS = 1 << 24
 MAX_SEGMENT_BYTES = 1 << 20
 MAX_ORIGINAL_SIZE = 1 << 40
 MAX_TOKENS_PER_SEGMENT = 8192
+# Positions (prefix + chunk) of an lm segment: kind 2 (arithmetic /1) and kind 3 (/2).
+LM_POSITIONS = 2048
+LM_LONG_POSITIONS = 8192
 MAX_VECTORS_PER_SEGMENT = 1024
 MAX_HIDDEN_SIZE = 16384
 # A zstd frame is never much larger than its content (ZSTD_compressBound).

@@ -5,6 +5,7 @@ import pytest
 import lmzip
 from lmzip import container
 from lmzip.kinds import lm as lm_kind
+from lmzip.kinds import lm_long
 
 from archive_edit import edit_entry, entries, flip
 from conftest import TINY_MODEL
@@ -51,6 +52,20 @@ def test_lm_entries_are_bounded(lm_archive):
     assert lm_kind.check_entry(container.Segment(**{**entry.__dict__, "payload_length": 96}), header) is None
     with pytest.raises(lmzip.SegmentTableError, match="vector count"):
         lmzip.inspect(edit_entry(lm_archive, first, vector_count=1))
+
+
+def test_lm_token_counts_are_bounded_by_each_kinds_positions(lm_archive):
+    header = container.parse(lm_archive).header  # one prefix token
+
+    def entry(kind, tokens):
+        return container.Segment(kind, original_length=10_000, payload_length=100, payload_offset=0, crc32=0,
+                                 token_count=tokens)
+
+    assert lm_kind.check_entry(entry(2, 2047), header) is None
+    assert "2048 positions" in lm_kind.check_entry(entry(2, 2048), header)
+    assert lm_long.check_entry(entry(3, 2048), header) is None
+    assert lm_long.check_entry(entry(3, 8191), header) is None
+    assert "8192 positions" in lm_long.check_entry(entry(3, 8192), header)
 
 
 def test_a_chunk_that_does_not_decode_back_goes_to_zstd(codec, monkeypatch):

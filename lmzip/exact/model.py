@@ -19,12 +19,14 @@ import numpy as np
 import torch
 
 from ..errors import ModelError
+from ..limits import LM_LONG_POSITIONS, LM_POSITIONS
 from . import tables
 
 ARITHMETIC_VERSION = b"lmzip-exact-lm/2"
 WEIGHT_LIMIT = 63       # |int weight| <= 63 (see the module docstring)
-MAX_POSITIONS = 8192    # prefix + chunk tokens (arithmetic /2; /1 is the same restricted to 2048)
-V1_POSITIONS = 2048
+# prefix + chunk tokens (arithmetic /2; /1 is the same restricted to 2048)
+MAX_POSITIONS = LM_LONG_POSITIONS
+V1_POSITIONS = LM_POSITIONS
 
 
 @dataclass(frozen=True)

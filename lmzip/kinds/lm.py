@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ..errors import SegmentError
 from ..sharding import cpu_threads
-from ..limits import MAX_TOKENS_PER_SEGMENT
+from ..limits import LM_POSITIONS, MAX_TOKENS_PER_SEGMENT
 
 KIND = 2
 NAME = "lm"
@@ -34,13 +34,19 @@ def decode_rows(positions: int) -> int:
 
 
 def check_entry(entry, header) -> str | None:
+    return entry_problem(entry, header, LM_POSITIONS)
+
+
+def entry_problem(entry, header, positions: int) -> str | None:
+    """What is wrong with an lm entry whose kind codes at most `positions` with the prefix."""
     if not header.has_model or not header.prefix:
         return "an lm segment in an archive that names no model or prefix token"
     if entry.vector_count:
         return "an lm segment has a vector count"
-    if not 1 <= entry.token_count <= min(MAX_TOKENS_PER_SEGMENT, entry.original_length):
-        return (f"token count {entry.token_count} is outside [1, {MAX_TOKENS_PER_SEGMENT}] "
-                "or more than the segment's bytes")
+    room = min(MAX_TOKENS_PER_SEGMENT, positions - len(header.prefix))
+    if not 1 <= entry.token_count <= min(room, entry.original_length):
+        return (f"token count {entry.token_count} is outside [1, {room}] (the kind's {positions} positions "
+                "less the prefix) or more than the segment's bytes")
     if entry.payload_length > MAX_PAYLOAD_BYTES_PER_TOKEN * entry.token_count + PAYLOAD_SLACK:
         return f"payload of {entry.payload_length} bytes is too long for {entry.token_count} tokens"
     return None

@@ -7,14 +7,17 @@ unsupported rather than damaged.
 
 from __future__ import annotations
 
+from ..limits import LM_LONG_POSITIONS
 from . import lm
 
 KIND = 3
 NAME = "lm-long"
 NEEDS_MODEL = True
-
-check_entry = lm.check_entry
 work = lm.work
+
+
+def check_entry(entry, header) -> str | None:
+    return lm.entry_problem(entry, header, LM_LONG_POSITIONS)
 
 
 def decode(jobs, ctx) -> list[bytes]:
