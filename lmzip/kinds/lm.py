@@ -95,7 +95,8 @@ def encode(lm, pieces, prefix, check_every: int = 16) -> list:
         sample = list(range(0, len(pieces), check_every))
         counts = [len(pieces[i].ids) for i in sample]
         back = decode_chunks(exact, [payloads[i] for i in sample], counts, prefix,
-                             batch_size=decode_rows(len(prefix) + max(counts, default=0)))
+                             batch_size=decode_rows(len(prefix) + max(counts, default=0)),
+                             threads=cpu_threads(exact.device))
     failed = {i for i, ids in zip(sample, back) if tuple(ids) != tuple(pieces[i].ids)}
     return [raw(p.data) if i in failed else
             CodedSegment(kind_of(len(p.ids), prefix), p.data, payload, token_count=len(p.ids),
