@@ -33,40 +33,39 @@ def test_forked_shards_come_back_in_item_order_from_processes_of_one_thread():
     assert map_shards(where, shards, 5)[0][0] == 0
 
 
-def test_an_error_in_a_child_is_raised_here_as_itself():
+def in_child(action):
+    """A shard function that does `action` in a forked child and returns its items here."""
+    parent = os.getpid()
+
     def run(indices):
         if os.getpid() != parent:
-            raise ValueError("the range coder cannot follow the payload")
+            action()
         return indices
 
-    parent = os.getpid()
+    return run
+
+
+def raise_(error):
+    raise error
+
+
+def test_an_error_in_a_child_is_raised_here_as_itself():
     with pytest.raises(ValueError, match="cannot follow"):
-        map_shards_forked(run, [[0], [1]], 2)
+        map_shards_forked(in_child(lambda: raise_(ValueError("the range coder cannot follow the payload"))),
+                          [[0], [1]], 2)
 
 
 def test_an_error_that_does_not_pickle_is_still_reported():
     class Local(Exception):  # a local class does not pickle
         pass
 
-    def run(indices):
-        if os.getpid() != parent:
-            raise Local("boom")
-        return indices
-
-    parent = os.getpid()
     with pytest.raises(lmzip.ModelError, match="Local: boom"):
-        map_shards_forked(run, [[0], [1]], 2)
+        map_shards_forked(in_child(lambda: raise_(Local("boom"))), [[0], [1]], 2)
 
 
 def test_a_child_killed_is_an_error_not_a_hang():
-    def run(indices):
-        if os.getpid() != parent:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return indices
-
-    parent = os.getpid()
     with pytest.raises(lmzip.ModelError, match="ended without a result"):
-        map_shards_forked(run, [[0], [1]], 2)
+        map_shards_forked(in_child(lambda: os.kill(os.getpid(), signal.SIGKILL)), [[0], [1]], 2)
 
 
 def test_an_error_here_stops_the_children():
