@@ -5,8 +5,8 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
+import psutil
 import pytest
 
 import lmzip
@@ -128,26 +128,6 @@ def test_workers_must_be_positive(codec):
         codec.encode(TEXT, workers=0, **OPTIONS)
 
 
-def children_of(pid: int) -> list[int]:
-    """Process ids whose parent is `pid` (Linux /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 ENDLESS = """
 import sys, lmzip
 codec = lmzip.Codec(model=sys.argv[1], device="cpu")
@@ -156,15 +136,14 @@ codec.encode(sys.argv[2] * 4, workers=2, tokens_per_segment=8, vectors=1, max_ve
 """
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds worker processes through /proc")
 def test_workers_stop_when_their_parent_is_killed():
     parent = subprocess.Popen([sys.executable, "-c", ENDLESS, TINY_MODEL, TEXT], cwd=ROOT,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    workers: list[int] = []
+    workers: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and parent.poll() is None:
-            workers = [p for p in children_of(parent.pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+            workers = [p for p in psutil.Process(parent.pid).children() if "spawn_main" in " ".join(p.cmdline())]
             if len(workers) == 2:
                 break
             time.sleep(0.2)
@@ -172,14 +151,12 @@ def test_workers_stop_when_their_parent_is_killed():
         time.sleep(2)  # fitting by now
         parent.send_signal(signal.SIGKILL)
         parent.wait()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(alive(p) for p in workers):
-            time.sleep(0.2)
-        assert not any(alive(p) for p in workers), "workers outlived their killed parent"
+        _, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, "workers outlived their killed parent"
     finally:
         parent.kill()
         for p in workers:  # a failing run must not leave them fitting for the rest of the suite
             try:
-                os.kill(p, signal.SIGKILL)
-            except OSError:
+                p.kill()
+            except psutil.NoSuchProcess:
                 pass
