@@ -88,15 +88,15 @@ def encode(lm, pieces, prefix, check_every: int = 16) -> list:
     from ..precision import exact_float32
 
     exact = exact_model(lm)
+    cores = cpu_threads(exact.device)
     with exact_float32():  # the exact forward refuses reduced-precision matmuls
         # whole-chunk passes: chunks dealt to one-thread threads code 1.3x faster than one
         # two-thread pass at a time (BENCHMARKS.md)
-        payloads = encode_chunks(exact, [p.ids for p in pieces], prefix, threads=cpu_threads(exact.device))
+        payloads = encode_chunks(exact, [p.ids for p in pieces], prefix, threads=cores)
         sample = list(range(0, len(pieces), check_every))
         counts = [len(pieces[i].ids) for i in sample]
         back = decode_chunks(exact, [payloads[i] for i in sample], counts, prefix,
-                             batch_size=decode_rows(len(prefix) + max(counts, default=0)),
-                             threads=cpu_threads(exact.device))
+                             batch_size=decode_rows(len(prefix) + max(counts, default=0)), threads=cores)
     failed = {i for i, ids in zip(sample, back) if tuple(ids) != tuple(pieces[i].ids)}
     return [raw(p.data) if i in failed else
             CodedSegment(kind_of(len(p.ids), prefix), p.data, payload, token_count=len(p.ids),
