@@ -257,6 +257,30 @@ def test_value_sums_stay_exact_past_2048_keys():
     assert torch.equal(F.limb_products(limbs, v), want.double())
 
 
+@pytest.mark.parametrize("rows", [3, F.FLOAT64_ROWS])
+def test_attention_value_sums_are_exact_for_few_and_many_query_rows(rows):
+    """Decoding steps (few rows) sum in 6-bit limbs, whole-sequence passes (many) in one float64
+    matmul: both give the exact integer sums, far past 2**24, so the two passes agree."""
+    g = torch.Generator().manual_seed(rows)
+    ints = torch.randint(1 << 17, (1 << 18) + 1, (2, 3, rows, 4100), generator=g).float()
+    v = torch.randint(100, 128, (2, 3, 4100, 5), generator=g).float()
+    want = torch.matmul(ints.long(), v.long())
+    assert want.max() > 1 << 36
+    assert torch.equal(F.value_sums(ints, v), want.double())
+
+
+def test_linear_scales_in_blocks_as_in_one_piece(exact, monkeypatch):
+    """A Linear's int32 results are scaled a block of rows at a time; each row keeps its own step."""
+    layer = exact.layers[0].gate_up
+    g = torch.Generator().manual_seed(6)
+    q = torch.randint(-127, 128, (2, 7, layer.weight.shape[0]), generator=g).to(torch.int8)
+    step = torch.rand(2, 7, generator=g, dtype=torch.float64) + 0.5
+    y = torch.matmul(q.reshape(14, -1).long(), layer.weight.long()).double()
+    want = ((y * layer.scale) * step.reshape(14, 1)).float().reshape(2, 7, -1)
+    monkeypatch.setattr(F, "SCALE_ELEMENTS", 3 * layer.weight.shape[1])  # blocks of 3 rows: 3, 3, ... 2
+    assert torch.equal(F.linear(q, step, layer), want)
+
+
 def test_long_chunks_round_trip_and_match_the_step_by_step_pass(exact):
     """Past 2048 positions the whole-sequence pass (encoder) and the cached steps (decoder) agree."""
     chunk = _ids(1, 2100, seed=5)[0].tolist()

@@ -25,7 +25,9 @@ ATTN_BITS = 18         # attention weights are integers in [0, 2**18] before P @
 LIMB_BITS = 6          # ... split into 6-bit limbs
 KEY_BLOCK = 2048       # P @ V sums keys in blocks, each exact in float32: 64 * 127 * 2048 < 2**24
 QUERY_POSITIONS = 64  # whole-sequence passes: positions per attention call (speed and memory only)
+FLOAT64_ROWS = 32      # attention calls with this many query rows (on a CPU) sum P @ V in float64
 HEAD_POSITIONS = 256  # ... and per output head call (memory only)
+SCALE_ELEMENTS = 1 << 16  # a Linear's int32 results are scaled in blocks of about this many
 EXP_SCALE = float(1 << EXP_STEP_BITS)
 EXP_ONE = float(1 << EXP_ONE_BITS)
 
@@ -85,17 +87,21 @@ def quantize_rows(t: torch.Tensor, step_dtype=torch.float64) -> tuple[torch.Tens
     """Float32 (..., K) -> int8 round(t * (127 / max|t|)) and the step max|t| / 127 per row,
     divided in `step_dtype` (float64 before a Linear, float32 for attention heads)."""
     top = t.abs().amax(dim=-1)
-    safe = torch.where(top > 0, top, torch.ones_like(top))
-    factor = divide(ACT_LIMIT, safe)                               # float32 division
-    q = torch.round(t * factor[..., None]).clamp_(-ACT_LIMIT, ACT_LIMIT).to(torch.int8)
+    factor = divide(ACT_LIMIT, torch.where(top > 0, top, 1.0))     # float32 division
+    q = (t * factor[..., None]).round_().clamp_(-ACT_LIMIT, ACT_LIMIT).to(torch.int8)
     return q, divide(top.to(step_dtype), ACT_LIMIT)                # 0 where top is 0
 
 
 def linear(q: torch.Tensor, step: torch.Tensor, lin: IntLinear) -> torch.Tensor:
     """int8 (..., K) with float64 steps (...) -> float32 (..., N) = (Y * w_scale) * step, Y exact."""
-    lead = q.shape[:-1]
-    y = int_matmul(q.reshape(-1, q.shape[-1]), lin.weight).reshape(*lead, -1).double()
-    return ((y * lin.scale) * step[..., None]).float()
+    y = int_matmul(q.reshape(-1, q.shape[-1]), lin.weight)
+    steps = step.reshape(-1, 1)
+    out = torch.empty(y.shape, dtype=torch.float32, device=y.device)
+    rows = max(1, SCALE_ELEMENTS // y.shape[1])  # float64 temporaries small enough to stay in cache
+    for first in range(0, y.shape[0], rows):
+        block = slice(first, first + rows)
+        out[block] = torch.mul(y[block], lin.scale).mul_(steps[block])  # int32 * float64: one rounding
+    return out.reshape(*q.shape[:-1], -1)
 
 
 def tree_sum(x: torch.Tensor) -> torch.Tensor:
@@ -121,16 +127,18 @@ def norm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float):
     return q, step * rms_factor(x, eps)
 
 
-def exp_lookup(exact: ExactModel, scaled: torch.Tensor) -> torch.Tensor:
-    """E[round(d)] for d = x * 1024 >= 0, clamped to the table's last entry (0); float32 integers."""
-    n = torch.round(torch.clamp(scaled, max=float(exact.exp.shape[0] - 1)))
-    return exact.exp_f32[n.long()]
+def exp_lookup(exact: ExactModel, scaled: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+    """E[round(d)] for d = x * 1024 >= 0, clamped to the table's last entry (0); float32 integers
+    (or entries of `table`). Overwrites `scaled`, a temporary of the caller's."""
+    n = scaled.clamp_(max=float(exact.exp.shape[0] - 1)).round_().to(torch.int32)
+    table = exact.exp_f32 if table is None else table
+    return table.index_select(0, n.reshape(-1)).reshape(n.shape)  # int32 indices: the fast gather
 
 
 def silu(exact: ExactModel, g: torch.Tensor) -> torch.Tensor:
     """g * sigmoid(g), float32, with e = exp(-|g|) from the table."""
-    e = exp_lookup(exact, g.abs() * EXP_SCALE) * (1.0 / EXP_ONE)  # exact: a power of two
-    denom = 1.0 + e
+    e = exp_lookup(exact, g.abs().mul_(EXP_SCALE)).mul_(1.0 / EXP_ONE)  # exact: powers of two
+    denom = e + 1.0
     sigmoid = torch.where(g >= 0, divide(1.0, denom), e / denom)
     return g * sigmoid
 
@@ -142,40 +150,54 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
 
 
-def attention(exact: ExactModel, q, q_step, k, k_step, v, v_step, q_pos: torch.Tensor | None) -> torch.Tensor:
+def attention(exact: ExactModel, q, q_step, k, k_step, v, v_step, q_pos: torch.Tensor | None,
+              q_first: int = 0) -> torch.Tensor:
     """Exact causal attention of query rows over cached keys, in float32 but for the sums.
 
     q (B, Hkv, R, D) int-valued float32, q_step (B, Hkv, R) float32; k, v (B, Hkv, Tk, D) likewise,
-    their steps (B, Hkv, Tk); q_pos (R,) the position of each query row, or None when every row
-    sees every key. -> (B, Hkv, R, D) float32.
+    their steps (B, Hkv, Tk); q_pos (R,) the ascending position of each query row, or None when
+    every row sees every key; q_first = q_pos[0] (given, so the device is not asked): only keys
+    from q_first on can lie in a row's future, so the masks cover those alone.
+    -> (B, Hkv, R, D) float32. The (B, Hkv, R, Tk) scores are transformed in place, one pass per
+    operation: these passes are most of a whole-sequence pass's time.
     """
-    scores = torch.matmul(q, k.transpose(-1, -2)) * k_step[:, :, None, :]  # exact sum, one rounding
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(k_step[:, :, None, :])  # exact sum, one rounding
     future = None
     if q_pos is not None:
-        future = torch.arange(k.shape[2], device=q.device)[None, :] > q_pos[:, None]  # (R, Tk)
-        scores.masked_fill_(future, float("-inf"))
+        future = torch.arange(q_first, k.shape[2], device=q.device)[None, :] > q_pos[:, None]
+        scores[..., q_first:].masked_fill_(future, float("-inf"))
     top = scores.amax(dim=-1, keepdim=True)
     inv_sqrt_d = torch.tensor(1.0 / math.sqrt(q.shape[-1]), dtype=torch.float32, device=q.device)
     coef = (q_step * inv_sqrt_d) * EXP_SCALE                                # (B, Hkv, R)
-    scaled = (top - scores) * coef[..., None]
-    last = float(exact.exp.shape[0] - 1)
+    scaled = torch.sub(top, scores, out=scores).mul_(coef[..., None])
     if future is not None:
-        scaled.masked_fill_(future, last)                   # inf or nan -> the table's 0
+        scaled[..., q_first:].masked_fill_(future, float(exact.exp.shape[0] - 1))  # inf or nan -> the table's 0
     weights = exp_lookup(exact, scaled)                                   # integers <= 2**24
-    u = weights * v_step[:, :, None, :]
-    u_top = u.amax(dim=-1, keepdim=True)
-    u_safe = torch.where(u_top > 0, u_top, torch.ones_like(u_top))
-    ints = torch.round(u / (u_safe * (1.0 / (1 << ATTN_BITS))))           # [0, 2**18], exact in float32
-    base = float(1 << LIMB_BITS)
-    hi = torch.floor(ints * (1.0 / (base * base)))
-    rest = ints - hi * (base * base)
-    mid = torch.floor(rest * (1.0 / base))
-    lo = rest - mid * base
-    rows = q.shape[2]
-    acc = limb_products(torch.cat([hi, mid, lo], dim=2), v)
-    total = (acc[:, :, :rows] * (base * base) + acc[:, :, rows:2 * rows] * base) + acc[:, :, 2 * rows:]
     weight_sum = weights.sum(dim=-1, keepdim=True, dtype=torch.float64)  # integers: exact
-    return (total * (u_top.double() / (weight_sum * float(1 << ATTN_BITS)))).float()
+    u = weights.mul_(v_step[:, :, None, :])
+    u_top = u.amax(dim=-1, keepdim=True)
+    u_safe = torch.where(u_top > 0, u_top, 1.0)
+    ints = u.div_(u_safe * (1.0 / (1 << ATTN_BITS))).round_()           # U in [0, 2**18]
+    return (value_sums(ints, v) * (u_top.double() / (weight_sum * float(1 << ATTN_BITS)))).float()
+
+
+def value_sums(ints: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """ints (..., R, Tk) @ v (..., Tk, D), integers, exactly, as float64 (each sum < 2**18 * 127 * 8192
+    < 2**53). Many query rows on a CPU (a whole-sequence pass): one float64 matmul, no faster than
+    the three float32 ones of the limbs but without their passes. Otherwise (a decoding step, bound
+    by reading v; or a GPU, many of which are slow at float64): 6-bit limbs in float32."""
+    if ints.shape[-2] >= FLOAT64_ROWS and ints.device.type == "cpu":
+        return torch.matmul(ints.double(), v.double())
+    rows = ints.shape[-2]
+    base = float(1 << LIMB_BITS)
+    limbs = torch.empty(*ints.shape[:-2], 3 * rows, ints.shape[-1], dtype=ints.dtype, device=ints.device)
+    hi, mid, lo = limbs[..., :rows, :], limbs[..., rows:2 * rows, :], limbs[..., 2 * rows:, :]
+    torch.mul(ints, 1.0 / (base * base), out=hi).floor_()
+    torch.add(ints, hi, alpha=-base * base, out=lo)
+    torch.mul(lo, 1.0 / base, out=mid).floor_()
+    lo.add_(mid, alpha=-base)
+    acc = limb_products(limbs, v)
+    return (acc[..., :rows, :] * (base * base) + acc[..., rows:2 * rows, :] * base) + acc[..., 2 * rows:, :]
 
 
 def limb_products(limbs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -219,7 +241,7 @@ def attention_block(exact: ExactModel, layer: Layer, index: int, x: torch.Tensor
             q_pos = torch.arange(first, last, device=x.device).repeat_interleave(g)
             blocks.append(attention(exact, q[:, :, rows], q_step[:, :, rows],
                                     cache.k[index][:, :, :last], cache.k_scale[index][:, :, :last],
-                                    cache.v[index][:, :, :last], cache.v_scale[index][:, :, :last], q_pos))
+                                    cache.v[index][:, :, :last], cache.v_scale[index][:, :, :last], q_pos, first))
         out = torch.cat(blocks, dim=2)
     out = out.reshape(b, hk, t, g, d).transpose(1, 2).reshape(b, t, hq * d)
     o_int, o_step = quantize_rows(out)
@@ -274,5 +296,4 @@ def frequencies(exact: ExactModel, logits: torch.Tensor) -> torch.Tensor:
 
     max - logit is one float32 subtraction; times 1024 is exact."""
     top = logits.amax(dim=-1, keepdim=True)
-    n = torch.round(torch.clamp((top - logits) * EXP_SCALE, max=float(exact.exp.shape[0] - 1)))
-    return exact.exp[n.long()] + 1
+    return exp_lookup(exact, (top - logits).mul_(EXP_SCALE), exact.exp).add_(1)

@@ -1,0 +1,82 @@
+"""Time the exact lm arithmetic's two kinds of pass, and fingerprint their logits.
+
+A decode step (B rows, one token each, over a key/value cache of C positions) and a
+whole-sequence pass (one row of T tokens, what the encoder runs per chunk), on real text
+from FILE, one torch thread by default. The SHA-256 of the logits shows that a change of
+implementation left the arithmetic alone: it must not change between versions.
+
+    python tools/exact_speed.py ../shared/corpus/alice29.txt --rows 1 10 --context 1000 --passes 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lmzip.exact.forward import Cache, forward, frequencies  # noqa: E402
+from lmzip.exact.model import ExactModel  # noqa: E402
+from lmzip.models import load_model  # noqa: E402
+from lmzip.precision import exact_float32  # noqa: E402
+
+
+def digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def decode_steps(exact, ids, rows: int, context: int, steps: int):
+    """Median CPU seconds of a decode step (forward and frequencies) after a prefill of `context`."""
+    seqs = torch.tensor([ids[r * 97:r * 97 + context + steps] for r in range(rows)])
+    cache = Cache(exact.shape, rows, context + steps, "cpu")
+    forward(exact, seqs[:, :context], cache)
+    times, h = [], hashlib.sha256()
+    for s in range(steps):
+        cpu = time.process_time()
+        freq = frequencies(exact, forward(exact, seqs[:, context + s:context + s + 1], cache)[:, -1])
+        times.append(time.process_time() - cpu)
+        h.update(freq.numpy().tobytes())
+    return statistics.median(times[1:]), h.hexdigest()[:16]
+
+
+def whole_pass(exact, ids, tokens: int):
+    cache = Cache(exact.shape, 1, tokens, "cpu")
+    cpu = time.process_time()
+    logits = forward(exact, torch.tensor([ids[:tokens]]), cache)
+    return time.process_time() - cpu, digest(logits)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("file")
+    ap.add_argument("--model", default=None, help="model spec for lmzip.models.load_model (default: embedded)")
+    ap.add_argument("--rows", type=int, nargs="*", default=[1, 10])
+    ap.add_argument("--context", type=int, nargs="*", default=[1000])
+    ap.add_argument("--steps", type=int, default=6, help="decode steps timed per setting (the first is dropped)")
+    ap.add_argument("--passes", type=int, nargs="*", default=[1024], help="whole-sequence pass lengths")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    lm = load_model(args.model, device="cpu")
+    exact = ExactModel.from_loaded(lm)
+    ids = lm.tokenizer(Path(args.file).read_text(), add_special_tokens=False)["input_ids"]
+    with exact_float32(), torch.no_grad():
+        for rows in args.rows:
+            for context in args.context:
+                sec, h = decode_steps(exact, ids, rows, context, args.steps)
+                print(f"decode step, {rows:3d} rows, context {context:5d}: {sec * 1000:7.1f} ms CPU "
+                      f"({rows / sec:6.1f} tokens per CPU s)  frequencies {h}", flush=True)
+        for tokens in args.passes:
+            sec, h = whole_pass(exact, ids, tokens)
+            print(f"whole pass, {tokens:5d} tokens: {sec:6.2f} s CPU ({tokens / sec:6.1f} tokens per CPU s)  "
+                  f"logits {h}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
