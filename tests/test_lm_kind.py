@@ -105,3 +105,8 @@ def test_a_chunk_past_2048_positions_is_an_lm_long_segment(codec):
     segments = lmzip.inspect(blob)["segments"]
     assert [s["kind"] for s in segments] == ["lm-long"] and segments[0]["token_count"] > 2047
     assert codec.decode(blob, model=TINY_MODEL) == text  # (what fits 2048 positions stays kind 2: above)
+
+
+def test_decode_batches_fill_the_memory_bound():
+    """Rows per decoding batch: the cache's budget of 16 x 2048 positions, at most 64 rows."""
+    assert [lm_kind.decode_rows(p) for p in (8192, 2048, 1024, 513, 100)] == [4, 16, 32, 63, 64]
