@@ -30,6 +30,7 @@ METHODS = ("memory", "lm", "zstd")
 # alice29: 1.489 bits per byte at 128, 1.264 at 512, 1.172 at 2047) and decodes slower per token
 # (BENCHMARKS.md); 2047 fills the exact arithmetic's 2048 positions after the prefix token.
 LM_CHUNK_TOKENS = 2047
+LM_PROGRESS_CHUNKS = 16  # lm chunks coded between two progress reports
 # Growing segments (no fixed length) are cut from regions fitted side by side, one after another
 # within a region. A region's last segment is whatever is left of it, so regions are long, but a
 # text of a few thousand tokens is cut into about a batch of them, so that its segments are not
@@ -271,22 +272,22 @@ class Codec:
         state = Progress(0, len(data))
         if progress:
             progress(state)
-        batch: list[segmenting.Piece] = []
-
-        def flush_batch() -> None:
-            for segment in kinds.lm.encode(lm, batch, prefix) if batch else ():
-                self._put(segment, writer, run, state, progress)
-            batch.clear()
-
+        coded = [p for p in pieces if p.ids is not None]
+        payloads: list[bytes] = []
+        for start in range(0, len(coded), LM_PROGRESS_CHUNKS):
+            batch = coded[start:start + LM_PROGRESS_CHUNKS]
+            payloads += kinds.lm.code(lm, batch, prefix)
+            state.done += sum(len(p.data) for p in batch)
+            if progress:
+                progress(state)
+        # one batched check at the end: a chunk decoded alone is several times slower per token
+        failed = kinds.lm.check(lm, coded, payloads, prefix, range(0, len(coded), kinds.lm.CHECK_EVERY))
+        segments = iter(kinds.lm.segments(coded, payloads, prefix, failed))
         for piece in pieces:
             if piece.ids is None:
-                flush_batch()
                 self._put(kinds.raw(piece.data), writer, run, state, progress)
             else:
-                batch.append(piece)
-                if len(batch) == 16:
-                    flush_batch()
-        flush_batch()
+                self._put(next(segments), writer, run, state, progress, counted=True)
         run.flush()
         header = Header(original_size=len(data), content_sha256=sha256, segment_count=writer.segment_count,
                         **self._model_fields(lm, replace(fit, vectors=0, margin=0.0), prefix))
@@ -295,7 +296,8 @@ class Codec:
 
     @staticmethod
     def _put(segment: kinds.CodedSegment, writer: ArchiveWriter, run: "_RawRun", state: Progress,
-             progress: ProgressCallback | None) -> None:
+             progress: ProgressCallback | None, counted: bool = False) -> None:
+        """Hand a segment to the writer; `counted`: its bytes are already in state.done."""
         if segment.payload is None:
             run.add(segment.data)
             state.zstd += 1
@@ -304,7 +306,8 @@ class Codec:
             writer.add(segment)
             state.memory += 1
             state.tokens += segment.token_count
-        state.done += len(segment.data)
+        if not counted:
+            state.done += len(segment.data)
         if progress:
             progress(state)
 

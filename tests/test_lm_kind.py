@@ -81,6 +81,28 @@ def test_a_chunk_that_does_not_decode_back_goes_to_zstd(codec, monkeypatch):
     assert codec.decode(blob, model=TINY_MODEL) == TEXT[:60]
 
 
+def test_the_sampled_chunks_are_checked_together_once(codec, monkeypatch):
+    """Every 16th chunk of the whole text, decoded in one batched call after all are coded (a chunk
+    checked alone per 16 would decode several times slower); here every sampled chunk fails."""
+    import lmzip.exact
+
+    calls = []
+
+    def first_fails(exact, payloads, counts, prefix, **kw):
+        calls.append(list(counts))
+        return [[0] * n for n in counts]
+
+    monkeypatch.setattr(lmzip.exact, "decode_chunks", first_fails)
+    text = TEXT[:60] * 12
+    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4)
+    monkeypatch.setattr(lmzip.exact, "decode_chunks", lmzip.exact.coding.decode_chunks)
+    found = kinds(blob)
+    sample = range(0, len(found), 16)
+    assert len(found) > 32 and len(calls) == 1 and len(calls[0]) == len(sample)
+    assert [i for i, kind in enumerate(found) if kind == "zstd"] == list(sample)
+    assert codec.decode(blob, model=TINY_MODEL) == text
+
+
 def test_payloads_fit_the_bound(lm_archive):
     for e in entries(lm_archive):
         if e["kind"] == lm_kind.KIND:

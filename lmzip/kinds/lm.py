@@ -82,25 +82,49 @@ def kind_of(tokens: int, prefix) -> int:
     return KIND if len(prefix) + tokens <= V1_POSITIONS else lm_long.KIND
 
 
-def encode(lm, pieces, prefix, check_every: int = 16) -> list:
+CHECK_EVERY = 16  # the encoder decodes every 16th chunk (and the first) as the decoder will
+
+
+def encode(lm, pieces, prefix, check_every: int = CHECK_EVERY) -> list:
     """Code each piece (its `ids`); decode every `check_every`-th one (and the first) as the decoder
     will, and send one that does not come back to zstd. Returns coded segments, in order."""
-    from ..exact import decode_chunks, encode_chunks
-    from . import CodedSegment, raw
+    payloads = code(lm, pieces, prefix)
+    failed = check(lm, pieces, payloads, prefix, range(0, len(pieces), check_every))
+    return segments(pieces, payloads, prefix, failed)
 
+
+def code(lm, pieces, prefix) -> list[bytes]:
+    """The range-coded payload of each piece's `ids`, from one whole-chunk pass each."""
+    from ..exact import encode_chunks
     from ..precision import exact_float32
 
     exact = exact_model(lm)
-    cores = cpu_threads(exact.device)
     with exact_float32():  # the exact forward refuses reduced-precision matmuls
-        # whole-chunk passes: chunks dealt to one-thread threads code 1.3x faster than one
-        # two-thread pass at a time (BENCHMARKS.md)
-        payloads = encode_chunks(exact, [p.ids for p in pieces], prefix, threads=cores)
-        sample = list(range(0, len(pieces), check_every))
-        counts = [len(pieces[i].ids) for i in sample]
+        # chunks dealt to one-thread threads code 1.3x faster than one two-thread pass at a time
+        # (BENCHMARKS.md)
+        return encode_chunks(exact, [p.ids for p in pieces], prefix, threads=cpu_threads(exact.device))
+
+
+def check(lm, pieces, payloads, prefix, sample) -> set[int]:
+    """The indices in `sample` whose payload does not decode back to its piece's ids. The whole
+    sample is decoded in one batched call: a lone chunk decodes several times slower per token."""
+    from ..exact import decode_chunks
+    from ..precision import exact_float32
+
+    exact = exact_model(lm)
+    sample = list(sample)
+    counts = [len(pieces[i].ids) for i in sample]
+    with exact_float32():
         back = decode_chunks(exact, [payloads[i] for i in sample], counts, prefix,
-                             batch_size=decode_rows(len(prefix) + max(counts, default=0)), threads=cores)
-    failed = {i for i, ids in zip(sample, back) if tuple(ids) != tuple(pieces[i].ids)}
+                             batch_size=decode_rows(len(prefix) + max(counts, default=0)),
+                             threads=cpu_threads(exact.device))
+    return {i for i, ids in zip(sample, back) if tuple(ids) != tuple(pieces[i].ids)}
+
+
+def segments(pieces, payloads, prefix, failed) -> list:
+    """Coded segments in order: lm (or lm-long) segments, and raw bytes for the `failed` indices."""
+    from . import CodedSegment, raw
+
     return [raw(p.data) if i in failed else
             CodedSegment(kind_of(len(p.ids), prefix), p.data, payload, token_count=len(p.ids),
                          stats={"tokens": len(p.ids)})
