@@ -298,9 +298,9 @@ def compress(obj, files, output, to_stdout, force, keep, remove, model, method, 
             shutil.rmtree(book, ignore_errors=True)  # the archive is safely written: the journal is done
         r = reports[0]
         if obj["verbose"]:
-            _say(obj, f"{name}: {r.original_size} -> {r.archive_size} bytes; {r.memory_segments} memory "
-                      f"segments ({r.memory_tokens} tokens in {r.memory_vectors} vectors), "
-                      f"{r.zstd_pieces} pieces as zstd")
+            coded = (f"{r.memory_segments} lm segments ({r.memory_tokens} tokens)" if method == "lm" else
+                     f"{r.memory_segments} memory segments ({r.memory_tokens} tokens in {r.memory_vectors} vectors)")
+            _say(obj, f"{name}: {r.original_size} -> {r.archive_size} bytes; {coded}, {r.zstd_pieces} pieces as zstd")
         if remove and name != "-" and not stdout:  # as gzip: -c never deletes the input
             os.unlink(name)
 

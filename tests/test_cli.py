@@ -45,6 +45,14 @@ def test_compress_decompress_round_trip(workdir):
     assert Path("doc.txt").read_bytes() == TEXT
 
 
+def test_verbose_compress_names_the_kind_of_segments(workdir):
+    r = run("-v", "compress", *TINY_ARGS, "doc.txt")
+    assert "memory segments (" in r.stderr and "vectors)" in r.stderr
+    r = run("-v", "compress", "-f", "--method", "lm", "--model", TINY_MODEL, "doc.txt")
+    assert r.exit_code == 0, r.output
+    assert "1 lm segments (" in r.stderr and "memory" not in r.stderr and "vectors" not in r.stderr
+
+
 def test_never_overwrites_without_force(workdir):
     Path("doc.txt.lmz").write_bytes(b"precious")
     r = run("compress", "--method", "zstd", "doc.txt")
