@@ -111,12 +111,14 @@ def check(lm, pieces, payloads, prefix, sample) -> set[int]:
     from ..exact import decode_chunks
     from ..precision import exact_float32
 
-    exact = exact_model(lm)
     sample = list(sample)
+    if not sample:
+        return set()
+    exact = exact_model(lm)
     counts = [len(pieces[i].ids) for i in sample]
     with exact_float32():
         back = decode_chunks(exact, [payloads[i] for i in sample], counts, prefix,
-                             batch_size=decode_rows(len(prefix) + max(counts, default=0)),
+                             batch_size=decode_rows(len(prefix) + max(counts)),
                              threads=cpu_threads(exact.device))
     return {i for i, ids in zip(sample, back) if tuple(ids) != tuple(pieces[i].ids)}
 
