@@ -273,21 +273,23 @@ class Codec:
         if progress:
             progress(state)
         coded = [p for p in pieces if p.ids is not None]
+        sample = range(0, len(coded), kinds.lm.CHECK_EVERY)
         payloads: list[bytes] = []
         for start in range(0, len(coded), LM_PROGRESS_CHUNKS):
-            batch = coded[start:start + LM_PROGRESS_CHUNKS]
-            payloads += kinds.lm.code(lm, batch, prefix)
-            state.done += sum(len(p.data) for p in batch)
+            batch = range(start, min(start + LM_PROGRESS_CHUNKS, len(coded)))
+            payloads += kinds.lm.code(lm, [coded[i] for i in batch], prefix)
+            state.done += sum(len(coded[i].data) for i in batch if i not in sample)  # those count once checked
             if progress:
                 progress(state)
         # one batched check at the end: a chunk decoded alone is several times slower per token
-        failed = kinds.lm.check(lm, coded, payloads, prefix, range(0, len(coded), kinds.lm.CHECK_EVERY))
-        segments = iter(kinds.lm.segments(coded, payloads, prefix, failed))
+        failed = kinds.lm.check(lm, coded, payloads, prefix, sample)
+        segments = iter(enumerate(kinds.lm.segments(coded, payloads, prefix, failed)))
         for piece in pieces:
             if piece.ids is None:
                 self._put(kinds.raw(piece.data), writer, run, state, progress)
             else:
-                self._put(next(segments), writer, run, state, progress, counted=True)
+                i, segment = next(segments)
+                self._put(segment, writer, run, state, progress, counted=i not in sample)
         run.flush()
         header = Header(original_size=len(data), content_sha256=sha256, segment_count=writer.segment_count,
                         **self._model_fields(lm, replace(fit, vectors=0, margin=0.0), prefix))

@@ -86,20 +86,26 @@ def test_the_sampled_chunks_are_checked_together_once(codec, monkeypatch):
     checked alone per 16 would decode several times slower); here every sampled chunk fails."""
     import lmzip.exact
 
-    calls = []
+    calls, done = [], []
 
     def first_fails(exact, payloads, counts, prefix, **kw):
         calls.append(list(counts))
+        done.append("check")
         return [[0] * n for n in counts]
 
     monkeypatch.setattr(lmzip.exact, "decode_chunks", first_fails)
     text = TEXT[:60] * 12
-    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4)
+    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4,
+                        progress=lambda p: done.append(p.done))
     monkeypatch.setattr(lmzip.exact, "decode_chunks", lmzip.exact.coding.decode_chunks)
     found = kinds(blob)
     sample = range(0, len(found), 16)
     assert len(found) > 32 and len(calls) == 1 and len(calls[0]) == len(sample)
     assert [i for i, kind in enumerate(found) if kind == "zstd"] == list(sample)
+    # progress: the sampled chunks' bytes count once checked, so it is short of the end until then
+    check = done.index("check")
+    assert 0 < done[check - 1] < len(text) and done[-1] == len(text)
+    assert done[:check] == sorted(done[:check]) and done[check + 1:] == sorted(done[check + 1:])
     assert codec.decode(blob, model=TINY_MODEL) == text
 
 
