@@ -82,15 +82,8 @@ def kind_of(tokens: int, prefix) -> int:
     return KIND if len(prefix) + tokens <= V1_POSITIONS else lm_long.KIND
 
 
-CHECK_EVERY = 16  # the encoder decodes every 16th chunk (and the first) as the decoder will
-
-
-def encode(lm, pieces, prefix, check_every: int = CHECK_EVERY) -> list:
-    """Code each piece (its `ids`); decode every `check_every`-th one (and the first) as the decoder
-    will, and send one that does not come back to zstd. Returns coded segments, in order."""
-    payloads = code(lm, pieces, prefix)
-    failed = check(lm, pieces, payloads, prefix, range(0, len(pieces), check_every))
-    return segments(pieces, payloads, prefix, failed)
+CHECK_EVERY = 16  # the encoder decodes every 16th chunk (and the first) as the decoder will:
+# codec._encode_lm runs `code` over all chunks, `check` on that sample, then `segments`
 
 
 def code(lm, pieces, prefix) -> list[bytes]:
