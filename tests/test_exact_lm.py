@@ -269,6 +269,31 @@ def test_attention_value_sums_are_exact_for_few_and_many_query_rows(rows):
     assert torch.equal(F.value_sums(ints, v), want.double())
 
 
+@pytest.mark.parametrize("heads, group, keys", [(3, 3, 37), (2, 1, 1), (1, 4, 300)])
+def test_cached_key_scores_are_the_integer_products_per_head(heads, group, keys):
+    """A decoding step multiplies int8 queries by the int8 key cache one row at a time over all
+    heads; each query head must get exactly its own kv head's products, at the extremes too."""
+    g = torch.Generator().manual_seed(keys)
+    q = torch.randint(-127, 128, (4, heads, group, 8), generator=g, dtype=torch.int8)
+    k = torch.randint(-127, 128, (4, keys, heads, 8), generator=g, dtype=torch.int8)
+    q[0], k[0] = 127, -127                                        # the largest sums, -127**2 * D
+    want = torch.matmul(q.long(), k.permute(0, 2, 3, 1).long())
+    got = F.cached_key_scores(q, k)
+    assert got.dtype == torch.float32 and torch.equal(got, want.float())
+
+
+@pytest.mark.parametrize("heads, rows, keys", [(3, 3, 8192), (2, 1, 1), (1, 4, 300)])
+def test_cached_value_sums_are_exact_past_2_to_the_31(heads, rows, keys):
+    """U up to 2**18 times int8 values, summed in int32 limbs: exact however large the whole sum."""
+    g = torch.Generator().manual_seed(keys)
+    ints = torch.randint(0, (1 << 18) + 1, (2, heads, rows, keys), generator=g).float()
+    v = torch.randint(-127, 128, (2, keys, heads, 5), generator=g, dtype=torch.int8)
+    ints[0], v[0] = float(1 << 18), 127
+    want = torch.matmul(ints.long(), v.permute(0, 2, 1, 3).long())
+    assert keys < 8192 or want.abs().max() > 1 << 31
+    assert torch.equal(F.cached_value_sums(ints, v), want.double())
+
+
 def test_linear_scales_in_blocks_as_in_one_piece(exact, monkeypatch):
     """A Linear's int32 results are scaled a block of rows at a time; each row keeps its own step."""
     layer = exact.layers[0].gate_up
