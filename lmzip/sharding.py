@@ -37,6 +37,35 @@ def deal(weights: Sequence[int], shards: int) -> list[list[int]]:
     return [order[s::shards] for s in range(shards)]
 
 
+# Shard threads are kept for the life of the process, never ended after a map: a thread that
+# ends frees its MKL buffers in its thread-exit destructors, under MKL's allocator lock, after
+# Python's join has returned; a fork at that moment (map_shards_forked, after threaded encoding)
+# gives a child whose first float GEMM spins on that lock forever.
+_pools: list[tuple[int, ThreadPoolExecutor]] = []  # (threads, pool); the last is in use, older ones idle
+_pools_lock = threading.Lock()
+
+
+def _shard_pool(threads: int) -> ThreadPoolExecutor:
+    """A pool of at least `threads` threads, made once and kept (a larger one replaces it for use,
+    and the old one's idle threads stay)."""
+    with _pools_lock:
+        if not _pools or _pools[-1][0] < threads:
+            size = max(threads, 8)
+            _pools.append((size, ThreadPoolExecutor(size, thread_name_prefix="lmzip-shard")))
+        return _pools[-1][1]
+
+
+def _forget_pools() -> None:
+    """In a forked child: none of the pools' threads exist there, and the lock may have been held."""
+    global _pools_lock
+    _pools.clear()
+    _pools_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
+
+
 def map_shards(run: Callable[[list[int]], list[T]], shards: list[list[int]], count: int) -> list[T]:
     """run(indices) for each shard, each in its own thread with one torch thread; the `count`
     results back in item order. One shard runs in the caller's thread, as the caller set it."""
@@ -49,8 +78,7 @@ def map_shards(run: Callable[[list[int]], list[T]], shards: list[list[int]], cou
 
         saved = torch.get_num_threads()
         try:
-            with ThreadPoolExecutor(len(shards), thread_name_prefix="lmzip-shard") as pool:
-                results = list(pool.map(one_core, shards))
+            results = list(_shard_pool(len(shards)).map(one_core, shards))
         finally:
             torch.set_num_threads(saved)
     return _in_item_order(shards, results, count)

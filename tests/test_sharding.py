@@ -2,6 +2,7 @@
 
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -80,3 +81,34 @@ def test_an_error_here_stops_the_children():
     with pytest.raises(ValueError):
         map_shards_forked(run, [[0], [1]], 2)
     assert time.monotonic() - start < 60
+
+
+def native_ids(indices):
+    time.sleep(0.05)  # long enough that each shard gets a thread of its own
+    return [threading.get_native_id() for _ in indices]
+
+
+def test_shard_threads_outlive_the_map_so_a_fork_never_meets_one_ending():
+    """A thread that ends frees its MKL buffers under MKL's allocator lock after Python's join has
+    returned; a child forked then spins on that lock at its first float GEMM. So the threads of
+    map_shards must still be alive after it returns."""
+    first = map_shards(native_ids, [[0], [1], [2]], 3)
+    assert len(set(first)) == 3
+    time.sleep(0.3)  # long enough for an ended thread to be gone from /proc
+    alive = set(os.listdir("/proc/self/task"))
+    assert all(str(tid) in alive for tid in first)
+
+
+def test_a_forked_child_maps_shards_on_threads_of_its_own():
+    """The parent's pool threads do not exist in a child, though its pool would count them idle:
+    a map there must start threads of its own, not wait for them."""
+    map_shards(native_ids, [[0], [1], [2]], 3)
+
+    def in_the_child(indices):
+        done = []
+        worker = threading.Thread(target=lambda: done.append(map_shards(native_ids, [[0], [1], [2]], 3)))
+        worker.start()
+        worker.join(timeout=10)
+        return [len(done) for _ in indices]
+
+    assert map_shards_forked(in_the_child, [[0], [1]], 2) == [1, 1]
