@@ -280,11 +280,12 @@ def attention_block(exact: ExactModel, layer: Layer, index: int, x: torch.Tensor
     g = hq // hk
     q_int, step = norm_quantize(x, layer.attn_norm, s.eps)
     qkv = linear(q_int, step, layer.qkv)                                   # (B, T, (hq + 2 hk) * D)
-    q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
     cos, sin = exact.cos[start:start + t], exact.sin[start:start + t]
-    q, q_step = quantize_rows(rope(q.reshape(b, t, hq, d), cos, sin), torch.float32)  # per head
-    k, k_step = quantize_rows(rope(k.reshape(b, t, hk, d), cos, sin), torch.float32)
-    v, v_step = quantize_rows(v.reshape(b, t, hk, d), torch.float32)
+    roped = rope(qkv[..., :(hq + hk) * d].reshape(b, t, hq + hk, d), cos, sin)   # queries and keys
+    heads, steps = quantize_rows(torch.cat([roped, qkv[..., (hq + hk) * d:].reshape(b, t, hk, d)], dim=2),
+                                 torch.float32)                                 # each head on its own
+    q, k, v = heads.split([hq, hk, hk], dim=2)
+    q_step, k_step, v_step = steps.split([hq, hk, hk], dim=2)
     end = start + t
     cache.k[index][:, start:end] = k
     cache.v[index][:, start:end] = v
