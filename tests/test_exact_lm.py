@@ -123,11 +123,16 @@ CHILD = textwrap.dedent("""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 257, (3, 50), generator=g)
     logits = F.forward(exact, ids, F.Cache(exact.shape, 3, 50, "cpu"))
+    # and token by token over the key/value cache, as the decoder runs (the last 10 positions)
+    cache = F.Cache(exact.shape, 3, 50, "cpu")
+    F.forward(exact, ids[:, :40], cache)
+    steps = torch.cat([F.forward(exact, ids[:, p:p + 1], cache) for p in range(40, 50)], dim=1)
     # the worst case for saturating int8 kernels: every product at the limit, one sign
     a = torch.full((5, 1536), 127, dtype=torch.int8)
     w = torch.full((1536, 24), WEIGHT_LIMIT, dtype=torch.int8)
     worst_ok = bool((F.int_matmul(a, w).long() == a.long() @ w.long()).all())
     print(json.dumps({"freq": hashlib.sha256(F.frequencies(exact, logits).numpy().tobytes()).hexdigest(),
+                      "steps": hashlib.sha256(F.frequencies(exact, steps).numpy().tobytes()).hexdigest(),
                       "fingerprint": exact.fingerprint.hex(), "worst_ok": worst_ok,
                       "capability": torch.backends.cpu.get_cpu_capability()}))
 """)
@@ -154,12 +159,14 @@ def _child(env_extra, threads):
 def test_instruction_sets_do_not_matter(exact):
     """ATen's SIMD level and oneDNN's ISA (no VNNI under AVX2: saturating int8 pairs) change nothing."""
     here = _freq_digest(exact, _ids(3, 50))
+    steps_here = hashlib.sha256(F.frequencies(exact, _logits(exact, _ids(3, 50))[:, 40:]).numpy().tobytes()).hexdigest()
     seen = {}
     for env_extra, threads in SETTINGS:
         result = _child(env_extra, threads)
         assert result["worst_ok"], f"int8 GEMM not exact under {env_extra}"
         assert result["fingerprint"] == exact.fingerprint.hex(), env_extra
         assert result["freq"] == here, env_extra
+        assert result["steps"] == steps_here, env_extra
         seen[json.dumps(env_extra)] = result["capability"]
     assert seen[json.dumps({"ATEN_CPU_CAPABILITY": "default"})] == "DEFAULT"  # the setting took effect
 
@@ -267,31 +274,6 @@ def test_attention_value_sums_are_exact_for_few_and_many_query_rows(rows):
     want = torch.matmul(ints.long(), v.long())
     assert want.max() > 1 << 36
     assert torch.equal(F.value_sums(ints, v), want.double())
-
-
-@pytest.mark.parametrize("heads, group, keys", [(3, 3, 37), (2, 1, 1), (1, 4, 300)])
-def test_cached_key_scores_are_the_integer_products_per_head(heads, group, keys):
-    """A decoding step multiplies int8 queries by the int8 key cache one row at a time over all
-    heads; each query head must get exactly its own kv head's products, at the extremes too."""
-    g = torch.Generator().manual_seed(keys)
-    q = torch.randint(-127, 128, (4, heads, group, 8), generator=g, dtype=torch.int8)
-    k = torch.randint(-127, 128, (4, keys, heads, 8), generator=g, dtype=torch.int8)
-    q[0], k[0] = 127, -127                                        # the largest sums, -127**2 * D
-    want = torch.matmul(q.long(), k.permute(0, 2, 3, 1).long())
-    got = F.cached_key_scores(q, k)
-    assert got.dtype == torch.float32 and torch.equal(got, want.float())
-
-
-@pytest.mark.parametrize("heads, rows, keys", [(3, 3, 8192), (2, 1, 1), (1, 4, 300)])
-def test_cached_value_sums_are_exact_past_2_to_the_31(heads, rows, keys):
-    """U up to 2**18 times int8 values, summed in int32 limbs: exact however large the whole sum."""
-    g = torch.Generator().manual_seed(keys)
-    ints = torch.randint(0, (1 << 18) + 1, (2, heads, rows, keys), generator=g).float()
-    v = torch.randint(-127, 128, (2, keys, heads, 5), generator=g, dtype=torch.int8)
-    ints[0], v[0] = float(1 << 18), 127
-    want = torch.matmul(ints.long(), v.permute(0, 2, 1, 3).long())
-    assert keys < 8192 or want.abs().max() > 1 << 31
-    assert torch.equal(F.cached_value_sums(ints, v), want.double())
 
 
 def test_linear_scales_in_blocks_as_in_one_piece(exact, monkeypatch):

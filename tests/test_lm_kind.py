@@ -136,8 +136,8 @@ def test_a_chunk_past_2048_positions_is_an_lm_long_segment(codec):
 
 
 def test_decode_batches_fill_the_memory_bound():
-    """Rows per decoding batch: the cache's budget of 64 x 2048 positions, at most 64 rows."""
-    assert [lm_kind.decode_rows(p) for p in (8192, 5000, 2048, 100)] == [16, 26, 64, 64]
+    """Rows per decoding batch: the cache's budget of 16 x 2048 positions, at most 64 rows."""
+    assert [lm_kind.decode_rows(p) for p in (8192, 2048, 1024, 513, 100)] == [4, 16, 32, 63, 64]
 
 
 def test_an_empty_text_needs_no_check(codec):

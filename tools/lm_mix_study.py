@@ -109,7 +109,7 @@ def step_cost(args) -> None:
             cache = Cache(exact.shape, rows, context + 4, "cpu")
             for store in (cache.k, cache.v):
                 for t in store:
-                    t.copy_(torch.randint(-127, 128, t.shape, generator=g, dtype=torch.int8))
+                    t.copy_(torch.randint(-127, 128, t.shape, generator=g).float())
             for store in (cache.k_scale, cache.v_scale):
                 for t in store:
                     t.fill_(0.01)

@@ -35,22 +35,17 @@ assert (1 << LIMB_BITS) * ACT_LIMIT * KEY_BLOCK < 1 << 24, "P @ V limb sums must
 
 
 class Cache:
-    """Keys and values of every layer for B rows that advance in lockstep.
-
-    Keys and values are the int8 head vectors, position-major (B, capacity, Hkv, D), so that one
-    row's first T positions are one contiguous (T * Hkv, D) matrix for `torch._int_mm`; their
-    float32 steps are (B, Hkv, capacity)."""
+    """Keys and values of every layer for B rows that advance in lockstep."""
 
     def __init__(self, shape: Shape, rows: int, capacity: int, device):
         if capacity > MAX_POSITIONS:
             raise ValueError(f"context of {capacity} positions exceeds the limit {MAX_POSITIONS}")
-        kv = (rows, capacity, shape.kv_heads, shape.head_dim)
-        i8 = dict(dtype=torch.int8, device=device)
+        kv = (rows, shape.kv_heads, capacity, shape.head_dim)
         f32 = dict(dtype=torch.float32, device=device)
-        self.k = [torch.zeros(kv, **i8) for _ in range(shape.layers)]
-        self.v = [torch.zeros(kv, **i8) for _ in range(shape.layers)]
-        self.k_scale = [torch.zeros(rows, shape.kv_heads, capacity, **f32) for _ in range(shape.layers)]
-        self.v_scale = [torch.zeros(rows, shape.kv_heads, capacity, **f32) for _ in range(shape.layers)]
+        self.k = [torch.zeros(kv, **f32) for _ in range(shape.layers)]   # integer-valued
+        self.v = [torch.zeros(kv, **f32) for _ in range(shape.layers)]
+        self.k_scale = [torch.zeros(kv[:3], **f32) for _ in range(shape.layers)]
+        self.v_scale = [torch.zeros(kv[:3], **f32) for _ in range(shape.layers)]
         self.length = 0
         self.capacity = capacity
 
@@ -157,43 +152,22 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 def attention(exact: ExactModel, q, q_step, k, k_step, v, v_step, q_pos: torch.Tensor | None,
               q_first: int = 0) -> torch.Tensor:
-    """Exact causal attention of query rows over keys, in float32 but for the sums.
+    """Exact causal attention of query rows over cached keys, in float32 but for the sums.
 
     q (B, Hkv, R, D) int-valued float32, q_step (B, Hkv, R) float32; k, v (B, Hkv, Tk, D) likewise,
     their steps (B, Hkv, Tk); q_pos (R,) the ascending position of each query row, or None when
-    every row sees every key; q_first = q_pos[0] (given, so the device is not asked).
-    -> (B, Hkv, R, D) float32.
+    every row sees every key; q_first = q_pos[0] (given, so the device is not asked): only keys
+    from q_first on can lie in a row's future, so the masks cover those alone.
+    -> (B, Hkv, R, D) float32. The (B, Hkv, R, Tk) scores are transformed in place, one pass per
+    operation: these passes are most of a whole-sequence pass's time.
     """
-    scores = torch.matmul(q, k.transpose(-1, -2))                       # exact: 127**2 * D < 2**24
-    ints, factor = attention_weights(exact, scores, q_step, k_step, v_step, q_pos, q_first)
-    return (value_sums(ints, v) * factor).float()
-
-
-def cached_attention(exact: ExactModel, q: torch.Tensor, q_step: torch.Tensor, cache: Cache, index: int,
-                     end: int) -> torch.Tensor:
-    """attention() of int8 query rows q (B, Hkv, R, D) over layer `index`'s first `end` cached
-    positions, every row seeing every key (a decoding step); the sums in int32."""
-    k, v = cache.k[index][:, :end], cache.v[index][:, :end]
-    scores = cached_key_scores(q, k)
-    ints, factor = attention_weights(exact, scores, q_step, cache.k_scale[index][:, :, :end],
-                                     cache.v_scale[index][:, :, :end], None)
-    return (cached_value_sums(ints, v) * factor).float()
-
-
-def attention_weights(exact: ExactModel, scores: torch.Tensor, q_step, k_step, v_step,
-                      q_pos: torch.Tensor | None, q_first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """From exact integer scores Q.K (B, Hkv, R, Tk) float32 (overwritten) to the attention
-    weights U (integers in [0, 2**18], float32) and the float64 factor (B, Hkv, R, 1) that turns
-    U @ V into the output. Only keys from q_first on can lie in a row's future, so the masks cover
-    those alone. The scores are transformed in place, one pass per operation: these passes are
-    most of a whole-sequence pass's time."""
-    scores.mul_(k_step[:, :, None, :])                                      # one rounding
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(k_step[:, :, None, :])  # exact sum, one rounding
     future = None
     if q_pos is not None:
-        future = torch.arange(q_first, scores.shape[-1], device=scores.device)[None, :] > q_pos[:, None]
+        future = torch.arange(q_first, k.shape[2], device=q.device)[None, :] > q_pos[:, None]
         scores[..., q_first:].masked_fill_(future, float("-inf"))
     top = scores.amax(dim=-1, keepdim=True)
-    inv_sqrt_d = torch.tensor(1.0 / math.sqrt(exact.shape.head_dim), dtype=torch.float32, device=scores.device)
+    inv_sqrt_d = torch.tensor(1.0 / math.sqrt(q.shape[-1]), dtype=torch.float32, device=q.device)
     coef = (q_step * inv_sqrt_d) * EXP_SCALE                                # (B, Hkv, R)
     scaled = torch.sub(top, scores, out=scores).mul_(coef[..., None])
     if future is not None:
@@ -204,44 +178,7 @@ def attention_weights(exact: ExactModel, scores: torch.Tensor, q_step, k_step, v
     u_top = u.amax(dim=-1, keepdim=True)
     u_safe = torch.where(u_top > 0, u_top, 1.0)
     ints = u.div_(u_safe * (1.0 / (1 << ATTN_BITS))).round_()           # U in [0, 2**18]
-    return ints, u_top.double() / (weight_sum * float(1 << ATTN_BITS))
-
-
-def cached_key_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """int8 q (B, Hkv, R, D) . int8 cached keys k (B, Tk, Hkv, D) -> exact scores (B, Hkv, R, Tk)
-    float32. On a CPU, one int8 GEMM per row over all its heads at once (the products of a query
-    head with other heads' keys are computed and dropped): reading int8 keys, not float32, is
-    what a decoding step's attention costs."""
-    b, tk, hk, d = k.shape
-    r = q.shape[2]
-    if q.device.type != "cpu":
-        return torch.matmul(q.float(), k.permute(0, 2, 3, 1).float())   # exact: 127**2 * D < 2**24
-    out = torch.empty(b, hk * r, tk * hk, dtype=torch.int32)
-    for row in range(b):
-        torch._int_mm(q[row].reshape(hk * r, d), k[row].reshape(tk * hk, d).t(), out=out[row])
-    mine = out.view(b, hk, r, tk, hk).diagonal(dim1=1, dim2=4)            # (B, R, Tk, Hkv)
-    return torch.empty(b, hk, r, tk).copy_(mine.permute(0, 3, 1, 2))
-
-
-def cached_value_sums(ints: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """U (B, Hkv, R, Tk), integers in [0, 2**18] as float32, @ int8 cached values v (B, Tk, Hkv, D)
-    -> the exact sums (B, Hkv, R, D) as float64. On a CPU, U in three 6-bit limbs (int8), one
-    int8 GEMM per row over all heads; each int32 sum < 64 * 127 * 8192 < 2**31."""
-    b, tk, hk, d = v.shape
-    r = ints.shape[2]
-    if ints.device.type != "cpu":
-        return value_sums(ints, v.permute(0, 2, 1, 3).float())
-    n = ints.to(torch.int32)
-    limbs = torch.empty(b, hk, 3 * r, tk, dtype=torch.int8)
-    limbs[:, :, :r] = n >> 2 * LIMB_BITS
-    limbs[:, :, r:2 * r] = (n >> LIMB_BITS) & (1 << LIMB_BITS) - 1
-    limbs[:, :, 2 * r:] = n & (1 << LIMB_BITS) - 1
-    out = torch.empty(b, hk * 3 * r, hk * d, dtype=torch.int32)
-    for row in range(b):
-        torch._int_mm(limbs[row].reshape(hk * 3 * r, tk), v[row].reshape(tk, hk * d), out=out[row])
-    acc = out.view(b, hk, 3 * r, hk, d).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).double()
-    base = float(1 << LIMB_BITS)
-    return (acc[..., :r, :] * (base * base) + acc[..., r:2 * r, :] * base) + acc[..., 2 * r:, :]
+    return (value_sums(ints, v) * (u_top.double() / (weight_sum * float(1 << ATTN_BITS)))).float()
 
 
 def value_sums(ints: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -287,27 +224,25 @@ def attention_block(exact: ExactModel, layer: Layer, index: int, x: torch.Tensor
     q, k, v = heads.split([hq, hk, hk], dim=2)
     q_step, k_step, v_step = steps.split([hq, hk, hk], dim=2)
     end = start + t
-    cache.k[index][:, start:end] = k
-    cache.v[index][:, start:end] = v
+    cache.k[index][:, :, start:end] = k.transpose(1, 2).float()
+    cache.v[index][:, :, start:end] = v.transpose(1, 2).float()
     cache.k_scale[index][:, :, start:end] = k_step.transpose(1, 2)
     cache.v_scale[index][:, :, start:end] = v_step.transpose(1, 2)
     # query rows by kv head, position-major: (B, Hkv, T * G, D), row t * G + g is head kv * G + g
-    q = q.reshape(b, t, hk, g, d).transpose(1, 2).reshape(b, hk, t * g, d)
+    q = q.float().reshape(b, t, hk, g, d).transpose(1, 2).reshape(b, hk, t * g, d)
     q_step = q_step.reshape(b, t, hk, g).transpose(1, 2).reshape(b, hk, t * g)
     if t == 1:
-        out = cached_attention(exact, q, q_step, cache, index, end)
+        out = attention(exact, q, q_step, cache.k[index][:, :, :end], cache.k_scale[index][:, :, :end],
+                        cache.v[index][:, :, :end], cache.v_scale[index][:, :, :end], None)
     else:  # rows are independent: blocks of positions see only the keys up to their last one
-        q = q.float()
-        keys = cache.k[index][:, :end].transpose(1, 2).contiguous().float()   # (B, Hkv, T, D)
-        values = cache.v[index][:, :end].transpose(1, 2).contiguous().float()
         blocks = []
         for first in range(start, end, QUERY_POSITIONS):
             last = min(first + QUERY_POSITIONS, end)
             rows = slice((first - start) * g, (last - start) * g)
             q_pos = torch.arange(first, last, device=x.device).repeat_interleave(g)
             blocks.append(attention(exact, q[:, :, rows], q_step[:, :, rows],
-                                    keys[:, :, :last], cache.k_scale[index][:, :, :last],
-                                    values[:, :, :last], cache.v_scale[index][:, :, :last], q_pos, first))
+                                    cache.k[index][:, :, :last], cache.k_scale[index][:, :, :last],
+                                    cache.v[index][:, :, :last], cache.v_scale[index][:, :, :last], q_pos, first))
         out = torch.cat(blocks, dim=2)
     out = out.reshape(b, hk, t, g, d).transpose(1, 2).reshape(b, t, hq * d)
     o_int, o_step = quantize_rows(out)

@@ -23,13 +23,13 @@ NEEDS_MODEL = True
 # and the coder's flush; 8 a token leaves room and bounds what a hostile entry can claim.
 MAX_PAYLOAD_BYTES_PER_TOKEN = 8
 PAYLOAD_SLACK = 16
-# Rows decoded side by side: the int8 key/value cache takes about 12 KB per row and position on
-# the embedded model, so 64 rows of 2048 positions (or 16 of 8192) is about 1.6 GB. A step costs
-# a fixed part (reading the weights, thousands of small operations) and a part per row, so a
-# second batch of a few rows costs nearly as much as the first: fill batches up to the memory
-# bound.
+# Rows decoded side by side: the key/value cache takes about 47 KB per row and position on the
+# embedded model, so 16 rows of 2048 positions (or 4 of 8192, or 64 of 512) is about 1.5 GB. A
+# step costs a fixed part (reading the weights, thousands of small operations) and a part per
+# row, so a second batch of a few rows costs nearly as much as the first: fill batches up to
+# the memory bound.
 MAX_DECODE_ROWS = 64
-DECODE_ROW_POSITIONS = 64 * 2048
+DECODE_ROW_POSITIONS = 16 * 2048
 
 
 def decode_rows(positions: int) -> int:
