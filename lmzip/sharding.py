@@ -16,6 +16,7 @@ import multiprocessing.connection
 import os
 import sys
 import threading
+import concurrent.futures
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence, TypeVar
 
@@ -43,6 +44,7 @@ def deal(weights: Sequence[int], shards: int) -> list[list[int]]:
 # gives a child whose first float GEMM spins on that lock forever.
 _pools: list[tuple[int, ThreadPoolExecutor]] = []  # (threads, pool); the last is in use, older ones idle
 _pools_lock = threading.Lock()
+_POOL_PREFIX = "lmzip-shard"
 
 
 def _shard_pool(threads: int) -> ThreadPoolExecutor:
@@ -51,7 +53,7 @@ def _shard_pool(threads: int) -> ThreadPoolExecutor:
     with _pools_lock:
         if not _pools or _pools[-1][0] < threads:
             size = max(threads, 8)
-            _pools.append((size, ThreadPoolExecutor(size, thread_name_prefix="lmzip-shard")))
+            _pools.append((size, ThreadPoolExecutor(size, thread_name_prefix=_POOL_PREFIX)))
         return _pools[-1][1]
 
 
@@ -68,7 +70,9 @@ if hasattr(os, "register_at_fork"):
 
 def map_shards(run: Callable[[list[int]], list[T]], shards: list[list[int]], count: int) -> list[T]:
     """run(indices) for each shard, each in its own thread with one torch thread; the `count`
-    results back in item order. One shard runs in the caller's thread, as the caller set it."""
+    results back in item order. A single shard runs in the caller's thread, as the caller set it;
+    a map inside a shard runs its shards one after another there. If shards fail, the first
+    failure is raised once every shard has ended."""
     if len(shards) == 1:
         results = [run(shards[0])]
     else:
@@ -78,7 +82,12 @@ def map_shards(run: Callable[[list[int]], list[T]], shards: list[list[int]], cou
 
         saved = torch.get_num_threads()
         try:
-            results = list(_shard_pool(len(shards)).map(one_core, shards))
+            if threading.current_thread().name.startswith(_POOL_PREFIX):  # nested: the pool may be full
+                results = [one_core(indices) for indices in shards]
+            else:
+                futures = [_shard_pool(len(shards)).submit(one_core, indices) for indices in shards]
+                concurrent.futures.wait(futures)  # all done, failed or not, before anything else runs
+                results = [f.result() for f in futures]
         finally:
             torch.set_num_threads(saved)
     return _in_item_order(shards, results, count)

@@ -112,3 +112,25 @@ def test_a_forked_child_maps_shards_on_threads_of_its_own():
         return [len(done) for _ in indices]
 
     assert map_shards_forked(in_the_child, [[0], [1]], 2) == [1, 1]
+
+
+def test_a_failed_shard_is_raised_only_once_every_shard_has_ended():
+    ended = []
+
+    def run(indices):
+        if indices == [0]:
+            raise ValueError("shard 0 failed")
+        time.sleep(0.3)
+        ended.append(indices)
+        return indices
+
+    with pytest.raises(ValueError, match="shard 0 failed"):
+        map_shards(run, [[0], [1]], 2)
+    assert ended == [[1]]
+
+
+def test_a_map_inside_a_shard_runs_there():
+    out = map_shards(lambda ix: [map_shards(lambda jx: [threading.current_thread().name for _ in jx],
+                                            [[0], [1]], 2) for _ in ix], [[0], [1]], 2)
+    for inner in out:
+        assert len(set(inner)) == 1 and inner[0].startswith("lmzip-shard")
