@@ -16,8 +16,7 @@ import multiprocessing.connection
 import os
 import sys
 import threading
-import concurrent.futures
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, Sequence, TypeVar
 
 import torch
@@ -42,7 +41,8 @@ def deal(weights: Sequence[int], shards: int) -> list[list[int]]:
 # ends frees its MKL buffers in its thread-exit destructors, under MKL's allocator lock, after
 # Python's join has returned; a fork at that moment (map_shards_forked, after threaded encoding)
 # gives a child whose first float GEMM spins on that lock forever.
-_pools: list[tuple[int, ThreadPoolExecutor]] = []  # (threads, pool); the last is in use, older ones idle
+_pools: list[tuple[int, ThreadPoolExecutor]] = []  # (threads, pool); the last is in use; older ones
+# stay referenced, idle: a pool that is collected ends its threads
 _pools_lock = threading.Lock()
 _POOL_PREFIX = "lmzip-shard"
 
@@ -86,7 +86,7 @@ def map_shards(run: Callable[[list[int]], list[T]], shards: list[list[int]], cou
                 results = [one_core(indices) for indices in shards]
             else:
                 futures = [_shard_pool(len(shards)).submit(one_core, indices) for indices in shards]
-                concurrent.futures.wait(futures)  # all done, failed or not, before anything else runs
+                wait(futures)  # all done, failed or not, before anything else runs
                 results = [f.result() for f in futures]
         finally:
             torch.set_num_threads(saved)

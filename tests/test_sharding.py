@@ -114,6 +114,25 @@ def test_a_forked_child_maps_shards_on_threads_of_its_own():
     assert map_shards_forked(in_the_child, [[0], [1]], 2) == [1, 1]
 
 
+
+def test_a_forked_child_is_not_held_by_a_pool_lock_taken_at_the_fork():
+    """Another thread may hold the pool lock when the process forks; the child gets a free one."""
+    import lmzip.sharding as sharding
+
+    parent = os.getpid()
+
+    def in_the_child(indices):
+        if os.getpid() == parent:
+            return [1 for _ in indices]
+        done = []
+        worker = threading.Thread(target=lambda: done.append(map_shards(native_ids, [[0], [1]], 2)))
+        worker.start()
+        worker.join(timeout=10)
+        return [len(done) for _ in indices]
+
+    with sharding._pools_lock:
+        assert map_shards_forked(in_the_child, [[0], [1]], 2) == [1, 1]
+
 def test_a_failed_shard_is_raised_only_once_every_shard_has_ended():
     ended = []
 
