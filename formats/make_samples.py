@@ -54,6 +54,15 @@ def infinite_value(blob: bytes, index: int) -> bytes:
     return payload_crc(bytes(out), index)
 
 
+def more_tokens_in_first_chunk(blob: bytes, index: int) -> bytes:
+    """An lm-packed segment's chunk table claiming one token more for its first chunk (a one-byte varint)."""
+    out = bytearray(blob)
+    at = payload_offset(blob, index) + 1  # after the chunk count
+    assert out[at] < 0x7F
+    out[at] += 1
+    return bytes(out)
+
+
 def longer_header(blob: bytes, version: int, extra: int, **changes) -> bytes:
     """The header grown by `extra` bytes before its checksum (as a newer writer might), offsets moved."""
     if changes:
@@ -79,8 +88,10 @@ def main() -> None:
     first_memory = kinds.index("memory")
     end = len(zstd_text)
     # The lm kind's frequencies are the same on every machine, so this file is a check of the arithmetic.
-    lm_coded = codec.encode(mixed, method="lm", model=TINY, tokens_per_segment=16)
+    lm_coded = codec.encode(mixed, method="lm", model=TINY, tokens_per_segment=16, pack_lm=False)
     first_lm = [s["kind"] for s in lmzip.inspect(lm_coded)["segments"]].index("lm")
+    lm_packed = codec.encode(mixed, method="lm", model=TINY, tokens_per_segment=16)  # runs of chunks: kind 4
+    first_packed = [s["kind"] for s in lmzip.inspect(lm_packed)["segments"]].index("lm-packed")
     long_text = text * 32  # past 2048 positions: one lm-long segment (arithmetic /2)
     lm_long = codec.encode(long_text, method="lm", model=TINY, tokens_per_segment=8191)
     assert [s["kind"] for s in lmzip.inspect(lm_long)["segments"]] == ["lm-long"]
@@ -92,6 +103,7 @@ def main() -> None:
         "good-memory-tiny.lmz": (memory, mixed),
         "good-lm-tiny.lmz": (lm_coded, mixed),
         "good-lm-long-tiny.lmz": (lm_long, long_text),
+        "good-lm-packed-tiny.lmz": (lm_packed, mixed),
         "good-compatible-header-extension.lmz": (longer_header(zstd_text, 3, 40, compatible_flags=0x8000), text),
         "good-compatible-segment-flag.lmz": (edit_entry(zstd_text, 0, flags=0x80), text),
         "bad-magic.lmz": (b"\x89LMX" + zstd_text[4:], lmzip.NotLmzError),
@@ -130,6 +142,8 @@ def main() -> None:
                                     lmzip.ModelMismatchError),
         "bad-lm-payload.lmz": (payload_crc(flip(lm_coded, payload_offset(lm_coded, first_lm) + 2, 0x10), first_lm),
                                lmzip.SegmentError),
+        "bad-lm-packed-table.lmz": (payload_crc(more_tokens_in_first_chunk(lm_packed, first_packed), first_packed),
+                                    lmzip.SegmentError),
         "bad-absurd-prefix.lmz": (edit_header(memory, prefix_length=0xFFFF), lmzip.LimitError),
         "unsupported-version-4.lmz": (longer_header(zstd_text, 4, 2000), lmzip.UnsupportedVersionError),
         "unsupported-incompatible-flag.lmz": (edit_header(zstd_text, incompatible_flags=0x0001),

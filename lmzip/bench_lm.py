@@ -19,31 +19,32 @@ import torch
 import zstandard
 
 from . import container
-from .codec import Codec, ProgressCallback
+from .codec import Codec, ProgressCallback, lm_pieces
 from .errors import InputError, InternalError
 from .fit import FitConfig, sink_prefix
 from .kinds import lm as lm_kind
+from .kinds import lm_long, lm_packed
+
+LM_KINDS = (lm_kind.KIND, lm_long.KIND, lm_packed.KIND)
 
 
-def _ideal_bits(lm, archive: container.Archive, data: bytes) -> tuple[float, float, int]:
-    """(softmax bits, integer-frequency bits, tokens) over the archive's lm segments."""
+def _ideal_bits(lm, pieces, prefix) -> tuple[float, float, int]:
+    """(softmax bits, integer-frequency bits, tokens) over the lm chunks `pieces`."""
     from .exact.coding import chunk_logits
     from .exact.forward import frequencies
 
-    exact, prefix = lm_kind.exact_model(lm), archive.header.prefix
+    exact = lm_kind.exact_model(lm)
     soft = freq = 0.0
-    tokens, at = 0, 0
-    for s in archive.segments:
-        piece, at = data[at: at + s.original_length], at + s.original_length
-        if s.kind != lm_kind.KIND:
+    tokens = 0
+    for piece in pieces:
+        if piece.ids is None:
             continue
-        ids = lm.tokenizer(piece.decode("utf-8"), add_special_tokens=False)["input_ids"]
-        logits = chunk_logits(exact, ids, prefix)
-        sym = torch.tensor(ids)[:, None]
+        logits = chunk_logits(exact, piece.ids, prefix)
+        sym = torch.tensor(piece.ids)[:, None]
         soft -= torch.log_softmax(logits.double(), -1).gather(1, sym).sum().item() / math.log(2)
         f = frequencies(exact, logits).double()
         freq -= (f.gather(1, sym)[:, 0].log2() - f.sum(-1).log2()).sum().item()
-        tokens += len(ids)
+        tokens += len(piece.ids)
     return soft, freq, tokens
 
 
@@ -66,14 +67,17 @@ def run(codec: Codec, paths: list[str], *, model: str | None = None, chunk_token
     if back != data:
         raise InternalError("lmzip bug: the bench archive did not decode to its input")
     archive = container.parse(blob)
-    lm_payload = sum(s.payload_length for s in archive.segments if s.kind == lm_kind.KIND)
-    soft, freq, tokens = _ideal_bits(lm, archive, data) if ideal else (None, None, report.memory_tokens)
+    lm_payload = sum(s.payload_length for s in archive.segments if s.kind in LM_KINDS)
+    prefix = archive.header.prefix
+    pieces = lm_pieces(lm, data, chunk_tokens, prefix)
+    soft, freq, tokens = _ideal_bits(lm, pieces, prefix) if ideal else (None, None, report.memory_tokens)
     zstd_size = len(zstandard.ZstdCompressor(level=19).compress(data))
     xz_size = len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))
     n = len(data)
     return {"summary": {
         "model": lm.model_id, "bytes": n, "tokens": tokens, "segments": report.segments,
-        "lm_segments": report.memory_segments, "chunk_tokens": chunk_tokens or "default",
+        "lm_segments": report.memory_segments,
+        "lm_chunks": sum(p.ids is not None for p in pieces), "chunk_tokens": chunk_tokens or "default",
         "prefix": list(sink_prefix(lm, FitConfig())),
         "lmz_bytes": len(blob), "lmz_bits_per_byte": 8 * len(blob) / n,
         "lm_payload_bits_per_byte": 8 * lm_payload / n,
@@ -95,8 +99,8 @@ def format_table(result: dict) -> str:
         return "n/a" if v is None else format(v, spec)
 
     return "\n".join([
-        f"lm: {s['bytes']} bytes, {s['tokens']} tokens in {s['lm_segments']} lm segments "
-        f"({s['segments']} in all), {s['model']}",
+        f"lm: {s['bytes']} bytes, {s['tokens']} tokens in {s['lm_chunks']} chunks, {s['lm_segments']} lm "
+        f"segments ({s['segments']} in all), {s['model']}",
         "",
         "| | bytes | bits per byte |",
         "|---|---|---|",

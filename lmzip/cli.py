@@ -254,11 +254,11 @@ def _fit_config(params: dict) -> FitConfig:
 @click.option("--model", envvar="LMZIP_MODEL", help="Model: hub ID or local directory "
               "[env LMZIP_MODEL; default: the embedded SmolLM2-135M-Instruct].")
 @click.option("--method", type=click.Choice(METHODS), default="memory", show_default=True,
-              help="memory: fit memory vectors (zstd for what fails); zstd: no model.")
+              help="memory: fit memory vectors (zstd for what fails); lm: range-code each token under the "
+                   "model's prediction (small archives, slow; README); zstd: no model.")
 @click.option("--tokens", "tokens_per_segment", type=click.IntRange(1), default=None,
               help="Cut text every N tokens [default: segments grow while their vectors hold them; "
-                   "--method lm: 2047, at most 8191 (past 2047: lm-long segments, about 3% smaller, "
-                   "slower to code)].")
+                   "--method lm: 2047, at most 8191 (8191: about 3% smaller, 4 times slower to decode)].")
 @_fit_flags
 @click.option("--level", type=click.IntRange(1, 22), default=19, show_default=True,
               help="zstd level for segments stored as zstd.")
@@ -399,10 +399,10 @@ def _info_table(name: str, info: dict) -> str:
                      f"{info['compute_dtype']}, margin {info['margin']:g}, prefix tokens {prefix})")
         lines.append(f"  weights sha256 {info['weights_sha256']}")
         lines.append(f"  tokenizer sha256 {info['tokenizer_sha256']}")
-    lines.append(f"  {'#':>5} {'kind':<7} {'bytes':>8} {'payload':>8} {'tokens':>6} {'vectors':>7} crc32")
+    lines.append(f"  {'#':>5} {'kind':<9} {'bytes':>8} {'payload':>8} {'tokens':>7} {'vectors':>7} crc32")
     for s in info["segments"]:
-        lines.append(f"  {s['index']:>5} {s['kind']:<7} {s['original_length']:>8} {s['payload_length']:>8} "
-                     f"{s['token_count']:>6} {s['vector_count']:>7} {s['crc32']}")
+        lines.append(f"  {s['index']:>5} {s['kind']:<9} {s['original_length']:>8} {s['payload_length']:>8} "
+                     f"{s['token_count']:>7} {s['vector_count']:>7} {s['crc32']}")
     return "\n".join(lines)
 
 

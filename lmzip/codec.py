@@ -199,7 +199,7 @@ class Codec:
                   zstd_level: int = kinds.zstd.DEFAULT_LEVEL,
                   progress: ProgressCallback | None = None, workers: int = 1,
                   journal: str | os.PathLike | None = None, cluster: str | None = None,
-                  **fit_options) -> EncodeReport:
+                  pack_lm: bool = True, **fit_options) -> EncodeReport:
         """Encode `data` (bytes, or str as UTF-8) and write the archive to `out`.
 
         With `tokens_per_segment` None, segments grow while their vectors hold
@@ -208,6 +208,8 @@ class Codec:
         address, HOST:PORT) fits on a Ray cluster instead. With `journal` (a directory),
         each finished segment is kept there, and a rerun of the same encoding fits
         only what is missing; the caller removes it once the archive is safe.
+        `pack_lm` False writes each lm chunk as a segment of its own (kinds 2 and 3, which
+        readers older than kind 4, lm-packed, know), at 32 bytes of table per chunk.
         Extra keyword options (vectors, max_steps, lr, batch_size, margin, …) set
         fields of the FitConfig.
         """
@@ -226,7 +228,8 @@ class Codec:
 
         sha256 = hashlib.sha256(data).digest()
         if method == "lm":
-            return self._encode_lm(data, out, model, fit, tokens_per_segment, zstd_level, progress, sha256)
+            return self._encode_lm(data, out, model, fit, tokens_per_segment, zstd_level, progress, sha256,
+                                   pack_lm)
         if method == "zstd":
             regions, lm, growing = [segmenting.Piece(data, None)], None, False
         else:
@@ -259,37 +262,33 @@ class Codec:
 
     def _encode_lm(self, data: bytes, out: BinaryIO, model: str | None, fit: FitConfig,
                    tokens_per_segment: int | None, zstd_level: int, progress: ProgressCallback | None,
-                   sha256: bytes) -> EncodeReport:
-        """Range-code the text's tokens under the model, in independent chunks (kind lm)."""
+                   sha256: bytes, pack: bool) -> EncodeReport:
+        """Range-code the text's tokens under the model, in independent chunks (kinds lm-packed,
+        lm and lm-long)."""
         lm = self.model(model)
         prefix = sink_prefix(lm, fit)
         if not prefix:
             raise OptionError("the lm method needs a prefix token (the model has no start-of-text token)")
-        chunk = min(tokens_per_segment or LM_CHUNK_TOKENS, kinds.lm.max_chunk_tokens(prefix))
-        pieces = list(segmenting.plan(data, lm.tokenizer, chunk, worth=lambda tokenizer, text: True))
+        pieces = lm_pieces(lm, data, tokens_per_segment, prefix)
         writer = ArchiveWriter()
         run = _RawRun(writer, zstd_level)
         state = Progress(0, len(data))
         if progress:
             progress(state)
-        coded = [p for p in pieces if p.ids is not None]
-        sample = range(0, len(coded), kinds.lm.CHECK_EVERY)
-        payloads: list[bytes] = []
+        coded = [i for i, p in enumerate(pieces) if p.ids is not None]  # piece indices
+        sample = set(coded[::kinds.lm.CHECK_EVERY])
+        payloads: dict[int, bytes] = {}
         for start in range(0, len(coded), LM_PROGRESS_CHUNKS):
-            batch = range(start, min(start + LM_PROGRESS_CHUNKS, len(coded)))
-            payloads += kinds.lm.code(lm, [coded[i] for i in batch], prefix)
-            state.done += sum(len(coded[i].data) for i in batch if i not in sample)  # those count once checked
+            batch = coded[start:start + LM_PROGRESS_CHUNKS]
+            payloads.update(zip(batch, kinds.lm.code(lm, [pieces[i] for i in batch], prefix)))
+            state.done += sum(len(pieces[i].data) for i in batch if i not in sample)  # those count once checked
             if progress:
                 progress(state)
         # one batched check at the end: a chunk decoded alone is several times slower per token
-        failed = kinds.lm.check(lm, coded, payloads, prefix, sample)
-        segments = iter(enumerate(kinds.lm.segments(coded, payloads, prefix, failed)))
-        for piece in pieces:
-            if piece.ids is None:
-                self._put(kinds.raw(piece.data), writer, run, state, progress)
-            else:
-                i, segment = next(segments)
-                self._put(segment, writer, run, state, progress, counted=i not in sample)
+        failed = kinds.lm.check(lm, pieces, payloads, prefix, sorted(sample))
+        for segment, held in kinds.lm.segments(pieces, payloads, prefix, failed, pack=pack):
+            counted = sum(len(pieces[i].data) for i in held if pieces[i].ids is not None and i not in sample)
+            self._put(segment, writer, run, state, progress, counted=counted)
         run.flush()
         header = Header(original_size=len(data), content_sha256=sha256, segment_count=writer.segment_count,
                         **self._model_fields(lm, replace(fit, vectors=0, margin=0.0), prefix))
@@ -298,8 +297,8 @@ class Codec:
 
     @staticmethod
     def _put(segment: kinds.CodedSegment, writer: ArchiveWriter, run: "_RawRun", state: Progress,
-             progress: ProgressCallback | None, counted: bool = False) -> None:
-        """Hand a segment to the writer; `counted`: its bytes are already in state.done."""
+             progress: ProgressCallback | None, counted: int = 0) -> None:
+        """Hand a segment to the writer; `counted`: how many of its bytes state.done holds already."""
         if segment.payload is None:
             run.add(segment.data)
             state.zstd += 1
@@ -308,8 +307,7 @@ class Codec:
             writer.add(segment)
             state.memory += 1
             state.tokens += segment.token_count
-        if not counted:
-            state.done += len(segment.data)
+        state.done += len(segment.data) - counted
         if progress:
             progress(state)
 
@@ -505,6 +503,13 @@ class Codec:
                     raise SegmentError(job.index, "checksum mismatch")
                 decoded[job.index] = data
         return [decoded[i] for i in indices]
+
+
+def lm_pieces(lm: LoadedModel, data: bytes, tokens_per_segment: int | None,
+              prefix: tuple[int, ...]) -> list[segmenting.Piece]:
+    """The text cut as `--method lm` cuts it: chunks of tokens, and runs that are not UTF-8 (ids None)."""
+    chunk = min(tokens_per_segment or LM_CHUNK_TOKENS, kinds.lm.max_chunk_tokens(prefix))
+    return list(segmenting.plan(data, lm.tokenizer, chunk, worth=lambda tokenizer, text: True))
 
 
 def inspect(blob) -> dict:

@@ -19,7 +19,8 @@ def kinds(blob):
 
 @pytest.fixture(scope="module")
 def lm_archive(codec):
-    return codec.encode(TEXT, method="lm", model=TINY_MODEL, tokens_per_segment=24)
+    """One segment per chunk, as before lm-packed (test_lm_packed.py packs them)."""
+    return codec.encode(TEXT, method="lm", model=TINY_MODEL, tokens_per_segment=24, pack_lm=False)
 
 
 def test_text_goes_to_lm_segments_and_comes_back(codec, lm_archive):
@@ -74,7 +75,7 @@ def test_a_chunk_that_does_not_decode_back_goes_to_zstd(codec, monkeypatch):
     real = lmzip.exact.decode_chunks
     monkeypatch.setattr(lmzip.exact, "decode_chunks",
                         lambda exact, payloads, counts, prefix, **kw: [[0] * n for n in counts])
-    blob = codec.encode(TEXT[:60], method="lm", model=TINY_MODEL, tokens_per_segment=24)
+    blob = codec.encode(TEXT[:60], method="lm", model=TINY_MODEL, tokens_per_segment=24, pack_lm=False)
     monkeypatch.setattr(lmzip.exact, "decode_chunks", real)
     # the first chunk is in the checked sample and fails: zstd; the others were not checked
     assert kinds(blob)[0] == "zstd" and "lm" in kinds(blob)
@@ -95,7 +96,7 @@ def test_the_sampled_chunks_are_checked_together_once(codec, monkeypatch):
 
     monkeypatch.setattr(lmzip.exact, "decode_chunks", first_fails)
     text = TEXT[:60] * 12
-    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4,
+    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4, pack_lm=False,
                         progress=lambda p: done.append(p.done))
     monkeypatch.setattr(lmzip.exact, "decode_chunks", lmzip.exact.coding.decode_chunks)
     found = kinds(blob)

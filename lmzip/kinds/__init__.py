@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import UnsupportedKindError
-from . import lm, lm_long, memory, zstd
+from . import lm, lm_long, lm_packed, memory, zstd
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class DecodeContext:
     threads: int = 1                 # batches of batch_size rows decoded side by side (CPU threads)
 
 
-KINDS = {module.KIND: module for module in (zstd, memory, lm, lm_long)}
+KINDS = {module.KIND: module for module in (zstd, memory, lm, lm_long, lm_packed)}
 
 
 def get(kind: int):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ..errors import SegmentError
 from ..sharding import cpu_threads
-from ..limits import LM_POSITIONS, MAX_TOKENS_PER_SEGMENT
+from ..limits import LM_POSITIONS, MAX_SEGMENT_BYTES, MAX_TOKENS_PER_SEGMENT
 
 KIND = 2
 NAME = "lm"
@@ -116,31 +116,65 @@ def check(lm, pieces, payloads, prefix, sample) -> set[int]:
     return {i for i, ids in zip(sample, back) if tuple(ids) != tuple(pieces[i].ids)}
 
 
-def segments(pieces, payloads, prefix, failed) -> list:
-    """Coded segments in order: lm (or lm-long) segments, and raw bytes for the `failed` indices."""
-    from . import CodedSegment, raw
+def segments(pieces, payloads: dict, prefix, failed, pack: bool = True) -> list[tuple[object, list[int]]]:
+    """(coded segment, the indices of the pieces it holds) for all `pieces` in order: raw bytes for
+    a piece with no ids or one in `failed`; the chunks between them, with their `payloads` (by
+    piece index), as lm-packed segments of at most MAX_SEGMENT_BYTES, or, a lone chunk (or every
+    chunk unless `pack`), as an lm or lm-long segment."""
+    from . import CodedSegment, lm_packed, raw
 
-    return [raw(p.data) if i in failed else
-            CodedSegment(kind_of(len(p.ids), prefix), p.data, payload, token_count=len(p.ids),
-                         stats={"tokens": len(p.ids)})
-            for i, (p, payload) in enumerate(zip(pieces, payloads))]
+    out, run = [], []
+
+    def close_run():
+        if len(run) == 1 or (run and not pack):
+            out.extend((CodedSegment(kind_of(len(pieces[i].ids), prefix), pieces[i].data, payloads[i],
+                                     token_count=len(pieces[i].ids), stats={"tokens": len(pieces[i].ids)}), [i])
+                       for i in run)
+        elif run:
+            out.append((lm_packed.encode([pieces[i].data for i in run], [len(pieces[i].ids) for i in run],
+                                         [payloads[i] for i in run]), list(run)))
+        run.clear()
+
+    for i, piece in enumerate(pieces):
+        if piece.ids is None or i in failed:
+            close_run()
+            out.append((raw(piece.data), [i]))
+            continue
+        if run and sum(len(pieces[j].data) for j in run) + len(piece.data) > MAX_SEGMENT_BYTES:
+            close_run()
+        run.append(i)
+    close_run()
+    return out
 
 
-def token_lists(jobs, ctx, positions: int) -> list[list[int]]:
-    """The tokens of each job's payload, coded in chunks of at most `positions` with the prefix."""
+def job_chunk_tokens(jobs, ctx, positions: int, chunks_of) -> list[list[list[int]]]:
+    """The tokens of each job's chunks, all decoded in one batched call; `chunks_of(job)` gives a
+    job's (payloads, token counts), each chunk coded in at most `positions` with the prefix."""
     from ..exact import decode_chunks
 
     exact, prefix = exact_model(ctx.model), ctx.header.prefix
-    payloads = [job.payload for job in jobs]
-    counts = [job.entry.token_count for job in jobs]
+    per_job = [chunks_of(job) for job in jobs]
+    payloads = [p for payloads, _ in per_job for p in payloads]
+    counts = [n for _, counts in per_job for n in counts]
     rows = min(ctx.batch_size, decode_rows(min(positions, len(prefix) + max(counts))))
     try:
-        return decode_chunks(exact, payloads, counts, prefix, batch_size=rows, positions=positions,
+        flat = decode_chunks(exact, payloads, counts, prefix, batch_size=rows, positions=positions,
                              threads=ctx.threads)
     except ValueError as e:
         if len(jobs) == 1:
             raise SegmentError(jobs[0].index, f"the range coder cannot follow the payload ({e})") from None
-    return [token_lists([job], ctx, positions)[0] for job in jobs]  # find the damaged one
+        return [job_chunk_tokens([job], ctx, positions, chunks_of)[0] for job in jobs]  # find the damaged one
+    out, at = [], 0
+    for payloads, _ in per_job:
+        out.append(flat[at:at + len(payloads)])
+        at += len(payloads)
+    return out
+
+
+def token_lists(jobs, ctx, positions: int) -> list[list[int]]:
+    """The tokens of each job's payload, one chunk of at most `positions` with the prefix."""
+    chunks = job_chunk_tokens(jobs, ctx, positions, lambda job: ([job.payload], [job.entry.token_count]))
+    return [tokens for (tokens,) in chunks]
 
 
 def decode(jobs, ctx) -> list[bytes]:
