@@ -29,7 +29,8 @@ LM_KINDS = (lm_kind.KIND, lm_long.KIND, lm_packed.KIND)
 
 
 def _ideal_bits(lm, pieces, prefix) -> tuple[float, float, int]:
-    """(softmax bits, integer-frequency bits, tokens) over the lm chunks `pieces`."""
+    """(softmax bits, integer-frequency bits, tokens) over the lm chunks `pieces` (all the encoder coded,
+    a chunk that failed its check too: the model's bits, not the archive's)."""
     from .exact.coding import chunk_logits
     from .exact.forward import frequencies
 
@@ -46,6 +47,17 @@ def _ideal_bits(lm, pieces, prefix) -> tuple[float, float, int]:
         freq -= (f.gather(1, sym)[:, 0].log2() - f.sum(-1).log2()).sum().item()
         tokens += len(piece.ids)
     return soft, freq, tokens
+
+
+def _chunk_count(archive: container.Archive, prefix) -> int:
+    """The lm chunks the archive holds (chunks that failed the encoder's check are zstd, not counted)."""
+    count = 0
+    for i, s in enumerate(archive.segments):
+        if s.kind == lm_packed.KIND:
+            count += len(lm_packed.unpack(bytes(archive.payload(i)), s.token_count, lm_packed.room(prefix))[1])
+        elif s.kind in LM_KINDS:
+            count += 1
+    return count
 
 
 def run(codec: Codec, paths: list[str], *, model: str | None = None, chunk_tokens: int | None = None,
@@ -77,7 +89,7 @@ def run(codec: Codec, paths: list[str], *, model: str | None = None, chunk_token
     return {"summary": {
         "model": lm.model_id, "bytes": n, "tokens": tokens, "segments": report.segments,
         "lm_segments": report.memory_segments,
-        "lm_chunks": sum(p.ids is not None for p in pieces), "chunk_tokens": chunk_tokens or "default",
+        "lm_chunks": _chunk_count(archive, prefix), "chunk_tokens": chunk_tokens or "default",
         "prefix": list(sink_prefix(lm, FitConfig())),
         "lmz_bytes": len(blob), "lmz_bits_per_byte": 8 * len(blob) / n,
         "lm_payload_bits_per_byte": 8 * lm_payload / n,

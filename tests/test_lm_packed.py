@@ -147,3 +147,64 @@ def test_lm_packed_entries_are_bounded(archives):
         assert problem in lm_packed.check_entry(container.Segment(**{**entry.__dict__, **change}), header)
     with pytest.raises(lmzip.SegmentTableError, match="vector count"):
         lmzip.inspect(edit_entry(archives[True], 0, vector_count=1))
+
+
+def test_the_payload_bound_is_each_chunks_bound_and_two_varints_per_token():
+    assert lm_packed.max_payload(10) == (8 + 16 + 2 * 5) * 10 + 5
+    assert lm_packed.room((256,)) == 8191  # arithmetic /2's 8192 positions, less the prefix
+
+
+def test_a_chunk_may_take_all_the_positions_but_no_more():
+    payload = table([8191], [0])
+    assert lm_packed.unpack(payload, 8191, lm_packed.room((256,))) == ([b""], [8191])
+    with pytest.raises(ValueError, match="8192 tokens"):
+        lm_packed.unpack(table([8192], [0]), 8192, lm_packed.room((256,)))
+
+
+def test_an_lm_packed_segment_needs_a_model_and_a_prefix(archives):
+    from dataclasses import replace
+
+    header = container.parse(archives[True]).header
+    entry = container.Segment(lm_packed.KIND, original_length=100, payload_length=10, payload_offset=0,
+                              crc32=0, token_count=10)
+    assert "no model or prefix" in lm_packed.check_entry(entry, replace(header, prefix=()))
+
+
+def test_the_writer_refuses_a_chunk_a_reader_would_refuse():
+    with pytest.raises(lmzip.InternalError, match="a reader would refuse"):
+        lm_packed.encode([b"ab", b"c"], [1, 1], [bytes(25), b""], prefix=(256,))
+
+
+def test_a_segment_of_the_wrong_length_is_damaged(codec, archives, monkeypatch):
+    from lmzip.kinds import memory
+
+    monkeypatch.setattr(memory, "detokenize", lambda lm, ids: b"x" * (3 * len(ids)))
+    with pytest.raises(lmzip.SegmentError, match="damaged segment 0: decoded .* bytes, expected"):
+        codec.decode(archives[True], model=TINY_MODEL)
+
+
+def test_the_segment_the_coder_cannot_follow_is_the_one_named(codec, archives, monkeypatch):
+    """Decoded together the batch fails; decoded alone, each segment tells whether it is the one."""
+    import lmzip.exact
+
+    blob = archives[True]
+    e = entries(blob)[2]
+    bad, _ = lm_packed.unpack(payloads(blob)[2], e["token_count"], 8191)
+    real = lmzip.exact.decode_chunks
+
+    def refuses_segment_2(exact, chunk_payloads, counts, prefix, **kw):
+        if bad[0] in chunk_payloads:
+            raise ValueError("the target is past the total")
+        return real(exact, chunk_payloads, counts, prefix, **kw)
+
+    monkeypatch.setattr(lmzip.exact, "decode_chunks", refuses_segment_2)
+    with pytest.raises(lmzip.SegmentError, match="damaged segment 2: the range coder cannot follow"):
+        codec.decode(blob, model=TINY_MODEL)
+
+
+def test_progress_counts_each_byte_once_with_packed_runs(codec):
+    done = []
+    text = TEXT * 4
+    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4, progress=lambda p: done.append(p.done))
+    assert "lm-packed" in kinds(blob)
+    assert done == sorted(done) and done[-1] == len(text)

@@ -132,17 +132,21 @@ def segments(pieces, payloads: dict, prefix, failed, pack: bool = True) -> list[
                        for i in run)
         elif run:
             out.append((lm_packed.encode([pieces[i].data for i in run], [len(pieces[i].ids) for i in run],
-                                         [payloads[i] for i in run]), list(run)))
+                                         [payloads[i] for i in run], prefix), list(run)))
         run.clear()
 
+    size = 0  # bytes in the run
     for i, piece in enumerate(pieces):
         if piece.ids is None or i in failed:
             close_run()
             out.append((raw(piece.data), [i]))
             continue
-        if run and sum(len(pieces[j].data) for j in run) + len(piece.data) > MAX_SEGMENT_BYTES:
+        if run and size + len(piece.data) > MAX_SEGMENT_BYTES:
             close_run()
+        if not run:
+            size = 0
         run.append(i)
+        size += len(piece.data)
     close_run()
     return out
 

@@ -9,7 +9,7 @@ before. The segment's crc32 covers all its bytes (SPEC.md, "lm-packed payloads")
 
 from __future__ import annotations
 
-from ..errors import SegmentError
+from ..errors import InternalError, SegmentError
 from ..limits import LM_LONG_POSITIONS
 from . import lm
 
@@ -22,8 +22,14 @@ CHUNK_OVERHEAD = lm.PAYLOAD_SLACK + 2 * MAX_VARINT_BYTES
 
 
 def max_payload(token_count: int) -> int:
-    """The most bytes a payload of `token_count` tokens may take (every chunk holds a token)."""
+    """The most bytes a payload of `token_count` tokens may take: the chunk count, then per chunk
+    its bound and two varints, at most one chunk per token."""
     return (lm.MAX_PAYLOAD_BYTES_PER_TOKEN + CHUNK_OVERHEAD) * token_count + MAX_VARINT_BYTES
+
+
+def room(prefix) -> int:
+    """The most tokens a chunk may hold after `prefix` (arithmetic /2's positions)."""
+    return LM_LONG_POSITIONS - len(prefix)
 
 
 def check_entry(entry, header) -> str | None:
@@ -105,30 +111,30 @@ def unpack(payload: bytes, token_count: int, room: int) -> tuple[list[bytes], li
     return chunks, counts
 
 
-def encode(datas: list[bytes], counts: list[int], payloads: list[bytes]):
+def encode(datas: list[bytes], counts: list[int], payloads: list[bytes], prefix):
+    """One segment of the chunks; the writer refuses what a reader would (every bound of `unpack`)."""
     from . import CodedSegment
 
-    tokens = sum(counts)
-    return CodedSegment(KIND, b"".join(datas), pack(payloads, counts), token_count=tokens,
+    tokens, payload = sum(counts), pack(payloads, counts)
+    try:
+        unpack(payload, tokens, room(prefix))
+    except ValueError as e:
+        raise InternalError(f"lmzip bug: an lm-packed segment a reader would refuse: {e}") from None
+    return CodedSegment(KIND, b"".join(datas), payload, token_count=tokens,
                         stats={"tokens": tokens, "chunks": len(counts)})
 
 
-def _chunks(job, room: int) -> tuple[list[bytes], list[int]]:
+def _chunks(job, most: int) -> tuple[list[bytes], list[int]]:
     try:
-        return unpack(job.payload, job.entry.token_count, room)
+        return unpack(job.payload, job.entry.token_count, most)
     except ValueError as e:
         raise SegmentError(job.index, f"damaged lm-packed payload: {e}") from None
 
 
 def decode(jobs, ctx) -> list[bytes]:
-    from .memory import detokenize
+    from .memory import checked_length, detokenize
 
-    room = LM_LONG_POSITIONS - len(ctx.header.prefix)
-    chunk_tokens = lm.job_chunk_tokens(jobs, ctx, LM_LONG_POSITIONS, lambda job: _chunks(job, room))
-    out = []
-    for job, chunks in zip(jobs, chunk_tokens):
-        data = b"".join(detokenize(ctx.model, ids) for ids in chunks)
-        if len(data) != job.entry.original_length:
-            raise SegmentError(job.index, f"decoded {len(data)} bytes, expected {job.entry.original_length}")
-        out.append(data)
-    return out
+    most = room(ctx.header.prefix)
+    chunk_tokens = lm.job_chunk_tokens(jobs, ctx, LM_LONG_POSITIONS, lambda job: _chunks(job, most))
+    return [checked_length(job, b"".join(detokenize(ctx.model, ids) for ids in chunks))
+            for job, chunks in zip(jobs, chunk_tokens)]

@@ -95,15 +95,16 @@ def detokenize(lm, ids) -> bytes:
     return text.encode("utf-8", errors="surrogatepass")
 
 
+def checked_length(job, data: bytes) -> bytes:
+    """`data`, if it is as long as the job's entry says; else the segment is damaged."""
+    if len(data) != job.entry.original_length:
+        raise SegmentError(job.index, f"decoded {len(data)} bytes, expected {job.entry.original_length}")
+    return data
+
+
 def to_bytes(jobs, token_lists, lm) -> list[bytes]:
     """Each job's tokens as its original bytes, which must be as long as its entry says."""
-    out = []
-    for job, ids in zip(jobs, token_lists):
-        data = detokenize(lm, ids)
-        if len(data) != job.entry.original_length:
-            raise SegmentError(job.index, f"decoded {len(data)} bytes, expected {job.entry.original_length}")
-        out.append(data)
-    return out
+    return [checked_length(job, detokenize(lm, ids)) for job, ids in zip(jobs, token_lists)]
 
 
 def decode(jobs, ctx) -> list[bytes]:
