@@ -105,6 +105,59 @@ def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
+GROW_POSITIONS = 64  # free columns a cache layer's buffer gets when it has to be reallocated
+
+
+def _growing_layer_class():
+    """A transformers DynamicLayer that appends into a buffer with room to spare.
+
+    DynamicLayer appends a step's keys and values with torch.cat, a copy of the whole cache
+    per layer and step (14 % of a 64-row step of 32-token segments, more for longer ones).
+    Here the keys and values are views of the first columns of a larger buffer, and a step
+    writes into the next free columns; the buffer is made again (one copy) only when it is
+    full or when `select` or `join` gave the layer new tensors. The values are the same."""
+    from transformers.cache_utils import DynamicLayer  # transformers loads with the model
+
+    class GrowingLayer(DynamicLayer):
+        key_buffer = value_buffer = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            if self.keys.numel() == 0:  # the first update: nothing cached yet
+                self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]
+            self.key_buffer, self.keys = _append(self.key_buffer, self.keys, key_states)
+            self.value_buffer, self.values = _append(self.value_buffer, self.values, value_states)
+            return self.keys, self.values
+
+    return GrowingLayer
+
+
+def _append(buffer, cached: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(buffer, view): `cached` (B, H, L, D) followed by `new` (B, H, M, D), as a view of the first
+    columns of `buffer` (B, H, C, D) if `cached` is its first L columns and C >= L + M, else of a
+    new buffer with room to spare."""
+    length, more = cached.shape[-2], new.shape[-2]
+    inside = (buffer is not None and cached.data_ptr() == buffer.data_ptr() and cached.stride() == buffer.stride()
+              and cached.shape[:2] == buffer.shape[:2] and length + more <= buffer.shape[-2])
+    if not inside:
+        shape = (*cached.shape[:2], length + more + GROW_POSITIONS, cached.shape[-1])
+        buffer = cached.new_empty(shape)
+        buffer[..., :length, :] = cached
+    buffer[..., length:length + more, :] = new
+    return buffer, buffer[..., :length + more, :]
+
+
+def _new_cache(lm: LoadedModel):
+    """The model's own cache, its plain layers (every column kept) growing in buffers."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    cache = DynamicCache(config=lm.model.config)
+    growing = _growing_layer_class()
+    cache.layers = [growing() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
 def _prefill(lm: LoadedModel, prefix: tuple[int, ...], jobs, chosen: list[int]) -> _Rows:
     """Run the prefix and vectors of the `chosen` jobs, right-aligned, in one forward pass."""
     inputs = [memory_inputs(lm, prefix, jobs[j][0]) for j in chosen]
@@ -117,7 +170,8 @@ def _prefill(lm: LoadedModel, prefix: tuple[int, ...], jobs, chosen: list[int]) 
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)  # (G, L): 0 at each row's first real column
     # Logits at every position, as a one-row decode computes them: keeping only the last one
     # changes the head's matrix shape and its rounding, and one row stays bit-identical so.
-    out = lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=True)
+    out = lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                   past_key_values=_new_cache(lm))
     logits = out.logits[:, -1].float()  # (G, V)
     return _Rows(jobs=list(chosen), cache=out.past_key_values, mask=mask, positions=mask.sum(1),
                  remaining=torch.tensor([jobs[j][1] for j in chosen], device=lm.device),

@@ -218,3 +218,58 @@ def test_bad_arguments_are_lmz_errors(tiny):
         greedy_decode_batch(tiny, [(torch.zeros(0, tiny.hidden_size), 1)], ())
     with pytest.raises(lmzip.InputError, match="tokens"):
         greedy_decode_batch(tiny, [(vectors, -1)], PREFIX)
+
+
+def test_the_growing_cache_gives_the_logits_of_transformers_own(tiny, shaped, monkeypatch):
+    """Rows joining and leaving, at two batch sizes: the same logits bit for bit as DynamicCache."""
+    from transformers.cache_utils import DynamicCache
+
+    import lmzip.batch_decode as bd
+
+    jobs, _ = shaped
+
+    def logits_of(batch_size):
+        seen = []
+        got = greedy_decode_batch(tiny, jobs, PREFIX, batch_size=batch_size,
+                                  observe=lambda rows, logits: seen.append((list(rows), logits.clone())))
+        return got, seen
+
+    grown = {b: logits_of(b) for b in (2, 7)}
+    monkeypatch.setattr(bd, "_new_cache", lambda lm: DynamicCache(config=lm.model.config))
+    for b, (got, seen) in grown.items():
+        plain_got, plain_seen = logits_of(b)
+        assert got == plain_got and len(seen) == len(plain_seen)
+        assert all(r == pr and torch.equal(g, p) for (r, g), (pr, p) in zip(seen, plain_seen))
+
+
+def test_a_step_writes_into_the_cache_buffer_instead_of_copying_the_cache(tiny, monkeypatch):
+    """A buffer is made at a prefill, a join or a select, and when it is full: not at every step."""
+    import lmzip.batch_decode as bd
+
+    made = []
+    real = bd._append
+
+    def counting(buffer, cached, new):
+        out = real(buffer, cached, new)
+        made.append(out[0] is not buffer)
+        return out
+
+    monkeypatch.setattr(bd, "_append", counting)
+    monkeypatch.setattr(bd, "GROW_POSITIONS", 5)
+    layers = tiny.model.config.num_hidden_layers
+    greedy_decode_batch(tiny, random_jobs(tiny, [(1, 16)], seed=1), PREFIX, batch_size=1)
+    # 2 prefill positions and 15 steps: buffers of 7, 13 and 19 columns, keys and values of each layer
+    assert len(made) == 2 * layers * 16 and sum(made) == 2 * layers * 3
+
+
+def test_appending_to_a_buffer(tiny):
+    from lmzip.batch_decode import _append
+
+    first = torch.arange(24.0).reshape(1, 2, 3, 4)
+    buffer, view = _append(None, first, first[:, :, :1])
+    assert buffer.shape[2] > 4 and torch.equal(view, torch.cat([first, first[:, :, :1]], dim=2))
+    same, more = _append(buffer, view, first[:, :, 1:2])
+    assert same is buffer and torch.equal(more, torch.cat([first, first[:, :, :2]], dim=2))
+    # a tensor that is not the buffer's first columns (a select or join made it) gets a new buffer
+    other, again = _append(buffer, more.clone(), first[:, :, 2:])
+    assert other is not buffer and torch.equal(again, torch.cat([first, first], dim=2))
