@@ -22,10 +22,8 @@ from . import container
 from .codec import Codec, ProgressCallback, lm_pieces
 from .errors import InputError, InternalError
 from .fit import FitConfig, sink_prefix
+from .kinds import LM_KINDS, lm_packed
 from .kinds import lm as lm_kind
-from .kinds import lm_long, lm_packed
-
-LM_KINDS = (lm_kind.KIND, lm_long.KIND, lm_packed.KIND)
 
 
 def _ideal_bits(lm, pieces, prefix) -> tuple[float, float, int]:

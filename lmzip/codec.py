@@ -59,7 +59,8 @@ class Progress:
     total: int
     memory: int = 0
     zstd: int = 0
-    tokens: int = 0  # memory-coded tokens so far
+    tokens: int = 0  # memory- or lm-coded tokens so far
+    lm: int = 0      # lm-coded segments (--method lm)
 
 
 @dataclass(frozen=True)
@@ -293,7 +294,7 @@ class Codec:
         header = Header(original_size=len(data), content_sha256=sha256, segment_count=writer.segment_count,
                         **self._model_fields(lm, replace(fit, vectors=0, margin=0.0), prefix))
         size = writer.finish(out, header)
-        return EncodeReport(len(data), size, writer.segment_count, state.memory, state.zstd, state.tokens, 0, [])
+        return EncodeReport(len(data), size, writer.segment_count, state.lm, state.zstd, state.tokens, 0, [])
 
     @staticmethod
     def _put(segment: kinds.CodedSegment, writer: ArchiveWriter, run: "_RawRun", state: Progress,
@@ -305,7 +306,10 @@ class Codec:
         else:
             run.flush()
             writer.add(segment)
-            state.memory += 1
+            if segment.kind in kinds.LM_KINDS:
+                state.lm += 1
+            else:
+                state.memory += 1
             state.tokens += segment.token_count
         state.done += len(segment.data) - counted
         if progress:
@@ -476,6 +480,9 @@ class Codec:
                     state.done = index + 1
                     if segment.kind == KIND_MEMORY:
                         state.memory += 1
+                        state.tokens += segment.token_count
+                    elif segment.kind in kinds.LM_KINDS:
+                        state.lm += 1
                         state.tokens += segment.token_count
                     else:
                         state.zstd += 1

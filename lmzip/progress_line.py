@@ -22,15 +22,16 @@ def clock_text(seconds: float) -> str:
 def describe(label: str, p, elapsed: float, unit: str) -> str:
     """The line for a lmzip.Progress: `unit` says what p.done and p.total count
     ("bytes" while encoding, "segments" while decoding)."""
-    kinds = f"{p.memory} memory, {p.zstd} zstd"
+    lm = getattr(p, "lm", 0)  # lm-coded segments (--method lm), where Progress has them
+    kinds = f"{lm} lm, {p.zstd} zstd" if lm else f"{p.memory} memory, {p.zstd} zstd"
     if unit == "bytes":
         percent = 100 * p.done // p.total if p.total else 100
-        parts = [f"{label}: {percent}% of {p.total:,} bytes", f"{p.memory + p.zstd} segments ({kinds})"]
+        parts = [f"{label}: {percent}% of {p.total:,} bytes", f"{p.memory + lm + p.zstd} segments ({kinds})"]
     else:
         parts = [f"{label}: segment {p.done}/{p.total} ({kinds})"]
-    tokens = getattr(p, "tokens", None)  # memory tokens fitted so far, where Progress has them
+    tokens = getattr(p, "tokens", None)  # tokens fitted (or coded) so far, where Progress has them
     if unit == "bytes" and tokens is not None:
-        parts.append(f"{tokens:,} tokens fitted")
+        parts.append(f"{tokens:,} tokens {'coded' if lm else 'fitted'}")
     if p.total and p.done >= p.total:
         parts.append(f"done in {clock_text(elapsed)}")
     elif p.done and elapsed > 0:

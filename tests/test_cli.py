@@ -270,6 +270,9 @@ def test_progress_line_counts_segments_tokens_and_eta():
     p = SimpleNamespace(done=0, total=10, memory=0, zstd=0)
     assert progress_line.describe("a.lmz", p, 0.0, "segments") == "a.lmz: segment 0/10 (0 memory, 0 zstd), ETA -:--"
     assert progress_line.clock_text(3725) == "1:02:05"
+    p = SimpleNamespace(done=100, total=200, memory=0, zstd=1, tokens=40, lm=1)
+    assert progress_line.describe("doc.txt", p, 30.0, "bytes") == (
+        "doc.txt: 50% of 200 bytes, 2 segments (1 lm, 1 zstd), 40 tokens coded, ETA 0:30")
 
     class Terminal(list):
         def write(self, text):

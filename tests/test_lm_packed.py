@@ -203,8 +203,18 @@ def test_the_segment_the_coder_cannot_follow_is_the_one_named(codec, archives, m
 
 
 def test_progress_counts_each_byte_once_with_packed_runs(codec):
-    done = []
+    seen = []
     text = TEXT * 4
-    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4, progress=lambda p: done.append(p.done))
+    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4,
+                        progress=lambda p: seen.append((p.done, p.lm, p.memory, p.zstd)))
+    done = [d for d, *_ in seen]
     assert "lm-packed" in kinds(blob)
     assert done == sorted(done) and done[-1] == len(text)
+    found = kinds(blob)
+    assert seen[-1][1:] == (found.count("lm-packed") + found.count("lm"), 0, found.count("zstd"))
+
+
+def test_decoding_progress_counts_lm_segments_as_lm(codec, archives):
+    seen = []
+    codec.decode(archives[True], model=TINY_MODEL, progress=lambda p: seen.append((p.lm, p.memory, p.zstd, p.tokens)))
+    assert seen[-1] == (4, 0, 3, sum(e["token_count"] for e in entries(archives[True]) if e["kind"] != 0))

@@ -56,6 +56,7 @@ class DecodeContext:
 
 
 KINDS = {module.KIND: module for module in (zstd, memory, lm, lm_long, lm_packed)}
+LM_KINDS = frozenset({lm.KIND, lm_long.KIND, lm_packed.KIND})  # tokens range-coded under the model
 
 
 def get(kind: int):
