@@ -23,6 +23,7 @@ fails its CRC in a batch again alone before it reports the segment damaged.
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -108,6 +109,7 @@ def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
 GROW_POSITIONS = 64  # free columns a cache layer's buffer gets when it has to be reallocated
 
 
+@functools.cache
 def _growing_layer_class():
     """A transformers DynamicLayer that appends into a buffer with room to spare.
 

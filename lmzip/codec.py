@@ -62,6 +62,16 @@ class Progress:
     tokens: int = 0  # memory- or lm-coded tokens so far
     lm: int = 0      # lm-coded segments (--method lm)
 
+    def count(self, kind: int, tokens: int) -> None:
+        """One more segment of `kind` holding `tokens` model-coded tokens."""
+        if kind == KIND_MEMORY:
+            self.memory += 1
+        elif kind in kinds.LM_KINDS:
+            self.lm += 1
+        else:
+            self.zstd += 1
+        self.tokens += tokens
+
 
 @dataclass(frozen=True)
 class SegmentFit:
@@ -302,15 +312,10 @@ class Codec:
         """Hand a segment to the writer; `counted`: how many of its bytes state.done holds already."""
         if segment.payload is None:
             run.add(segment.data)
-            state.zstd += 1
         else:
             run.flush()
             writer.add(segment)
-            if segment.kind in kinds.LM_KINDS:
-                state.lm += 1
-            else:
-                state.memory += 1
-            state.tokens += segment.token_count
+        state.count(segment.kind, segment.token_count)
         state.done += len(segment.data) - counted
         if progress:
             progress(state)
@@ -478,14 +483,7 @@ class Codec:
                     out.write(data)
                     segment = archive.segments[index]
                     state.done = index + 1
-                    if segment.kind == KIND_MEMORY:
-                        state.memory += 1
-                        state.tokens += segment.token_count
-                    elif segment.kind in kinds.LM_KINDS:
-                        state.lm += 1
-                        state.tokens += segment.token_count
-                    else:
-                        state.zstd += 1
+                    state.count(segment.kind, segment.token_count)
                     if progress:
                         progress(state)
         if content_hash.digest() != header.content_sha256:

@@ -208,6 +208,20 @@ def test_models_with_windowed_caches_decode_one_row_at_a_time(tiny, monkeypatch)
     assert_same(got, reference(tiny, jobs, PREFIX))
 
 
+def test_windowed_cache_layers_are_not_replaced_by_growing_ones(tiny, monkeypatch):
+    """Only a layer that keeps every column may grow in a buffer; a sliding window drops columns."""
+    from transformers.cache_utils import DynamicCache
+
+    import lmzip.batch_decode as bd
+
+    n_layers = tiny.model.config.num_hidden_layers
+    monkeypatch.setattr(tiny.model.config, "layer_types", ["sliding_attention"] * n_layers, raising=False)
+    monkeypatch.setattr(tiny.model.config, "sliding_window", 1000, raising=False)
+    own = [type(layer) for layer in DynamicCache(config=tiny.model.config).layers]
+    assert bd._growing_layer_class() not in own
+    assert [type(layer) for layer in bd._new_cache(tiny).layers] == own
+
+
 def test_bad_arguments_are_lmz_errors(tiny):
     vectors = torch.zeros(1, tiny.hidden_size)
     with pytest.raises(lmzip.OptionError, match="batch size"):
