@@ -131,7 +131,11 @@ CHILD = textwrap.dedent("""
     a = torch.full((5, 1536), 127, dtype=torch.int8)
     w = torch.full((1536, 24), WEIGHT_LIMIT, dtype=torch.int8)
     worst_ok = bool((F.int_matmul(a, w).long() == a.long() @ w.long()).all())
+    # and through the kernel not chosen here (float32 GEMMs or int8 ones: the same integers)
+    exact.use_float_matmuls(exact.head.float_weight is None)
+    other = F.forward(exact, ids, F.Cache(exact.shape, 3, 50, "cpu"))
     print(json.dumps({"freq": hashlib.sha256(F.frequencies(exact, logits).numpy().tobytes()).hexdigest(),
+                      "other": hashlib.sha256(F.frequencies(exact, other).numpy().tobytes()).hexdigest(),
                       "steps": hashlib.sha256(F.frequencies(exact, steps).numpy().tobytes()).hexdigest(),
                       "fingerprint": exact.fingerprint.hex(), "worst_ok": worst_ok,
                       "capability": torch.backends.cpu.get_cpu_capability()}))
@@ -157,7 +161,8 @@ def _child(env_extra, threads):
 
 
 def test_instruction_sets_do_not_matter(exact):
-    """ATen's SIMD level and oneDNN's ISA (no VNNI under AVX2: saturating int8 pairs) change nothing."""
+    """ATen's SIMD level and oneDNN's ISA (no VNNI under AVX2: saturating int8 pairs) change nothing,
+    through either kernel for the weights' products."""
     logits = _logits(exact, _ids(3, 50))
     here = hashlib.sha256(F.frequencies(exact, logits).numpy().tobytes()).hexdigest()
     steps_here = hashlib.sha256(F.frequencies(exact, logits[:, 40:]).numpy().tobytes()).hexdigest()
@@ -167,6 +172,7 @@ def test_instruction_sets_do_not_matter(exact):
         assert result["worst_ok"], f"int8 GEMM not exact under {env_extra}"
         assert result["fingerprint"] == exact.fingerprint.hex(), env_extra
         assert result["freq"] == here, env_extra
+        assert result["other"] == here, env_extra
         assert result["steps"] == steps_here, env_extra
         seen[json.dumps(env_extra)] = result["capability"]
     assert seen[json.dumps({"ATEN_CPU_CAPABILITY": "default"})] == "DEFAULT"  # the setting took effect

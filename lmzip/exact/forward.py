@@ -1,8 +1,8 @@
 """The exact forward pass: the same logits, bit for bit, on every machine.
 
 Every sum of many terms is a sum of integers that the hardware adds exactly
-in any order: int8 x int8 products summed in int32 (`torch._int_mm`), or
-integer-valued float32/float64 operands whose sums stay below 2**24 / 2**53.
+in any order: int8 x int8 products summed in int32 (`torch._int_mm`) or float32
+(matmul.py), or integer-valued float32/float64 operands whose sums stay below 2**24 / 2**53.
 Everything else is one separately rounded IEEE operation at a time (add, mul,
 div, sqrt, round), applied element-wise, or a fixed-order tree of them; exp,
 sigmoid and rope cos/sin come from the integer-built tables in tables.py.
@@ -17,10 +17,10 @@ import math
 
 import torch
 
+from .matmul import ACT_LIMIT, int_matmul
 from .model import MAX_POSITIONS, ExactModel, IntLinear, Layer, Shape
 from .tables import EXP_ONE_BITS, EXP_STEP_BITS
 
-ACT_LIMIT = 127        # |int activation| <= 127
 ATTN_BITS = 18         # attention weights are integers in [0, 2**18] before P @ V
 LIMB_BITS = 6          # ... split into 6-bit limbs
 KEY_BLOCK = 2048       # P @ V sums keys in blocks, each exact in float32: 64 * 127 * 2048 < 2**24
@@ -56,19 +56,6 @@ class Cache:
                 store[i] = t[rows]
 
 
-def int_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """(M, K) int8 @ (K, N) int8 -> (M, N) int32, exact."""
-    if x.device.type == "cuda":  # cuBLASLt int8 wants M > 16 and K, N multiples of 8
-        m, k = x.shape
-        n = w.shape[1]
-        pad_m, pad_k, pad_n = max(17 - m, 0), -k % 8, -n % 8
-        if pad_m or pad_k or pad_n:
-            x = torch.nn.functional.pad(x, (0, pad_k, 0, pad_m))
-            w = torch.nn.functional.pad(w, (0, pad_n, 0, pad_k))
-            return torch._int_mm(x, w)[:m, :n]
-    return torch._int_mm(x, w)
-
-
 def divide(a, b) -> torch.Tensor:
     """a / b correctly rounded, where one side may be a Python number.
 
@@ -93,8 +80,9 @@ def quantize_rows(t: torch.Tensor, step_dtype=torch.float64) -> tuple[torch.Tens
 
 
 def linear(q: torch.Tensor, step: torch.Tensor, lin: IntLinear) -> torch.Tensor:
-    """int8 (..., K) with float64 steps (...) -> float32 (..., N) = (Y * w_scale) * step, Y exact."""
-    y = int_matmul(q.reshape(-1, q.shape[-1]), lin.weight)
+    """int8 (..., K) with float64 steps (...) -> float32 (..., N) = (Y * w_scale) * step, Y exact
+    (int32 or integer-valued float: the same value, so the same float64 product)."""
+    y = int_matmul(q.reshape(-1, q.shape[-1]), lin.weight, lin.float_weight)  # exact integers
     steps = step.reshape(-1, 1)
     out = torch.empty(y.shape, dtype=torch.float32, device=y.device)
     rows = max(1, SCALE_ELEMENTS // y.shape[1])  # float64 temporaries small enough to stay in cache

@@ -21,9 +21,9 @@ import torch
 from ..errors import ModelError
 from ..limits import LM_LONG_POSITIONS, LM_POSITIONS
 from . import tables
+from .matmul import WEIGHT_LIMIT, float_is_faster
 
 ARITHMETIC_VERSION = b"lmzip-exact-lm/2"
-WEIGHT_LIMIT = 63       # |int weight| <= 63 (see the module docstring)
 # prefix + chunk tokens (arithmetic /2; /1 is the same restricted to 2048)
 MAX_POSITIONS = LM_LONG_POSITIONS
 V1_POSITIONS = LM_POSITIONS
@@ -46,6 +46,7 @@ class Shape:
 class IntLinear:
     weight: torch.Tensor  # (K, N) int8 in [-63, 63]: the second operand of torch._int_mm
     scale: torch.Tensor   # (N,) float64, each the float32 scale of one output row
+    float_weight: torch.Tensor | None = None  # weight as float32, where float GEMMs are faster (matmul.py)
 
 
 @dataclass
@@ -129,7 +130,18 @@ class ExactModel:
                     cos=torch.from_numpy(cos), sin=torch.from_numpy(sin),
                     exp=torch.from_numpy(tables.exp_table()), fingerprint=b"")
         exact.fingerprint = exact._digest()
+        exact.use_float_matmuls(float_is_faster("cpu"))
         return exact
+
+    def linears(self):
+        for layer in self.layers:
+            yield from (layer.qkv, layer.o, layer.gate_up, layer.down)
+        yield self.head
+
+    def use_float_matmuls(self, on: bool) -> None:
+        """Multiply by float32 copies of the weights (on) or with int8 kernels: the same integers."""
+        for lin in self.linears():
+            lin.float_weight = lin.weight.float() if on else None
 
     def tensors(self):
         """(name, tensor) of everything the arithmetic reads, in fingerprint order."""
@@ -161,12 +173,14 @@ class ExactModel:
         """The same model with its tensors on `device` (the fingerprint is of the values, unchanged)."""
         mv = lambda t: t.to(device)  # noqa: E731
         lin = lambda x: IntLinear(mv(x.weight), mv(x.scale))  # noqa: E731
-        return ExactModel(
+        moved = ExactModel(
             shape=self.shape, embed=mv(self.embed),
             layers=[Layer(mv(l.attn_norm), lin(l.qkv), lin(l.o), mv(l.mlp_norm), lin(l.gate_up), lin(l.down))
                     for l in self.layers],
             final_norm=mv(self.final_norm), head=lin(self.head), cos=mv(self.cos), sin=mv(self.sin),
             exp=mv(self.exp), fingerprint=self.fingerprint)
+        moved.use_float_matmuls(float_is_faster(torch.device(device).type))
+        return moved
 
     @property
     def device(self) -> torch.device:
