@@ -134,9 +134,13 @@ CHILD = textwrap.dedent("""
     # and through the kernel not chosen here (float32 GEMMs or int8 ones: the same integers)
     exact.use_float_matmuls(exact.head.float_weight is None)
     other = F.forward(exact, ids, F.Cache(exact.shape, 3, 50, "cpu"))
+    cache = F.Cache(exact.shape, 3, 50, "cpu")
+    F.forward(exact, ids[:, :40], cache)
+    other_steps = torch.cat([F.forward(exact, ids[:, p:p + 1], cache) for p in range(40, 50)], dim=1)
     print(json.dumps({"freq": hashlib.sha256(F.frequencies(exact, logits).numpy().tobytes()).hexdigest(),
                       "other": hashlib.sha256(F.frequencies(exact, other).numpy().tobytes()).hexdigest(),
                       "steps": hashlib.sha256(F.frequencies(exact, steps).numpy().tobytes()).hexdigest(),
+                      "other_steps": hashlib.sha256(F.frequencies(exact, other_steps).numpy().tobytes()).hexdigest(),
                       "fingerprint": exact.fingerprint.hex(), "worst_ok": worst_ok,
                       "capability": torch.backends.cpu.get_cpu_capability()}))
 """)
@@ -173,6 +177,7 @@ def test_instruction_sets_do_not_matter(exact):
         assert result["fingerprint"] == exact.fingerprint.hex(), env_extra
         assert result["freq"] == here, env_extra
         assert result["other"] == here, env_extra
+        assert result["other_steps"] == steps_here, env_extra
         assert result["steps"] == steps_here, env_extra
         seen[json.dumps(env_extra)] = result["capability"]
     assert seen[json.dumps({"ATEN_CPU_CAPABILITY": "default"})] == "DEFAULT"  # the setting took effect
@@ -284,7 +289,7 @@ def test_attention_value_sums_are_exact_for_few_and_many_query_rows(rows):
 
 
 def test_linear_scales_in_blocks_as_in_one_piece(exact, monkeypatch):
-    """A Linear's int32 results are scaled a block of rows at a time; each row keeps its own step."""
+    """A Linear's integer results are scaled a block of rows at a time; each row keeps its own step."""
     layer = exact.layers[0].gate_up
     g = torch.Generator().manual_seed(6)
     q = torch.randint(-127, 128, (2, 7, layer.weight.shape[0]), generator=g).to(torch.int8)

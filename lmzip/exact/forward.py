@@ -1,8 +1,8 @@
 """The exact forward pass: the same logits, bit for bit, on every machine.
 
 Every sum of many terms is a sum of integers that the hardware adds exactly
-in any order: int8 x int8 products summed in int32 (`torch._int_mm`) or float32
-(matmul.py), or integer-valued float32/float64 operands whose sums stay below 2**24 / 2**53.
+in any order: int8 x int8 products summed in int32 (`torch._int_mm`) or in
+float32 blocks (matmul.py), or integer-valued float32/float64 operands whose sums stay below 2**24 / 2**53.
 Everything else is one separately rounded IEEE operation at a time (add, mul,
 div, sqrt, round), applied element-wise, or a fixed-order tree of them; exp,
 sigmoid and rope cos/sin come from the integer-built tables in tables.py.
@@ -27,7 +27,7 @@ KEY_BLOCK = 2048       # P @ V sums keys in blocks, each exact in float32: 64 * 
 QUERY_POSITIONS = 64  # whole-sequence passes: positions per attention call (speed and memory only)
 FLOAT64_ROWS = 32      # attention calls with this many query rows (on a CPU) sum P @ V in float64
 HEAD_POSITIONS = 256  # ... and per output head call (memory only)
-SCALE_ELEMENTS = 1 << 16  # a Linear's int32 results are scaled in blocks of about this many
+SCALE_ELEMENTS = 1 << 16  # a Linear's integer results are scaled in blocks of about this many
 EXP_SCALE = float(1 << EXP_STEP_BITS)
 EXP_ONE = float(1 << EXP_ONE_BITS)
 
@@ -88,7 +88,7 @@ def linear(q: torch.Tensor, step: torch.Tensor, lin: IntLinear) -> torch.Tensor:
     rows = max(1, SCALE_ELEMENTS // y.shape[1])  # float64 temporaries small enough to stay in cache
     for first in range(0, y.shape[0], rows):
         block = slice(first, first + rows)
-        out[block] = torch.mul(y[block], lin.scale).mul_(steps[block])  # int32 * float64: one rounding
+        out[block] = torch.mul(y[block], lin.scale).mul_(steps[block])  # integer * float64: one rounding
     return out.reshape(*q.shape[:-1], -1)
 
 

@@ -130,7 +130,7 @@ class ExactModel:
                     cos=torch.from_numpy(cos), sin=torch.from_numpy(sin),
                     exp=torch.from_numpy(tables.exp_table()), fingerprint=b"")
         exact.fingerprint = exact._digest()
-        exact.use_float_matmuls(float_is_faster("cpu"))
+        exact.use_float_matmuls(float_is_faster(exact.device.type))
         return exact
 
     def linears(self):
