@@ -99,7 +99,13 @@ def run(codec: Codec, paths: list[str], *, model: str | None = None, chunk_token
         "zstd19_bytes": zstd_size, "zstd19_bits_per_byte": 8 * zstd_size / n,
         "xz9e_bytes": xz_size, "xz9e_bits_per_byte": 8 * xz_size / n,
         "threads": torch.get_num_threads(), "batch_size": batch_size,
+        "weight_products": weight_products(lm_kind.exact_model(lm)),
     }, "archive": blob}
+
+
+def weight_products(exact) -> str:
+    """Which kernel multiplied the weights here (the same integers either way; speed differs)."""
+    return "float32" if exact.head.float_weight is not None else "int8"
 
 
 def format_table(result: dict) -> str:
@@ -124,5 +130,5 @@ def format_table(result: dict) -> str:
         f"(they cost {f(s['frequency_cost_bits_per_token'], '.4f')} bits per token)",
         f"encode {s['encode_kb_per_second']:.2f} KB/s ({s['encode_seconds']:.1f} s), decode "
         f"{s['decode_kb_per_second']:.2f} KB/s ({s['decode_seconds']:.1f} s), {s['threads']} threads, "
-        f"batch {s['batch_size']}",
+        f"batch {s['batch_size']}, weights multiplied in {s['weight_products']}",
     ])
