@@ -122,25 +122,25 @@ CHILD = textwrap.dedent("""
     exact = ExactModel.from_loaded(load_model(sys.argv[1], device="cpu"))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 257, (3, 50), generator=g)
-    logits = F.forward(exact, ids, F.Cache(exact.shape, 3, 50, "cpu"))
-    # and token by token over the key/value cache, as the decoder runs (the last 10 positions)
-    cache = F.Cache(exact.shape, 3, 50, "cpu")
-    F.forward(exact, ids[:, :40], cache)
-    steps = torch.cat([F.forward(exact, ids[:, p:p + 1], cache) for p in range(40, 50)], dim=1)
+
+    def digests():
+        # frequencies of the whole-sequence pass, and token by token over the key/value cache
+        # as the decoder runs (the last 10 positions)
+        whole = F.forward(exact, ids, F.Cache(exact.shape, 3, 50, "cpu"))
+        cache = F.Cache(exact.shape, 3, 50, "cpu")
+        F.forward(exact, ids[:, :40], cache)
+        steps = torch.cat([F.forward(exact, ids[:, p:p + 1], cache) for p in range(40, 50)], dim=1)
+        return [hashlib.sha256(F.frequencies(exact, t).numpy().tobytes()).hexdigest() for t in (whole, steps)]
+
+    freq, steps = digests()
     # the worst case for saturating int8 kernels: every product at the limit, one sign
     a = torch.full((5, 1536), 127, dtype=torch.int8)
     w = torch.full((1536, 24), WEIGHT_LIMIT, dtype=torch.int8)
     worst_ok = bool((F.int_matmul(a, w).long() == a.long() @ w.long()).all())
     # and through the kernel not chosen here (float32 GEMMs or int8 ones: the same integers)
     exact.use_float_matmuls(exact.head.float_weight is None)
-    other = F.forward(exact, ids, F.Cache(exact.shape, 3, 50, "cpu"))
-    cache = F.Cache(exact.shape, 3, 50, "cpu")
-    F.forward(exact, ids[:, :40], cache)
-    other_steps = torch.cat([F.forward(exact, ids[:, p:p + 1], cache) for p in range(40, 50)], dim=1)
-    print(json.dumps({"freq": hashlib.sha256(F.frequencies(exact, logits).numpy().tobytes()).hexdigest(),
-                      "other": hashlib.sha256(F.frequencies(exact, other).numpy().tobytes()).hexdigest(),
-                      "steps": hashlib.sha256(F.frequencies(exact, steps).numpy().tobytes()).hexdigest(),
-                      "other_steps": hashlib.sha256(F.frequencies(exact, other_steps).numpy().tobytes()).hexdigest(),
+    other, other_steps = digests()
+    print(json.dumps({"freq": freq, "other": other, "steps": steps, "other_steps": other_steps,
                       "fingerprint": exact.fingerprint.hex(), "worst_ok": worst_ok,
                       "capability": torch.backends.cpu.get_cpu_capability()}))
 """)
