@@ -105,7 +105,7 @@ def run(codec: Codec, paths: list[str], *, model: str | None = None, chunk_token
 
 def weight_products(exact) -> str:
     """Which kernel multiplied the weights here (the same integers either way; speed differs)."""
-    return "float32" if exact.head.float_weight is not None else "int8"
+    return exact.weight_kernel
 
 
 def format_table(result: dict) -> str:
@@ -130,5 +130,5 @@ def format_table(result: dict) -> str:
         f"(they cost {f(s['frequency_cost_bits_per_token'], '.4f')} bits per token)",
         f"encode {s['encode_kb_per_second']:.2f} KB/s ({s['encode_seconds']:.1f} s), decode "
         f"{s['decode_kb_per_second']:.2f} KB/s ({s['decode_seconds']:.1f} s), {s['threads']} threads, "
-        f"batch {s['batch_size']}, weights multiplied in {s['weight_products']}",
+        f"batch {s['batch_size']}, weights multiplied by the {s['weight_products']} kernel",
     ])

@@ -116,6 +116,7 @@ def test_threads_do_not_matter(exact):
 CHILD = textwrap.dedent("""
     import hashlib, json, sys, torch
     from lmzip.exact import forward as F
+    from lmzip.exact import matmul as M
     from lmzip.exact.model import ExactModel, WEIGHT_LIMIT
     from lmzip.models import load_model
     torch.set_num_threads(int(sys.argv[2]))
@@ -137,10 +138,12 @@ CHILD = textwrap.dedent("""
     a = torch.full((5, 1536), 127, dtype=torch.int8)
     w = torch.full((1536, 24), WEIGHT_LIMIT, dtype=torch.int8)
     worst_ok = bool((F.int_matmul(a, w).long() == a.long() @ w.long()).all())
-    # and through the kernel not chosen here (float32 GEMMs or int8 ones: the same integers)
-    exact.use_float_matmuls(exact.head.float_weight is None)
-    other, other_steps = digests()
-    print(json.dumps({"freq": freq, "other": other, "steps": steps, "other_steps": other_steps,
+    # and through every kernel this torch has for the weights (the same integers)
+    kernels = {}
+    for kernel in M.kernels("cpu"):
+        exact.use_kernel(kernel)
+        kernels[kernel] = digests()
+    print(json.dumps({"freq": freq, "kernels": kernels, "steps": steps,
                       "fingerprint": exact.fingerprint.hex(), "worst_ok": worst_ok,
                       "capability": torch.backends.cpu.get_cpu_capability()}))
 """)
@@ -166,7 +169,7 @@ def _child(env_extra, threads):
 
 def test_instruction_sets_do_not_matter(exact):
     """ATen's SIMD level and oneDNN's ISA (no VNNI under AVX2: saturating int8 pairs) change nothing,
-    through either kernel for the weights' products."""
+    through every kernel for the weights' products."""
     logits = _logits(exact, _ids(3, 50))
     here = hashlib.sha256(F.frequencies(exact, logits).numpy().tobytes()).hexdigest()
     steps_here = hashlib.sha256(F.frequencies(exact, logits[:, 40:]).numpy().tobytes()).hexdigest()
@@ -176,8 +179,7 @@ def test_instruction_sets_do_not_matter(exact):
         assert result["worst_ok"], f"int8 GEMM not exact under {env_extra}"
         assert result["fingerprint"] == exact.fingerprint.hex(), env_extra
         assert result["freq"] == here, env_extra
-        assert result["other"] == here, env_extra
-        assert result["other_steps"] == steps_here, env_extra
+        assert result["kernels"] == {k: [here, steps_here] for k in ("int8", "float32", "onednn")}, env_extra
         assert result["steps"] == steps_here, env_extra
         seen[json.dumps(env_extra)] = result["capability"]
     assert seen[json.dumps({"ATEN_CPU_CAPABILITY": "default"})] == "DEFAULT"  # the setting took effect

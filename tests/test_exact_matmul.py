@@ -1,7 +1,8 @@
-"""Exact int8 products by float32 GEMMs (lmzip/exact/matmul.py): the same integers as
+"""Exact int8 products by every kernel of lmzip/exact/matmul.py: the same integers as
 torch._int_mm, at the limits and past one block of inputs, and the same frequencies."""
 
 import hashlib
+import types
 
 import pytest
 import torch
@@ -12,9 +13,16 @@ from lmzip.exact import matmul as M
 from lmzip.exact.model import ExactModel
 from lmzip.models import load_model
 
+FLOAT_KERNELS = [k for k in M.kernels("cpu") if k in M.FLOAT_KERNELS]
+
 
 def _exact_sum(x, w):
     return x.long() @ w.long()
+
+
+def test_onednn_is_offered_by_this_torch():
+    # the wheels pinned for CI carry oneDNN; without it the float kernels test one kernel only
+    assert M.ONEDNN in M.kernels("cpu")
 
 
 # 2097 products of 8001 make an odd sum above 2**24, which no float32 sum can hold: it fails
@@ -22,31 +30,70 @@ def _exact_sum(x, w):
 LIMIT_KS = [M.FLOAT_K_BLOCK, (1 << 24) // (M.ACT_LIMIT * M.WEIGHT_LIMIT) + 1, 3 * M.FLOAT_K_BLOCK + 5]
 
 
+@pytest.mark.parametrize("kernel", FLOAT_KERNELS)
 @pytest.mark.parametrize("k", LIMIT_KS)
 @pytest.mark.parametrize("sign", [1, -1])
-def test_float_products_are_exact_at_the_limits(k, sign):
+def test_float_products_are_exact_at_the_limits(kernel, k, sign):
     """Every product at its largest, one sign: the partial sums that would round first."""
     x = torch.full((5, k), sign * M.ACT_LIMIT, dtype=torch.int8)
     w = torch.full((k, 24), M.WEIGHT_LIMIT, dtype=torch.int8)
-    y = M.int_matmul(x, w, w.float())
+    y = M.int_matmul(x, w, M.FloatWeight.of(w, kernel))
     assert y.dtype.is_floating_point  # the float path ran
     assert torch.equal(y.long(), _exact_sum(x, w))
 
 
-def test_float_products_equal_int8_kernel_products():
+@pytest.mark.parametrize("kernel", FLOAT_KERNELS)
+def test_float_products_equal_int8_kernel_products(kernel):
     g = torch.Generator().manual_seed(1)
     for k in (1, 576, 1536, 2049):
-        x = torch.randint(-M.ACT_LIMIT, M.ACT_LIMIT + 1, (9, k), generator=g, dtype=torch.int8)
-        w = torch.randint(-M.WEIGHT_LIMIT, M.WEIGHT_LIMIT + 1, (k, 40), generator=g, dtype=torch.int8)
-        assert torch.equal(M.int_matmul(x, w, w.float()).long(), M.int_matmul(x, w).long()), k
+        for m in (1, 2, 9, 70):  # one row takes the plain blocks; oneDNN packs for 64 rows, any count works
+            x = torch.randint(-M.ACT_LIMIT, M.ACT_LIMIT + 1, (m, k), generator=g, dtype=torch.int8)
+            w = torch.randint(-M.WEIGHT_LIMIT, M.WEIGHT_LIMIT + 1, (k, 40), generator=g, dtype=torch.int8)
+            assert torch.equal(M.int_matmul(x, w, M.FloatWeight.of(w, kernel)).long(),
+                               M.int_matmul(x, w).long()), (k, m)
+
+
+def test_onednn_keeps_the_plain_weights_for_one_row(monkeypatch):
+    calls = []
+    real = M._product
+    monkeypatch.setattr(M, "_product", lambda x, block, packed: calls.append(packed) or real(x, block, packed))
+    w = torch.ones(8, 4, dtype=torch.int8)
+    weight = M.FloatWeight.of(w, M.ONEDNN)
+    for rows in (1, 2):
+        assert torch.equal(weight.times(torch.ones(rows, 8)), torch.full((rows, 4), 8.0))
+    assert calls == [False, True]
+
+
+def test_no_float_kernel_by_another_name():
+    with pytest.raises(ValueError, match="no float32 kernel"):
+        M.FloatWeight.of(torch.zeros(4, 4, dtype=torch.int8), M.INT8)
 
 
 def test_the_kernel_choice_is_made_once_per_process():
-    M.float_is_faster.cache_clear()
-    assert M.float_is_faster("cpu") in (True, False)
-    M.float_is_faster("cpu")
-    assert M.float_is_faster.cache_info().misses == 1
-    assert M.float_is_faster("cuda") is False  # GPUs run int8 at full speed
+    M.fastest_kernel.cache_clear()
+    assert M.fastest_kernel("cpu") in M.kernels("cpu")
+    M.fastest_kernel("cpu")
+    assert M.fastest_kernel.cache_info().misses == 1
+    assert M.fastest_kernel("cuda") == M.INT8  # GPUs run int8 at full speed
+
+
+def test_a_kernel_that_gives_other_integers_is_never_chosen(monkeypatch):
+    real = M._product
+    monkeypatch.setattr(M, "_product", lambda x, block, packed: real(x, block, packed) + packed)
+    monkeypatch.setattr(M, "best_time", lambda run: 0.0 if run.__name__ == "fast" else 1.0)
+    probe = M._probe_run
+    monkeypatch.setattr(M, "_probe_run", lambda x, w, kernel: _named(probe(x, w, kernel),
+                                                                     "fast" if kernel == M.ONEDNN else "slow"))
+    M.fastest_kernel.cache_clear()
+    try:
+        assert M.fastest_kernel("cpu") != M.ONEDNN  # the fastest, but off by one
+    finally:
+        M.fastest_kernel.cache_clear()
+
+
+def _named(run, name):
+    run.__name__ = name
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +101,8 @@ def exact():
     return ExactModel.from_loaded(load_model(TINY_MODEL, device="cpu"))
 
 
-def _frequencies_digest(exact, float_matmuls):
-    exact.use_float_matmuls(float_matmuls)
+def _frequencies_digest(exact, kernel):
+    exact.use_kernel(kernel)
     ids = torch.randint(0, 257, (3, 40), generator=torch.Generator().manual_seed(0))
     cache = F.Cache(exact.shape, 3, 40, "cpu")
     logits = torch.cat([F.forward(exact, ids[:, :30], cache)] +
@@ -63,26 +110,40 @@ def _frequencies_digest(exact, float_matmuls):
     return hashlib.sha256(F.frequencies(exact, logits).numpy().tobytes()).hexdigest()
 
 
-def test_both_kernels_give_the_same_frequencies(exact, monkeypatch):
+def test_every_kernel_gives_the_same_frequencies(exact, monkeypatch):
     calls = []
-    monkeypatch.setattr(M, "float_matmul", lambda x, w: calls.append(1) or x @ w)
-    chosen = exact.head.float_weight is not None
+    real = M._product
+    monkeypatch.setattr(M, "_product", lambda x, block, packed: calls.append(packed) or real(x, block, packed))
+    chosen = exact.weight_kernel
+    linears = 11 * (4 * len(exact.layers) + 1)  # every Linear of the 11 passes
     try:
-        with_float = _frequencies_digest(exact, True)
-        assert len(calls) == 11 * (4 * len(exact.layers) + 1)  # every Linear of the 11 passes
-        assert _frequencies_digest(exact, False) == with_float
-        assert len(calls) == 11 * (4 * len(exact.layers) + 1)  # and none in int8
+        reference = _frequencies_digest(exact, M.INT8)
+        assert not calls
+        for kernel in FLOAT_KERNELS:
+            calls.clear()
+            assert _frequencies_digest(exact, kernel) == reference, kernel
+            # the 3 rows of each pass take oneDNN's packed weights, where the kernel is onednn
+            assert calls == [kernel == M.ONEDNN] * linears
     finally:
-        exact.use_float_matmuls(chosen)
+        exact.use_kernel(chosen)
 
 
 def test_float_weights_are_the_int8_weights(exact):
-    chosen = exact.head.float_weight is not None
+    chosen = exact.weight_kernel
     try:
-        exact.use_float_matmuls(True)
+        exact.use_kernel(M.FLOAT32)
         for lin in exact.linears():
-            assert lin.float_weight.dtype == torch.float32 and torch.equal(lin.float_weight, lin.weight.float())
-        exact.use_float_matmuls(False)
+            (block,) = lin.float_weight.blocks
+            assert block.dtype == torch.float32 and torch.equal(block, lin.weight.float())
+            assert lin.float_weight.packed == ()
+        exact.use_kernel(M.INT8)
         assert all(lin.float_weight is None for lin in exact.linears())
+        assert exact.weight_kernel == M.INT8
     finally:
-        exact.use_float_matmuls(chosen)
+        exact.use_kernel(chosen)
+
+
+def test_exact_arithmetic_refuses_reduced_precision_in_onednn(exact, monkeypatch):
+    monkeypatch.setattr(torch.backends.mkldnn, "matmul", types.SimpleNamespace(fp32_precision="bf16"), raising=False)
+    with pytest.raises(ValueError, match="highest"):
+        F._check_float_matmuls(torch.device("cpu"))

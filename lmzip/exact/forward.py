@@ -246,9 +246,12 @@ def mlp_block(exact: ExactModel, layer: Layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_float_matmuls(device: torch.device) -> None:
-    """The float32 matmuls here are exact only at full float32 precision (no TF32, no bf16)."""
+    """The float32 matmuls here are exact only at full float32 precision (no TF32, no bf16, in
+    torch's matmuls and oneDNN's)."""
+    onednn = getattr(torch.backends.mkldnn, "matmul", None)
     if torch.get_float32_matmul_precision() != "highest" or (
-            device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32):
+            device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32) or (
+            getattr(onednn, "fp32_precision", "ieee") not in ("ieee", "none")):
         raise ValueError("the exact lm arithmetic needs torch.set_float32_matmul_precision('highest') "
                          "and TF32 off")
 

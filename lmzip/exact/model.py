@@ -21,7 +21,7 @@ import torch
 from ..errors import ModelError
 from ..limits import LM_LONG_POSITIONS, LM_POSITIONS
 from . import tables
-from .matmul import WEIGHT_LIMIT, float_is_faster
+from .matmul import INT8, WEIGHT_LIMIT, FloatWeight, fastest_kernel
 
 ARITHMETIC_VERSION = b"lmzip-exact-lm/2"
 # prefix + chunk tokens (arithmetic /2; /1 is the same restricted to 2048)
@@ -46,7 +46,7 @@ class Shape:
 class IntLinear:
     weight: torch.Tensor  # (K, N) int8 in [-63, 63]: the second operand of torch._int_mm
     scale: torch.Tensor   # (N,) float64, each the float32 scale of one output row
-    float_weight: torch.Tensor | None = None  # weight as float32, where float GEMMs are faster (matmul.py)
+    float_weight: FloatWeight | None = None  # the weight for a float32 kernel, where one is faster (matmul.py)
 
 
 @dataclass
@@ -94,6 +94,7 @@ class ExactModel:
     sin: torch.Tensor
     exp: torch.Tensor        # (N + 1,) int64 exp table, see tables.exp_table
     fingerprint: bytes       # 32 bytes
+    weight_kernel: str = INT8  # what multiplies the weights (use_kernel)
 
     def __post_init__(self):
         self.exp_f32 = self.exp.float()  # the same integers (<= 2**24), exact in float32
@@ -130,7 +131,7 @@ class ExactModel:
                     cos=torch.from_numpy(cos), sin=torch.from_numpy(sin),
                     exp=torch.from_numpy(tables.exp_table()), fingerprint=b"")
         exact.fingerprint = exact._digest()
-        exact.use_float_matmuls(float_is_faster(exact.device.type))
+        exact.use_kernel(fastest_kernel(exact.device.type))
         return exact
 
     def linears(self):
@@ -138,10 +139,11 @@ class ExactModel:
             yield from (layer.qkv, layer.o, layer.gate_up, layer.down)
         yield self.head
 
-    def use_float_matmuls(self, on: bool) -> None:
-        """Multiply by float32 copies of the weights (on) or with int8 kernels: the same integers."""
+    def use_kernel(self, kernel: str) -> None:
+        """Multiply the weights with `kernel` (matmul.py: int8, float32 or onednn): the same integers."""
         for lin in self.linears():
-            lin.float_weight = lin.weight.float() if on else None
+            lin.float_weight = None if kernel == INT8 else FloatWeight.of(lin.weight, kernel)
+        self.weight_kernel = kernel
 
     def tensors(self):
         """(name, tensor) of everything the arithmetic reads, in fingerprint order."""
@@ -179,7 +181,7 @@ class ExactModel:
                     for l in self.layers],
             final_norm=mv(self.final_norm), head=lin(self.head), cos=mv(self.cos), sin=mv(self.sin),
             exp=mv(self.exp), fingerprint=self.fingerprint)
-        moved.use_float_matmuls(float_is_faster(torch.device(device).type))
+        moved.use_kernel(fastest_kernel(torch.device(device).type))
         return moved
 
     @property
