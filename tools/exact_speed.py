@@ -6,6 +6,7 @@ from FILE, one torch thread by default. The SHA-256 of the logits shows that a c
 implementation left the arithmetic alone: it must not change between versions.
 
     python tools/exact_speed.py ../shared/corpus/alice29.txt --rows 1 10 --context 1000 --passes 1024
+    python tools/exact_speed.py ../shared/corpus/alice29.txt --rows 1 11 --passes --kernel float32
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lmzip.exact.forward import Cache, forward, frequencies  # noqa: E402
+from lmzip.exact.matmul import kernels  # noqa: E402
 from lmzip.exact.model import ExactModel  # noqa: E402
 from lmzip.models import load_model  # noqa: E402
 from lmzip.precision import exact_float32  # noqa: E402
@@ -61,10 +63,15 @@ def main():
     ap.add_argument("--steps", type=int, default=6, help="decode steps timed per setting (the first is dropped)")
     ap.add_argument("--passes", type=int, nargs="*", default=[1024], help="whole-sequence pass lengths")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--kernel", choices=kernels("cpu"), default=None,
+                    help="multiply the weights with this kernel (default: the one timed fastest here)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model(args.model, device="cpu")
     exact = ExactModel.from_loaded(lm)
+    if args.kernel:
+        exact.use_kernel(args.kernel)
+    print(f"weights multiplied by the {exact.weight_kernel} kernel", flush=True)
     ids = lm.tokenizer(Path(args.file).read_text(), add_special_tokens=False)["input_ids"]
     with exact_float32(), torch.no_grad():
         for rows in args.rows:
