@@ -2,7 +2,6 @@
 torch._int_mm, at the limits and past one block of inputs, and the same frequencies."""
 
 import hashlib
-import types
 
 import pytest
 import torch
@@ -143,7 +142,38 @@ def test_float_weights_are_the_int8_weights(exact):
         exact.use_kernel(chosen)
 
 
-def test_exact_arithmetic_refuses_reduced_precision_in_onednn(exact, monkeypatch):
-    monkeypatch.setattr(torch.backends.mkldnn, "matmul", types.SimpleNamespace(fp32_precision="bf16"), raising=False)
-    with pytest.raises(ValueError, match="highest"):
-        F._check_float_matmuls(torch.device("cpu"))
+def test_exact_arithmetic_refuses_reduced_precision_in_onednn():
+    """Through torch's own setting: in torch 2.13 it also makes the legacy getter raise."""
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        with pytest.raises(ValueError, match="oneDNN's fp32_precision"):
+            F._check_float_matmuls(torch.device("cpu"))
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = "none"
+    assert torch.get_float32_matmul_precision() == "highest"
+    F._check_float_matmuls(torch.device("cpu"))
+
+
+def test_exact_arithmetic_refuses_tf32_by_the_legacy_setting():
+    torch.set_float32_matmul_precision("high")
+    try:
+        with pytest.raises(ValueError, match="full float32"):
+            F._check_float_matmuls(torch.device("cpu"))
+    finally:
+        torch.set_float32_matmul_precision("highest")
+
+
+def test_a_kernel_that_fails_is_skipped(monkeypatch):
+    probe = M._probe_run
+
+    def run(x, w, kernel):
+        if kernel == M.ONEDNN:
+            raise RuntimeError("no such kernel here")
+        return probe(x, w, kernel)
+
+    monkeypatch.setattr(M, "_probe_run", run)
+    M.fastest_kernel.cache_clear()
+    try:
+        assert M.fastest_kernel("cpu") in (M.INT8, M.FLOAT32)
+    finally:
+        M.fastest_kernel.cache_clear()

@@ -246,14 +246,25 @@ def mlp_block(exact: ExactModel, layer: Layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_float_matmuls(device: torch.device) -> None:
-    """The float32 matmuls here are exact only at full float32 precision (no TF32, no bf16, in
-    torch's matmuls and oneDNN's)."""
-    onednn = getattr(torch.backends.mkldnn, "matmul", None)
-    if torch.get_float32_matmul_precision() != "highest" or (
+    """Refuse reduced-precision float32 matmuls (TF32, bfloat16 passes), in torch's and in oneDNN's.
+
+    The operands (integers up to 127) survive any of those formats; a partial sum kept in less
+    than float32 would not, and nothing promises which a backend rounds. Defence in depth: the
+    load-time probe also rejects a kernel whose product is not exact."""
+    if _legacy_precision() not in ("highest", None) or (
             device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32) or (
-            getattr(onednn, "fp32_precision", "ieee") not in ("ieee", "none")):
-        raise ValueError("the exact lm arithmetic needs torch.set_float32_matmul_precision('highest') "
-                         "and TF32 off")
+            getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", "ieee") not in ("ieee", "none")):
+        raise ValueError("the exact lm arithmetic needs full float32 matmuls: "
+                         "torch.set_float32_matmul_precision('highest'), TF32 off, oneDNN's fp32_precision 'ieee'")
+
+
+def _legacy_precision() -> str | None:
+    """torch.get_float32_matmul_precision(), or None where torch refuses it because the
+    per-backend settings (checked on their own) were set."""
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return None
 
 
 @torch.no_grad()

@@ -35,9 +35,9 @@ assert FLOAT_K_BLOCK * WEIGHT_LIMIT * ACT_LIMIT < 1 << 24, "float32 sums of int8
 @dataclass(frozen=True)
 class FloatWeight:
     """An int8 weight (K, N) as float32 blocks of FLOAT_K_BLOCK inputs for `kernel`: plain
-    (K, N) blocks, and for onednn the same blocks packed in oneDNN's layout too (about 3 times
-    faster than MKL from 2 rows to 64 on AVX2, but half as fast for one row, where MKL's
-    matrix-vector product takes the plain blocks)."""
+    (K, N) blocks, and for onednn the same blocks packed in oneDNN's layout too (faster than
+    MKL from 2 rows up on AVX2, but half as fast for one row, where MKL's matrix-vector product
+    takes the plain blocks)."""
     kernel: str
     blocks: tuple
     packed: tuple = ()
@@ -97,15 +97,17 @@ def kernels(device_type: str) -> list[str]:
     if device_type != "cpu":
         return [INT8]
     found = [INT8, FLOAT32]
-    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    if torch.backends.mkldnn.is_available() and all(
+            hasattr(torch.ops.mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise")):
         found.append(ONEDNN)
     return found
 
 
 @functools.cache
 def fastest_kernel(device_type: str) -> str:
-    """The fastest kernel here that gives the exact products, timed once per process at
-    PROBE_SHAPE; a kernel that fails or gives other integers is never chosen."""
+    """The fastest kernel here, timed once per process at PROBE_SHAPE; a kernel that fails, or
+    whose probe product differs from the exact one, is never chosen. (Exactness rests on the
+    bounds above and the tests; the probe is a last check of this build and CPU.)"""
     candidates = kernels(device_type)
     if len(candidates) == 1:
         return candidates[0]
@@ -120,7 +122,7 @@ def fastest_kernel(device_type: str) -> str:
             run = _probe_run(x, w, kernel)
             if not torch.equal(run().long(), exact):
                 continue
-        except RuntimeError:  # a kernel this build or CPU lacks
+        except (RuntimeError, NotImplementedError):  # a kernel this build or CPU lacks
             continue
         seconds = best_time(run)
         if seconds < fastest:
