@@ -99,13 +99,8 @@ def run(codec: Codec, paths: list[str], *, model: str | None = None, chunk_token
         "zstd19_bytes": zstd_size, "zstd19_bits_per_byte": 8 * zstd_size / n,
         "xz9e_bytes": xz_size, "xz9e_bits_per_byte": 8 * xz_size / n,
         "threads": torch.get_num_threads(), "batch_size": batch_size,
-        "weight_products": weight_products(lm_kind.exact_model(lm)),
+        "weight_products": lm_kind.exact_model(lm).weight_kernel,  # same integers by any; speed differs
     }, "archive": blob}
-
-
-def weight_products(exact) -> str:
-    """Which kernel multiplied the weights here (the same integers either way; speed differs)."""
-    return exact.weight_kernel
 
 
 def format_table(result: dict) -> str:

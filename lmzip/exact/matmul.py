@@ -7,8 +7,8 @@ within ±127, a float32 GEMM of the same integers is exact as well: no partial s
 of at most FLOAT_K_BLOCK products can reach 2**24, so no order of addition rounds.
 Two float32 GEMMs are on offer: torch's matmul (MKL on x86) and oneDNN's, with the
 weights packed once in its own layout (two to three times faster than MKL at the
-few rows of a decoding step on AVX2; it keeps MKL for a single row). All kernels give the same integers, so the
-choice (timed once per process) is speed only.
+few rows of a decoding step on AVX2; it keeps MKL for a single row). All kernels
+give the same integers, so the choice (timed once per process) is speed only.
 """
 
 from __future__ import annotations
@@ -34,11 +34,10 @@ assert FLOAT_K_BLOCK * WEIGHT_LIMIT * ACT_LIMIT < 1 << 24, "float32 sums of int8
 
 @dataclass(frozen=True)
 class FloatWeight:
-    """An int8 weight (K, N) as float32 blocks of FLOAT_K_BLOCK inputs for `kernel`: plain
-    (K, N) blocks, and for onednn the same blocks packed in oneDNN's layout too (faster than
-    MKL from 2 rows up on AVX2, but half as fast for one row, where MKL's matrix-vector product
+    """An int8 weight (K, N) as float32 blocks of FLOAT_K_BLOCK inputs: plain (K, N) blocks,
+    and for the onednn kernel the same blocks packed in oneDNN's layout too (faster than MKL
+    from 2 rows up on AVX2, but half as fast for one row, where MKL's matrix-vector product
     takes the plain blocks)."""
-    kernel: str
     blocks: tuple
     packed: tuple = ()
 
@@ -48,7 +47,7 @@ class FloatWeight:
             raise ValueError(f"no float32 kernel {kernel!r}")
         blocks = tuple(w[first:first + FLOAT_K_BLOCK].float() for first in range(0, w.shape[0], FLOAT_K_BLOCK))
         packed = tuple(_pack(b) for b in blocks) if kernel == ONEDNN else ()
-        return cls(kernel, blocks, packed)
+        return cls(blocks, packed)
 
     def times(self, x: torch.Tensor) -> torch.Tensor:
         """Integer-valued float32 x (M, K), |x| <= 127, times the weight, exactly: float32
