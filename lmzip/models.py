@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from . import embedded, fingerprints
+from .blocked_head import block_output_head
 from .errors import ModelError, ModelMismatchError, ModelUnavailableError
 
 EMBEDDED_MODEL_ID = embedded.MODEL_ID
@@ -155,6 +156,7 @@ def load_model(spec: str | None = None, device: str | torch.device | None = None
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
+    block_output_head(model)  # faster decoding on a CPU, same products
     return LoadedModel(
         model_id=model_id,
         model=model,
