@@ -46,3 +46,11 @@ def test_fit_variants_lbfgs_out_of_budget_is_a_failure(tiny):
     for line_search in ("strong_wolfe", None):
         start = tool["_VectorInit"](tiny, 0)(1)
         assert tool["lbfgs"](problem, start, 3, line_search=line_search) is None
+
+
+def test_head_speed_times_a_random_head_and_finds_the_same_bits(capsys):
+    tool = runpy.run_path(str(ROOT / "tools" / "head_speed.py"))
+    tool["main"](["--random", "--rows", "3", "--columns", "1024", "--repeats", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("head (49152, 576)") and lines[1].startswith("rows     3:")
+    assert "other bits" not in lines[1]
