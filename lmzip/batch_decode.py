@@ -34,7 +34,10 @@ from .errors import InputError, OptionError
 from .models import LoadedModel
 from .sharding import deal, map_shards
 
-DEFAULT_BATCH_SIZE = 64
+DEFAULT_BATCH_SIZE = 128  # rows: on a CPU core, 128 rows decode 1.15 times faster than 64 (BENCHMARKS.md)
+# Bytes of float32 keys and values that all the batches of one call may hold together: the
+# rows of a batch are cut to fit (a 1.7B-parameter model keeps 390 KB a position and row).
+CACHE_BUDGET = 4 << 30
 # Rows times columns of one prefill: its logits take this times the vocabulary in float32
 # (400 MB for SmolLM2), however many vectors a segment has (an archive may give 1024).
 MAX_PREFILL_POSITIONS = 2048
@@ -215,6 +218,29 @@ def _choose(rows: _Rows, ids: list[list[int]]) -> torch.Tensor:
     return next_ids
 
 
+def cache_bytes_per_position(config) -> int | None:
+    """Float32 keys and values of one position of one row, from a transformers config; None where
+    the config does not say."""
+    try:
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return int(config.num_hidden_layers * 2 * kv_heads * head_dim * 4)
+    except (AttributeError, TypeError, ZeroDivisionError):
+        return None
+
+
+def rows_within(budget: int, lm: LoadedModel, jobs: list[tuple[torch.Tensor, int]], prefix: tuple[int, ...],
+                batch_size: int) -> int:
+    """At most `batch_size` rows, and no more than a cache of `budget` bytes holds at the jobs'
+    longest length (rows are padded to it, and a buffer has GROW_POSITIONS spare columns)."""
+    per_position = cache_bytes_per_position(lm.model.config)
+    if per_position is None or not jobs:
+        return batch_size
+    longest = len(prefix) + max(len(vectors) + n for vectors, n in jobs) + GROW_POSITIONS
+    return max(1, min(batch_size, budget // (per_position * longest)))
+
+
 def _plain_cache_layers(lm: LoadedModel) -> bool:
     """Whether the model's cache holds every column of every layer (no sliding window, no
     chunked or linear layers): joining and trimming rows column by column is right only then."""
@@ -226,10 +252,12 @@ def _plain_cache_layers(lm: LoadedModel) -> bool:
 @torch.no_grad()
 def greedy_decode_batch(lm: LoadedModel, jobs: list[tuple[torch.Tensor, int]], prefix: tuple[int, ...] = (),
                         batch_size: int = DEFAULT_BATCH_SIZE,
-                        observe: Callable[[list[int], torch.Tensor], None] | None = None) -> list[Decoded]:
+                        observe: Callable[[list[int], torch.Tensor], None] | None = None,
+                        cache_budget: int = CACHE_BUDGET) -> list[Decoded]:
     """Decode every job (vectors (K_i, H), n_tokens_i) as `greedy_decode` would; results in job order.
 
-    At most `batch_size` segments run side by side. The caller checks that P + K_i + n_tokens_i
+    At most `batch_size` segments run side by side, fewer where their keys and values would
+    outgrow `cache_budget` bytes. The caller checks that P + K_i + n_tokens_i
     fits the model's positions (as for `greedy_decode`). `observe(jobs, logits)`, if given, sees
     each step's (B, V) logits and the job of each row before a token is chosen (for measurements).
     """
@@ -243,6 +271,7 @@ def greedy_decode_batch(lm: LoadedModel, jobs: list[tuple[torch.Tensor, int]], p
             raise InputError(f"cannot generate {n_tokens} tokens")
     if not _plain_cache_layers(lm):
         batch_size = 1  # one row never joins or trims a cache
+    batch_size = rows_within(cache_budget, lm, jobs, prefix, batch_size)
 
     ids: list[list[int]] = [[] for _ in jobs]
     margins = [float("inf")] * len(jobs)
@@ -271,13 +300,15 @@ def greedy_decode_batch(lm: LoadedModel, jobs: list[tuple[torch.Tensor, int]], p
 
 def greedy_decode_sharded(lm: LoadedModel, jobs: list[tuple[torch.Tensor, int]], prefix: tuple[int, ...] = (),
                           batch_size: int = DEFAULT_BATCH_SIZE, threads: int = 1) -> list[Decoded]:
-    """`greedy_decode_batch` over up to `threads` shards of the jobs at once, each shard a batch of at
+    """`greedy_decode_batch` over up to `threads` shards of the jobs at once, each shard batches of at
     most `batch_size` rows run by its own thread with one torch thread; results in job order.
 
-    A shard is made only for a full batch's worth of jobs (fewer rows per batch cost more than
-    the second thread gains). Like any batch composition, sharding changes float32 rounding, not
-    a token that led by the margin."""
-    shards = max(1, min(threads, -(-len(jobs) // batch_size)))
+    Jobs are dealt to every thread even when they would fill one batch: two one-thread batches
+    of half the rows decode as fast as one two-thread batch or faster (BENCHMARKS.md). The
+    shards share the cache budget. Like any batch composition, sharding changes float32
+    rounding, not a token that led by the margin."""
+    shards = max(1, min(threads, len(jobs)))
     return map_shards(lambda indices: greedy_decode_batch(lm, [jobs[j] for j in indices], prefix,
-                                                          batch_size=batch_size),
+                                                          batch_size=batch_size,
+                                                          cache_budget=CACHE_BUDGET // shards),
                       deal([n for _, n in jobs], shards), len(jobs))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import BinaryIO, Callable
 
 from . import container, kinds, segmenting
+from .batch_decode import DEFAULT_BATCH_SIZE
 from .container import KIND_MEMORY, ArchiveWriter, Header
 from .journal import Journal
 from .errors import (ContentChecksumError, InternalError, HeaderError, InputError, ModelMismatchError, ModelUnavailableError,
@@ -41,7 +42,7 @@ BYTES_PER_TOKEN = 4  # about, for English with a BPE tokenizer: only sizes the r
 # Runs of zstd segments are merged up to this size: one frame compresses better than many.
 ZSTD_SEGMENT_BYTES = 1 << 20
 MAX_MARGIN = 65504.0  # the margin is stored as float32; anything near this is unreachable anyway
-DECODE_BATCH = 64     # segments decoded together
+DECODE_BATCH = DEFAULT_BATCH_SIZE  # segments decoded together, per thread
 
 
 def region_tokens(size: int, batch_size: int) -> int:

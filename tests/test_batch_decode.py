@@ -144,10 +144,15 @@ def test_shards_decode_as_one_batch_does(tiny, shaped, threads, batch_size):
     finally:
         torch.set_num_threads(1)
     assert_same(got, expected)
-    if batch_size == 64:  # the jobs fill less than one batch: no second thread
-        assert threads_used == {("MainThread", 2)}
-    else:  # a shard per thread, each thread running one torch thread
-        assert threads_used == {("lmzip-shard", 1)}
+    # a shard per thread, each thread running one torch thread, even when the jobs fill less
+    # than one batch
+    assert threads_used == {("lmzip-shard", 1)}
+
+
+def test_one_job_runs_in_the_callers_thread(tiny, shaped):
+    jobs, expected = shaped
+    got = greedy_decode_sharded(tiny, jobs[:1], PREFIX, threads=2)
+    assert_same(got, expected[:1])
 
 
 def test_decompress_shards_a_window_and_gives_the_bytes(tiny, monkeypatch):
@@ -287,3 +292,37 @@ def test_appending_to_a_buffer(tiny):
     # a tensor that is not the buffer's first columns (a select or join made it) gets a new buffer
     other, again = _append(buffer, more.clone(), first[:, :, 2:])
     assert other is not buffer and torch.equal(again, torch.cat([first, first], dim=2))
+
+
+def test_the_cache_bytes_per_position_are_what_a_cache_holds(tiny):
+    from lmzip.batch_decode import _new_cache, cache_bytes_per_position
+
+    cache = _new_cache(tiny)
+    embeds = torch.zeros(3, 5, tiny.hidden_size)
+    tiny.model(inputs_embeds=embeds, use_cache=True, past_key_values=cache)
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert cache_bytes_per_position(tiny.model.config) == held // (3 * 5)
+
+
+def test_a_config_that_does_not_say_sets_no_limit(tiny):
+    from lmzip.batch_decode import cache_bytes_per_position, rows_within
+
+    assert cache_bytes_per_position(object()) is None
+    assert rows_within(1, type("LM", (), {"model": type("M", (), {"config": object()})})(), [(None, 5)], (), 9) == 9
+
+
+def test_rows_are_cut_to_the_cache_budget(tiny, shaped, monkeypatch):
+    from lmzip.batch_decode import GROW_POSITIONS, cache_bytes_per_position
+
+    jobs, expected = shaped
+    longest = len(PREFIX) + max(len(v) + n for v, n in jobs) + GROW_POSITIONS
+    budget = 3 * cache_bytes_per_position(tiny.model.config) * longest + 1
+    widths = []
+    real = lmzip.batch_decode._step
+    monkeypatch.setattr(lmzip.batch_decode, "_step", lambda lm, rows, ids: widths.append(len(rows)) or real(lm, rows, ids))
+    got = greedy_decode_batch(tiny, jobs, PREFIX, batch_size=64, cache_budget=budget)
+    assert_same(got, expected)
+    assert max(widths) == 3
+    widths.clear()
+    greedy_decode_batch(tiny, jobs, PREFIX, batch_size=64, cache_budget=1)
+    assert max(widths) == 1  # never fewer than one row
