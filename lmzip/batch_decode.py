@@ -38,6 +38,7 @@ DEFAULT_BATCH_SIZE = 128  # rows: on a CPU core, 128 rows decode 1.15 times fast
 # Bytes of float32 keys and values that all the batches of one call may hold together: the
 # rows of a batch are cut to fit (a 1.7B-parameter model keeps 390 KB a position and row).
 CACHE_BUDGET = 4 << 30
+MIN_SHARD_ROWS = 16  # segments a thread must get to run a batch of its own
 # Rows times columns of one prefill: its logits take this times the vocabulary in float32
 # (400 MB for SmolLM2), however many vectors a segment has (an archive may give 1024).
 MAX_PREFILL_POSITIONS = 2048
@@ -81,6 +82,7 @@ class _Rows:
         for layer in self.cache.layers:
             layer.keys = layer.keys[keep, :, first:]
             layer.values = layer.values[keep, :, first:]
+            _drop_buffers(layer)
         self.jobs = [self.jobs[i] for i in keep.tolist()]
         self.mask = self.mask[keep, first:]
         for name in ("positions", "remaining", "min_margin", "logits"):
@@ -93,11 +95,19 @@ class _Rows:
         for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
             mine.keys = torch.cat([_left_pad(mine.keys, length, 2), _left_pad(theirs.keys, length, 2)])
             mine.values = torch.cat([_left_pad(mine.values, length, 2), _left_pad(theirs.values, length, 2)])
+            _drop_buffers(mine)
         self.jobs = self.jobs + other.jobs
         self.mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(other.mask, length, 1)])
         for name in ("positions", "remaining", "min_margin", "logits"):
             setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
         return self
+
+
+def _drop_buffers(layer) -> None:
+    """Let a growing layer's old buffers go once its keys and values are new tensors: held until
+    the next step, they would double the cache's memory after every join and every drain."""
+    if hasattr(layer, "key_buffer"):
+        layer.key_buffer = layer.value_buffer = None
 
 
 def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -221,6 +231,8 @@ def _choose(rows: _Rows, ids: list[list[int]]) -> torch.Tensor:
 def cache_bytes_per_position(config) -> int | None:
     """Float32 keys and values of one position of one row, from a transformers config; None where
     the config does not say."""
+    if hasattr(config, "get_text_config"):  # a multimodal model keeps its LM's settings there
+        config = config.get_text_config()
     try:
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -303,11 +315,12 @@ def greedy_decode_sharded(lm: LoadedModel, jobs: list[tuple[torch.Tensor, int]],
     """`greedy_decode_batch` over up to `threads` shards of the jobs at once, each shard batches of at
     most `batch_size` rows run by its own thread with one torch thread; results in job order.
 
-    Jobs are dealt to every thread even when they would fill one batch: two one-thread batches
-    of half the rows decode as fast as one two-thread batch or faster (BENCHMARKS.md). The
-    shards share the cache budget. Like any batch composition, sharding changes float32
-    rounding, not a token that led by the margin."""
-    shards = max(1, min(threads, len(jobs)))
+    Jobs are dealt to every thread that gets at least MIN_SHARD_ROWS of them, even when they
+    would fill one batch: on 2 cores, two one-thread batches of half the rows decode as fast as
+    one two-thread batch or faster (BENCHMARKS.md); below that, every shard would read all the
+    weights for a few rows. The shards share the cache budget. Like any batch composition,
+    sharding changes float32 rounding, not a token that led by the margin."""
+    shards = max(1, min(threads, len(jobs) // MIN_SHARD_ROWS))
     return map_shards(lambda indices: greedy_decode_batch(lm, [jobs[j] for j in indices], prefix,
                                                           batch_size=batch_size,
                                                           cache_budget=CACHE_BUDGET // shards),

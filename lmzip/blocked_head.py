@@ -1,13 +1,13 @@
 """The output head multiplied in blocks of its columns on a CPU: the same products, faster.
 
 MKL's float32 GEMM of a decoding step's few dozen rows by a large vocabulary head runs far
-below the core's speed: 64 rows by SmolLM2's 576 x 49,152 head take 118 ms on one AVX2
-core, and the same product as 48 blocks of 1,024 columns 74 ms (BENCHMARKS.md, "The output
-head in column blocks"). Each logit is the same 576-term dot product either way, and MKL
-gives the same bits (a test checks it); where another BLAS rounded a block otherwise, the
-margin guard would cover it, as it covers the batch's composition (SPEC.md, "Batched
-decoding"). Only inference on a CPU in float32 takes the blocks: a fit's head (it needs
-gradients) and GPUs keep the one product.
+below the core's speed: on one AVX2 core, 64 rows by SmolLM2's 576 x 49,152 head took 104 to
+137 ms inside a decoding batch, and the same product as 48 blocks of 1,024 columns 79 to 91 ms
+(BENCHMARKS.md, "The output head in column blocks"; `tools/head_speed.py`). Each logit is the
+same 576-term dot product either way, and MKL gives the same bits (tests check it); where a
+BLAS rounded a block otherwise, the margin guard would cover it, as it covers the batch's
+composition (SPEC.md, "Batched decoding"). Only inference on a CPU with MKL in float32 takes
+the blocks: a fit's head (it needs gradients), other BLAS libraries and GPUs keep the one product.
 """
 
 from __future__ import annotations
@@ -25,14 +25,15 @@ class ColumnBlockedLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _blocked(x, self.weight):
             return F.linear(x, self.weight, self.bias)
-        blocks = [F.linear(x, self.weight[first:first + COLUMNS],
-                           None if self.bias is None else self.bias[first:first + COLUMNS])
-                  for first in range(0, self.out_features, COLUMNS)]
-        return torch.cat(blocks, dim=-1)  # (..., out_features)
+        out = x.new_empty(*x.shape[:-1], self.out_features)  # (..., out_features), filled block by block
+        for first in range(0, self.out_features, COLUMNS):
+            columns = slice(first, first + COLUMNS)
+            out[..., columns] = F.linear(x, self.weight[columns], None if self.bias is None else self.bias[columns])
+        return out
 
 
 def _blocked(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and torch.backends.mkl.is_available()
             and not (x.requires_grad or weight.requires_grad) and weight.shape[0] > 2 * COLUMNS
             and x.numel() >= MIN_ROWS * weight.shape[1])
 
@@ -47,4 +48,9 @@ def block_output_head(model: torch.nn.Module) -> None:
                                   device="meta")
     blocked.weight = head.weight
     blocked.bias = head.bias
-    model.set_output_embeddings(blocked)
+    try:
+        model.set_output_embeddings(blocked)
+    except (AttributeError, NotImplementedError):  # a model that names its head but cannot set it
+        return
+    if model.get_output_embeddings() is not blocked:  # set somewhere else than it is read from
+        model.set_output_embeddings(head)

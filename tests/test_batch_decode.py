@@ -125,34 +125,46 @@ def test_batched_equals_single_on_random_vectors(tiny, shapes, seed, batch_size)
     assert_same(greedy_decode_batch(tiny, jobs, PREFIX, batch_size=batch_size), reference(tiny, jobs, PREFIX))
 
 
-@pytest.mark.parametrize("threads, batch_size", [(2, 2), (3, 2), (2, 64)])
-def test_shards_decode_as_one_batch_does(tiny, shaped, threads, batch_size):
-    jobs, expected = shaped
-    threads_used = set()
+def shard_calls(monkeypatch, threads, run):
+    """(thread name, torch threads, jobs, cache budget) of each greedy_decode_batch that `run` makes."""
+    calls = []
     real = lmzip.batch_decode.greedy_decode_batch
 
-    def spy(*args, **kwargs):
-        threads_used.add((threading.current_thread().name.split("_")[0], torch.get_num_threads()))
-        return real(*args, **kwargs)
+    def spy(lm, jobs, *args, **kwargs):
+        calls.append((threading.current_thread().name.split("_")[0], torch.get_num_threads(), len(jobs),
+                      kwargs["cache_budget"]))
+        return real(lm, jobs, *args, **kwargs)
 
-    torch.set_num_threads(2)
+    monkeypatch.setattr(lmzip.batch_decode, "greedy_decode_batch", spy)
+    torch.set_num_threads(threads)
     try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(lmzip.batch_decode, "greedy_decode_batch", spy)
-            got = greedy_decode_sharded(tiny, jobs, PREFIX, batch_size=batch_size, threads=threads)
-        assert torch.get_num_threads() == 2  # the caller's setting is back
+        got = run()
+        assert torch.get_num_threads() == threads  # the caller's setting is back
     finally:
         torch.set_num_threads(1)
-    assert_same(got, expected)
-    # a shard per thread, each thread running one torch thread, even when the jobs fill less
-    # than one batch
-    assert threads_used == {("lmzip-shard", 1)}
+    return got, calls
 
 
-def test_one_job_runs_in_the_callers_thread(tiny, shaped):
+@pytest.mark.parametrize("threads, batch_size", [(2, 2), (3, 2), (2, 64)])
+def test_shards_decode_as_one_batch_does(tiny, shaped, threads, batch_size, monkeypatch):
     jobs, expected = shaped
-    got = greedy_decode_sharded(tiny, jobs[:1], PREFIX, threads=2)
-    assert_same(got, expected[:1])
+    monkeypatch.setattr(lmzip.batch_decode, "MIN_SHARD_ROWS", 3)
+    got, calls = shard_calls(monkeypatch, threads, lambda: greedy_decode_sharded(
+        tiny, jobs, PREFIX, batch_size=batch_size, threads=threads))
+    assert_same(got, expected)
+    # a shard per thread, each on one torch thread, even where the jobs fill less than one
+    # batch; they share the cache budget
+    assert [c[:2] for c in calls] == [("lmzip-shard", 1)] * threads
+    assert sum(c[2] for c in calls) == len(jobs)
+    assert {c[3] for c in calls} == {lmzip.batch_decode.CACHE_BUDGET // threads}
+
+
+def test_too_few_jobs_for_two_shards_run_in_the_callers_thread(tiny, shaped, monkeypatch):
+    jobs, expected = shaped
+    assert len(jobs) < 2 * lmzip.batch_decode.MIN_SHARD_ROWS
+    got, calls = shard_calls(monkeypatch, 2, lambda: greedy_decode_sharded(tiny, jobs, PREFIX, threads=2))
+    assert_same(got, expected)
+    assert calls == [("MainThread", 2, len(jobs), lmzip.batch_decode.CACHE_BUDGET)]
 
 
 def test_decompress_shards_a_window_and_gives_the_bytes(tiny, monkeypatch):
@@ -294,14 +306,47 @@ def test_appending_to_a_buffer(tiny):
     assert other is not buffer and torch.equal(again, torch.cat([first, first], dim=2))
 
 
-def test_the_cache_bytes_per_position_are_what_a_cache_holds(tiny):
+def grouped_query_model():
+    """A model whose key/value heads are fewer than its heads, and whose head_dim is its own."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=32)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("which", ["tiny", "grouped"])
+def test_the_cache_bytes_per_position_are_what_a_cache_holds(tiny, which):
     from lmzip.batch_decode import _new_cache, cache_bytes_per_position
 
-    cache = _new_cache(tiny)
-    embeds = torch.zeros(3, 5, tiny.hidden_size)
-    tiny.model(inputs_embeds=embeds, use_cache=True, past_key_values=cache)
+    model = tiny.model if which == "tiny" else grouped_query_model()
+    cache = _new_cache(type("LM", (), {"model": model})())
+    with torch.no_grad():
+        model(inputs_embeds=torch.zeros(3, 5, model.config.hidden_size), use_cache=True, past_key_values=cache)
     held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    assert cache_bytes_per_position(tiny.model.config) == held // (3 * 5)
+    assert cache_bytes_per_position(model.config) == held // (3 * 5)
+
+
+def test_a_multimodal_config_is_read_through_its_text_config():
+    from lmzip.batch_decode import cache_bytes_per_position
+
+    text = grouped_query_model().config
+    outer = type("Config", (), {"get_text_config": lambda self: text})()
+    assert cache_bytes_per_position(outer) == cache_bytes_per_position(text) == 2 * 2 * 4 * 32 * 4
+
+
+def test_rows_that_leave_or_join_let_the_old_cache_buffers_go(tiny, shaped):
+    from lmzip.batch_decode import _prefill, _step
+
+    jobs, _ = shaped
+    rows = _prefill(tiny, PREFIX, jobs, [0, 1, 3])
+    _step(tiny, rows, torch.zeros(3, dtype=torch.long))
+    assert all(layer.key_buffer is not None for layer in rows.cache.layers)  # the step made buffers
+    rows.select(torch.tensor([0, 2]))
+    assert all(layer.key_buffer is None and layer.value_buffer is None for layer in rows.cache.layers)
+    _step(tiny, rows, torch.zeros(2, dtype=torch.long))
+    rows.join(_prefill(tiny, PREFIX, jobs, [5]))
+    assert all(layer.key_buffer is None and layer.value_buffer is None for layer in rows.cache.layers)
 
 
 def test_a_config_that_does_not_say_sets_no_limit(tiny):

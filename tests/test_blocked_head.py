@@ -33,6 +33,10 @@ def linear_calls(monkeypatch):
     return rows
 
 
+MKL = pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="the blocks run with MKL only")
+
+
+@MKL
 @pytest.mark.parametrize("shape", [(2, 96), (7, 96), (64, 96), (3, 5, 96), (1, 2, 96)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_blocks_give_the_same_bits_as_one_product(shape, bias, linear_calls):
@@ -60,6 +64,12 @@ def test_a_fit_keeps_one_product_and_its_gradient(linear_calls):
 def test_other_dtypes_keep_one_product(dtype, linear_calls):
     layer = ColumnBlockedLinear(96, OUT, dtype=dtype).requires_grad_(False)
     layer(torch.randn(2, 96, dtype=dtype))
+    assert linear_calls == [OUT]
+
+
+def test_without_mkl_one_product(linear_calls, monkeypatch):
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: False)
+    ColumnBlockedLinear(96, OUT).requires_grad_(False)(torch.randn(4, 96))
     assert linear_calls == [OUT]
 
 
@@ -102,3 +112,20 @@ def test_a_head_that_is_not_a_plain_linear_stays():
     model = Model()
     block_output_head(model)
     assert type(model.head) is Head
+
+
+def test_a_model_that_cannot_set_its_head_keeps_it():
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(4, 8)
+
+        def get_output_embeddings(self):
+            return self.head
+
+        def set_output_embeddings(self, new):
+            raise AttributeError("no lm_head")
+
+    model = Model()
+    block_output_head(model)
+    assert type(model.head) is torch.nn.Linear

@@ -3,6 +3,8 @@
 import json
 import runpy
 
+import torch
+
 from conftest import ROOT, TINY_MODEL
 
 
@@ -50,7 +52,11 @@ def test_fit_variants_lbfgs_out_of_budget_is_a_failure(tiny):
 
 def test_head_speed_times_a_random_head_and_finds_the_same_bits(capsys):
     tool = runpy.run_path(str(ROOT / "tools" / "head_speed.py"))
-    tool["main"](["--random", "--rows", "3", "--columns", "1024", "--repeats", "1"])
+    threads = torch.get_num_threads()
+    try:
+        tool["main"](["--random", "--rows", "3", "--columns", "1024", "--repeats", "1"])
+    finally:
+        torch.set_num_threads(threads)  # the tool sets its own
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("head (49152, 576)") and lines[1].startswith("rows     3:")
     assert "other bits" not in lines[1]

@@ -51,7 +51,7 @@ class DecodeJob:
 class DecodeContext:
     header: object                 # container.Header
     model: object | None = None    # models.LoadedModel, for kinds that need one
-    batch_size: int = 64
+    batch_size: int = 128           # as batch_decode.DEFAULT_BATCH_SIZE
     threads: int = 1                 # batches of batch_size rows decoded side by side (CPU threads)
 
 
