@@ -14,11 +14,16 @@ one thread, tokens per CPU second are close to what a core of one's own gives.
     python tools/decode_speed.py --segments 64 --tokens 32 --batch-sizes 1 64 --threads 1 2
     python tools/decode_speed.py --archive doc.lmz --batch-sizes 1 8 64 --compare
     python tools/decode_speed.py --segments 128 --tokens 32 --batch-sizes 64 --threads 2 --sharded
+    python tools/decode_speed.py --segments 96 --tokens 12 --batch-sizes 1 7 64 --single-segments 8 --threads 1 --digest
+
+With --digest it also prints, per batch size, the SHA-256 of every step's logits (and of the
+tokens) of one unsharded run: equal digests before and after a change mean the same arithmetic.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import time
 from contextlib import nullcontext
@@ -81,6 +86,14 @@ def run(lm, jobs, prefix, batch_size, inference_mode, observe=None, sharded=Fals
     return decoded, time.perf_counter() - started, time.process_time() - cpu_started
 
 
+def digests(lm, jobs, prefix, batch_size, inference_mode) -> str:
+    logits = hashlib.sha256()
+    decoded, *_ = run(lm, jobs, prefix, batch_size, inference_mode,
+                      observe=lambda rows, step: logits.update(repr(rows).encode() + step.numpy().tobytes()))
+    tokens = hashlib.sha256(repr([d.ids for d in decoded]).encode())
+    return f"logits sha256 {logits.hexdigest()[:16]}, tokens sha256 {tokens.hexdigest()[:16]}"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the embedded model")
@@ -98,6 +111,8 @@ def main(argv=None):
     parser.add_argument("--sharded", action="store_true",
                         help="decode as decompress does: with T threads, up to T batches side by side, "
                              "each on one thread")
+    parser.add_argument("--digest", action="store_true",
+                        help="SHA-256 of every step's logits and of the tokens at each batch size")
     parser.add_argument("--compare", action="store_true",
                         help="max |logit difference| of each batched run against batch 1 (all segments)")
     args = parser.parse_args(argv)
@@ -132,6 +147,8 @@ def main(argv=None):
                   f"{seconds:.1f} s = {tokens / seconds:.1f} tokens/s; {cpu_seconds:.1f} CPU s = "
                   f"{tokens / cpu_seconds:.1f} tokens per CPU second "
                   f"(load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after)", flush=True)
+            if args.digest:
+                print("  " + digests(lm, some, prefix, batch_size, args.inference_mode), flush=True)
             if reference is not None and batch_size > 1:
                 recorder = LogitRecorder(reference)
                 batched, *_ = run(lm, jobs, prefix, batch_size, args.inference_mode, observe=recorder)
