@@ -25,11 +25,17 @@ class ColumnBlockedLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _blocked(x, self.weight):
             return F.linear(x, self.weight, self.bias)
-        out = x.new_empty(*x.shape[:-1], self.out_features)  # (..., out_features), filled block by block
-        for first in range(0, self.out_features, COLUMNS):
-            columns = slice(first, first + COLUMNS)
-            out[..., columns] = F.linear(x, self.weight[columns], None if self.bias is None else self.bias[columns])
-        return out
+        return blocked_linear(x, self.weight, self.bias)
+
+
+def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   columns: int = COLUMNS) -> torch.Tensor:
+    """F.linear(x, weight, bias) computed `columns` output columns at a time, into one tensor."""
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])  # (..., out_features), filled block by block
+    for first in range(0, weight.shape[0], columns):
+        block = slice(first, first + columns)
+        out[..., block] = F.linear(x, weight[block], None if bias is None else bias[block])
+    return out
 
 
 def _blocked(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -42,7 +42,6 @@ BYTES_PER_TOKEN = 4  # about, for English with a BPE tokenizer: only sizes the r
 # Runs of zstd segments are merged up to this size: one frame compresses better than many.
 ZSTD_SEGMENT_BYTES = 1 << 20
 MAX_MARGIN = 65504.0  # the margin is stored as float32; anything near this is unreachable anyway
-DECODE_BATCH = DEFAULT_BATCH_SIZE  # segments decoded together, per thread
 
 
 def region_tokens(size: int, batch_size: int) -> int:
@@ -451,7 +450,7 @@ class Codec:
 
     def decode_to(self, blob, out: BinaryIO, *, model: str | None = None,
                   progress: ProgressCallback | None = None, allow_download: bool | None = None,
-                  work_limit: int | None = None, batch_size: int = DECODE_BATCH) -> int:
+                  work_limit: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> int:
         """Decode an archive into `out`; raise an LmzError unless every byte checks out.
 
         Bytes are written as segments decode; the caller must discard `out` on

@@ -94,38 +94,32 @@ def test_loaded_models_get_the_blocked_head_still_tied():
     assert list(model.state_dict()) == list(AutoModelForCausalLM.from_pretrained(TINY).state_dict())
 
 
-def test_a_head_that_is_not_a_plain_linear_stays():
-    class Head(torch.nn.Linear):
-        pass
-
+def model_with(head: torch.nn.Module, refusal: Exception):
+    """A model whose head is `head` and whose set_output_embeddings raises `refusal`."""
     class Model(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.head = Head(4, 8)
+            self.head = head
 
         def get_output_embeddings(self):
             return self.head
 
         def set_output_embeddings(self, new):
-            raise AssertionError("replaced a head it should have left alone")
+            raise refusal
 
-    model = Model()
+    return Model()
+
+
+def test_a_head_that_is_not_a_plain_linear_stays():
+    class Head(torch.nn.Linear):
+        pass
+
+    model = model_with(Head(4, 8), AssertionError("replaced a head it should have left alone"))
     block_output_head(model)
     assert type(model.head) is Head
 
 
 def test_a_model_that_cannot_set_its_head_keeps_it():
-    class Model(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.head = torch.nn.Linear(4, 8)
-
-        def get_output_embeddings(self):
-            return self.head
-
-        def set_output_embeddings(self, new):
-            raise AttributeError("no lm_head")
-
-    model = Model()
+    model = model_with(torch.nn.Linear(4, 8), AttributeError("no lm_head"))
     block_output_head(model)
     assert type(model.head) is torch.nn.Linear

@@ -2,8 +2,8 @@
 
 Multiplies random rows by the embedded model's head weight (or a random one of the same
 shape with --random) as one F.linear and as blocks of each column count asked for, one
-thread by default, and prints the best of --repeats in ms, and whether the blocks gave the
-same bits.
+thread by default, and prints the best of --repeats in ms (after a warm-up), and whether
+the blocks gave the same bits.
 
     python tools/head_speed.py --rows 1 4 16 32 64 128 256 1024 --columns 512 1024 2048
 """
@@ -11,25 +11,16 @@ same bits.
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-def best_ms(fn, repeats: int) -> float:
-    fn()
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - started)
-    return best * 1e3
-
-
-def blocked(x: torch.Tensor, weight: torch.Tensor, columns: int) -> torch.Tensor:
-    return torch.cat([F.linear(x, weight[first:first + columns]) for first in range(0, weight.shape[0], columns)], -1)
+from lmzip.blocked_head import blocked_linear  # noqa: E402
+from lmzip.exact.matmul import best_time  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -50,9 +41,9 @@ def main(argv=None) -> None:
           f"one product / blocks of {', '.join(map(str, args.columns))} columns")
     for rows in args.rows:
         x = torch.randn(rows, weight.shape[1])
-        plain = best_ms(lambda: F.linear(x, weight), args.repeats)
-        times = [best_ms(lambda: blocked(x, weight, c), args.repeats) for c in args.columns]
-        same = all(torch.equal(blocked(x, weight, c), F.linear(x, weight)) for c in args.columns)
+        plain = 1e3 * best_time(lambda: F.linear(x, weight), args.repeats)
+        times = [1e3 * best_time(lambda: blocked_linear(x, weight, columns=c), args.repeats) for c in args.columns]
+        same = all(torch.equal(blocked_linear(x, weight, columns=c), F.linear(x, weight)) for c in args.columns)
         print(f"rows {rows:5d}: {plain:7.1f} / " + "  ".join(f"{t:7.1f}" for t in times)
               + ("" if same else "   (other bits)"))
 
