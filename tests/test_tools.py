@@ -60,3 +60,18 @@ def test_head_speed_times_a_random_head_and_finds_the_same_bits(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("head (49152, 576)") and lines[1].startswith("rows     3:")
     assert "other bits" not in lines[1]
+
+
+def test_decode_speed_decodes_every_memory_segment_of_an_archive(capsys):
+    tool = runpy.run_path(str(ROOT / "tools" / "decode_speed.py"))
+    asked = []
+    real = tool["main"].__globals__["archive_jobs"]
+    tool["main"].__globals__["archive_jobs"] = lambda path, segments: asked.append(segments) or real(path, segments)
+    threads = torch.get_num_threads()
+    try:
+        tool["main"](["--model", TINY_MODEL, "--archive", str(ROOT / "formats" / "good-memory-tiny.lmz"),
+                      "--batch-sizes", "4", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)  # the tool sets its own
+    assert asked == [None]  # all of them, not the random segments' default count
+    assert "batch   4, 1 threads: 23 segments" in capsys.readouterr().out

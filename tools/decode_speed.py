@@ -98,7 +98,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the embedded model")
     parser.add_argument("--archive", help="decode this archive's memory segments instead of random vectors")
-    parser.add_argument("--segments", type=int, default=64)
+    parser.add_argument("--segments", type=int, default=None,
+                        help="random segments to decode (default 64), or the first N of --archive (default all)")
     parser.add_argument("--single-segments", type=int, default=8,
                         help="segments the batch-1 run decodes (0: all)")
     parser.add_argument("--vectors", type=int, default=2, help="K of each random segment")
@@ -122,7 +123,7 @@ def main(argv=None):
         lm = load_model(args.model or model_id, device="cpu")
     else:
         lm = load_model(args.model, device="cpu")
-        jobs = random_jobs(lm, args.segments, args.vectors, args.tokens, args.seed)
+        jobs = random_jobs(lm, args.segments or 64, args.vectors, args.tokens, args.seed)
         prefix = sink_prefix(lm, FitConfig())
     if args.attention:
         lm.model.set_attn_implementation(args.attention)
