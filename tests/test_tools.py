@@ -62,11 +62,12 @@ def test_head_speed_times_a_random_head_and_finds_the_same_bits(capsys):
     assert "other bits" not in lines[1]
 
 
-def test_decode_speed_decodes_every_memory_segment_of_an_archive(capsys):
+def test_decode_speed_decodes_every_memory_segment_of_an_archive(capsys, monkeypatch):
     tool = runpy.run_path(str(ROOT / "tools" / "decode_speed.py"))
     asked = []
-    real = tool["main"].__globals__["archive_jobs"]
-    tool["main"].__globals__["archive_jobs"] = lambda path, segments: asked.append(segments) or real(path, segments)
+    real = tool["main"].__globals__["archive_jobs"]  # run_path returns a copy of the tool's globals
+    monkeypatch.setitem(tool["main"].__globals__, "archive_jobs",
+                        lambda path, segments: asked.append(segments) or real(path, segments))
     threads = torch.get_num_threads()
     try:
         tool["main"](["--model", TINY_MODEL, "--archive", str(ROOT / "formats" / "good-memory-tiny.lmz"),

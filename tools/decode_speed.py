@@ -12,7 +12,7 @@ with each figure: timings on a shared machine are only as good as that; with
 one thread, tokens per CPU second are close to what a core of one's own gives.
 
     python tools/decode_speed.py --segments 64 --tokens 32 --batch-sizes 1 64 --threads 1 2
-    python tools/decode_speed.py --archive doc.lmz --batch-sizes 1 8 64 --compare
+    python tools/decode_speed.py --archive doc.lmz --segments 64 --batch-sizes 1 8 64 --compare
     python tools/decode_speed.py --segments 128 --tokens 32 --batch-sizes 64 --threads 2 --sharded
     python tools/decode_speed.py --segments 96 --tokens 12 --batch-sizes 1 7 64 --single-segments 8 --threads 1 --digest
 
@@ -99,7 +99,7 @@ def main(argv=None):
     parser.add_argument("--model", default=None, help="default: the embedded model")
     parser.add_argument("--archive", help="decode this archive's memory segments instead of random vectors")
     parser.add_argument("--segments", type=int, default=None,
-                        help="random segments to decode (default 64), or the first N of --archive (default all)")
+                        help="random segments to decode (default 64), or the first N of --archive (default or 0: all)")
     parser.add_argument("--single-segments", type=int, default=8,
                         help="segments the batch-1 run decodes (0: all)")
     parser.add_argument("--vectors", type=int, default=2, help="K of each random segment")
@@ -115,7 +115,8 @@ def main(argv=None):
     parser.add_argument("--digest", action="store_true",
                         help="SHA-256 of every step's logits and of the tokens at each batch size")
     parser.add_argument("--compare", action="store_true",
-                        help="max |logit difference| of each batched run against batch 1 (all segments)")
+                        help="max |logit difference| of each batched run against batch 1 "
+                             "(all segments, one at a time: slow for a large archive)")
     args = parser.parse_args(argv)
 
     if args.archive:
@@ -123,7 +124,7 @@ def main(argv=None):
         lm = load_model(args.model or model_id, device="cpu")
     else:
         lm = load_model(args.model, device="cpu")
-        jobs = random_jobs(lm, args.segments or 64, args.vectors, args.tokens, args.seed)
+        jobs = random_jobs(lm, 64 if args.segments is None else args.segments, args.vectors, args.tokens, args.seed)
         prefix = sink_prefix(lm, FitConfig())
     if args.attention:
         lm.model.set_attn_implementation(args.attention)
