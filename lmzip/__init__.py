@@ -2,10 +2,10 @@
 
 `encode()` and `decode()` are one-shot wrappers over `Codec`, which keeps the
 loaded model between calls; `memory()` reads an archive's memory vectors as
-plain data.
+plain data. `Codec`, `EncodeReport` and `Progress` are imported on first use
+(they bring torch), so reading an archive's table needs no torch.
 """
 
-from .codec import Codec, EncodeReport, Progress, inspect
 from .container import FORMAT_VERSION, MAGIC
 from .errors import (
     ClusterError,
@@ -32,16 +32,32 @@ from .errors import (
     WorkLimitError,
 )
 from .export import MemorySegment, memory
-from .fit import FitConfig
+from .fit_config import FitConfig
+from .inspection import inspect
 
 __version__ = "0.1.0"
 
-_default_codec: Codec | None = None
+_LAZY = ("Codec", "EncodeReport", "Progress")
+_default_codec = None
 
 
-def _codec() -> Codec:
+def __getattr__(name):
+    if name in _LAZY:
+        from . import codec
+
+        return getattr(codec, name)
+    raise AttributeError(f"module 'lmzip' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])
+
+
+def _codec():
     global _default_codec
     if _default_codec is None:
+        from .codec import Codec
+
         _default_codec = Codec()
     return _default_codec
 

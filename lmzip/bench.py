@@ -22,7 +22,7 @@ import zstandard
 from . import segmenting
 from .codec import Codec, Progress, ProgressCallback
 from .errors import InputError, InternalError
-from .fit import FitConfig
+from .fit_config import FitConfig
 
 
 @dataclass

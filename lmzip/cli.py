@@ -21,10 +21,10 @@ from pathlib import Path
 import click
 
 import lmzip
-from lmzip import cli_argv, export as memory_export
+from lmzip import cli_argv, export as memory_export, inspection
 from lmzip.atomic import atomic_output
-from lmzip.codec import METHODS
-from lmzip.fit import FitConfig
+from lmzip.fit_config import FitConfig
+from lmzip.kinds import METHODS
 from lmzip.progress_line import ProgressLine
 
 SUFFIX = ".lmz"
@@ -51,6 +51,14 @@ def _progress(obj: dict, label: str, unit: str):
     finally:
         if line is not None:
             line.close()
+
+
+def _codec(obj: dict):
+    """The command's Codec, made on first use: it brings torch, which the commands that read only
+    an archive's table (info, test --no-model) and --help do without."""
+    if obj["codec"] is None:
+        obj["codec"] = lmzip.Codec()
+    return obj["codec"]
 
 
 def _say(ctx_obj: dict, message: str) -> None:
@@ -194,7 +202,7 @@ def main(ctx):
     Exit status: 0 success; 1 bad data, failed verification, an I/O error or
     an internal error; 2 usage error; 130 interrupted.
     """
-    ctx.obj = {"quiet": False, "verbose": False, "progress": False, "codec": lmzip.Codec()}
+    ctx.obj = {"quiet": False, "verbose": False, "progress": False, "codec": None}
 
 
 def _output_flags(f):
@@ -292,8 +300,8 @@ def compress(obj, files, output, to_stdout, force, keep, remove, model, method, 
         book = f"{target}.journal" if journal and not stdout and method != "zstd" else None
         with _progress(obj, name, "bytes") as bar:
             _write(name, target, stdout, force,
-                   lambda f: reports.append(obj["codec"].encode_to(data, f, progress=bar, journal=book,
-                                                                   **options)), status)
+                   lambda f: reports.append(_codec(obj).encode_to(data, f, progress=bar, journal=book,
+                                                                  **options)), status)
         if book:
             shutil.rmtree(book, ignore_errors=True)  # the archive is safely written: the journal is done
         r = reports[0]
@@ -350,8 +358,8 @@ def decompress(obj, files, output, to_stdout, force, keep, remove, model, allow_
         blob, status = _read_with_stat(name)
         with _progress(obj, name, "segments") as bar:
             _write(name, target, stdout, force,
-                   lambda f: obj["codec"].decode_to(blob, f, model=model, progress=bar, work_limit=work_limit,
-                                                    allow_download=allow_download), status)
+                   lambda f: _codec(obj).decode_to(blob, f, model=model, progress=bar, work_limit=work_limit,
+                                                   allow_download=allow_download), status)
         if remove and name != "-" and not stdout:
             os.unlink(name)
 
@@ -378,13 +386,13 @@ def test(obj, files, model, no_model, allow_download, work_limit):
     def work(name):
         blob = _read_input(name)
         if no_model:
-            archive = obj["codec"].check(blob)
+            archive = inspection.check(blob)
             unchecked = " (payloads unchecked: format 1/2 has no payload CRC)" if archive.header.version < 3 else ""
             _say(obj, f"{name}: OK, payloads intact{unchecked}; content not decoded")
             return
         with _progress(obj, name, "segments") as bar:
-            obj["codec"].decode_to(blob, Sink(), model=model, progress=bar, work_limit=work_limit,
-                                   allow_download=allow_download)
+            _codec(obj).decode_to(blob, Sink(), model=model, progress=bar, work_limit=work_limit,
+                                  allow_download=allow_download)
         _say(obj, f"{name}: OK")
 
     _each_file(obj, files, work)
@@ -460,11 +468,11 @@ def bench(obj, paths, chunk_chars, limit, skip, model, tokens_per_segment, whole
             if bench_method == "lm":
                 from lmzip import bench_lm
 
-                result.update(bench_lm.run(obj["codec"], list(paths), model=model, chunk_tokens=tokens_per_segment,
+                result.update(bench_lm.run(_codec(obj), list(paths), model=model, chunk_tokens=tokens_per_segment,
                                            max_bytes=max_bytes or None, progress=bar))
                 return
             try:
-                result.update(benchmark.run(obj["codec"], list(paths), chunk_chars=chunk_chars,
+                result.update(benchmark.run(_codec(obj), list(paths), chunk_chars=chunk_chars,
                                             limit=limit or None, skip=skip, model=model, fit=fit,
                                             tokens_per_segment=tokens_per_segment, whole=whole,
                                             progress=bar))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Hashable, Iterable, Iterator
 
 from .errors import ClusterError, LmzError, ModelMismatchError, ModelUnavailableError
-from .fit import FitConfig
+from .fit_config import FitConfig
 from .kinds import CodedSegment
 from .segmenting import Region
 

@@ -13,20 +13,21 @@ import os
 from dataclasses import dataclass, replace
 from typing import BinaryIO, Callable
 
-from . import container, kinds, segmenting
+from . import container, inspection, kinds, segmenting
 from .batch_decode import DEFAULT_BATCH_SIZE
 from .container import KIND_MEMORY, ArchiveWriter, Header
 from .journal import Journal
 from .errors import (ContentChecksumError, InternalError, HeaderError, InputError, ModelMismatchError, ModelUnavailableError,
                      OptionError, SegmentError, WorkLimitError)
 from .fit import FitConfig, fit_regions, sink_prefix
+from .inspection import decode_work, inspect  # noqa: F401 - inspect is lmzip.inspect
 from .kinds.memory import max_positions
 from .limits import DEFAULT_WORK_LIMIT, MAX_PREFIX_TOKENS, MAX_TOKENS_PER_SEGMENT, MAX_VECTORS_PER_SEGMENT
 from .models import LoadedModel, load_model
 from .precision import exact_float32
 from .sharding import cpu_threads
 
-METHODS = ("memory", "lm", "zstd")
+METHODS = kinds.METHODS
 # Tokens per lm segment, the context each token is coded in: longer is smaller (first 20 KB of
 # alice29: 1.489 bits per byte at 128, 1.264 at 512, 1.172 at 2047) and decodes slower per token
 # (BENCHMARKS.md); 2047 fills the exact arithmetic's 2048 positions after the prefix token.
@@ -102,12 +103,6 @@ def _as_bytes(data) -> bytes:
     raise InputError(f"lmzip encodes bytes or str, not {type(data).__name__}")
 
 
-def _archive_bytes(blob):
-    if isinstance(blob, (bytes, bytearray, memoryview)):
-        return blob
-    raise InputError(f"lmzip decodes an archive given as bytes, not {type(blob).__name__}")
-
-
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -122,11 +117,6 @@ def _work_limit(limit: int | None) -> int:
     if limit < 0:
         raise OptionError("the work limit cannot be negative")
     return limit
-
-
-def decode_work(archive: container.Archive) -> int:
-    """The model steps decoding the archive costs (tokens to generate), from its table alone."""
-    return sum(kinds.get(s.kind).work(s) for s in archive.segments)
 
 
 class _RawRun:
@@ -444,9 +434,7 @@ class Codec:
 
     def check(self, blob) -> container.Archive:
         """Integrity without the model: structure, limits and every payload's CRC-32 (v3)."""
-        archive = container.parse(_archive_bytes(blob))
-        container.check_payloads(archive)
-        return archive
+        return inspection.check(blob)
 
     def decode_to(self, blob, out: BinaryIO, *, model: str | None = None,
                   progress: ProgressCallback | None = None, allow_download: bool | None = None,
@@ -515,33 +503,3 @@ def lm_pieces(lm: LoadedModel, data: bytes, tokens_per_segment: int | None,
     """The text cut as `--method lm` cuts it: chunks of tokens, and runs that are not UTF-8 (ids None)."""
     chunk = min(tokens_per_segment or LM_CHUNK_TOKENS, kinds.lm.max_chunk_tokens(prefix))
     return list(segmenting.plan(data, lm.tokenizer, chunk, worth=lambda tokenizer, text: True))
-
-
-def inspect(blob) -> dict:
-    """Describe an archive without decoding it: header fields and the segment table."""
-    archive = container.parse(_archive_bytes(blob))
-    h = archive.header
-    return {
-        "format_version": h.version,
-        "original_size": h.original_size,
-        "archive_size": len(archive.data),
-        "content_sha256": h.content_sha256.hex(),
-        "model_id": h.model_id or None,
-        "model_source": h.source_name if h.has_model else None,
-        "model_revision": h.revision or None,
-        "tokenizer_sha256": h.tokenizer_sha256.hex() if h.has_model else None,
-        "weights_sha256": h.weights_sha256.hex() if h.has_model else None,
-        "hidden_size": h.hidden_size,
-        "vectors_per_segment": h.vectors_per_segment,
-        "compute_dtype": container.DTYPE_NAMES[h.compute_dtype],
-        "margin": h.margin,
-        "prefix_tokens": list(h.prefix),
-        "decode_work": decode_work(archive),
-        "segments": [
-            {"index": i, "kind": s.kind_name, "original_length": s.original_length,
-             "payload_length": s.payload_length, "token_count": s.token_count,
-             "vector_count": s.vector_count, "crc32": f"{s.crc32:08x}",
-             "payload_crc32": None if s.payload_crc32 is None else f"{s.payload_crc32:08x}"}
-            for i, s in enumerate(archive.segments)
-        ],
-    }

@@ -15,7 +15,7 @@ import queue
 from typing import Hashable, Iterable, Iterator
 
 from .errors import LmzError, ModelError
-from .fit import FitConfig
+from .fit_config import FitConfig
 from .kinds import CodedSegment
 from .segmenting import Region
 from .sharding import exit_with_parent

@@ -378,3 +378,35 @@ def test_a_stale_journal_of_other_input_is_refused(workdir):
     r = run("compress", *TINY_ARGS, "--workers", "1", "doc.txt")
     assert r.exit_code == 1 and "of another compression" in r.stderr and "remove it" in r.stderr
     assert not Path("doc.txt.lmz").exists()
+
+
+def imported_modules(*args) -> tuple[int, set[str]]:
+    """Run `python -m lmzip ARGS` under -X importtime: its exit status and every module it imported."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "lmzip", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    return done.returncode, {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()
+                             if line.startswith("import time:")}
+
+
+@pytest.mark.parametrize("args, status", [
+    (["--help"], 0),
+    (["--version"], 0),
+    (["compress", "--help"], 0),
+    (["info", "formats/good-memory-tiny.lmz"], 0),
+    (["-l", "formats/good-lm-tiny.lmz"], 0),
+    (["test", "--no-model", "formats/good-memory-tiny.lmz"], 0),
+    (["info", "formats/bad-magic.lmz"], 1),
+])
+def test_commands_that_read_only_the_table_start_without_torch(args, status):
+    # torch takes about 1.5 s to import; `info` and `--help` should answer at once
+    code, modules = imported_modules(*args)
+    assert code == status
+    assert "lmzip.container" in modules  # the log was read
+    assert "torch" not in modules
+
+
+def test_the_library_reads_an_archive_table_without_torch():
+    script = ("import sys, lmzip; blob = open('formats/good-memory-tiny.lmz', 'rb').read(); "
+              "assert lmzip.inspect(blob)['segments']; assert 'torch' not in sys.modules; "
+              "assert lmzip.Codec().check(blob).segments; assert 'torch' in sys.modules")
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, timeout=120)

@@ -55,6 +55,8 @@ class DecodeContext:
     threads: int = 1                 # batches of batch_size rows decoded side by side (CPU threads)
 
 
+# What encode(method=...) takes: memory segments, the lm kinds, or zstd alone.
+METHODS = ("memory", "lm", "zstd")
 KINDS = {module.KIND: module for module in (zstd, memory, lm, lm_long, lm_packed)}
 LM_KINDS = frozenset({lm.KIND, lm_long.KIND, lm_packed.KIND})  # tokens range-coded under the model
 

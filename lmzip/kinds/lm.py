@@ -13,7 +13,6 @@ kind 2 where it can, so those segments stay readable by a reader that knows only
 from __future__ import annotations
 
 from ..errors import SegmentError
-from ..sharding import cpu_threads
 from ..limits import LM_POSITIONS, MAX_SEGMENT_BYTES, MAX_TOKENS_PER_SEGMENT
 
 KIND = 2
@@ -90,6 +89,7 @@ def code(lm, pieces, prefix) -> list[bytes]:
     """The range-coded payload of each piece's `ids`, from one whole-chunk pass each."""
     from ..exact import encode_chunks
     from ..precision import exact_float32
+    from ..sharding import cpu_threads
 
     exact = exact_model(lm)
     with exact_float32():  # the exact forward refuses reduced-precision matmuls
@@ -103,6 +103,7 @@ def check(lm, pieces, payloads, prefix, sample) -> set[int]:
     sample is decoded in one batched call: a lone chunk decodes several times slower per token."""
     from ..exact import decode_chunks
     from ..precision import exact_float32
+    from ..sharding import cpu_threads
 
     sample = list(sample)
     if not sample:

@@ -8,7 +8,6 @@ exactly the segment's tokens with the margin guard (SPEC.md, "Decoding a memory 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from ..errors import SegmentError
 from ..limits import MAX_TOKENS_PER_SEGMENT, MAX_VECTORS_PER_SEGMENT
@@ -38,6 +37,8 @@ def work(entry) -> int:
 
 def vectors_payload(vectors16) -> bytes:
     """(K, H) fp16 vectors as the payload's little-endian binary16 values; non-finite ones refused."""
+    import torch  # here, not above: reading an archive's table needs no torch
+
     array = np.asarray(vectors16.cpu() if isinstance(vectors16, torch.Tensor) else vectors16, dtype="<f2")
     if not np.isfinite(array).all():
         raise ValueError("memory vectors must be finite")
@@ -74,6 +75,8 @@ def _positions_problem(lm, prefix, entry) -> str | None:
 def token_ids(jobs, ctx) -> list[list[int]]:
     """Greedy decoding of each job's vectors, as the encoder verified it, `ctx.batch_size` at a time
     (batching changes float32 rounding, never a token that led by the margin: SPEC.md)."""
+    import torch
+
     from ..batch_decode import greedy_decode_sharded
 
     lm, prefix = ctx.model, ctx.header.prefix
