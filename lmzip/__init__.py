@@ -6,6 +6,8 @@ plain data. `Codec`, `EncodeReport` and `Progress` are imported on first use
 (they bring torch), so reading an archive's table needs no torch.
 """
 
+from typing import TYPE_CHECKING
+
 from .container import FORMAT_VERSION, MAGIC
 from .errors import (
     ClusterError,
@@ -35,10 +37,13 @@ from .export import MemorySegment, memory
 from .fit_config import FitConfig
 from .inspection import inspect
 
+if TYPE_CHECKING:  # for type checkers and editors; at run time, __getattr__ below
+    from .codec import Codec, EncodeReport, Progress
+
 __version__ = "0.1.0"
 
 _LAZY = ("Codec", "EncodeReport", "Progress")
-_default_codec = None
+_default_codec: "Codec | None" = None
 
 
 def __getattr__(name):
@@ -53,7 +58,7 @@ def __dir__():
     return sorted([*globals(), *_LAZY])
 
 
-def _codec():
+def _codec() -> "Codec":
     global _default_codec
     if _default_codec is None:
         from .codec import Codec

@@ -11,6 +11,7 @@ from .errors import InputError
 
 
 def archive_bytes(blob):
+    """`blob` if it is bytes-like; an archive comes as bytes, never as a path or a file."""
     if isinstance(blob, (bytes, bytearray, memoryview)):
         return blob
     raise InputError(f"lmzip decodes an archive given as bytes, not {type(blob).__name__}")

@@ -383,8 +383,8 @@ def test_a_stale_journal_of_other_input_is_refused(workdir):
 def imported_modules(*args) -> tuple[int, set[str]]:
     """Run `python -m lmzip ARGS` under -X importtime: its exit status and every module it imported."""
     done = subprocess.run([sys.executable, "-X", "importtime", "-m", "lmzip", *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=120)
-    return done.returncode, {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()
+                          cwd=ROOT, timeout=120)
+    return done.returncode, {line.rsplit("|", 1)[-1].strip() for line in done.stderr.decode().splitlines()
                              if line.startswith("import time:")}
 
 
@@ -395,7 +395,9 @@ def imported_modules(*args) -> tuple[int, set[str]]:
     (["info", "formats/good-memory-tiny.lmz"], 0),
     (["-l", "formats/good-lm-tiny.lmz"], 0),
     (["test", "--no-model", "formats/good-memory-tiny.lmz"], 0),
-    (["info", "formats/bad-magic.lmz"], 1),
+    (["info", "--json", "formats/good-lm-packed-tiny.lmz"], 0),
+    (["-lv", "formats/bad-magic.lmz"], 1),
+    (["export", "-c", "formats/good-memory-tiny.lmz"], 0),
 ])
 def test_commands_that_read_only_the_table_start_without_torch(args, status):
     # torch takes about 1.5 s to import; `info` and `--help` should answer at once
