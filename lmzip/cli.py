@@ -242,8 +242,8 @@ def _fit_flags(f):
         click.option("--lr", type=click.FloatRange(0, min_open=True), default=_DEFAULTS.lr, show_default=True,
                      help="Peak learning rate."),
         click.option("--bf16/--no-bf16", default=None,
-                     help="Fit under bfloat16 autocast [default: where the hardware has native bf16]; "
-                     "verification is float32 either way."),
+                     help="Fit under bfloat16 autocast [default: where the hardware has native bf16; "
+                     "elsewhere it is emulated, about 30 times slower]; verification is float32 either way."),
         click.option("--hinge", type=click.FloatRange(0), default=_DEFAULTS.hinge, show_default=True,
                      help="Weight of the margin hinge added to cross-entropy."),
     ]
