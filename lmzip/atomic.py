@@ -1,17 +1,25 @@
 """Output files that appear whole or not at all.
 
 Data goes to a temporary file beside the target, which is renamed over the
-target only once everything succeeded; any error or Ctrl-C removes it.
+target only once everything succeeded; any error or Ctrl-C removes it. A
+target that is a device or a FIFO (/dev/null, a pipe) is written in place,
+never replaced, once the whole output is ready.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
+import stat
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import OutputExistsError
+
+SPOOL_IN_MEMORY = 64 << 20  # a larger output waits on disk
 
 
 def _umask() -> int:
@@ -21,19 +29,54 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
+def spooled(destination: BinaryIO):
+    """Yield a buffer whose contents go to `destination` only if the block succeeds: nothing
+    reaches a stream or a device unless the whole result checked out."""
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as buffer:
+        yield buffer
+        buffer.seek(0)
+        shutil.copyfileobj(buffer, destination)
+    destination.flush()
+
+
+def _special(path: Path) -> bool:
+    """An existing device, FIFO or socket: something to write into, not to replace."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _naming(e: OSError, path: Path) -> OSError:
+    """The same error, naming the target instead of the temporary file."""
+    return type(e)(e.errno, e.strerror, str(path))
+
+
+@contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, force: bool = False, like: os.stat_result | None = None):
     """Yield a binary file that becomes `path` when the block succeeds.
 
     With `like` (the input's status), the output takes its permission bits and
     access and modification times, as gzip, xz and zstd give their outputs the input's.
     """
-    path = Path(path)
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} already exists (use -f to overwrite)")
+    name = os.fspath(path)
+    if name.endswith(("/", os.sep)):  # Path() would drop the slash and write a file
+        raise IsADirectoryError(errno.EISDIR, "names a folder, not a file", name)
+    path = Path(name)
     if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory")
+        raise IsADirectoryError(errno.EISDIR, "is a directory", name)
+    if path.exists() and not force and name != os.devnull:  # as zstd, /dev/null needs no -f
+        raise OutputExistsError(f"{path} already exists (use -f to overwrite)")
+    if _special(path):
+        with open(path, "wb") as target, spooled(target) as f:
+            yield f
+        return
     # mkstemp makes it 0600, so nothing can read it before it has its final mode
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent or ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent or ".")
+    except OSError as e:
+        raise _naming(e, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -45,7 +88,10 @@ def atomic_output(path: str | os.PathLike, force: bool = False, like: os.stat_re
             os.utime(tmp, ns=(like.st_atime_ns, like.st_mtime_ns))
         if path.exists() and not force:  # appeared while we worked
             raise OutputExistsError(f"{path} already exists (use -f to overwrite)")
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            raise _naming(e, path) from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -9,12 +9,12 @@ verification, or an internal error; 2 usage (an OptionError too); 130 interrupte
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
 import shutil
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import click
 
 import lmzip
 from lmzip import cli_argv, export as memory_export, inspection
-from lmzip.atomic import atomic_output
+from lmzip.atomic import atomic_output, spooled
 from lmzip.fit_config import FitConfig
 from lmzip.kinds import METHODS
 from lmzip.progress_line import ProgressLine
@@ -72,7 +72,7 @@ def _read_with_stat(name: str) -> tuple[bytes, os.stat_result | None]:
         return sys.stdin.buffer.read(), None
     path = Path(name)
     if path.is_dir():
-        raise IsADirectoryError(f"{name} is a directory")
+        raise IsADirectoryError(errno.EISDIR, "is a directory", name)
     status = path.stat()  # before reading changes the access time
     return path.read_bytes(), status
 
@@ -122,8 +122,15 @@ def _each_file(obj: dict, files, work) -> None:
         sys.exit(EXIT_FAILURE)
 
 
+def _stdout():
+    """Standard output, as a binary stream; an I/O error if the shell closed it."""
+    if sys.stdout is None:
+        raise OSError(errno.EBADF, "standard output is closed")
+    return sys.stdout.buffer
+
+
 def _refuse_terminal(force: bool) -> None:
-    if sys.stdout.isatty() and not force:
+    if _stdout().isatty() and not force:
         raise click.UsageError("will not write binary data to a terminal (use -o, or -f to force)")
 
 
@@ -132,12 +139,8 @@ def _write(name: str, output: str | None, to_stdout: bool, force: bool, produce,
     """Send what produce(stream) writes to stdout or, atomically, to `output` (with the
     mode and times of `like`, the input's, as gzip, xz and zstd do)."""
     if to_stdout:
-        # Nothing reaches stdout unless the whole result checks out; a large one waits on disk.
-        with tempfile.SpooledTemporaryFile(max_size=64 << 20) as buffer:
+        with spooled(_stdout()) as buffer:  # nothing reaches stdout unless the whole result checks out
             produce(buffer)
-            buffer.seek(0)
-            shutil.copyfileobj(buffer, sys.stdout.buffer)
-        sys.stdout.buffer.flush()
         return
     if name != "-" and os.path.exists(output) and os.path.samefile(name, output):
         raise lmzip.InputError(f"the output {output} is the input file")
@@ -145,11 +148,15 @@ def _write(name: str, output: str | None, to_stdout: bool, force: bool, produce,
         produce(f)
 
 
-def _check_output_args(files, output, to_stdout) -> None:
+def _check_output_args(files, output, to_stdout, one_per_stream: bool = False) -> None:
+    """`one_per_stream`: what the command writes holds one file, so -c takes one input
+    (archives written one after another are not one archive)."""
     if output and len(files) > 1:
         raise click.UsageError("-o takes one input file")
     if output and to_stdout:
         raise click.UsageError("-o and -c exclude each other")
+    if one_per_stream and to_stdout and len(files) > 1:
+        raise click.UsageError("-c takes one input file (one output holds one file)")
 
 
 class _Command(click.Command):
@@ -283,7 +290,7 @@ def _fit_config(params: dict) -> FitConfig:
 def compress(obj, files, output, to_stdout, force, keep, remove, model, method, tokens_per_segment,
              level, workers, ray_address, journal, **fit_params):
     """Compress FILES (or - for standard input) to FILE.lmz."""
-    _check_output_args(files, output, to_stdout)
+    _check_output_args(files, output, to_stdout, one_per_stream=True)
     if ray_address and workers != "auto":
         raise click.UsageError("--ray and --workers exclude each other (the cluster has its own workers)")
     options = dict(method=method, model=model, tokens_per_segment=tokens_per_segment,
@@ -297,18 +304,22 @@ def compress(obj, files, output, to_stdout, force, keep, remove, model, method, 
         data, status = _read_with_stat(name)
         reports = []
         target = output or f"{name}{SUFFIX}"
-        book = f"{target}.journal" if journal and not stdout and method != "zstd" else None
-        with _progress(obj, name, "bytes") as bar:
-            _write(name, target, stdout, force,
-                   lambda f: reports.append(_codec(obj).encode_to(data, f, progress=bar, journal=book,
-                                                                  **options)), status)
+        book = f"{target}.journal" if journal and not stdout and method == "memory" else None
+
+        def produce(f):
+            with _progress(obj, name, "bytes") as bar:  # erased before the output is written out
+                reports.append(_codec(obj).encode_to(data, f, progress=bar, journal=book, **options))
+
+        _write(name, target, stdout, force, produce, status)
         if book:
             shutil.rmtree(book, ignore_errors=True)  # the archive is safely written: the journal is done
         r = reports[0]
         if obj["verbose"]:
             coded = (f"{r.memory_segments} lm segments ({r.memory_tokens} tokens)" if method == "lm" else
                      f"{r.memory_segments} memory segments ({r.memory_tokens} tokens in {r.memory_vectors} vectors)")
-            _say(obj, f"{name}: {r.original_size} -> {r.archive_size} bytes; {coded}, {r.zstd_pieces} pieces as zstd")
+            zstd = r.segments - r.memory_segments  # runs of pieces that failed share a zstd segment
+            _say(obj, f"{name}: {r.original_size} -> {r.archive_size} bytes; {coded}, "
+                      f"{zstd} zstd segment{'s' * (zstd != 1)}")
         if remove and name != "-" and not stdout:  # as gzip: -c never deletes the input
             os.unlink(name)
 
@@ -335,6 +346,12 @@ def _decode_flags(f):
     return f
 
 
+def _segment_count(blob) -> str:
+    kinds = [s["kind"] for s in lmzip.inspect(blob)["segments"]]
+    counts = ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds))
+    return f"{len(kinds)} segment{'s' * (len(kinds) != 1)}" + (f" ({counts})" if kinds else "")
+
+
 def _decompressed_name(name: str) -> str:
     if not name.endswith(SUFFIX) or name == SUFFIX:
         raise lmzip.InputError(f"unknown suffix (expected {SUFFIX}); name the output with -o")
@@ -356,10 +373,17 @@ def decompress(obj, files, output, to_stdout, force, keep, remove, model, allow_
         stdout = to_stdout or (name == "-" and not output)
         target = output or (None if stdout else _decompressed_name(name))
         blob, status = _read_with_stat(name)
-        with _progress(obj, name, "segments") as bar:
-            _write(name, target, stdout, force,
-                   lambda f: _codec(obj).decode_to(blob, f, model=model, progress=bar, work_limit=work_limit,
-                                                   allow_download=allow_download), status)
+        written = []
+
+        def produce(f):
+            with _progress(obj, name, "segments") as bar:  # erased before the text reaches a terminal
+                _codec(obj).decode_to(blob, f, model=model, progress=bar, work_limit=work_limit,
+                                      allow_download=allow_download)
+            written.append(f.tell())
+
+        _write(name, target, stdout, force, produce, status)
+        if obj["verbose"]:
+            _say(obj, f"{name}: {len(blob)} -> {written[0]} bytes, {_segment_count(blob)} -> {target or 'stdout'}")
         if remove and name != "-" and not stdout:
             os.unlink(name)
 
@@ -393,7 +417,7 @@ def test(obj, files, model, no_model, allow_download, work_limit):
         with _progress(obj, name, "segments") as bar:
             _codec(obj).decode_to(blob, Sink(), model=model, progress=bar, work_limit=work_limit,
                                   allow_download=allow_download)
-        _say(obj, f"{name}: OK")
+        _say(obj, f"{name}: OK" + (f", {_segment_count(blob)} decoded and checked" if obj["verbose"] else ""))
 
     _each_file(obj, files, work)
 
@@ -519,7 +543,7 @@ def export(obj, files, output, to_stdout, force):
     and fingerprints. The model regenerates segment N by greedy decoding from the
     prefix tokens' embeddings and the vectors as inputs_embeds (README).
     """
-    _check_output_args(files, output, to_stdout)
+    _check_output_args(files, output, to_stdout, one_per_stream=True)
 
     def work(name):
         stdout = to_stdout or (name == "-" and not output)

@@ -220,7 +220,7 @@ class ArchiveWriter:
 
 def _need(data: memoryview, end: int, what: str) -> None:
     if len(data) < end:
-        raise TruncatedError(f"truncated archive: {what} needs {end} bytes, the file has {len(data)}")
+        raise TruncatedError(f"truncated archive: {len(data)} bytes, too short for {what} ({end} bytes)")
 
 
 def _damaged(problem: str, error=HeaderError):

@@ -69,7 +69,7 @@ def test_directory_and_missing_files(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     os.mkdir("adir")
     r = invoke("compress", "--method", "zstd", "adir")
-    assert r.exit_code == 1 and r.stderr.strip() == "lmzip: adir: adir is a directory"
+    assert r.exit_code == 1 and r.stderr.strip() == "lmzip: adir: is a directory"
     r = invoke("compress", "--method", "zstd", "missing.txt")
     assert r.exit_code == 1 and r.stderr.strip() == "lmzip: missing.txt: No such file or directory"
     assert os.listdir() == ["adir"]

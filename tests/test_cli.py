@@ -174,10 +174,11 @@ def test_ctrl_c_leaves_no_output_and_exits_130(tmp_path):
             time.sleep(0.2)  # wait until it is writing
         time.sleep(1)
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 130
+        status = proc.wait(timeout=60)
     finally:
         proc.kill()  # never left fitting for the rest of the run
-    assert "interrupted" in proc.stderr.read().decode()
+    stderr = proc.stderr.read().decode()
+    assert status == 130 and "interrupted" in stderr, stderr
     assert [p.name for p in tmp_path.iterdir()] == ["long.txt"]
 
 

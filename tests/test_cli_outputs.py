@@ -1,0 +1,123 @@
+"""Where the lmzip command writes: devices and pipes, folders, standard output, journals."""
+
+import os
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lmzip import cli
+
+from conftest import FORMATS, ROOT, TINY_MODEL
+
+ZSTD = FORMATS / "good-zstd-text.lmz"
+ZSTD_TEXT = (FORMATS / "good-zstd-text.out").read_bytes()
+
+
+def run(*args, input=None):
+    return CliRunner().invoke(cli.main, list(args), input=input, catch_exceptions=False)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(ZSTD, "a.lmz")
+    return tmp_path
+
+
+def test_a_fifo_output_is_written_into_not_replaced(workdir):
+    os.mkfifo("pipe")
+    reader = os.open("pipe", os.O_RDONLY | os.O_NONBLOCK)  # so that the writer's open() does not wait
+    try:
+        r = run("decompress", "-f", "-o", "pipe", "a.lmz")
+        assert r.exit_code == 0, r.stderr
+        assert stat.S_ISFIFO(os.stat("pipe").st_mode), "the FIFO was replaced by a file"
+        assert os.read(reader, 1 << 16) == ZSTD_TEXT
+    finally:
+        os.close(reader)
+
+
+def test_dev_null_needs_no_force_and_stays_a_device(workdir):
+    r = run("decompress", "-o", os.devnull, "a.lmz")
+    assert r.exit_code == 0, r.stderr
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+
+
+def test_an_existing_fifo_needs_force(workdir):
+    os.mkfifo("pipe")
+    r = run("decompress", "-o", "pipe", "a.lmz")
+    assert r.exit_code == 1 and "pipe already exists (use -f to overwrite)" in r.stderr
+
+
+def test_an_output_name_ending_in_a_slash_is_refused(workdir):
+    r = run("decompress", "-o", "newdir/", "a.lmz")
+    assert r.exit_code == 1 and "newdir/: names a folder, not a file" in r.stderr
+    assert sorted(os.listdir()) == ["a.lmz"]
+
+
+def test_errors_name_the_output_not_a_temporary_file(workdir):
+    r = run("decompress", "-o", "nodir/a.txt", "a.lmz")
+    assert r.exit_code == 1
+    assert r.stderr.strip() == "lmzip: a.lmz: nodir/a.txt: No such file or directory"
+
+
+def test_an_output_that_is_a_folder_is_named_as_such(workdir):
+    os.mkdir("a")
+    for force in ([], ["-f"]):
+        r = run("decompress", *force, "a.lmz")
+        assert r.exit_code == 1 and r.stderr.strip() == "lmzip: a.lmz: a: is a directory", r.stderr
+
+
+@pytest.mark.parametrize("command", [["compress", "--method", "zstd"], ["export"]])
+def test_c_takes_one_input_where_the_output_holds_one_file(workdir, command):
+    Path("b.txt").write_bytes(b"two")
+    inputs = ["a.lmz", "a.lmz"] if command == ["export"] else ["b.txt", "b.txt"]
+    r = CliRunner().invoke(cli.main, [*command, "-c", *inputs])
+    assert r.exit_code == 2 and "-c takes one input file" in r.stderr
+    assert r.stdout_bytes == b""
+
+
+def test_c_decompresses_several_archives_one_after_another(workdir):
+    r = run("decompress", "-c", "a.lmz", "a.lmz")
+    assert r.exit_code == 0 and r.stdout_bytes == ZSTD_TEXT * 2
+
+
+def test_the_progress_line_is_erased_before_the_text_is_written(workdir, monkeypatch):
+    monkeypatch.setattr(cli, "_stderr_is_terminal", lambda: True)
+    r = run("decompress", "-c", "a.lmz")
+    assert r.exit_code == 0
+    # what a terminal shows: stderr and stdout in the order they were written (CliRunner reads \r\n as \n)
+    assert r.output.endswith("\r\x1b[K" + ZSTD_TEXT.decode().replace("\r\n", "\n")), repr(r.output[-80:])
+
+
+def test_a_closed_stdout_is_an_io_error_not_a_bug(workdir):
+    lmzip = shlex.join([sys.executable, "-m", "lmzip"])
+    for command in ("-dc a.lmz >&-", "--method zstd - < a.lmz >&-"):
+        done = subprocess.run(["bash", "-c", f"{lmzip} {command}"], capture_output=True, text=True, cwd=workdir,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.strip().endswith(": standard output is closed"), done.stderr
+        assert "internal error" not in done.stderr
+
+
+def test_verbose_decompress_and_test_say_what_they_did(workdir):
+    r = run("-v", "decompress", "a.lmz")
+    assert r.exit_code == 0
+    assert r.stderr.strip() == f"a.lmz: {ZSTD.stat().st_size} -> {len(ZSTD_TEXT)} bytes, 1 segment (1 zstd) -> a"
+    r = run("-v", "test", "a.lmz")
+    assert r.stderr.strip() == "a.lmz: OK, 1 segment (1 zstd) decoded and checked"
+
+
+@pytest.mark.parametrize("method", ["lm", "zstd"])
+def test_methods_without_a_journal_leave_one_alone(workdir, method):
+    Path("doc.txt").write_bytes(b"Alice was beginning to get very tired.")
+    os.mkdir("doc.txt.lmz.journal")
+    Path("doc.txt.lmz.journal/manifest.json").write_text("{}")
+    r = run("compress", "--method", method, "--model", TINY_MODEL, "doc.txt")
+    assert r.exit_code == 0, r.stderr
+    assert Path("doc.txt.lmz.journal/manifest.json").exists(), "another run's journal was removed"
