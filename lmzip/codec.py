@@ -181,11 +181,12 @@ class Codec:
         self.allow_download = allow_download
         self._models: dict[str, LoadedModel] = {}
 
-    def model(self, spec: str | None = None, allow_download: bool = True) -> LoadedModel:
+    def model(self, spec: str | None = None, allow_download: bool = True, hub_only: bool = False) -> LoadedModel:
+        """`hub_only`: `spec` is a name an archive gave, never to be taken as a local directory."""
         spec = spec or self.default_model
-        key = spec or ""
+        key = ("hub:" if hub_only else "") + (spec or "")
         if key not in self._models:
-            self._models[key] = load_model(spec, self.device, allow_download=allow_download)
+            self._models[key] = load_model(spec, self.device, allow_download=allow_download, hub_only=hub_only)
         return self._models[key]
 
     # -- encoding -----------------------------------------------------------------
@@ -413,10 +414,11 @@ class Codec:
                 f"this archive needs the local model '{header.model_id}' (tokenizer sha256 "
                 f"{header.tokenizer_sha256.hex()[:16]}…, weights sha256 {header.weights_sha256.hex()[:16]}…): "
                 "pass --model with its directory")
-        if not spec and header.model_source != container.SOURCE_EMBEDDED:
+        from_archive = not spec and header.model_source != container.SOURCE_EMBEDDED
+        if from_archive:
             spec = header.model_id
         try:
-            lm = self.model(spec, allow_download=allow)
+            lm = self.model(spec, allow_download=allow, hub_only=from_archive)
         except ModelUnavailableError as e:
             raise ModelUnavailableError(
                 f"this archive needs model '{header.model_id}' ({header.source_name}; weights sha256 "

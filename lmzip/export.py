@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from safetensors.numpy import save
 
-from . import container
+from . import container, inspection
+from .kinds.memory import read_vectors
 
 EXPORT_FORMAT = "lmzip-memory-1"  # metadata["format"], so readers can tell later layouts apart
 
@@ -44,8 +45,8 @@ def _memory(archive: container.Archive) -> list[MemorySegment]:
     for i, s in enumerate(archive.segments):
         end = start + s.original_length
         if s.kind == container.KIND_MEMORY:
-            # parse() checked that the payload holds exactly vector_count fp16 vectors of hidden_size
-            vectors = np.frombuffer(archive.payload(i), dtype="<f2").reshape(s.vector_count, h.hidden_size)
+            # check() found the payload intact, and exactly vector_count finite vectors of hidden_size
+            vectors = read_vectors(archive.payload(i), s.vector_count)
             found.append(MemorySegment(i, vectors.astype(np.float16), tuple(h.prefix), s.token_count,
                                        start, end, h.model_id, h.tokenizer_sha256.hex(),
                                        h.weights_sha256.hex()))
@@ -54,13 +55,14 @@ def _memory(archive: container.Archive) -> list[MemorySegment]:
 
 
 def memory(blob) -> list[MemorySegment]:
-    """The memory segments of an archive, in order (zstd segments are left out)."""
-    return _memory(container.parse(blob))
+    """The memory segments of an archive, in order (zstd segments are left out); damage
+    (a payload's CRC, a non-finite vector) is an error, as in decoding."""
+    return _memory(inspection.check(blob))
 
 
 def to_safetensors(blob) -> bytes:
     """A safetensors file of the archive's memory segments (module docstring)."""
-    archive = container.parse(blob)
+    archive = inspection.check(blob)
     segments = _memory(archive)
     h = archive.header
     metadata = {

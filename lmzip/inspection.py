@@ -7,7 +7,7 @@ answer in a fraction of a second.
 from __future__ import annotations
 
 from . import container, kinds
-from .errors import InputError
+from .errors import InputError, SegmentError
 
 
 def archive_bytes(blob):
@@ -23,9 +23,15 @@ def decode_work(archive: container.Archive) -> int:
 
 
 def check(blob) -> container.Archive:
-    """Integrity without the model: structure, limits and every payload's CRC-32 (v3)."""
+    """Integrity without the model: structure, limits, every payload's CRC-32 (v3), and what a
+    kind can check in a payload on its own (memory: finite vectors)."""
     archive = container.parse(archive_bytes(blob))
     container.check_payloads(archive)
+    for i, s in enumerate(archive.segments):
+        checker = getattr(kinds.get(s.kind), "check_payload", None)
+        problem = checker(archive.payload(i), s) if checker else None
+        if problem:
+            raise SegmentError(i, problem)
     return archive
 
 

@@ -128,11 +128,12 @@ def download_allowed(allow_download: bool | None = None) -> bool:
 
 
 def load_model(spec: str | None = None, device: str | torch.device | None = None, *,
-               allow_download: bool | None = None) -> LoadedModel:
+               allow_download: bool | None = None, hub_only: bool = False) -> LoadedModel:
     """Load a model by name: the embedded default, a local directory or a hub ID.
 
     A hub model not in the local cache is downloaded only if `download_allowed(allow_download)`;
-    otherwise ModelUnavailableError says how to allow it.
+    otherwise ModelUnavailableError says how to allow it. `hub_only`: the name comes from an
+    archive, so it is never taken as a local directory (those must be given by the user).
     """
     spec = spec or DEFAULT_MODEL
     legacy = None
@@ -141,7 +142,7 @@ def load_model(spec: str | None = None, device: str | torch.device | None = None
         source, model_id, revision = "embedded", EMBEDDED_MODEL_ID, ""
         legacy = embedded.legacy_pair(tok_sha, weights_sha)
     else:
-        if Path(spec).is_dir():
+        if not hub_only and Path(spec).is_dir():
             directory, revision = Path(spec), ""
             source, model_id = "local", Path(spec).resolve().name
         else:

@@ -1,5 +1,7 @@
 """Archives from strangers: bounded work, no downloads, pinned arithmetic, integrity without a model."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -39,7 +41,8 @@ def test_a_hub_model_is_never_fetched_unasked(monkeypatch):
     assert lmzip.inspect(blob)["model_id"] == "evil/model"
     seen = {}
 
-    def fake_load(spec, device=None, *, allow_download=None):
+    def fake_load(spec, device=None, *, allow_download=None, hub_only=False):
+        assert hub_only, "a name read from an archive must never be taken as a local directory"
         seen.update(spec=spec, allow_download=allow_download)
         raise lmzip.ModelUnavailableError(f"'{spec}' is not in the local cache")
 
@@ -60,6 +63,35 @@ def test_a_hub_model_is_never_fetched_unasked(monkeypatch):
 def test_a_local_model_must_be_given():
     with pytest.raises(lmzip.ModelUnavailableError, match="local model 'tiny-llama'.*pass --model"):
         lmzip.Codec().decode(MEMORY)
+
+
+@pytest.mark.parametrize("sample", ["good-memory-tiny.lmz", "good-memory-tiny-v2.lmz", "good-memory-tiny-v1.lmz"])
+def test_a_model_name_from_an_archive_is_never_a_local_directory(sample, monkeypatch):
+    blob = (FORMATS / sample).read_bytes()
+    if sample == "good-memory-tiny.lmz":  # v3 records a local model's source: call it a hub model
+        blob = edit_header(blob, model_source=container.SOURCE_HUB)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("LMZIP_ALLOW_DOWNLOAD", raising=False)
+    model_dir = Path(TINY_MODEL)
+    # where the name the archive gives ("tiny-llama", "tests/data/tiny-llama") is a model directory
+    monkeypatch.chdir(model_dir.parent if sample == "good-memory-tiny.lmz" else model_dir.parents[2])
+    assert Path(lmzip.inspect(blob)["model_id"]).is_dir()
+    with pytest.raises(lmzip.ModelUnavailableError, match="cannot be loaded"):
+        lmzip.Codec().decode(blob)
+    assert lmzip.Codec().decode(blob, model=TINY_MODEL) == (FORMATS / sample.replace(".lmz", ".out")).read_bytes()
+
+
+def test_export_and_memory_refuse_what_decoding_would():
+    from lmzip import export
+
+    for sample, problem in [("bad-payload-checksum.lmz", "payload checksum mismatch"),
+                            ("bad-infinite-vector.lmz", "infinite or NaN")]:
+        blob = (FORMATS / sample).read_bytes()
+        for read in (lmzip.memory, export.to_safetensors, lmzip.Codec().check):
+            with pytest.raises(lmzip.SegmentError, match=problem):
+                read(blob)
+    with pytest.raises(lmzip.InputError, match="as bytes, not str"):
+        lmzip.memory(str(FORMATS / "good-memory-tiny.lmz"))
 
 
 def test_no_absolute_path_is_stored(codec):

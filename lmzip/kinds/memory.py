@@ -53,6 +53,16 @@ def read_vectors(payload, vector_count: int) -> np.ndarray:
     return array
 
 
+def check_payload(payload, entry) -> str | None:
+    """What is wrong with a payload that its CRC does not catch (no model needed): non-finite
+    values, which the encoder never writes (SPEC.md)."""
+    try:
+        read_vectors(payload, entry.vector_count)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def encode(data: bytes, ids, vectors16, **stats):
     from . import CodedSegment
 
