@@ -39,13 +39,25 @@ def spooled(destination: BinaryIO):
     destination.flush()
 
 
-def _special(path: Path) -> bool:
+def is_special(path: str | os.PathLike) -> bool:
     """An existing device, FIFO or socket: something to write into, not to replace."""
     try:
-        mode = path.stat().st_mode
-    except OSError:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
         return False
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _write_into_special(path: Path, buffer) -> None:
+    """Copy `buffer` into the device or FIFO at `path`, opened only now and never created or
+    truncated: if it became a file meanwhile, nothing is written."""
+    fd = os.open(path, os.O_WRONLY | os.O_NOCTTY)
+    with open(fd, "wb") as target:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+            raise OutputExistsError(f"{path} changed while lmzip worked: nothing written")
+        buffer.seek(0)
+        shutil.copyfileobj(buffer, target)
 
 
 def _naming(e: OSError, path: Path) -> OSError:
@@ -61,16 +73,17 @@ def atomic_output(path: str | os.PathLike, force: bool = False, like: os.stat_re
     access and modification times, as gzip, xz and zstd give their outputs the input's.
     """
     name = os.fspath(path)
-    if name.endswith(("/", os.sep)):  # Path() would drop the slash and write a file
+    if name.endswith(("/", os.sep)) or os.path.basename(name) in ("", ".", ".."):  # Path() would drop them
         raise IsADirectoryError(errno.EISDIR, "names a folder, not a file", name)
     path = Path(name)
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a directory", name)
     if path.exists() and not force and name != os.devnull:  # as zstd, /dev/null needs no -f
         raise OutputExistsError(f"{path} already exists (use -f to overwrite)")
-    if _special(path):
-        with open(path, "wb") as target, spooled(target) as f:
-            yield f
+    if is_special(path):
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as buffer:
+            yield buffer
+            _write_into_special(path, buffer)
         return
     # mkstemp makes it 0600, so nothing can read it before it has its final mode
     try:

@@ -22,7 +22,7 @@ import click
 
 import lmzip
 from lmzip import cli_argv, export as memory_export, inspection
-from lmzip.atomic import atomic_output, spooled
+from lmzip.atomic import atomic_output, is_special, spooled
 from lmzip.fit_config import FitConfig
 from lmzip.kinds import METHODS
 from lmzip.progress_line import ProgressLine
@@ -146,6 +146,16 @@ def _write(name: str, output: str | None, to_stdout: bool, force: bool, produce,
         raise lmzip.InputError(f"the output {output} is the input file")
     with atomic_output(output, force=force, like=like) as f:
         produce(f)
+
+
+def _check_output_name(option: str, path: str | None) -> None:
+    """A usage error now for an output that cannot be written later: a folder, or in a missing one."""
+    if path is None:
+        return
+    if path.endswith(("/", os.sep)) or os.path.basename(path) in ("", ".", "..") or os.path.isdir(path):
+        raise click.BadParameter(f"{path} names a folder, not a file", param_hint=option)
+    if not os.path.isdir(os.path.dirname(path) or "."):
+        raise click.BadParameter(f"{os.path.dirname(path)}: no such folder", param_hint=option)
 
 
 def _check_output_args(files, output, to_stdout, one_per_stream: bool = False) -> None:
@@ -320,7 +330,7 @@ def compress(obj, files, output, to_stdout, force, keep, remove, model, method, 
             zstd = r.segments - r.memory_segments  # runs of pieces that failed share a zstd segment
             _say(obj, f"{name}: {r.original_size} -> {r.archive_size} bytes; {coded}, "
                       f"{zstd} zstd segment{'s' * (zstd != 1)}")
-        if remove and name != "-" and not stdout:  # as gzip: -c never deletes the input
+        if remove and name != "-" and not stdout and not is_special(target):  # as gzip: -c never deletes the input
             os.unlink(name)
 
     _each_file(obj, files, work)
@@ -384,7 +394,7 @@ def decompress(obj, files, output, to_stdout, force, keep, remove, model, allow_
         _write(name, target, stdout, force, produce, status)
         if obj["verbose"]:
             _say(obj, f"{name}: {len(blob)} -> {written[0]} bytes, {_segment_count(blob)} -> {target or 'stdout'}")
-        if remove and name != "-" and not stdout:
+        if remove and name != "-" and not stdout and not is_special(target):  # /dev/null keeps nothing
             os.unlink(name)
 
     _each_file(obj, files, work)
@@ -393,8 +403,8 @@ def decompress(obj, files, output, to_stdout, force, keep, remove, model, allow_
 @main.command(context_settings=CONTEXT)
 @click.argument("files", nargs=-1, required=True)
 @click.option("--model", help="Where to find the archive's model, if not where the archive says.")
-@click.option("--no-model", is_flag=True, help="Check structure and every stored payload's CRC-32 only "
-              "(format 3), without loading a model or decoding.")
+@click.option("--no-model", is_flag=True, help="Check structure, every stored payload's CRC-32 (format 3) "
+              "and that memory vectors are finite, without loading a model or decoding.")
 @_decode_flags
 @click.pass_obj
 def test(obj, files, model, no_model, allow_download, work_limit):
@@ -411,7 +421,7 @@ def test(obj, files, model, no_model, allow_download, work_limit):
         blob = _read_input(name)
         if no_model:
             archive = inspection.check(blob)
-            unchecked = " (payloads unchecked: format 1/2 has no payload CRC)" if archive.header.version < 3 else ""
+            unchecked = " (format 1/2 has no payload CRC: vectors checked finite only)" if archive.header.version < 3 else ""
             _say(obj, f"{name}: OK, payloads intact{unchecked}; content not decoded")
             return
         with _progress(obj, name, "segments") as bar:
@@ -446,6 +456,7 @@ def info(obj, files, as_json):
     """Describe archives (header and segments) without decoding them."""
 
     def work(name):
+        _stdout()  # click.echo writes nothing, silently, where the shell closed it
         described = lmzip.inspect(_read_input(name))
         if as_json:
             click.echo(json.dumps({"file": name, **described}))
@@ -486,6 +497,8 @@ def bench(obj, paths, chunk_chars, limit, skip, model, tokens_per_segment, whole
 
     fit = _fit_config(fit_params)
     result = {}
+    for option, path in (("--json", json_out), ("--plot", plot_out), ("--archive", archive_out)):
+        _check_output_name(option, path)  # before a run of hours, not after
 
     def measure():
         with _progress(obj, "bench", "bytes") as bar:

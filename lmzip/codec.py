@@ -185,6 +185,9 @@ class Codec:
         """`hub_only`: `spec` is a name an archive gave, never to be taken as a local directory."""
         spec = spec or self.default_model
         key = ("hub:" if hub_only else "") + (spec or "")
+        same = self._models.get(spec or "")
+        if hub_only and same is not None and same.source != "local":  # loaded by that name, not from a folder
+            return same
         if key not in self._models:
             self._models[key] = load_model(spec, self.device, allow_download=allow_download, hub_only=hub_only)
         return self._models[key]

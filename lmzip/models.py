@@ -146,7 +146,7 @@ def load_model(spec: str | None = None, device: str | torch.device | None = None
             directory, revision = Path(spec), ""
             source, model_id = "local", Path(spec).resolve().name
         else:
-            directory, revision = _hub_snapshot(spec, download_allowed(allow_download))
+            directory, revision = _hub_snapshot(spec, download_allowed(allow_download), hub_only)
             source, model_id = "hub", spec
         tok_sha, weights_sha = fingerprints.tokenizer_sha256(directory), fingerprints.weights_sha256(directory)
     model, tokenizer = _load_directory(directory, spec)
@@ -172,19 +172,21 @@ def load_model(spec: str | None = None, device: str | torch.device | None = None
     )
 
 
-def _hub_snapshot(repo_id: str, allowed: bool) -> tuple[Path, str]:
+def _hub_snapshot(repo_id: str, allowed: bool, hub_only: bool = False) -> tuple[Path, str]:
     """The local snapshot directory of a hub model and its commit hash; downloads only if allowed."""
+    where = "a name read from an archive, so not looked for as a local directory" if hub_only else \
+        "not a local directory"
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
     try:
         path = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=not allowed))
     except HFValidationError:
-        raise ModelUnavailableError(f"cannot load model '{repo_id}': not a local directory, "
+        raise ModelUnavailableError(f"cannot load model '{repo_id}': {where}, "
                                     "and not a valid hub model ID") from None
     except Exception as e:  # noqa: BLE001 - not cached, offline, not found, HTTP errors…
         if not allowed:
-            raise ModelUnavailableError(f"cannot load model '{repo_id}': not a local directory, and not in "
+            raise ModelUnavailableError(f"cannot load model '{repo_id}': {where}, and not in "
                                         f"the local Hugging Face cache; allow downloading it with "
                                         f"{ALLOW_DOWNLOAD_HINT}") from None
         raise ModelUnavailableError(f"cannot download model '{repo_id}' from the hub: {_first_line(e)}") from None

@@ -48,16 +48,36 @@ def test_dev_null_needs_no_force_and_stays_a_device(workdir):
     assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
 
 
+def test_rm_keeps_the_input_when_the_output_is_a_device(workdir):
+    Path("doc.txt").write_bytes(b"precious")
+    r = run("compress", "--method", "zstd", "--rm", "-o", os.devnull, "doc.txt")
+    assert r.exit_code == 0, r.stderr
+    r = run("decompress", "--rm", "-o", os.devnull, "a.lmz")
+    assert r.exit_code == 0, r.stderr
+    assert sorted(os.listdir()) == ["a.lmz", "doc.txt"]
+
+
 def test_an_existing_fifo_needs_force(workdir):
     os.mkfifo("pipe")
     r = run("decompress", "-o", "pipe", "a.lmz")
     assert r.exit_code == 1 and "pipe already exists (use -f to overwrite)" in r.stderr
 
 
-def test_an_output_name_ending_in_a_slash_is_refused(workdir):
-    r = run("decompress", "-o", "newdir/", "a.lmz")
-    assert r.exit_code == 1 and "newdir/: names a folder, not a file" in r.stderr
+@pytest.mark.parametrize("name", ["newdir/", "newdir/."])
+def test_an_output_name_of_a_folder_is_refused(workdir, name):
+    r = run("decompress", "-o", name, "a.lmz")
+    assert r.exit_code == 1 and f"{name}: names a folder, not a file" in r.stderr
     assert sorted(os.listdir()) == ["a.lmz"]
+
+
+@pytest.mark.parametrize("option, name, problem", [("--json", "nodir/b.json", "nodir: no such folder"),
+                                                   ("--archive", "out/", "out/ names a folder")])
+def test_bench_checks_its_output_names_before_it_runs(workdir, monkeypatch, option, name, problem):
+    from lmzip import bench
+
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("the benchmark ran"))
+    r = CliRunner().invoke(cli.main, ["bench", option, name, "a.lmz"])
+    assert r.exit_code == 2 and problem in r.stderr, r.stderr
 
 
 def test_errors_name_the_output_not_a_temporary_file(workdir):
@@ -97,7 +117,7 @@ def test_the_progress_line_is_erased_before_the_text_is_written(workdir, monkeyp
 
 def test_a_closed_stdout_is_an_io_error_not_a_bug(workdir):
     lmzip = shlex.join([sys.executable, "-m", "lmzip"])
-    for command in ("-dc a.lmz >&-", "--method zstd - < a.lmz >&-"):
+    for command in ("-dc a.lmz >&-", "--method zstd - < a.lmz >&-", "info a.lmz >&-"):
         done = subprocess.run(["bash", "-c", f"{lmzip} {command}"], capture_output=True, text=True, cwd=workdir,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert done.returncode == 1, done.stderr
