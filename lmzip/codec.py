@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 from dataclasses import dataclass, replace
 from typing import BinaryIO, Callable
@@ -149,6 +150,8 @@ def _check_fit_options(fit: FitConfig, tokens_per_segment: int | None, zstd_leve
                           "and max steps not negative")
     if not 0 <= fit.margin <= MAX_MARGIN:  # also false for NaN
         raise OptionError(f"margin must be a number in [0, {MAX_MARGIN:g}]")
+    if not (0 < fit.lr < math.inf and 0 <= fit.hinge < math.inf):  # also false for NaN
+        raise OptionError("learning rate must be a positive number and hinge weight a number not negative")
     if fit.batch_size < 1:
         raise OptionError("batch size must be at least 1")
     if not 1 <= fit.start_tokens <= fit.max_tokens or fit.grow_tokens < 1:

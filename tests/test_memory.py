@@ -222,6 +222,9 @@ def test_bad_options_are_input_errors(codec):
         codec.encode("x", **TINY_OPTIONS, colour="blue")
     with pytest.raises(lmzip.InputError, match="margin must be"):
         codec.encode("x", **{**TINY_OPTIONS, "margin": float("nan")})
+    for bad in ({"lr": float("nan")}, {"lr": float("inf")}, {"hinge": float("nan")}):
+        with pytest.raises(lmzip.OptionError, match="learning rate must be a positive number"):
+            codec.encode("x", **{**TINY_OPTIONS, **bad})
     with pytest.raises(lmzip.InputError, match="batch size"):
         codec.encode("x", **{**TINY_OPTIONS, "batch_size": 0})
     with pytest.raises(lmzip.InputError, match="tokens per segment"):
