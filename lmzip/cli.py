@@ -31,6 +31,7 @@ SUFFIX = ".lmz"
 EXPORT_SUFFIX = ".safetensors"
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for gzip or zstd there
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 _DEFAULTS = FitConfig()
 
@@ -99,7 +100,7 @@ def _attempt(obj: dict, name: str, work) -> bool:
     try:
         work()
         return True
-    except click.ClickException:
+    except (click.ClickException, click.exceptions.Exit):
         raise
     except lmzip.OptionError as e:
         raise click.UsageError(str(e), click.get_current_context(silent=True)) from None
@@ -129,6 +130,13 @@ def _stdout():
     return sys.stdout.buffer
 
 
+def _quiet_stdout() -> None:
+    """Point standard output at /dev/null, so that the interpreter's last flush finds no broken pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def _refuse_terminal(force: bool) -> None:
     if _stdout().isatty() and not force:
         raise click.UsageError("will not write binary data to a terminal (use -o, or -f to force)")
@@ -139,8 +147,12 @@ def _write(name: str, output: str | None, to_stdout: bool, force: bool, produce,
     """Send what produce(stream) writes to stdout or, atomically, to `output` (with the
     mode and times of `like`, the input's, as gzip, xz and zstd do)."""
     if to_stdout:
-        with spooled(_stdout()) as buffer:  # nothing reaches stdout unless the whole result checks out
-            produce(buffer)
+        try:
+            with spooled(_stdout()) as buffer:  # nothing reaches stdout unless the whole result checks out
+                produce(buffer)
+        except BrokenPipeError:  # the reader stopped (| head): as gzip and zstd, end quietly
+            _quiet_stdout()
+            raise click.exceptions.Exit(EXIT_BROKEN_PIPE) from None
         return
     if name != "-" and os.path.exists(output) and os.path.samefile(name, output):
         raise lmzip.InputError(f"the output {output} is the input file")
@@ -308,6 +320,9 @@ def compress(obj, files, output, to_stdout, force, keep, remove, model, method, 
                    workers=1 if ray_address else _workers(workers), cluster=ray_address)
 
     def work(name):
+        if name.endswith(SUFFIX) and not force:  # as xz and zstd: most likely a slip
+            raise lmzip.InputError(f"already has the {SUFFIX} suffix; skipped "
+                                   "(-d decompresses it; -f compresses it again)")
         stdout = to_stdout or (name == "-" and not output)
         if stdout:
             _refuse_terminal(force)
@@ -421,7 +436,8 @@ def test(obj, files, model, no_model, allow_download, work_limit):
         blob = _read_input(name)
         if no_model:
             archive = inspection.check(blob)
-            unchecked = " (format 1/2 has no payload CRC: vectors checked finite only)" if archive.header.version < 3 else ""
+            unchecked = (" (format 1/2 has no payload CRC: vectors checked finite only)"
+                         if archive.header.version < 3 else "")
             _say(obj, f"{name}: OK, payloads intact{unchecked}; content not decoded")
             return
         with _progress(obj, name, "segments") as bar:
@@ -434,11 +450,15 @@ def test(obj, files, model, no_model, allow_download, work_limit):
 
 def _info_table(name: str, info: dict) -> str:
     lines = [f"{name}: lmz format v{info['format_version']}, {info['original_size']} bytes "
-             f"in {info['archive_size']}, {len(info['segments'])} segments"]
+             f"in {info['archive_size']}, {len(info['segments'])} segments, "
+             f"{info['decode_work']} model steps to decode",
+             f"  content sha256 {info['content_sha256']}"]
     if info["model_id"]:
         prefix = " ".join(map(str, info["prefix_tokens"])) or "none"
-        lines.append(f"  model {info['model_id']} (hidden size {info['hidden_size']}, "
-                     f"{info['compute_dtype']}, margin {info['margin']:g}, prefix tokens {prefix})")
+        revision = f" at {info['model_revision']}" if info.get("model_revision") else ""
+        lines.append(f"  model {info['model_id']} ({info['model_source']}{revision}; hidden size "
+                     f"{info['hidden_size']}, {info['compute_dtype']}, margin {info['margin']:g}, "
+                     f"prefix tokens {prefix})")
         lines.append(f"  weights sha256 {info['weights_sha256']}")
         lines.append(f"  tokenizer sha256 {info['tokenizer_sha256']}")
     lines.append(f"  {'#':>5} {'kind':<9} {'bytes':>8} {'payload':>8} {'tokens':>7} {'vectors':>7} crc32")
@@ -565,8 +585,10 @@ def export(obj, files, output, to_stdout, force):
         blob = _read_input(name)
         target = output or (None if stdout else _export_name(name))
         _write(name, target, stdout, force, lambda f: f.write(memory_export.to_safetensors(blob)))
-        if obj["verbose"]:
-            _say(obj, f"{name}: {len(memory_export.memory(blob))} memory segments -> {target or 'stdout'}")
+        count = len(memory_export.memory(blob))
+        if obj["verbose"] or not count:
+            _say(obj, f"{name}: {count} memory segments -> {target or 'stdout'}"
+                      + ("" if count else " (nothing to export: the archive holds no memory segment)"))
 
     _each_file(obj, files, work)
 

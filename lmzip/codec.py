@@ -509,5 +509,8 @@ class Codec:
 def lm_pieces(lm: LoadedModel, data: bytes, tokens_per_segment: int | None,
               prefix: tuple[int, ...]) -> list[segmenting.Piece]:
     """The text cut as `--method lm` cuts it: chunks of tokens, and runs that are not UTF-8 (ids None)."""
-    chunk = min(tokens_per_segment or LM_CHUNK_TOKENS, kinds.lm.max_chunk_tokens(prefix))
+    most = kinds.lm.max_chunk_tokens(prefix)
+    if tokens_per_segment is not None and tokens_per_segment > most:
+        raise OptionError(f"the lm method takes chunks of at most {most} tokens, not {tokens_per_segment}")
+    chunk = min(tokens_per_segment or LM_CHUNK_TOKENS, most)
     return list(segmenting.plan(data, lm.tokenizer, chunk, worth=lambda tokenizer, text: True))

@@ -141,3 +141,42 @@ def test_methods_without_a_journal_leave_one_alone(workdir, method):
     r = run("compress", "--method", method, "--model", TINY_MODEL, "doc.txt")
     assert r.exit_code == 0, r.stderr
     assert Path("doc.txt.lmz.journal/manifest.json").exists(), "another run's journal was removed"
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(workdir):
+    Path("big.txt").write_bytes(b"line\n" * 200_000)  # more than a pipe holds
+    assert run("compress", "--method", "zstd", "big.txt").exit_code == 0
+    lmzip = shlex.join([sys.executable, "-m", "lmzip"])
+    done = subprocess.run(["bash", "-c", f"{lmzip} -dc big.txt.lmz | head -c 10 > /dev/null; "
+                           "echo ${PIPESTATUS[0]} >&2"], capture_output=True, text=True, cwd=workdir,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.stderr.strip() == "141", done.stderr  # no message, the status gzip and zstd get
+
+
+def test_compressing_an_archive_again_needs_force(workdir):
+    r = run("compress", "--method", "zstd", "a.lmz")
+    assert r.exit_code == 1
+    assert "already has the .lmz suffix; skipped (-d decompresses it; -f compresses it again)" in r.stderr
+    assert not Path("a.lmz.lmz").exists()
+    assert run("compress", "--method", "zstd", "-f", "a.lmz").exit_code == 0 and Path("a.lmz.lmz").exists()
+
+
+def test_export_says_when_there_is_nothing_to_export(workdir):
+    r = run("export", "a.lmz")
+    assert r.exit_code == 0 and "a.lmz: 0 memory segments -> a.safetensors (nothing to export" in r.stderr
+
+
+def test_info_shows_the_source_the_content_hash_and_the_work(workdir):
+    shutil.copy(FORMATS / "good-memory-tiny.lmz", "m.lmz")
+    r = run("info", "m.lmz")
+    lines = r.stdout.splitlines()
+    assert lines[0].endswith(", 171 model steps to decode")
+    assert lines[1] == "  content sha256 78786336a6b62404cb9a97e257227b9b9c61f85157659f59372b4feed0af218f"
+    assert lines[2].startswith("  model tiny-llama (local; hidden size 128, float32, margin 0.5, prefix tokens 256)")
+
+
+def test_lm_chunks_longer_than_the_arithmetic_allows_are_refused(workdir):
+    Path("doc.txt").write_bytes(b"Alice was beginning to get very tired.")
+    r = run("compress", "--method", "lm", "--model", TINY_MODEL, "--tokens", "9000", "doc.txt")
+    assert r.exit_code == 2 and "the lm method takes chunks of at most 8191 tokens, not 9000" in r.stderr
+    assert not Path("doc.txt.lmz").exists()
