@@ -170,15 +170,20 @@ def _check_output_name(option: str, path: str | None) -> None:
         raise click.BadParameter(f"{os.path.dirname(path)}: no such folder", param_hint=option)
 
 
-def _check_output_args(files, output, to_stdout, one_per_stream: bool = False) -> None:
-    """`one_per_stream`: what the command writes holds one file, so -c takes one input
+def _check_output_args(files, output, to_stdout, one_per_stream: bool = False) -> tuple[str | None, bool]:
+    """(output, to_stdout), with `-o -` meaning standard output, as in zstd.
+
+    `one_per_stream`: what the command writes holds one file, so -c takes one input
     (archives written one after another are not one archive)."""
     if output and len(files) > 1:
         raise click.UsageError("-o takes one input file")
     if output and to_stdout:
         raise click.UsageError("-o and -c exclude each other")
+    if output == "-":
+        output, to_stdout = None, True
     if one_per_stream and to_stdout and len(files) > 1:
         raise click.UsageError("-c takes one input file (one output holds one file)")
+    return output, to_stdout
 
 
 class _Command(click.Command):
@@ -312,7 +317,7 @@ def _fit_config(params: dict) -> FitConfig:
 def compress(obj, files, output, to_stdout, force, keep, remove, model, method, tokens_per_segment,
              level, workers, ray_address, journal, **fit_params):
     """Compress FILES (or - for standard input) to FILE.lmz."""
-    _check_output_args(files, output, to_stdout, one_per_stream=True)
+    output, to_stdout = _check_output_args(files, output, to_stdout, one_per_stream=True)
     if ray_address and workers != "auto":
         raise click.UsageError("--ray and --workers exclude each other (the cluster has its own workers)")
     options = dict(method=method, model=model, tokens_per_segment=tokens_per_segment,
@@ -392,7 +397,7 @@ def _decompressed_name(name: str) -> str:
 @click.pass_obj
 def decompress(obj, files, output, to_stdout, force, keep, remove, model, allow_download, work_limit):
     """Decompress FILE.lmz to FILE (or - for standard input, to standard output)."""
-    _check_output_args(files, output, to_stdout)
+    output, to_stdout = _check_output_args(files, output, to_stdout)
 
     def work(name):
         stdout = to_stdout or (name == "-" and not output)
@@ -576,7 +581,7 @@ def export(obj, files, output, to_stdout, force):
     and fingerprints. The model regenerates segment N by greedy decoding from the
     prefix tokens' embeddings and the vectors as inputs_embeds (README).
     """
-    _check_output_args(files, output, to_stdout, one_per_stream=True)
+    output, to_stdout = _check_output_args(files, output, to_stdout, one_per_stream=True)
 
     def work(name):
         stdout = to_stdout or (name == "-" and not output)

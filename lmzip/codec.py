@@ -11,7 +11,7 @@ import hashlib
 import io
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import BinaryIO, Callable
 
 from . import container, inspection, kinds, segmenting
@@ -224,10 +224,10 @@ class Codec:
         data = _as_bytes(data)
         if method not in METHODS:
             raise OptionError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
-        try:
-            fit = replace(fit or FitConfig(), **fit_options)
-        except TypeError as e:
-            raise OptionError(f"unknown encoder option: {e}") from None
+        unknown = sorted(set(fit_options) - {f.name for f in fields(FitConfig)})
+        if unknown:
+            raise OptionError(f"unknown encoder option{'s' * (len(unknown) > 1)}: {', '.join(unknown)}")
+        fit = replace(fit or FitConfig(), **fit_options)
         _check_fit_options(fit, tokens_per_segment, zstd_level)
         if workers < 1:
             raise OptionError("workers must be at least 1")

@@ -180,3 +180,9 @@ def test_lm_chunks_longer_than_the_arithmetic_allows_are_refused(workdir):
     r = run("compress", "--method", "lm", "--model", TINY_MODEL, "--tokens", "9000", "doc.txt")
     assert r.exit_code == 2 and "the lm method takes chunks of at most 8191 tokens, not 9000" in r.stderr
     assert not Path("doc.txt.lmz").exists()
+
+
+def test_o_dash_is_standard_output(workdir):
+    r = run("decompress", "-o", "-", "a.lmz")
+    assert r.exit_code == 0 and r.stdout_bytes == ZSTD_TEXT
+    assert sorted(os.listdir()) == ["a.lmz"]
