@@ -48,8 +48,10 @@ _default_codec: "Codec | None" = None
 
 def __getattr__(name):
     if name in _LAZY:
-        from . import codec
+        from . import interrupts
 
+        with interrupts.deferred():  # codec brings torch
+            from . import codec
         return getattr(codec, name)
     raise AttributeError(f"module 'lmzip' has no attribute {name!r}")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import embedded, fingerprints
+from . import embedded, fingerprints, interrupts
 from .blocked_head import block_output_head
 from .errors import ModelError, ModelMismatchError, ModelUnavailableError
 
@@ -149,7 +149,8 @@ def load_model(spec: str | None = None, device: str | torch.device | None = None
             directory, revision = _hub_snapshot(spec, download_allowed(allow_download), hub_only)
             source, model_id = "hub", spec
         tok_sha, weights_sha = fingerprints.tokenizer_sha256(directory), fingerprints.weights_sha256(directory)
-    model, tokenizer = _load_directory(directory, spec)
+    with interrupts.deferred():  # a Ctrl-C inside transformers' imports would end Python by SIGINT
+        model, tokenizer = _load_directory(directory, spec)
     model.requires_grad_(False)
     model.eval()
     if legacy is None:  # before moving: the legacy weights hash reads float32 on the CPU
