@@ -15,13 +15,17 @@ def interrupt_me():
 
 
 def test_a_ctrl_c_in_the_block_is_raised_when_the_block_ends():
-    before = signal.getsignal(signal.SIGINT)
-    reached = False
-    with pytest.raises(KeyboardInterrupt):
-        with interrupts.deferred():
-            interrupt_me()
-            reached = True  # not raised in the middle
-    assert reached and signal.getsignal(signal.SIGINT) is before
+    # as from a terminal: a background job (as CI may run the tests) starts with SIGINT ignored
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        reached = False
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts.deferred():
+                interrupt_me()
+                reached = True  # not raised in the middle
+        assert reached and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_without_a_ctrl_c_the_block_ends_as_usual():
