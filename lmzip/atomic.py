@@ -39,6 +39,11 @@ def spooled(destination: BinaryIO):
     destination.flush()
 
 
+def names_a_folder(name: str) -> bool:
+    """`name` ends in a slash, `.` or `..`: Path() would drop that and write a file."""
+    return name.endswith(("/", os.sep)) or os.path.basename(name) in ("", ".", "..")
+
+
 def is_special(path: str | os.PathLike) -> bool:
     """An existing device, FIFO or socket: something to write into, not to replace."""
     try:
@@ -73,7 +78,7 @@ def atomic_output(path: str | os.PathLike, force: bool = False, like: os.stat_re
     access and modification times, as gzip, xz and zstd give their outputs the input's.
     """
     name = os.fspath(path)
-    if name.endswith(("/", os.sep)) or os.path.basename(name) in ("", ".", ".."):  # Path() would drop them
+    if names_a_folder(name):
         raise IsADirectoryError(errno.EISDIR, "names a folder, not a file", name)
     path = Path(name)
     if path.is_dir():

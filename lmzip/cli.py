@@ -22,7 +22,7 @@ import click
 
 import lmzip
 from lmzip import cli_argv, export as memory_export, inspection
-from lmzip.atomic import atomic_output, is_special, spooled
+from lmzip.atomic import atomic_output, is_special, names_a_folder, spooled
 from lmzip.fit_config import FitConfig
 from lmzip.kinds import METHODS
 from lmzip.progress_line import ProgressLine
@@ -164,7 +164,7 @@ def _check_output_name(option: str, path: str | None) -> None:
     """A usage error now for an output that cannot be written later: a folder, or in a missing one."""
     if path is None:
         return
-    if path.endswith(("/", os.sep)) or os.path.basename(path) in ("", ".", "..") or os.path.isdir(path):
+    if names_a_folder(path) or os.path.isdir(path):
         raise click.BadParameter(f"{path} names a folder, not a file", param_hint=option)
     if not os.path.isdir(os.path.dirname(path) or "."):
         raise click.BadParameter(f"{os.path.dirname(path)}: no such folder", param_hint=option)
@@ -589,8 +589,8 @@ def export(obj, files, output, to_stdout, force):
             _refuse_terminal(force)
         blob = _read_input(name)
         target = output or (None if stdout else _export_name(name))
-        _write(name, target, stdout, force, lambda f: f.write(memory_export.to_safetensors(blob)))
-        count = len(memory_export.memory(blob))
+        exported, count = memory_export.safetensors_and_count(blob)
+        _write(name, target, stdout, force, lambda f: f.write(exported))
         if obj["verbose"] or not count:
             _say(obj, f"{name}: {count} memory segments -> {target or 'stdout'}"
                       + ("" if count else " (nothing to export: the archive holds no memory segment)"))

@@ -62,6 +62,11 @@ def memory(blob) -> list[MemorySegment]:
 
 def to_safetensors(blob) -> bytes:
     """A safetensors file of the archive's memory segments (module docstring)."""
+    return safetensors_and_count(blob)[0]
+
+
+def safetensors_and_count(blob) -> tuple[bytes, int]:
+    """to_safetensors(blob), and how many memory segments it holds."""
     archive = inspection.check(blob)
     segments = _memory(archive)
     h = archive.header
@@ -80,4 +85,4 @@ def to_safetensors(blob) -> bytes:
                          f"{key}.token_count": str(m.token_count),
                          f"{key}.byte_start": str(m.byte_start),
                          f"{key}.byte_end": str(m.byte_end)})
-    return save({f"segment.{m.index}.vectors": m.vectors for m in segments}, metadata=metadata)
+    return save({f"segment.{m.index}.vectors": m.vectors for m in segments}, metadata=metadata), len(segments)
