@@ -212,7 +212,7 @@ class Codec:
 
         With `tokens_per_segment` None, segments grow while their vectors hold
         them (the fit sets each length); with N, text is cut every N tokens.
-        `workers` > 1 fits in that many processes; `cluster` ("auto", "local" or a Ray
+        `workers` > 1 fits memory segments in that many processes; `cluster` ("auto", "local" or a Ray
         address, HOST:PORT) fits on a Ray cluster instead. With `journal` (a directory),
         each finished segment is kept there, and a rerun of the same encoding fits
         only what is missing; the caller removes it once the archive is safe.
@@ -233,6 +233,8 @@ class Codec:
             raise OptionError("workers must be at least 1")
         if cluster is not None and workers > 1:
             raise OptionError("fit on a cluster or in worker processes, not both")
+        if method != "memory" and (workers > 1 or cluster is not None):
+            raise OptionError(f"workers and cluster fit memory segments; method {method} takes neither")
 
         sha256 = hashlib.sha256(data).digest()
         if method == "lm":

@@ -57,6 +57,25 @@ def test_rm_keeps_the_input_when_the_output_is_a_device(workdir):
     assert sorted(os.listdir()) == ["a.lmz", "doc.txt"]
 
 
+def test_the_last_of_keep_and_rm_wins(workdir):
+    Path("doc.txt").write_bytes(b"precious")
+    assert run("compress", "--method", "zstd", "--rm", "-k", "doc.txt").exit_code == 0
+    assert Path("doc.txt").exists(), "-k after --rm keeps the input"
+    assert run("-k", "--rm", "--method", "zstd", "-f", "doc.txt").exit_code == 0  # the xz-style form
+    assert not Path("doc.txt").exists(), "--rm after -k removes the input"
+    assert run("-d", "--rm", "-k", "doc.txt.lmz").exit_code == 0
+    assert sorted(os.listdir()) == ["a.lmz", "doc.txt", "doc.txt.lmz"]
+
+
+@pytest.mark.parametrize("method", ["lm", "zstd"])
+@pytest.mark.parametrize("option", [["--workers", "2"], ["--workers", "auto"], ["--ray", "local"]])
+def test_fitting_options_are_refused_where_nothing_is_fitted(workdir, method, option):
+    Path("doc.txt").write_bytes(b"text")
+    r = run("compress", "--method", method, *option, "doc.txt")
+    assert r.exit_code == 2 and f"{option[0]} fits memory segments; --method {method}" in r.stderr
+    assert sorted(os.listdir()) == ["a.lmz", "doc.txt"]
+
+
 def test_an_existing_fifo_needs_force(workdir):
     os.mkfifo("pipe")
     r = run("decompress", "-o", "pipe", "a.lmz")

@@ -127,3 +127,10 @@ def test_without_ray_the_cluster_option_says_what_to_install(codec, monkeypatch)
 def test_cluster_and_workers_are_exclusive(codec):
     with pytest.raises(lmzip.OptionError, match="not both"):
         codec.encode(TEXT, cluster="auto", workers=2, **OPTIONS)
+
+
+@pytest.mark.parametrize("method", ["lm", "zstd"])
+def test_workers_and_cluster_are_refused_where_nothing_is_fitted(codec, method):
+    for spread in ({"workers": 2}, {"cluster": "auto"}):
+        with pytest.raises(lmzip.OptionError, match=f"method {method} takes neither"):
+            codec.encode(TEXT, method=method, **spread)
