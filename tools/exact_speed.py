@@ -7,11 +7,13 @@ implementation left the arithmetic alone: it must not change between versions.
 
     python tools/exact_speed.py ../shared/corpus/alice29.txt --rows 1 10 --context 1000 --passes 1024
     python tools/exact_speed.py ../shared/corpus/alice29.txt --rows 1 11 --passes --kernel float32
+    python tools/exact_speed.py --probes 30      # how often the load-time timing picks each kernel
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import statistics
 import sys
@@ -23,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lmzip.exact.forward import Cache, forward, frequencies  # noqa: E402
+from lmzip.exact import matmul  # noqa: E402
 from lmzip.exact.matmul import kernels  # noqa: E402
 from lmzip.exact.model import ExactModel  # noqa: E402
 from lmzip.models import load_model  # noqa: E402
@@ -54,9 +57,19 @@ def whole_pass(exact, ids, tokens: int):
     return time.process_time() - cpu, digest(logits)
 
 
+def count_choices(probes: int) -> None:
+    small, whole = collections.Counter(), collections.Counter()
+    for _ in range(probes):
+        small[matmul._fastest(kernels("cpu"), matmul.PROBE_SHAPE)] += 1
+        matmul.fastest_kernel.cache_clear()
+        whole[matmul.fastest_kernel("cpu")] += 1
+    print(f"{probes} probes, {torch.get_num_threads()} threads: small product alone {dict(small)}, "
+          f"the choice {dict(whole)}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("file")
+    ap.add_argument("file", nargs="?")
     ap.add_argument("--model", default=None, help="model spec for lmzip.models.load_model (default: embedded)")
     ap.add_argument("--rows", type=int, nargs="*", default=[1, 10])
     ap.add_argument("--context", type=int, nargs="*", default=[1000])
@@ -65,8 +78,15 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--kernel", choices=kernels("cpu"), default=None,
                     help="multiply the weights with this kernel (default: the one timed fastest here)")
+    ap.add_argument("--probes", type=int, default=0, metavar="N",
+                    help="instead: run the kernel choice N times, and count the choices of the small "
+                         "product alone (the choice before 2026-12-03) and of the whole choice")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.probes:
+        return count_choices(args.probes)
+    if not args.file:
+        ap.error("FILE is needed unless --probes is given")
     lm = load_model(args.model, device="cpu")
     exact = ExactModel.from_loaded(lm)
     if args.kernel:
