@@ -76,3 +76,11 @@ def test_decode_speed_decodes_every_memory_segment_of_an_archive(capsys, monkeyp
         torch.set_num_threads(threads)  # the tool sets its own
     assert asked == [None]  # all of them, not the random segments' default count
     assert "batch   4, 1 threads: 23 segments" in capsys.readouterr().out
+
+
+def test_fit_step_time_builds_and_times_the_micro_model(capsys):
+    tool = runpy.run_path(str(ROOT / "tools" / "fit_step_time.py"))
+    tool["main"](["--model", "micro", "--rows", "1", "2", "--tokens", "4", "--steps", "5", "--skip", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" rows")[0].strip() for line in lines] == ["1", "2"]
+    assert all("tensor ops" in line for line in lines)
