@@ -325,8 +325,8 @@ def _fit_config(params: dict) -> FitConfig:
               "cluster this machine belongs to (or RAY_ADDRESS), 'local' to start one here. Every node needs "
               "lmzip and the model in its cache.")
 @click.option("--journal/--no-journal", default=True, show_default=True,
-              help="With --method memory, keep finished segments in OUTPUT.journal, so that rerunning the same command after a "
-              "crash fits only what is missing (removed on success).")
+              help="Keep finished segments (memory) or chunks (lm) in OUTPUT.journal, so that rerunning the "
+              "same command after a crash does only what is missing (removed on success).")
 @click.pass_obj
 def compress(obj, files, output, to_stdout, force, model, method, tokens_per_segment,
              level, workers, ray_address, journal, **fit_params):
@@ -351,7 +351,7 @@ def compress(obj, files, output, to_stdout, force, model, method, tokens_per_seg
         data, status = _read_with_stat(name)
         reports = []
         target = output or f"{name}{SUFFIX}"
-        book = f"{target}.journal" if journal and not stdout and method == "memory" else None
+        book = f"{target}.journal" if journal and not stdout and method != "zstd" else None
 
         def produce(f):
             with _progress(obj, name, "bytes") as bar:  # erased before the output is written out

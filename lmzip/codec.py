@@ -11,6 +11,7 @@ import hashlib
 import io
 import math
 import os
+import threading
 from dataclasses import dataclass, fields, replace
 from typing import BinaryIO, Callable
 
@@ -18,8 +19,9 @@ from . import container, inspection, kinds, segmenting
 from .batch_decode import DEFAULT_BATCH_SIZE
 from .container import KIND_MEMORY, ArchiveWriter, Header
 from .journal import Journal
-from .errors import (ContentChecksumError, InternalError, HeaderError, InputError, ModelMismatchError, ModelUnavailableError,
-                     OptionError, SegmentError, WorkLimitError)
+from .errors import (ContentChecksumError, HeaderError, InputError, InternalError, JournalError, ModelMismatchError,
+                     ModelUnavailableError, OptionError, SegmentError, WorkLimitError)
+from .exact.model import ARITHMETIC_VERSION
 from .fit import FitConfig, fit_regions, sink_prefix
 from .inspection import decode_work, inspect  # noqa: F401 - inspect: for `from lmzip.codec import inspect`
 from .kinds.memory import max_positions
@@ -160,6 +162,34 @@ def _check_fit_options(fit: FitConfig, tokens_per_segment: int | None, zstd_leve
         raise OptionError("zstd level must be in [1, 22]")
 
 
+def _journaled_payloads(book: Journal, pieces: list[segmenting.Piece]) -> dict[int, bytes]:
+    """The payloads of the chunks a journal holds, by piece index (one segment per chunk)."""
+    payloads = {}
+    for i, kept in book.open().items():
+        segment = kept[0]
+        if not (0 <= i < len(pieces) and pieces[i].ids is not None and segment.data == pieces[i].data
+                and segment.token_count == len(pieces[i].ids) and segment.payload is not None):
+            raise JournalError(f"the journal {book.directory} holds a chunk {i} that is not the input's; "
+                               "remove it to start over")
+        payloads[i] = segment.payload
+    return payloads
+
+
+def _journal_lm_chunk(book: Journal, pieces: list[segmenting.Piece], batch: list[int], prefix):
+    """A `done` callback for kinds.lm.code over `batch` that journals each chunk's payload; shard
+    threads call it, so the journal's writes take turns."""
+    lock = threading.Lock()
+
+    def done(position: int, payload: bytes) -> None:
+        i = batch[position]
+        segment = kinds.CodedSegment(kinds.lm.kind_of(len(pieces[i].ids), prefix), pieces[i].data, payload,
+                                     token_count=len(pieces[i].ids))
+        with lock:
+            book.add(i, segment)
+
+    return done
+
+
 def _rest_of(region: segmenting.Region, done_bytes: int) -> segmenting.Region | None:
     """What is left to fit of a region after its first `done_bytes` (journaled segments)."""
     data = region.text.encode("utf-8")
@@ -214,8 +244,9 @@ class Codec:
         them (the fit sets each length); with N, text is cut every N tokens.
         `workers` > 1 fits memory segments in that many processes; `cluster` ("auto", "local" or a Ray
         address, HOST:PORT) fits on a Ray cluster instead. With `journal` (a directory),
-        each finished segment is kept there, and a rerun of the same encoding fits
-        only what is missing; the caller removes it once the archive is safe.
+        each finished segment (method lm: each coded chunk) is kept there, and a rerun of
+        the same encoding does only what is missing; the caller removes it once the
+        archive is safe.
         `pack_lm` False writes each lm chunk as a segment of its own (kinds 2 and 3, which
         readers older than kind 4, lm-packed, know), at 32 bytes of table per chunk.
         Extra keyword options (vectors, max_steps, lr, batch_size, margin, …) set
@@ -239,7 +270,7 @@ class Codec:
         sha256 = hashlib.sha256(data).digest()
         if method == "lm":
             return self._encode_lm(data, out, model, fit, tokens_per_segment, zstd_level, progress, sha256,
-                                   pack_lm)
+                                   pack_lm, journal)
         if method == "zstd":
             regions, lm, growing = [segmenting.Piece(data, None)], None, False
         else:
@@ -272,9 +303,9 @@ class Codec:
 
     def _encode_lm(self, data: bytes, out: BinaryIO, model: str | None, fit: FitConfig,
                    tokens_per_segment: int | None, zstd_level: int, progress: ProgressCallback | None,
-                   sha256: bytes, pack: bool) -> EncodeReport:
+                   sha256: bytes, pack: bool, journal: str | os.PathLike | None) -> EncodeReport:
         """Range-code the text's tokens under the model, in independent chunks (kinds lm-packed,
-        lm and lm-long)."""
+        lm and lm-long). With `journal`, each chunk's payload is kept there as it is coded."""
         lm = self.model(model)
         prefix = sink_prefix(lm, fit)
         if not prefix:
@@ -283,14 +314,22 @@ class Codec:
         writer = ArchiveWriter()
         run = _RawRun(writer, zstd_level)
         state = Progress(0, len(data))
-        if progress:
-            progress(state)
         coded = [i for i, p in enumerate(pieces) if p.ids is not None]  # piece indices
         sample = set(coded[::kinds.lm.CHECK_EVERY])
-        payloads: dict[int, bytes] = {}
-        for start in range(0, len(coded), LM_PROGRESS_CHUNKS):
-            batch = coded[start:start + LM_PROGRESS_CHUNKS]
-            payloads.update(zip(batch, kinds.lm.code(lm, [pieces[i] for i in batch], prefix)))
+        book = None if journal is None else Journal(journal, {"input_sha256": sha256.hex(), "method": "lm",
+                                             "tokens_per_segment": tokens_per_segment, "prefix": list(prefix),
+                                             "arithmetic": ARITHMETIC_VERSION.decode(),
+                                             "model": [lm.model_id, lm.weights_sha256.hex()],
+                                             "chunks": [len(p.data) for p in pieces]})
+        payloads = _journaled_payloads(book, pieces) if book else {}
+        state.done += sum(len(pieces[i].data) for i in payloads if i not in sample)
+        if progress:
+            progress(state)
+        todo = [i for i in coded if i not in payloads]
+        for start in range(0, len(todo), LM_PROGRESS_CHUNKS):
+            batch = todo[start:start + LM_PROGRESS_CHUNKS]
+            kept = _journal_lm_chunk(book, pieces, batch, prefix) if book else None
+            payloads.update(zip(batch, kinds.lm.code(lm, [pieces[i] for i in batch], prefix, done=kept)))
             state.done += sum(len(pieces[i].data) for i in batch if i not in sample)  # those count once checked
             if progress:
                 progress(state)

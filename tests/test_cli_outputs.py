@@ -152,14 +152,26 @@ def test_verbose_decompress_and_test_say_what_they_did(workdir):
     assert r.stderr.strip() == "a.lmz: OK, 1 segment (1 zstd) decoded and checked"
 
 
-@pytest.mark.parametrize("method", ["lm", "zstd"])
-def test_methods_without_a_journal_leave_one_alone(workdir, method):
+def test_zstd_has_no_journal_and_leaves_one_alone(workdir):
     Path("doc.txt").write_bytes(b"Alice was beginning to get very tired.")
     os.mkdir("doc.txt.lmz.journal")
     Path("doc.txt.lmz.journal/manifest.json").write_text("{}")
-    r = run("compress", "--method", method, "--model", TINY_MODEL, "doc.txt")
+    r = run("compress", "--method", "zstd", "doc.txt")
     assert r.exit_code == 0, r.stderr
     assert Path("doc.txt.lmz.journal/manifest.json").exists(), "another run's journal was removed"
+
+
+def test_lm_keeps_a_journal_until_it_succeeds(workdir):
+    Path("doc.txt").write_bytes(b"Alice was beginning to get very tired.")
+    os.mkdir("doc.txt.lmz.journal")
+    Path("doc.txt.lmz.journal/manifest.json").write_text("{}")
+    r = run("compress", "--method", "lm", "--model", TINY_MODEL, "doc.txt")
+    assert r.exit_code == 1 and "is of another compression" in r.stderr
+    assert Path("doc.txt.lmz.journal/manifest.json").exists(), "another run's journal was removed"
+    shutil.rmtree("doc.txt.lmz.journal")
+    r = run("compress", "--method", "lm", "--model", TINY_MODEL, "doc.txt")
+    assert r.exit_code == 0, r.stderr
+    assert sorted(os.listdir()) == ["a.lmz", "doc.txt", "doc.txt.lmz"]
 
 
 def test_a_reader_that_stops_early_ends_the_command_quietly(workdir):

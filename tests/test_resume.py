@@ -5,12 +5,15 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import psutil
 import pytest
 
 import lmzip
 from lmzip import fit as fit_module
+from lmzip import journal as journal_module
+from lmzip.kinds import lm as lm_kind
 
 from conftest import ROOT, TINY_MODEL, TINY_OPTIONS
 
@@ -114,6 +117,57 @@ def test_kill_9_half_way_then_rerun(codec, tmp_path, monkeypatch):
     blob = codec.encode(TEXT, journal=journal, **OPTIONS)
     assert codec.decode(blob) == TEXT.encode()
     assert len(closed) + kept >= 3
+
+
+LM = dict(method="lm", model=TINY_MODEL, tokens_per_segment=24)
+LM_TEXT = TEXT * 3  # over 16 chunks of 24 byte tokens: two of the codec's batches of 16
+REAL_CODE = lm_kind.code
+
+
+def coded_chunks(monkeypatch, crash_on_call: int | None = None) -> list[int]:
+    """Count the chunks the lm kind codes; with `crash_on_call`, that call dies as a kill would."""
+    counts = []
+
+    def counted(lm, pieces, prefix, done=None):
+        if len(counts) + 1 == crash_on_call:
+            raise KeyboardInterrupt
+        counts.append(len(pieces))
+        return REAL_CODE(lm, pieces, prefix, done=done)
+
+    monkeypatch.setattr(lm_kind, "code", counted)
+    return counts
+
+
+def test_an_lm_rerun_codes_only_the_chunks_the_journal_lacks(codec, tmp_path, monkeypatch):
+    journal = tmp_path / "doc.lmz.journal"
+    counts = coded_chunks(monkeypatch)
+    fresh = codec.encode(LM_TEXT, **LM)
+    chunks = sum(counts)
+    assert chunks > 16
+    coded_chunks(monkeypatch, crash_on_call=2)
+    with pytest.raises(KeyboardInterrupt):
+        codec.encode(LM_TEXT, journal=journal, **LM)
+    assert len(list(journal.glob("*.seg"))) == 16  # the first batch, chunk by chunk
+    counts = coded_chunks(monkeypatch)
+    assert codec.encode(LM_TEXT, journal=journal, **LM) == fresh  # the same archive, byte for byte
+    assert counts == [chunks - 16]
+
+
+def test_an_lm_journal_is_refused_for_other_options_and_checked_chunk_by_chunk(codec, tmp_path, monkeypatch):
+    journal = tmp_path / "j"
+    coded_chunks(monkeypatch, crash_on_call=2)
+    with pytest.raises(KeyboardInterrupt):
+        codec.encode(LM_TEXT, journal=journal, **LM)
+    coded_chunks(monkeypatch)  # no more crashes
+    with pytest.raises(lmzip.JournalError, match="its .*tokens_per_segment differ"):
+        codec.encode(LM_TEXT, journal=journal, **{**LM, "tokens_per_segment": 25})
+    with pytest.raises(lmzip.JournalError, match="its .*method.* differ"):
+        codec.encode(LM_TEXT, journal=journal, **OPTIONS)
+    first = sorted(journal.glob("*.seg"))[0]
+    kept = journal_module._decode_segment(first.read_bytes())
+    first.write_bytes(journal_module._encode_segment(replace(kept, data=kept.data.upper())))
+    with pytest.raises(lmzip.JournalError, match="holds a chunk 0 that is not the input's"):
+        codec.encode(LM_TEXT, journal=journal, **LM)
 
 
 def test_two_workers_fit_and_the_archive_is_in_order(codec):

@@ -9,7 +9,7 @@ gives the same frequencies bit for bit (forward.py).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -55,16 +55,26 @@ def chunk_logits(exact: ExactModel, chunk: Sequence[int], prefix: Sequence[int])
 
 
 def encode_chunks(exact: ExactModel, chunks: Sequence[Sequence[int]], prefix: Sequence[int],
-                  positions: int = MAX_POSITIONS, threads: int = 1) -> list[bytes]:
+                  positions: int = MAX_POSITIONS, threads: int = 1,
+                  done: Callable[[int, bytes], None] | None = None) -> list[bytes]:
     """One range-coded payload per chunk of token ids, each at most `positions` with the prefix;
-    chunks are dealt to up to `threads` CPU threads (the arithmetic is the same on any)."""
+    chunks are dealt to up to `threads` CPU threads (the arithmetic is the same on any).
+    `done(index, payload)` is called as each chunk is coded, from the thread that coded it."""
     prefix = tuple(int(t) for t in prefix)
     _check_lengths(exact, prefix, [len(c) for c in chunks], positions)
     if any(not 0 <= t < exact.shape.vocab for chunk in chunks for t in chunk):
         raise ValueError("a token is outside the vocabulary")
+
+    def shard(indices: list[int]) -> list[bytes]:
+        payloads = []
+        for i in indices:
+            payloads.append(_encode_chunk(exact, chunks[i], prefix))
+            if done:
+                done(i, payloads[-1])
+        return payloads
+
     shards = deal([len(c) for c in chunks], max(1, min(threads, len(chunks))))
-    return map_shards(lambda indices: [_encode_chunk(exact, chunks[i], prefix) for i in indices],
-                      shards, len(chunks))
+    return map_shards(shard, shards, len(chunks))
 
 
 def _encode_chunk(exact: ExactModel, chunk: Sequence[int], prefix: tuple[int, ...]) -> bytes:

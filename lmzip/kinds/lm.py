@@ -85,8 +85,9 @@ CHECK_EVERY = 16  # the encoder decodes every 16th chunk (and the first) as the 
 # codec._encode_lm runs `code` over all chunks, `check` on that sample, then `segments`
 
 
-def code(lm, pieces, prefix) -> list[bytes]:
-    """The range-coded payload of each piece's `ids`, from one whole-chunk pass each."""
+def code(lm, pieces, prefix, done=None) -> list[bytes]:
+    """The range-coded payload of each piece's `ids`, from one whole-chunk pass each;
+    `done(i, payload)` as the i-th piece's is ready (from a shard thread)."""
     from ..exact import encode_chunks
     from ..precision import exact_float32
     from ..sharding import cpu_threads
@@ -95,7 +96,7 @@ def code(lm, pieces, prefix) -> list[bytes]:
     with exact_float32():  # the exact forward refuses reduced-precision matmuls
         # chunks dealt to one-thread threads code 1.3x faster than one two-thread pass at a time
         # (BENCHMARKS.md)
-        return encode_chunks(exact, [p.ids for p in pieces], prefix, threads=cpu_threads(exact.device))
+        return encode_chunks(exact, [p.ids for p in pieces], prefix, threads=cpu_threads(exact.device), done=done)
 
 
 def check(lm, pieces, payloads, prefix, sample) -> set[int]:
