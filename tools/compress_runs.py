@@ -9,6 +9,7 @@ journal, and checks that the archive decodes to the input.
 
     python tools/compress_runs.py throughput text.txt --workers 1 2 --seconds 600
     python tools/compress_runs.py resume text.txt --fraction 0.5
+    python tools/compress_runs.py resume text.txt --options "--method lm"
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lmzip.container import KIND_MEMORY  # noqa: E402
+from lmzip.kinds import lm, lm_long  # noqa: E402
 
 
 def lmzip(*args: str) -> list[str]:
@@ -37,11 +39,11 @@ def lmzip(*args: str) -> list[str]:
 
 
 def journal_tokens(journal: Path) -> tuple[int, int]:
-    """(memory tokens, memory segments) in a journal's segment files."""
+    """(tokens, segments) of the memory segments, or lm chunks, in a journal's segment files."""
     tokens = segments = 0
     for path in journal.glob("*.seg"):
         head = json.loads(path.read_bytes().partition(b"\n")[0])
-        if head["kind"] == KIND_MEMORY:
+        if head["kind"] in (KIND_MEMORY, lm.KIND, lm_long.KIND):
             tokens += head["token_count"]
             segments += 1
     return tokens, segments
@@ -85,7 +87,7 @@ def resume(args, work: Path) -> None:
     killed_at, finished = run_for(cmd, fresh * args.fraction)
     tokens, segments = journal_tokens(Path(f"{out}.journal"))
     print(f"killed with SIGKILL after {killed_at:.1f} s ({finished=}): the journal holds {segments} memory "
-          f"segments, {tokens} tokens", flush=True)
+          f"segments or lm chunks, {tokens} tokens", flush=True)
     rerun, _ = run_for(cmd, None)
     decoded = work / "r.txt"
     subprocess.run(lmzip("decompress", str(out), "-o", str(decoded), "-f"), check=True)
