@@ -3,30 +3,25 @@
 Data goes to a temporary file beside the target, which is renamed over the
 target only once everything succeeded; any error or Ctrl-C removes it. A
 target that is a device or a FIFO (/dev/null, a pipe) is written in place,
-never replaced, once the whole output is ready. A run holds a lock on its
-temporary file, so that the next run to the same target can tell one left by
-`kill -9` or a crash (old, and locked by nobody) and remove it.
+never replaced, once the whole output is ready. Temporary files that killed
+runs left are removed by the next run to the same target (part_files.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import shutil
 import stat
 import tempfile
-import time
 from pathlib import Path
 from typing import BinaryIO
 
+from . import part_files
 from .errors import OutputExistsError
 
 SPOOL_IN_MEMORY = 64 << 20  # a larger output waits on disk
-STALE_AFTER_S = 60  # an unlocked temporary file this old is no run's: a run locks its own at once
-_PART = ".part"
-_RANDOM_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")  # mkstemp's, 8 of them
 
 
 def _umask() -> int:
@@ -72,47 +67,6 @@ def _write_into_special(path: Path, buffer) -> None:
         shutil.copyfileobj(buffer, target)
 
 
-def _lock(fd: int) -> None:
-    """Mark a temporary file as in use for as long as this run holds it open (where the
-    file system has no locks, stale files are just not recognised)."""
-    with contextlib.suppress(OSError):
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-
-def _is_our_part(name: str, target: str) -> bool:
-    """`name` is what mkstemp makes for `target`: .TARGET.XXXXXXXX.part."""
-    prefix = f".{target}."
-    middle = name[len(prefix):-len(_PART)]
-    return (name.startswith(prefix) and name.endswith(_PART) and len(middle) == 8
-            and set(middle) <= _RANDOM_CHARS)
-
-
-def _remove_if_stale(part: str) -> None:
-    fd = os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    try:
-        status = os.fstat(fd)
-        if (not stat.S_ISREG(status.st_mode) or status.st_uid != os.getuid()
-                or time.time() - status.st_mtime < STALE_AFTER_S):
-            return
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a live run holds it
-        os.unlink(part)
-    finally:
-        os.close(fd)
-
-
-def remove_stale_parts(path: Path) -> None:
-    """Remove the temporary files of `path` that killed runs left behind. Best effort: a file
-    that cannot be opened, locked or removed stays."""
-    folder = path.parent
-    try:
-        names = [e.name for e in os.scandir(folder) if _is_our_part(e.name, path.name)]
-    except OSError:
-        return
-    for name in names:
-        with contextlib.suppress(OSError):
-            _remove_if_stale(os.path.join(folder, name))
-
-
 def _naming(e: OSError, path: Path) -> OSError:
     """The same error, naming the target instead of the temporary file."""
     return type(e)(e.errno, e.strerror, str(path))
@@ -138,16 +92,16 @@ def atomic_output(path: str | os.PathLike, force: bool = False, like: os.stat_re
             yield buffer
             _write_into_special(path, buffer)
         return
-    remove_stale_parts(path)
+    part_files.remove_stale(path)
     # mkstemp makes it 0600, so nothing can read it before it has its final mode
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_PART, dir=path.parent or ".")
+        fd, tmp = tempfile.mkstemp(prefix=part_files.prefix(path), suffix=part_files.SUFFIX, dir=path.parent)
     except OSError as e:
         raise _naming(e, path) from None
-    _lock(fd)
-    held = os.dup(fd)  # the lock lasts until the rename, after the file itself is closed
+    held = None
     try:
         with os.fdopen(fd, "wb") as f:
+            held = part_files.hold(f.fileno())  # until the rename, after the file itself is closed
             yield f
             f.flush()
             # without `like`, act like open(); setuid, setgid and sticky bits are not copied
@@ -159,6 +113,11 @@ def atomic_output(path: str | os.PathLike, force: bool = False, like: os.stat_re
             raise OutputExistsError(f"{path} already exists (use -f to overwrite)")
         try:
             os.replace(tmp, path)
+        except FileNotFoundError:
+            if os.path.lexists(tmp):
+                raise
+            raise FileNotFoundError(errno.ENOENT, "the temporary file vanished before it could be renamed "
+                                    "(removed by another program?)", tmp) from None
         except OSError as e:
             raise _naming(e, path) from None
     except BaseException:
@@ -166,4 +125,5 @@ def atomic_output(path: str | os.PathLike, force: bool = False, like: os.stat_re
             os.unlink(tmp)
         raise
     finally:
-        os.close(held)
+        if held is not None:
+            os.close(held)
