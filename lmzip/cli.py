@@ -244,22 +244,10 @@ def _output_flags(f):
     f = click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to this file.")(f)
     f = click.option("-c", "--stdout", "to_stdout", is_flag=True, help="Write to standard output.")(f)
     f = click.option("-f", "--force", is_flag=True, help="Overwrite existing output files.")(f)
-    f = click.option("-k", "--keep", is_flag=True, expose_value=False, callback=_keep_or_remove,
-                     help="Keep the input file (the default).")(f)
-    f = click.option("--rm", "remove", is_flag=True, expose_value=False, callback=_keep_or_remove,
-                     help="Delete the input file after success (the last of -k and --rm wins).")(f)
+    # one option, so that the last of --rm and -k given wins, as in zstd (an alias may carry either)
+    f = click.option("--rm/--keep", " /-k", "remove", default=False,
+                     help="Delete the input file after success, or keep it (the default); the last given wins.")(f)
     return f
-
-
-def _keep_or_remove(ctx: click.Context, param: click.Parameter, given: bool) -> None:
-    """-k and --rm: the last one given wins, as in zstd, so that an alias can carry either.
-    Click calls this in command-line order for the options given, then for the rest."""
-    if given:
-        ctx.meta["lmzip.remove"] = param.name == "remove"
-
-
-def _removes_input() -> bool:
-    return click.get_current_context().meta.get("lmzip.remove", False)
 
 
 FIT_OPTIONS = ("vectors", "max_vectors", "max_steps", "start_tokens", "grow_tokens", "max_tokens", "margin",
@@ -328,15 +316,14 @@ def _fit_config(params: dict) -> FitConfig:
               help="Keep finished segments (memory) or chunks (lm) in OUTPUT.journal, so that rerunning the "
               "same command after a crash does only what is missing (removed on success).")
 @click.pass_obj
-def compress(obj, files, output, to_stdout, force, model, method, tokens_per_segment,
+def compress(obj, files, output, to_stdout, force, remove, model, method, tokens_per_segment,
              level, workers, ray_address, journal, **fit_params):
     """Compress FILES (or - for standard input) to FILE.lmz."""
     output, to_stdout = _check_output_args(files, output, to_stdout, one_per_stream=True)
     if ray_address and workers != "auto":
         raise click.UsageError("--ray and --workers exclude each other (the cluster has its own workers)")
     if method != "memory":
-        _refuse_fitting_options(method, ray_address)
-    remove = _removes_input()
+        _refuse_fitting_options(method)
     options = dict(method=method, model=model, tokens_per_segment=tokens_per_segment,
                    fit=_fit_config(fit_params), zstd_level=level,
                    workers=1 if ray_address or method != "memory" else _workers(workers), cluster=ray_address)
@@ -373,7 +360,7 @@ def compress(obj, files, output, to_stdout, force, model, method, tokens_per_seg
     _each_file(obj, files, work)
 
 
-def _refuse_fitting_options(method: str, ray_address: str | None) -> None:
+def _refuse_fitting_options(method: str) -> None:
     """--workers and --ray spread the fitting of memory segments; under another method they
     would do nothing, so saying them is a slip."""
     ctx = click.get_current_context()
@@ -425,9 +412,8 @@ def _decompressed_name(name: str) -> str:
               "if not where the archive says.")
 @_decode_flags
 @click.pass_obj
-def decompress(obj, files, output, to_stdout, force, model, allow_download, work_limit):
+def decompress(obj, files, output, to_stdout, force, remove, model, allow_download, work_limit):
     """Decompress FILE.lmz to FILE (or - for standard input, to standard output)."""
-    remove = _removes_input()
     output, to_stdout = _check_output_args(files, output, to_stdout)
 
     def work(name):

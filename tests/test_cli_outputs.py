@@ -65,6 +65,8 @@ def test_the_last_of_keep_and_rm_wins(workdir):
     assert not Path("doc.txt").exists(), "--rm after -k removes the input"
     assert run("-d", "--rm", "-k", "doc.txt.lmz").exit_code == 0
     assert sorted(os.listdir()) == ["a.lmz", "doc.txt", "doc.txt.lmz"]
+    assert run("-d", "-f", "--rm", "-k", "--rm", "doc.txt.lmz").exit_code == 0  # a repeated flag counts too
+    assert sorted(os.listdir()) == ["a.lmz", "doc.txt"]
 
 
 @pytest.mark.parametrize("method", ["lm", "zstd"])
@@ -161,7 +163,7 @@ def test_zstd_has_no_journal_and_leaves_one_alone(workdir):
     assert Path("doc.txt.lmz.journal/manifest.json").exists(), "another run's journal was removed"
 
 
-def test_lm_keeps_a_journal_until_it_succeeds(workdir):
+def test_lm_refuses_another_runs_journal_and_removes_its_own(workdir):
     Path("doc.txt").write_bytes(b"Alice was beginning to get very tired.")
     os.mkdir("doc.txt.lmz.journal")
     Path("doc.txt.lmz.journal/manifest.json").write_text("{}")
