@@ -11,11 +11,10 @@ import hashlib
 import io
 import math
 import os
-import threading
 from dataclasses import dataclass, fields, replace
 from typing import BinaryIO, Callable
 
-from . import container, inspection, kinds, segmenting
+from . import __version__, container, inspection, kinds, segmenting
 from .batch_decode import DEFAULT_BATCH_SIZE
 from .container import KIND_MEMORY, ArchiveWriter, Header
 from .journal import Journal
@@ -162,13 +161,22 @@ def _check_fit_options(fit: FitConfig, tokens_per_segment: int | None, zstd_leve
         raise OptionError("zstd level must be in [1, 22]")
 
 
+def _ids_sha256(ids) -> str:
+    return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
+
+
 def _journaled_payloads(book: Journal, pieces: list[segmenting.Piece]) -> dict[int, bytes]:
-    """The payloads of the chunks a journal holds, by piece index (one segment per chunk)."""
+    """The payloads of the chunks a journal holds, by piece index (one segment per chunk), each
+    checked against the input's chunk: its bytes, its token ids and a bounded payload."""
     payloads = {}
     for i, kept in book.open().items():
         segment = kept[0]
-        if not (0 <= i < len(pieces) and pieces[i].ids is not None and segment.data == pieces[i].data
-                and segment.token_count == len(pieces[i].ids) and segment.payload is not None):
+        piece = pieces[i] if 0 <= i < len(pieces) else None
+        if not (piece is not None and piece.ids is not None and segment.data == piece.data
+                and segment.token_count == len(piece.ids) and segment.payload is not None
+                and (segment.stats or {}).get("ids_sha256") == _ids_sha256(piece.ids)
+                and len(segment.payload) <= kinds.lm.MAX_PAYLOAD_BYTES_PER_TOKEN * len(piece.ids)
+                + kinds.lm.PAYLOAD_SLACK):
             raise JournalError(f"the journal {book.directory} holds a chunk {i} that is not the input's; "
                                "remove it to start over")
         payloads[i] = segment.payload
@@ -176,16 +184,12 @@ def _journaled_payloads(book: Journal, pieces: list[segmenting.Piece]) -> dict[i
 
 
 def _journal_lm_chunk(book: Journal, pieces: list[segmenting.Piece], batch: list[int], prefix):
-    """A `done` callback for kinds.lm.code over `batch` that journals each chunk's payload; shard
-    threads call it, so the journal's writes take turns."""
-    lock = threading.Lock()
-
+    """A `done` callback for kinds.lm.code over `batch` that journals each chunk's payload."""
     def done(position: int, payload: bytes) -> None:
         i = batch[position]
-        segment = kinds.CodedSegment(kinds.lm.kind_of(len(pieces[i].ids), prefix), pieces[i].data, payload,
-                                     token_count=len(pieces[i].ids))
-        with lock:
-            book.add(i, segment)
+        ids = pieces[i].ids
+        book.add(i, kinds.CodedSegment(kinds.lm.kind_of(len(ids), prefix), pieces[i].data, payload,
+                                       token_count=len(ids), stats={"ids_sha256": _ids_sha256(ids)}))
 
     return done
 
@@ -294,9 +298,10 @@ class Codec:
             fitter = lambda plan: fit_in_workers(spec, plan, fit, workers)  # noqa: E731
         book = None
         if journal is not None:
-            book = Journal(journal, {"input_sha256": sha256.hex(), "method": method,
+            book = Journal(journal, {"input_sha256": sha256.hex(), "method": method, "lmzip": __version__,
                                      "tokens_per_segment": tokens_per_segment, "zstd_level": zstd_level,
-                                     "fit": repr(fit), "model": lm and [lm.model_id, lm.weights_sha256.hex()],
+                                     "fit": repr(fit), "model": lm and [lm.model_id, lm.weights_sha256.hex(),
+                                                                        lm.tokenizer_sha256.hex()],
                                      "regions": [len(p.data) for p in regions]})
         return self.write_regions(regions, out, lm, fit, growing, zstd_level, progress,
                                   expected_sha256=sha256, fitter=fitter, journal=book)
@@ -316,11 +321,11 @@ class Codec:
         state = Progress(0, len(data))
         coded = [i for i, p in enumerate(pieces) if p.ids is not None]  # piece indices
         sample = set(coded[::kinds.lm.CHECK_EVERY])
-        book = None if journal is None else Journal(journal, {"input_sha256": sha256.hex(), "method": "lm",
-                                             "tokens_per_segment": tokens_per_segment, "prefix": list(prefix),
-                                             "arithmetic": ARITHMETIC_VERSION.decode(),
-                                             "model": [lm.model_id, lm.weights_sha256.hex()],
-                                             "chunks": [len(p.data) for p in pieces]})
+        identity = {"input_sha256": sha256.hex(), "method": "lm", "tokens_per_segment": tokens_per_segment,
+                    "prefix": list(prefix), "arithmetic": ARITHMETIC_VERSION.decode(), "lmzip": __version__,
+                    "model": [lm.model_id, lm.weights_sha256.hex(), lm.tokenizer_sha256.hex()],
+                    "chunks": [len(p.data) for p in pieces]}
+        book = None if journal is None else Journal(journal, identity)
         payloads = _journaled_payloads(book, pieces) if book else {}
         state.done += sum(len(pieces[i].data) for i in payloads if i not in sample)
         if progress:

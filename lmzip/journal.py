@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from .errors import JournalError
@@ -66,6 +67,7 @@ class Journal:
         self.directory = Path(directory)
         self.identity = {"journal_version": JOURNAL_VERSION, **identity}
         self._counts: dict[int, int] = {}
+        self._lock = threading.Lock()
 
     def open(self) -> dict[int, list[CodedSegment]]:
         """Create the journal, or check an existing one; return its finished segments by region."""
@@ -77,8 +79,11 @@ class Journal:
                 raise JournalError(f"cannot read the journal {self.directory}: {e}; remove it to start over") from None
             if found != self.identity:
                 differs = sorted(k for k in set(found) | set(self.identity) if found.get(k) != self.identity.get(k))
+                if "method" in differs:  # the rest follows from it
+                    differs = ["method"]
                 raise JournalError(f"the journal {self.directory} is of another compression (its {', '.join(differs)} "
-                                   "differ); remove it, or rerun the command that made it")
+                                   "differ); remove it to start over, or finish it with the command and lmzip "
+                                   "version that made it")
             return self._load()
         if self.directory.exists() and any(self.directory.iterdir()):
             raise JournalError(f"{self.directory} exists and is not a journal; remove it or name another output")
@@ -112,9 +117,11 @@ class Journal:
         return done
 
     def add(self, region: int, segment: CodedSegment) -> None:
-        seq = self._counts.get(region, 0)
-        _write_atomically(self.directory / f"{region:08d}.{seq:06d}.seg", _encode_segment(segment))
-        self._counts[region] = seq + 1
+        """Keep `segment` as the region's next; threads may call this at once (lm's shards do)."""
+        with self._lock:
+            seq = self._counts.get(region, 0)
+            _write_atomically(self.directory / f"{region:08d}.{seq:06d}.seg", _encode_segment(segment))
+            self._counts[region] = seq + 1
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
