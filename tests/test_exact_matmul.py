@@ -79,7 +79,7 @@ def test_the_kernel_choice_is_made_once_per_process():
 def test_a_kernel_that_gives_other_integers_is_never_chosen(monkeypatch):
     real = M._product
     monkeypatch.setattr(M, "_product", lambda x, block, packed: real(x, block, packed) + packed)
-    monkeypatch.setattr(M, "best_time", lambda run, **_: 0.0 if run.__name__ == "fast" else 1.0)
+    monkeypatch.setattr(M, "_seconds", lambda run: 0.0 if run.__name__ == "fast" else 1.0)
     probe = M._probe_run
     monkeypatch.setattr(M, "_probe_run", lambda x, w, kernel: _named(probe(x, w, kernel),
                                                                      "fast" if kernel == M.ONEDNN else "slow"))
@@ -96,7 +96,7 @@ def test_the_float_kernels_are_compared_at_a_large_product(monkeypatch, first):
         pytest.skip("no oneDNN in this torch")
     asked = []
 
-    def fastest(candidates, shape):
+    def fastest(candidates, shape, default):
         asked.append((candidates, shape))
         return first if shape == M.PROBE_SHAPE else M.ONEDNN
 
@@ -116,8 +116,8 @@ def test_kernels_take_turns_in_the_timing(monkeypatch):
     order = []
     probe = M._probe_run
     monkeypatch.setattr(M, "_probe_run", lambda x, w, kernel: _named(probe(x, w, kernel), kernel))
-    monkeypatch.setattr(M, "best_time", lambda run, **_: order.append(run.__name__) or 1.0)
-    assert M._fastest([M.FLOAT32, M.ONEDNN], (2, 8, 4), rounds=3) == M.FLOAT32  # a tie: the first
+    monkeypatch.setattr(M, "_seconds", lambda run: order.append(run.__name__) or 1.0)
+    assert M._fastest([M.FLOAT32, M.ONEDNN], (2, 8, 4), M.INT8, rounds=3) == M.FLOAT32  # a tie: the first
     assert order == [M.FLOAT32, M.ONEDNN] * 3
 
 

@@ -60,7 +60,7 @@ def whole_pass(exact, ids, tokens: int):
 def count_choices(probes: int) -> None:
     small, whole = collections.Counter(), collections.Counter()
     for _ in range(probes):
-        small[matmul._fastest(kernels("cpu"), matmul.PROBE_SHAPE)] += 1
+        small[matmul._fastest(kernels("cpu"), matmul.PROBE_SHAPE, matmul.INT8)] += 1
         matmul.fastest_kernel.cache_clear()
         whole[matmul.fastest_kernel("cpu")] += 1
     print(f"{probes} probes, {torch.get_num_threads()} threads: small product alone {dict(small)}, "
@@ -80,7 +80,7 @@ def main():
                     help="multiply the weights with this kernel (default: the one timed fastest here)")
     ap.add_argument("--probes", type=int, default=0, metavar="N",
                     help="instead: run the kernel choice N times, and count the choices of the small "
-                         "product alone (the choice before 2026-12-03) and of the whole choice")
+                         "product alone (timed in turns, as now) and of the whole choice")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.probes:

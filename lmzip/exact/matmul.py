@@ -107,22 +107,29 @@ def kernels(device_type: str) -> list[str]:
 
 @functools.cache
 def fastest_kernel(device_type: str) -> str:
-    """The fastest kernel here, timed once per process at PROBE_SHAPE; a kernel that fails, or
-    whose probe product differs from the exact one, is never chosen. (Exactness rests on the
-    bounds above and the tests; the probe is a last check of this build and CPU.)"""
+    """The fastest kernel here, timed once per process with one torch thread (as lm's shards
+    run): int8 against the float32 kernels at PROBE_SHAPE, then the float32 kernels against each
+    other at FLOAT_PROBE_SHAPE. A kernel that fails, or whose probe product differs from the
+    exact one, is never chosen. (Exactness rests on the bounds above and the tests; the probe
+    is a last check of this build and CPU.)"""
     candidates = kernels(device_type)
     if len(candidates) == 1:
         return candidates[0]
-    best = _fastest(candidates, PROBE_SHAPE)  # int8 against float32: on AVX2, 35 times apart
-    floats = [kernel for kernel in candidates if kernel in FLOAT_KERNELS]
-    if best in FLOAT_KERNELS and len(floats) > 1:
-        best = _fastest(floats, FLOAT_PROBE_SHAPE)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best = _fastest(candidates, PROBE_SHAPE, default=INT8)  # on AVX2, int8 is 35 times slower
+        floats = [kernel for kernel in candidates if kernel in FLOAT_KERNELS]
+        if best in FLOAT_KERNELS and len(floats) > 1:
+            best = _fastest(floats, FLOAT_PROBE_SHAPE, default=best)
+    finally:
+        torch.set_num_threads(threads)
     return best
 
 
-def _fastest(candidates: list[str], shape: tuple[int, int, int], rounds: int = 4) -> str:
+def _fastest(candidates: list[str], shape: tuple[int, int, int], default: str, rounds: int = 4) -> str:
     """The candidate with the least time for one product of `shape` whose result is exact
-    (INT8 if none is). The candidates take turns, so that a busy spell of the machine
+    (`default` if none is). The candidates take turns, so that a busy spell of the machine
     slows all of them, not one."""
     m, k, n = shape
     g = torch.Generator().manual_seed(0)
@@ -140,8 +147,14 @@ def _fastest(candidates: list[str], shape: tuple[int, int, int], rounds: int = 4
     times = {kernel: float("inf") for kernel in runs}
     for _ in range(rounds):
         for kernel, run in runs.items():
-            times[kernel] = min(times[kernel], best_time(run, tries=1, warm=False))
-    return min(times, key=times.get, default=INT8)
+            times[kernel] = min(times[kernel], _seconds(run))
+    return min(times, key=times.get, default=default)
+
+
+def _seconds(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
 
 
 def _probe_run(x, w, kernel):
@@ -151,9 +164,8 @@ def _probe_run(x, w, kernel):
     return lambda: prepared.times(xf)
 
 
-def best_time(run, tries: int = 3, warm: bool = True) -> float:
-    if warm:
-        run()  # warm-up: the first call may pick or build kernels
+def best_time(run, tries: int = 3) -> float:
+    run()  # warm-up: the first call may pick or build kernels
     best = float("inf")
     for _ in range(tries):
         start = time.perf_counter()
