@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import runpy
 import statistics
 import sys
 import tempfile
@@ -110,18 +111,18 @@ def model_pass(lm, rows: int, tokens: int, vectors: int, bf16: bool, repeat: int
 
 def micro_model(folder: Path) -> str:
     """A Llama of hidden size 16 and one layer on the tiny model's byte tokenizer, saved in `folder`."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from make_tiny_model import build_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    build_tokenizer = runpy.run_path(str(ROOT / "tests" / "make_tiny_model.py"))["build_tokenizer"]
     tokenizer = build_tokenizer()
     end = len(tokenizer) - 1
-    torch.manual_seed(1)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
                          tie_word_embeddings=True, initializer_range=0.2, eos_token_id=end, bos_token_id=end,
                          pad_token_id=end)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    with torch.random.fork_rng():  # leaves the caller's random state alone
+        torch.manual_seed(1)
+        LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
 
@@ -141,9 +142,9 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as folder:
-        spec = {"tiny": TINY, "embedded": None}.get(args.model, args.model)
-        lm = load_model(micro_model(Path(folder)) if args.model == "micro" else spec, device="cpu")
-    report(lm, args)
+        spec = micro_model(Path(folder)) if args.model == "micro" else {"tiny": TINY, "embedded": None}.get(
+            args.model, args.model)
+        report(load_model(spec, device="cpu"), args)
 
 
 def report(lm, args) -> None:
