@@ -352,8 +352,10 @@ def compress(obj, files, output, to_stdout, force, remove, model, method, tokens
             coded = (f"{r.memory_segments} lm segments ({r.memory_tokens} tokens)" if method == "lm" else
                      f"{r.memory_segments} memory segments ({r.memory_tokens} tokens in {r.memory_vectors} vectors)")
             zstd = r.segments - r.memory_segments  # runs of pieces that failed share a zstd segment
+            unit = "chunk" if method == "lm" else "segment"
+            resumed = f"; {r.resumed} {unit}{'s' * (r.resumed != 1)} from the journal" if r.resumed else ""
             _say(obj, f"{name}: {r.original_size} -> {r.archive_size} bytes; {coded}, "
-                      f"{zstd} zstd segment{'s' * (zstd != 1)}")
+                      f"{zstd} zstd segment{'s' * (zstd != 1)}{resumed}")
         if remove and name != "-" and not stdout and not is_special(target):  # as gzip: -c never deletes the input
             os.unlink(name)
 

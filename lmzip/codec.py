@@ -92,6 +92,7 @@ class EncodeReport:
     memory_tokens: int
     memory_vectors: int
     fits: list[SegmentFit]  # every segment that was fitted, in archive order
+    resumed: int = 0  # memory segments or lm chunks taken from the journal, not done again
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -347,7 +348,8 @@ class Codec:
         header = Header(original_size=len(data), content_sha256=sha256, segment_count=writer.segment_count,
                         **self._model_fields(lm, replace(fit, vectors=0, margin=0.0), prefix))
         size = writer.finish(out, header)
-        return EncodeReport(len(data), size, writer.segment_count, state.lm, state.zstd, state.tokens, 0, [])
+        return EncodeReport(len(data), size, writer.segment_count, state.lm, state.zstd, state.tokens, 0, [],
+                            resumed=len(coded) - len(todo))
 
     @staticmethod
     def _put(segment: kinds.CodedSegment, writer: ArchiveWriter, run: "_RawRun", state: Progress,
@@ -398,8 +400,10 @@ class Codec:
         plan = self._fit_plan(regions, lm, fit, growing, prefix) if lm is not None else {}
         arrived: dict[int, list[kinds.CodedSegment]] = {i: [] for i in plan}
         todo = dict(plan)
+        resumed = 0
         for i, kept in (journal.open() if journal else {}).items():
             if i in plan:
+                resumed += len(kept)
                 arrived[i].extend(kept)
                 todo[i] = _rest_of(plan[i], sum(len(s.data) for s in kept))
         todo = {i: r for i, r in todo.items() if r is not None}
@@ -439,7 +443,7 @@ class Codec:
                         segment_count=writer.segment_count, **(self._model_fields(lm, fit, prefix) if lm else {}))
         size = writer.finish(out, header)
         return EncodeReport(header.original_size, size, writer.segment_count, state.memory,
-                            state.zstd, state.tokens, memory_vectors, fits)
+                            state.zstd, state.tokens, memory_vectors, fits, resumed=resumed)
 
     @staticmethod
     def _model_fields(lm: LoadedModel, fit: FitConfig, prefix: tuple[int, ...]) -> dict:

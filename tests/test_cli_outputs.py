@@ -219,3 +219,16 @@ def test_o_dash_is_standard_output(workdir):
     r = run("decompress", "-o", "-", "a.lmz")
     assert r.exit_code == 0 and r.stdout_bytes == ZSTD_TEXT
     assert sorted(os.listdir()) == ["a.lmz"]
+
+
+@pytest.mark.parametrize("method, said", [("memory", "; 3 segments from the journal"),
+                                          ("lm", "; 1 chunk from the journal")])
+def test_verbose_says_what_came_from_the_journal(workdir, monkeypatch, method, said):
+    import lmzip
+
+    resumed = 3 if method == "memory" else 1
+    report = lmzip.EncodeReport(10, 20, 2, 1, 1, 5, 2, [], resumed=resumed)
+    monkeypatch.setattr(lmzip.Codec, "encode_to", lambda self, data, out, **options: out.write(b"x") and report)
+    Path("doc.txt").write_bytes(b"text")
+    r = run("-v", "compress", "--method", method, "doc.txt")
+    assert r.exit_code == 0 and r.stderr.strip().endswith(said), r.stderr

@@ -1,5 +1,6 @@
 """Resumable runs (a journal beside the output) and fitting in several worker processes."""
 
+import io
 import os
 import signal
 import subprocess
@@ -62,7 +63,9 @@ def test_a_rerun_after_a_crash_fits_only_what_is_missing(codec, tmp_path, monkey
     assert len(list(journal.glob("*.seg"))) == 2
 
     closed = counting_fits(monkeypatch)
-    blob = codec.encode(TEXT, journal=journal, **OPTIONS)
+    out = io.BytesIO()
+    assert codec.encode_to(TEXT, out, journal=journal, **OPTIONS).resumed == 2
+    blob = out.getvalue()
     assert len(closed) < fresh_count  # the two journaled segments were not fitted again
     assert codec.decode(blob) == TEXT.encode()
     assert "memory" in kinds(blob)
@@ -159,8 +162,10 @@ def test_an_lm_rerun_codes_only_the_chunks_the_journal_lacks(codec, tmp_path, mo
     kept = len(list(journal.glob("*.seg")))
     assert 8 <= kept < 16  # chunk by chunk, not batch by batch (other shards finish their own)
     counts = coded_chunks(monkeypatch)
-    assert codec.encode(LM_TEXT, journal=journal, **LM) == fresh  # the same archive, byte for byte
-    assert sum(counts) == chunks - kept
+    out = io.BytesIO()
+    report = codec.encode_to(LM_TEXT, out, journal=journal, **LM)
+    assert out.getvalue() == fresh  # the same archive, byte for byte
+    assert sum(counts) == chunks - kept and report.resumed == kept
 
 
 def test_an_lm_journal_is_refused_for_other_options_and_checked_chunk_by_chunk(codec, tmp_path, monkeypatch):
