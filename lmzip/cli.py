@@ -349,8 +349,10 @@ def compress(obj, files, output, to_stdout, force, remove, model, method, tokens
             shutil.rmtree(book, ignore_errors=True)  # the archive is safely written: the journal is done
         r = reports[0]
         if obj["verbose"]:
-            coded = (f"{r.memory_segments} lm segments ({r.memory_tokens} tokens)" if method == "lm" else
-                     f"{r.memory_segments} memory segments ({r.memory_tokens} tokens in {r.memory_vectors} vectors)")
+            kind = "lm" if method == "lm" else "memory"
+            segments = f"{r.memory_segments} {kind} segment" + "s" * (r.memory_segments != 1)
+            coded = (f"{segments} ({r.memory_tokens} tokens)" if method == "lm" else
+                     f"{segments} ({r.memory_tokens} tokens in {r.memory_vectors} vectors)")
             zstd = r.segments - r.memory_segments  # runs of pieces that failed share a zstd segment
             unit = "chunk" if method == "lm" else "segment"
             resumed = f"; {r.resumed} {unit}{'s' * (r.resumed != 1)} from the journal" if r.resumed else ""

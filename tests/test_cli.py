@@ -50,7 +50,7 @@ def test_verbose_compress_names_the_kind_of_segments(workdir):
     assert "memory segments (" in r.stderr and "vectors)" in r.stderr
     r = run("-v", "compress", "-f", "--method", "lm", "--model", TINY_MODEL, "doc.txt")
     assert r.exit_code == 0, r.output
-    assert "1 lm segments (" in r.stderr and "memory" not in r.stderr and "vectors" not in r.stderr
+    assert "1 lm segment (" in r.stderr and "memory" not in r.stderr and "vectors" not in r.stderr
 
 
 def test_never_overwrites_without_force(workdir):
