@@ -24,6 +24,9 @@ from .errors import JournalError
 from .kinds import CodedSegment
 
 MANIFEST = "manifest.json"
+_WHAT = {"input_sha256": "input", "method": "--method", "tokens_per_segment": "--tokens", "zstd_level": "--level",
+         "fit": "fitting options", "lmzip": "lmzip version", "arithmetic": "lm arithmetic", "chunks": "chunks",
+         "regions": "regions", "prefix": "prefix tokens", "model": "model", "journal_version": "journal format"}
 JOURNAL_VERSION = 1
 
 
@@ -78,10 +81,11 @@ class Journal:
             except (OSError, ValueError) as e:
                 raise JournalError(f"cannot read the journal {self.directory}: {e}; remove it to start over") from None
             if found != self.identity:
-                differs = sorted(k for k in set(found) | set(self.identity) if found.get(k) != self.identity.get(k))
+                differs = [k for k in set(found) | set(self.identity) if found.get(k) != self.identity.get(k)]
                 if "method" in differs:  # the rest follows from it
                     differs = ["method"]
-                raise JournalError(f"the journal {self.directory} is of another compression (its {', '.join(differs)} "
+                named = sorted(_WHAT.get(k, k) for k in differs)
+                raise JournalError(f"the journal {self.directory} is of another compression (its {', '.join(named)} "
                                    "differ); remove it to start over, or finish it with the command and lmzip "
                                    "version that made it")
             return self._load()
