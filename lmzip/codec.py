@@ -14,13 +14,12 @@ import os
 from dataclasses import dataclass, fields, replace
 from typing import BinaryIO, Callable
 
-from . import __version__, container, inspection, kinds, segmenting
+from . import __version__, container, inspection, kinds, lm_journal, segmenting
 from .batch_decode import DEFAULT_BATCH_SIZE
 from .container import KIND_MEMORY, ArchiveWriter, Header
 from .journal import Journal
-from .errors import (ContentChecksumError, HeaderError, InputError, InternalError, JournalError, ModelMismatchError,
+from .errors import (ContentChecksumError, HeaderError, InputError, InternalError, ModelMismatchError,
                      ModelUnavailableError, OptionError, SegmentError, WorkLimitError)
-from .exact.model import ARITHMETIC_VERSION
 from .fit import FitConfig, fit_regions, sink_prefix
 from .inspection import decode_work, inspect  # noqa: F401 - inspect: for `from lmzip.codec import inspect`
 from .kinds.memory import max_positions
@@ -162,39 +161,6 @@ def _check_fit_options(fit: FitConfig, tokens_per_segment: int | None, zstd_leve
         raise OptionError("zstd level must be in [1, 22]")
 
 
-def _ids_sha256(ids) -> str:
-    return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
-
-
-def _journaled_payloads(book: Journal, pieces: list[segmenting.Piece]) -> dict[int, bytes]:
-    """The payloads of the chunks a journal holds, by piece index (one segment per chunk), each
-    checked against the input's chunk: its bytes, its token ids and a bounded payload."""
-    payloads = {}
-    for i, kept in book.open().items():
-        segment = kept[0]
-        piece = pieces[i] if 0 <= i < len(pieces) else None
-        if not (piece is not None and piece.ids is not None and segment.data == piece.data
-                and segment.token_count == len(piece.ids) and segment.payload is not None
-                and (segment.stats or {}).get("ids_sha256") == _ids_sha256(piece.ids)
-                and len(segment.payload) <= kinds.lm.MAX_PAYLOAD_BYTES_PER_TOKEN * len(piece.ids)
-                + kinds.lm.PAYLOAD_SLACK):
-            raise JournalError(f"the journal {book.directory} holds a chunk {i} that is not the input's; "
-                               "remove it to start over")
-        payloads[i] = segment.payload
-    return payloads
-
-
-def _journal_lm_chunk(book: Journal, pieces: list[segmenting.Piece], batch: list[int], prefix):
-    """A `done` callback for kinds.lm.code over `batch` that journals each chunk's payload."""
-    def done(position: int, payload: bytes) -> None:
-        i = batch[position]
-        ids = pieces[i].ids
-        book.add(i, kinds.CodedSegment(kinds.lm.kind_of(len(ids), prefix), pieces[i].data, payload,
-                                       token_count=len(ids), stats={"ids_sha256": _ids_sha256(ids)}))
-
-    return done
-
-
 def _rest_of(region: segmenting.Region, done_bytes: int) -> segmenting.Region | None:
     """What is left to fit of a region after its first `done_bytes` (journaled segments)."""
     data = region.text.encode("utf-8")
@@ -322,19 +288,17 @@ class Codec:
         state = Progress(0, len(data))
         coded = [i for i, p in enumerate(pieces) if p.ids is not None]  # piece indices
         sample = set(coded[::kinds.lm.CHECK_EVERY])
-        identity = {"input_sha256": sha256.hex(), "method": "lm", "tokens_per_segment": tokens_per_segment,
-                    "prefix": list(prefix), "arithmetic": ARITHMETIC_VERSION.decode(), "lmzip": __version__,
-                    "model": [lm.model_id, lm.weights_sha256.hex(), lm.tokenizer_sha256.hex()],
-                    "chunks": [len(p.data) for p in pieces]}
-        book = None if journal is None else Journal(journal, identity)
-        payloads = _journaled_payloads(book, pieces) if book else {}
+        book, payloads = None, {}
+        if journal is not None:
+            ident = lm_journal.identity(lm, sha256, tokens_per_segment, prefix, pieces)
+            book, payloads = lm_journal.resume(journal, ident, pieces)
         state.done += sum(len(pieces[i].data) for i in payloads if i not in sample)
         if progress:
             progress(state)
         todo = [i for i in coded if i not in payloads]
         for start in range(0, len(todo), LM_PROGRESS_CHUNKS):
             batch = todo[start:start + LM_PROGRESS_CHUNKS]
-            kept = _journal_lm_chunk(book, pieces, batch, prefix) if book else None
+            kept = lm_journal.keeper(book, pieces, batch, prefix) if book else None
             payloads.update(zip(batch, kinds.lm.code(lm, [pieces[i] for i in batch], prefix, done=kept)))
             state.done += sum(len(pieces[i].data) for i in batch if i not in sample)  # those count once checked
             if progress:

@@ -234,3 +234,21 @@ def test_workers_stop_when_their_parent_is_killed():
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+def test_a_journaled_chunk_matches_only_its_own_piece():
+    from lmzip import lm_journal
+    from lmzip.kinds import CodedSegment
+    from lmzip.segmenting import Piece
+
+    piece = Piece(b"abc", (97, 98, 99))
+    good = CodedSegment(lm_kind.KIND, b"abc", b"\x01\x02", token_count=3,
+                        stats={"ids_sha256": lm_journal.ids_sha256((97, 98, 99))})
+    assert lm_journal.matches(good, piece)
+    assert not lm_journal.matches(good, None)
+    assert not lm_journal.matches(good, Piece(b"abc", None))  # a piece stored raw
+    assert not lm_journal.matches(good, Piece(b"abd", (97, 98, 100)))
+    assert not lm_journal.matches(good, Piece(b"abc", (97, 98, 100)))  # same bytes, other ids
+    assert not lm_journal.matches(replace(good, payload=None), piece)
+    assert not lm_journal.matches(replace(good, payload=bytes(8 * 3 + 17)), piece)
+    assert lm_journal.matches(replace(good, payload=bytes(8 * 3 + 16)), piece)

@@ -1,0 +1,65 @@
+"""The resume journal of an lm compression: one entry per coded chunk.
+
+Each chunk's payload is journaled as soon as it is coded, with a SHA-256 of its
+token ids. A rerun takes the payloads of the chunks the journal holds, each
+checked against the input's chunk (its bytes, its token ids, a bounded payload),
+and codes only the rest; the archive is then the same, byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Callable
+
+from . import __version__, kinds
+from .errors import JournalError
+from .exact.model import ARITHMETIC_VERSION
+from .journal import Journal
+from .segmenting import Piece
+
+
+def identity(lm, input_sha256: bytes, tokens_per_segment: int | None, prefix, pieces: list[Piece]) -> dict:
+    """What a journal must match to be resumed: input, chunking, prefix, model and arithmetic."""
+    return {"input_sha256": input_sha256.hex(), "method": "lm", "tokens_per_segment": tokens_per_segment,
+            "prefix": list(prefix), "arithmetic": ARITHMETIC_VERSION.decode(), "lmzip": __version__,
+            "model": [lm.model_id, lm.weights_sha256.hex(), lm.tokenizer_sha256.hex()],
+            "chunks": [len(p.data) for p in pieces]}
+
+
+def ids_sha256(ids) -> str:
+    return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
+
+
+def matches(segment: kinds.CodedSegment, piece: Piece | None) -> bool:
+    """A journaled chunk is the input's `piece`: the same bytes and token ids, and a payload
+    no longer than a segment of that many tokens may hold."""
+    return (piece is not None and piece.ids is not None and segment.data == piece.data
+            and segment.token_count == len(piece.ids) and segment.payload is not None
+            and (segment.stats or {}).get("ids_sha256") == ids_sha256(piece.ids)
+            and len(segment.payload) <= kinds.lm.MAX_PAYLOAD_BYTES_PER_TOKEN * len(piece.ids)
+            + kinds.lm.PAYLOAD_SLACK)
+
+
+def resume(directory: str | os.PathLike, ident: dict, pieces: list[Piece]) -> tuple[Journal, dict[int, bytes]]:
+    """Open (or start) the journal; the payloads it holds, by piece index."""
+    book = Journal(directory, ident)
+    payloads = {}
+    for i, kept in book.open().items():
+        if not matches(kept[0], pieces[i] if 0 <= i < len(pieces) else None):
+            raise JournalError(f"the journal {book.directory} holds a chunk {i} that is not the input's; "
+                               "remove it to start over")
+        payloads[i] = kept[0].payload
+    return book, payloads
+
+
+def keeper(book: Journal, pieces: list[Piece], batch: list[int], prefix) -> Callable[[int, bytes], None]:
+    """A `done` callback for kinds.lm.code over the pieces `batch` names: it journals each
+    chunk's payload (from the shard thread that coded it)."""
+    def done(position: int, payload: bytes) -> None:
+        i = batch[position]
+        ids = pieces[i].ids
+        book.add(i, kinds.CodedSegment(kinds.lm.kind_of(len(ids), prefix), pieces[i].data, payload,
+                                       token_count=len(ids), stats={"ids_sha256": ids_sha256(ids)}))
+
+    return done
