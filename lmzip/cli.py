@@ -349,15 +349,14 @@ def compress(obj, files, output, to_stdout, force, remove, model, method, tokens
             shutil.rmtree(book, ignore_errors=True)  # the archive is safely written: the journal is done
         r = reports[0]
         if obj["verbose"]:
-            kind = "lm" if method == "lm" else "memory"
-            segments = f"{r.memory_segments} {kind} segment" + "s" * (r.memory_segments != 1)
-            coded = (f"{segments} ({r.memory_tokens} tokens)" if method == "lm" else
-                     f"{segments} ({r.memory_tokens} tokens in {r.memory_vectors} vectors)")
-            zstd = r.segments - r.memory_segments  # runs of pieces that failed share a zstd segment
-            unit = "chunk" if method == "lm" else "segment"
-            resumed = f"; {r.resumed} {unit}{'s' * (r.resumed != 1)} from the journal" if r.resumed else ""
-            _say(obj, f"{name}: {r.original_size} -> {r.archive_size} bytes; {coded}, "
-                      f"{zstd} zstd segment{'s' * (zstd != 1)}{resumed}")
+            is_lm = method == "lm"
+            vectors = "" if is_lm else f" in {r.memory_vectors} vectors"
+            resumed = f"; {_counted(r.resumed, 'chunk' if is_lm else 'segment')} from the journal" if r.resumed else ""
+            # runs of pieces that failed share a zstd segment
+            _say(obj, f"{name}: {r.original_size} -> {r.archive_size} bytes; "
+                      f"{_counted(r.memory_segments, 'lm segment' if is_lm else 'memory segment')} "
+                      f"({r.memory_tokens} tokens{vectors}), "
+                      f"{_counted(r.segments - r.memory_segments, 'zstd segment')}{resumed}")
         if remove and name != "-" and not stdout and not is_special(target):  # as gzip: -c never deletes the input
             os.unlink(name)
 
@@ -397,10 +396,14 @@ def _decode_flags(f):
     return f
 
 
+def _counted(n: int, thing: str) -> str:
+    return f"{n} {thing}{'s' * (n != 1)}"
+
+
 def _segment_count(blob) -> str:
     kinds = [s["kind"] for s in lmzip.inspect(blob)["segments"]]
     counts = ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds))
-    return f"{len(kinds)} segment{'s' * (len(kinds) != 1)}" + (f" ({counts})" if kinds else "")
+    return _counted(len(kinds), "segment") + (f" ({counts})" if kinds else "")
 
 
 def _decompressed_name(name: str) -> str:

@@ -14,10 +14,10 @@ import os
 from dataclasses import dataclass, fields, replace
 from typing import BinaryIO, Callable
 
-from . import __version__, container, inspection, kinds, lm_journal, segmenting
+from . import container, inspection, kinds, lm_journal, segmenting
 from .batch_decode import DEFAULT_BATCH_SIZE
 from .container import KIND_MEMORY, ArchiveWriter, Header
-from .journal import Journal
+from .journal import Journal, model_identity
 from .errors import (ContentChecksumError, HeaderError, InputError, InternalError, ModelMismatchError,
                      ModelUnavailableError, OptionError, SegmentError, WorkLimitError)
 from .fit import FitConfig, fit_regions, sink_prefix
@@ -265,10 +265,9 @@ class Codec:
             fitter = lambda plan: fit_in_workers(spec, plan, fit, workers)  # noqa: E731
         book = None
         if journal is not None:
-            book = Journal(journal, {"input_sha256": sha256.hex(), "method": method, "lmzip": __version__,
+            book = Journal(journal, {"input_sha256": sha256.hex(), "method": method,
                                      "tokens_per_segment": tokens_per_segment, "zstd_level": zstd_level,
-                                     "fit": repr(fit), "model": lm and [lm.model_id, lm.weights_sha256.hex(),
-                                                                        lm.tokenizer_sha256.hex()],
+                                     "fit": repr(fit), "model": lm and model_identity(lm),
                                      "regions": [len(p.data) for p in regions]})
         return self.write_regions(regions, out, lm, fit, growing, zstd_level, progress,
                                   expected_sha256=sha256, fitter=fitter, journal=book)

@@ -20,6 +20,7 @@ import shutil
 import threading
 from pathlib import Path
 
+from . import __version__
 from .errors import JournalError
 from .kinds import CodedSegment
 
@@ -63,12 +64,18 @@ def _decode_segment(blob: bytes) -> CodedSegment:
                         head["vector_count"], head["stats"])
 
 
+def model_identity(lm) -> list[str]:
+    """The model as a journal names it: its name and both fingerprints."""
+    return [lm.model_id, lm.weights_sha256.hex(), lm.tokenizer_sha256.hex()]
+
+
 class Journal:
-    """The journal of one compression: `identity` names its input, options and model."""
+    """The journal of one compression: `identity` names its input, options and model; the
+    journal's format and lmzip's version are added (another version may code differently)."""
 
     def __init__(self, directory: str | os.PathLike, identity: dict):
         self.directory = Path(directory)
-        self.identity = {"journal_version": JOURNAL_VERSION, **identity}
+        self.identity = {"journal_version": JOURNAL_VERSION, "lmzip": __version__, **identity}
         self._counts: dict[int, int] = {}
         self._lock = threading.Lock()
 

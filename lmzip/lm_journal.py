@@ -12,18 +12,17 @@ import hashlib
 import os
 from typing import Callable
 
-from . import __version__, kinds
+from . import kinds
 from .errors import JournalError
 from .exact.model import ARITHMETIC_VERSION
-from .journal import Journal
+from .journal import Journal, model_identity
 from .segmenting import Piece
 
 
 def identity(lm, input_sha256: bytes, tokens_per_segment: int | None, prefix, pieces: list[Piece]) -> dict:
     """What a journal must match to be resumed: input, chunking, prefix, model and arithmetic."""
     return {"input_sha256": input_sha256.hex(), "method": "lm", "tokens_per_segment": tokens_per_segment,
-            "prefix": list(prefix), "arithmetic": ARITHMETIC_VERSION.decode(), "lmzip": __version__,
-            "model": [lm.model_id, lm.weights_sha256.hex(), lm.tokenizer_sha256.hex()],
+            "prefix": list(prefix), "arithmetic": ARITHMETIC_VERSION.decode(), "model": model_identity(lm),
             "chunks": [len(p.data) for p in pieces]}
 
 

@@ -41,9 +41,9 @@ def hold(fd: int) -> int | None:
     return held
 
 
-def is_ours(name: str, target: str) -> bool:
+def is_ours(name: str, target: Path) -> bool:
     """`name` is what mkstemp makes for `target`: .TARGET.XXXXXXXX.part."""
-    start = f".{target}."
+    start = prefix(target)
     if not (name.startswith(start) and name.endswith(SUFFIX)):
         return False
     middle = name[len(start):-len(SUFFIX)]
@@ -73,7 +73,7 @@ def remove_stale(target: Path) -> None:
         return
     folder = target.parent
     try:
-        names = [e.name for e in os.scandir(folder) if is_ours(e.name, target.name)]
+        names = [e.name for e in os.scandir(folder) if is_ours(e.name, target)]
     except OSError:
         return
     for name in names:

@@ -122,5 +122,5 @@ def test_mkstemp_names_are_recognised(tmp_path):
         fd, name = tempfile.mkstemp(prefix=part_files.prefix(tmp_path / "doc.lmz"), suffix=part_files.SUFFIX,
                                     dir=tmp_path)
         os.close(fd)
-        assert part_files.is_ours(os.path.basename(name), "doc.lmz")
-        assert not part_files.is_ours(os.path.basename(name), "doc")
+        assert part_files.is_ours(os.path.basename(name), tmp_path / "doc.lmz")
+        assert not part_files.is_ours(os.path.basename(name), tmp_path / "doc")

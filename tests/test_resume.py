@@ -78,6 +78,10 @@ def test_a_journal_of_other_input_or_options_is_refused(codec, tmp_path):
         codec.encode(TEXT + "!", journal=journal, **{**OPTIONS, "max_steps": 0})
     with pytest.raises(lmzip.JournalError, match="its fitting options differ"):
         codec.encode(TEXT, journal=journal, **{**OPTIONS, "max_steps": 0, "lr": 0.3})
+    manifest = journal / journal_module.MANIFEST
+    manifest.write_text(manifest.read_text().replace(f'"lmzip": "{lmzip.__version__}"', '"lmzip": "0.0.1"'))
+    with pytest.raises(lmzip.JournalError, match="its lmzip version differ"):  # it may have coded otherwise
+        codec.encode(TEXT, journal=journal, **{**OPTIONS, "max_steps": 0})
     (tmp_path / "not-a-journal").mkdir()
     (tmp_path / "not-a-journal" / "x").write_text("x")
     with pytest.raises(lmzip.JournalError, match="is not a journal"):
