@@ -121,6 +121,54 @@ def _work_limit(limit: int | None) -> int:
     return limit
 
 
+class _LmCoder:
+    """Codes lm chunks into `payloads` (journaling each in `book`), and checks the sample beside
+    the coding: the check takes one core for as long as it runs, the coding the others."""
+
+    def __init__(self, lm, pieces, prefix, payloads: dict[int, bytes], book, state: Progress,
+                 progress: ProgressCallback | None, sample):
+        self.lm, self.pieces, self.prefix, self.payloads, self.book = lm, pieces, prefix, payloads, book
+        self.state, self.progress, self.sample = state, progress, set(sample)
+
+    def code(self, todo: list[int], threads: int) -> None:
+        """Code `todo` on `threads` cores, in rounds with a progress report after each."""
+        size = max(LM_PROGRESS_CHUNKS, threads)
+        for start in range(0, len(todo), size):
+            batch = todo[start:start + size]
+            kept = lm_journal.keeper(self.book, self.pieces, batch, self.prefix) if self.book else None
+            self.payloads.update(zip(batch, kinds.lm.code(self.lm, [self.pieces[i] for i in batch], self.prefix,
+                                                          done=kept, threads=threads)))
+            self._count(i for i in batch if i not in self.sample)  # those count once checked
+
+    def check_and_code_rest(self, to_check: list[int], rest: list[int]) -> set[int]:
+        """Check `to_check` (coded) while `rest` is coded; the indices that failed the check."""
+        if not to_check:
+            self.code(rest, kinds.lm.cores(self.lm))
+            return set()
+        pending = kinds.lm.start_check(self.lm, self.pieces, self.payloads, self.prefix, to_check, aside=bool(rest))
+        try:
+            free = max(1, kinds.lm.cores(self.lm) - kinds.lm.check_cores(self.lm))
+            while rest and not pending.ready():  # one chunk per free core at a time: the check may end
+                batch, rest = rest[:free], rest[free:]
+                self.code(batch, free)
+            failed = self._checked(pending.result(), to_check)
+        finally:
+            pending.cancel()
+        self.code(rest, kinds.lm.cores(self.lm))
+        return failed
+
+    def _checked(self, failed: set[int], to_check: list[int]) -> set[int]:
+        if self.book:
+            lm_journal.keep_checks(self.book, self.payloads, failed, to_check)
+        self._count(to_check)
+        return failed
+
+    def _count(self, indices) -> None:
+        self.state.done += sum(len(self.pieces[i].data) for i in indices)
+        if self.progress:
+            self.progress(self.state)
+
+
 class _RawRun:
     """Collects consecutive raw bytes and writes them as few large zstd frames."""
 
@@ -286,33 +334,31 @@ class Codec:
         run = _RawRun(writer, zstd_level)
         state = Progress(0, len(data))
         coded = [i for i, p in enumerate(pieces) if p.ids is not None]  # piece indices
-        sample = set(coded[::kinds.lm.CHECK_EVERY])
-        book, payloads = None, {}
+        sample = coded[::kinds.lm.CHECK_EVERY]
+        book, payloads, checked = None, {}, {}
         if journal is not None:
             ident = lm_journal.identity(lm, sha256, tokens_per_segment, prefix, pieces)
             book, payloads = lm_journal.resume(journal, ident, pieces)
-        state.done += sum(len(pieces[i].data) for i in payloads if i not in sample)
+            checked = {i: ok for i, ok in lm_journal.checks(book, payloads).items() if i in sample}
+        resumed = len(payloads)
+        # a sampled chunk's bytes count once it is checked, the others' once coded
+        state.done += sum(len(pieces[i].data) for i in payloads if i not in sample or i in checked)
         if progress:
             progress(state)
-        todo = [i for i in coded if i not in payloads]
-        for start in range(0, len(todo), LM_PROGRESS_CHUNKS):
-            batch = todo[start:start + LM_PROGRESS_CHUNKS]
-            kept = lm_journal.keeper(book, pieces, batch, prefix) if book else None
-            payloads.update(zip(batch, kinds.lm.code(lm, [pieces[i] for i in batch], prefix, done=kept)))
-            state.done += sum(len(pieces[i].data) for i in batch if i not in sample)  # those count once checked
-            if progress:
-                progress(state)
-        # one batched check at the end: a chunk decoded alone is several times slower per token
-        failed = kinds.lm.check(lm, pieces, payloads, prefix, sorted(sample))
+        # the sample first, so that its check runs beside the coding of the rest
+        coder = _LmCoder(lm, pieces, prefix, payloads, book, state, progress, sample)
+        coder.code([i for i in sample if i not in payloads], kinds.lm.cores(lm))
+        failed = {i for i, ok in checked.items() if not ok} | coder.check_and_code_rest(
+            [i for i in sample if i not in checked], [i for i in coded if i not in payloads])
         for segment, held in kinds.lm.segments(pieces, payloads, prefix, failed, pack=pack):
-            counted = sum(len(pieces[i].data) for i in held if pieces[i].ids is not None and i not in sample)
+            counted = sum(len(pieces[i].data) for i in held if pieces[i].ids is not None)  # coded and checked
             self._put(segment, writer, run, state, progress, counted=counted)
         run.flush()
         header = Header(original_size=len(data), content_sha256=sha256, segment_count=writer.segment_count,
                         **self._model_fields(lm, replace(fit, vectors=0, margin=0.0), prefix))
         size = writer.finish(out, header)
         return EncodeReport(len(data), size, writer.segment_count, state.lm, state.zstd, state.tokens, 0, [],
-                            resumed=len(coded) - len(todo))
+                            resumed=resumed)
 
     @staticmethod
     def _put(segment: kinds.CodedSegment, writer: ArchiveWriter, run: "_RawRun", state: Progress,

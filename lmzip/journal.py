@@ -134,5 +134,23 @@ class Journal:
             _write_atomically(self.directory / f"{region:08d}.{seq:06d}.seg", _encode_segment(segment))
             self._counts[region] = seq + 1
 
+    def note(self, name: str, record: dict) -> None:
+        """Keep a small JSON record under `name` (letters, digits, dots), replacing an earlier one."""
+        _write_atomically(self.directory / f"{name}.note", json.dumps(record, sort_keys=True).encode())
+
+    def notes(self) -> dict[str, dict]:
+        """The records kept by `note`; a damaged one is dropped (what it said is done again)."""
+        found = {}
+        for path in self.directory.glob("*.note"):
+            try:
+                record = json.loads(path.read_bytes())
+            except (OSError, ValueError):
+                record = None
+            if isinstance(record, dict):
+                found[path.stem] = record
+            else:
+                path.unlink(missing_ok=True)
+        return found
+
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

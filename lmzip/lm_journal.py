@@ -1,9 +1,11 @@
-"""The resume journal of an lm compression: one entry per coded chunk.
+"""The resume journal of an lm compression: one entry per coded chunk, and the check's outcomes.
 
 Each chunk's payload is journaled as soon as it is coded, with a SHA-256 of its
 token ids. A rerun takes the payloads of the chunks the journal holds, each
 checked against the input's chunk (its bytes, its token ids, a bounded payload),
-and codes only the rest; the archive is then the same, byte for byte.
+and codes only the rest; the archive is then the same, byte for byte. The
+encoder's check of its sample is journaled too, per chunk and tied to the
+payload it decoded, so a rerun does not decode those chunks again.
 """
 
 from __future__ import annotations
@@ -62,3 +64,24 @@ def keeper(book: Journal, pieces: list[Piece], batch: list[int], prefix) -> Call
                                        token_count=len(ids), stats={"ids_sha256": ids_sha256(ids)}))
 
     return done
+
+
+def _payload_sha256(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+def keep_checks(book: Journal, payloads: dict[int, bytes], failed: set[int], sample) -> None:
+    """Journal whether each chunk of the checked `sample` decoded back (not in `failed`)."""
+    for i in sample:
+        book.note(f"check.{i}", {"payload_sha256": _payload_sha256(payloads[i]), "ok": i not in failed})
+
+
+def checks(book: Journal, payloads: dict[int, bytes]) -> dict[int, bool]:
+    """The journaled check outcomes, by chunk index, of the payloads the journal holds."""
+    found = {}
+    for name, record in book.notes().items():
+        kind, _, index = name.partition(".")
+        if (kind == "check" and index.isdigit() and int(index) in payloads and isinstance(record.get("ok"), bool)
+                and record.get("payload_sha256") == _payload_sha256(payloads[int(index)])):
+            found[int(index)] = record["ok"]
+    return found

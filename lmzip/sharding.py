@@ -148,6 +148,84 @@ def map_shards_forked(run: Callable[[list[int]], list[T]], shards: list[list[int
     return _in_item_order(shards, results, count)
 
 
+class Done:
+    """A result that is already there (run_aside where nothing was forked)."""
+
+    def __init__(self, value):
+        self._value = value
+
+    def ready(self) -> bool:
+        return True
+
+    def result(self):
+        return self._value
+
+    def cancel(self) -> None:
+        pass
+
+
+class Forked:
+    """fn() running in a forked process of one torch thread; `result` waits for it and raises
+    what it raised. Fork only where no other thread of this process is in torch (the persistent
+    shard threads idle): a lock held by a busy thread stays held in the child."""
+
+    def __init__(self, fn: Callable[[], T]):
+        context = mp.get_context("fork")
+        self._receive, send = context.Pipe(duplex=False)
+        self._child = context.Process(target=_forked_shard, args=(lambda _: fn(), [], send), daemon=True)
+        self._child.start()
+        send.close()
+        self._outcome: tuple | None = None
+
+    def ready(self) -> bool:
+        """Whether `result` would return (or raise) at once."""
+        return self._outcome is not None or self._receive.poll()
+
+    def result(self):
+        if self._outcome is None:
+            try:
+                value = _result_of(self._child, self._receive)
+            except BaseException as e:
+                self.cancel()  # Ctrl-C while waiting, or the child failed
+                self._outcome = (False, e)
+                raise
+            self._outcome = (True, value)
+            self.cancel()
+        ok, value = self._outcome
+        if not ok:
+            raise value
+        return value
+
+    def cancel(self) -> None:
+        """Stop the child if it still runs (its result is not wanted), and let its pipe go."""
+        if self._child.is_alive() and self._outcome is None:
+            self._child.kill()
+        self._child.join()
+        self._receive.close()
+
+
+def run_aside(fn: Callable[[], T], fork: bool) -> "Done | Forked":
+    """fn() in a forked process of one torch thread while this one goes on (`fork` and the platform
+    allows), else here and now; either way `.ready()`, `.result()` and `.cancel()`."""
+    if fork and can_fork():
+        return Forked(fn)
+    return Done(fn())
+
+
+class fewer_threads:
+    """Within the block, torch runs on at most `n` threads (a single shard runs on the caller's)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self):
+        self.saved = torch.get_num_threads()
+        torch.set_num_threads(max(1, min(self.saved, self.n)))
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.saved)
+
+
 def _one_thread(run: Callable[[list[int]], list[T]], indices: list[int]) -> list[T]:
     saved = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -82,32 +82,76 @@ def test_a_chunk_that_does_not_decode_back_goes_to_zstd(codec, monkeypatch):
     assert codec.decode(blob, model=TINY_MODEL) == TEXT[:60]
 
 
-def test_the_sampled_chunks_are_checked_together_once(codec, monkeypatch):
-    """Every 16th chunk of the whole text, decoded in one batched call after all are coded (a chunk
-    checked alone per 16 would decode several times slower); here every sampled chunk fails."""
+@pytest.fixture
+def two_cores():
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_the_sample_is_coded_first_and_checked_in_one_call_beside_the_rest(codec, monkeypatch, tmp_path,
+                                                                           two_cores):
+    """Every 16th chunk of the whole text is coded first, then decoded in one batched call in a forked
+    process while this one codes the rest (a chunk decoded alone is several times slower per token,
+    and would leave the other core idle). Every sampled chunk fails here."""
+    import os
+    import time
+
     import lmzip.exact
 
-    calls, done = [], []
+    log = tmp_path / "events"  # written by both processes
 
-    def first_fails(exact, payloads, counts, prefix, **kw):
-        calls.append(list(counts))
-        done.append("check")
+    def event(line):
+        with open(log, "a") as f:
+            f.write(line + "\n")
+
+    real_code = lm_kind.code
+
+    def coding(lm, pieces, prefix, done=None, threads=None):
+        event(f"code {len(pieces)} {threads}")
+        return real_code(lm, pieces, prefix, done=done, threads=threads)
+
+    def failing_check(exact, payloads, counts, prefix, **kw):
+        event(f"check {len(counts)} {os.getpid()}")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # until the parent codes a chunk beside this check
+            events = log.read_text().splitlines()
+            if any(e.startswith("code") for e in events[events.index(f"check {len(counts)} {os.getpid()}"):]):
+                event("checked beside the coding")
+                break
+            time.sleep(0.01)
         return [[0] * n for n in counts]
 
-    monkeypatch.setattr(lmzip.exact, "decode_chunks", first_fails)
+    monkeypatch.setattr(lm_kind, "code", coding)
+    monkeypatch.setattr(lmzip.exact, "decode_chunks", failing_check)
     text = TEXT[:60] * 12
+    done = []
     blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4, pack_lm=False,
                         progress=lambda p: done.append(p.done))
-    monkeypatch.setattr(lmzip.exact, "decode_chunks", lmzip.exact.coding.decode_chunks)
-    found = kinds(blob)
+    monkeypatch.undo()
+    found, events = kinds(blob), log.read_text().splitlines()
     sample = range(0, len(found), 16)
-    assert len(found) > 32 and len(calls) == 1 and len(calls[0]) == len(sample)
+    checks = [e.split() for e in events if e.startswith("check ")]
+    assert len(found) > 32 and len(checks) == 1 and checks[0][1] == str(len(sample))
+    assert checks[0][2] != str(os.getpid())  # in a child
+    assert events[0] == f"code {len(sample)} 2"  # the sample first, on both cores
+    assert "checked beside the coding" in events and "code 1 1" in events  # the rest on the other core
     assert [i for i, kind in enumerate(found) if kind == "zstd"] == list(sample)
-    # progress: the sampled chunks' bytes count once checked, so it is short of the end until then
-    check = done.index("check")
-    assert 0 < done[check - 1] < len(text) and done[-1] == len(text)
-    assert done[:check] == sorted(done[:check]) and done[check + 1:] == sorted(done[check + 1:])
+    assert done == sorted(done) and done[-1] == len(text)
     assert codec.decode(blob, model=TINY_MODEL) == text
+
+
+def test_the_archive_is_the_same_with_the_check_beside_or_after(codec, two_cores):
+    import torch
+
+    text = TEXT[:60] * 12
+    beside = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4)
+    torch.set_num_threads(1)  # one core: the check runs here, before the rest is coded
+    assert codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4) == beside
+    assert codec.decode(beside, model=TINY_MODEL) == text
 
 
 def test_payloads_fit_the_bound(lm_archive):

@@ -137,7 +137,7 @@ def coded_chunks(monkeypatch, crash_on_call: int | None = None, crash_after_chun
     counts = []
     journaled = []
 
-    def counted(lm, pieces, prefix, done=None):
+    def counted(lm, pieces, prefix, done=None, threads=None):
         if len(counts) + 1 == crash_on_call:
             raise KeyboardInterrupt
 
@@ -148,7 +148,7 @@ def coded_chunks(monkeypatch, crash_on_call: int | None = None, crash_after_chun
                 raise KeyboardInterrupt
 
         counts.append(len(pieces))
-        return REAL_CODE(lm, pieces, prefix, done=kept if done else None)
+        return REAL_CODE(lm, pieces, prefix, done=kept if done else None, threads=threads)
 
     monkeypatch.setattr(lm_kind, "code", counted)
     return counts
@@ -192,6 +192,45 @@ def test_an_lm_journal_is_refused_for_other_options_and_checked_chunk_by_chunk(c
             codec.encode(LM_TEXT, journal=journal, **LM)
     first.write_bytes(good)
     assert codec.decode(codec.encode(LM_TEXT, journal=journal, **LM)) == LM_TEXT.encode()
+
+
+def test_an_lm_rerun_takes_the_check_outcomes_the_journal_holds(codec, tmp_path, monkeypatch):
+    """Each sampled chunk's check is journaled, tied to the payload it decoded: a rerun decodes a
+    sampled chunk again only if its outcome is missing or of another payload."""
+    import json
+    import shutil
+
+    import lmzip.exact
+
+    real, checked = lmzip.exact.decode_chunks, []
+
+    def counting(exact, payloads, counts, prefix, **kw):
+        checked.append(len(counts))
+        return real(exact, payloads, counts, prefix, **kw)
+
+    monkeypatch.setattr(lmzip.exact, "decode_chunks", counting)
+    monkeypatch.setattr(lm_kind, "check_cores", lambda lm: 0)  # checked here, before the rest is coded
+    fresh = codec.encode(LM_TEXT, **LM)
+    coded_chunks(monkeypatch, crash_on_call=2)  # the sample is coded and checked; the rest dies
+    journal = tmp_path / "j"
+    with pytest.raises(KeyboardInterrupt):
+        codec.encode(LM_TEXT, journal=journal, **LM)
+    assert sorted(p.name for p in journal.glob("*.note")) == ["check.0.note", "check.16.note"]
+    for name in ("failed", "other"):
+        shutil.copytree(journal, tmp_path / name)
+    coded_chunks(monkeypatch)
+    checked.clear()
+    assert codec.encode(LM_TEXT, journal=journal, **LM) == fresh and checked == []
+
+    note = tmp_path / "failed" / "check.0.note"
+    note.write_text(note.read_text().replace('"ok": true', '"ok": false'))
+    blob = codec.encode(LM_TEXT, journal=tmp_path / "failed", **LM)
+    assert checked == [] and kinds(blob)[0] == "zstd" and codec.decode(blob) == LM_TEXT.encode()
+
+    note = tmp_path / "other" / "check.16.note"
+    note.write_text(json.dumps({**json.loads(note.read_text()), "payload_sha256": "0" * 64}))
+    checked.clear()
+    assert codec.encode(LM_TEXT, journal=tmp_path / "other", **LM) == fresh and checked == [1]
 
 
 def test_two_workers_fit_and_the_archive_is_in_order(codec):

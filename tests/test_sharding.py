@@ -153,3 +153,25 @@ def test_a_map_inside_a_shard_runs_there():
                                             [[0], [1]], 2) for _ in ix], [[0], [1]], 2)
     for inner in out:
         assert len(set(inner)) == 1 and inner[0].startswith("lmzip-shard")
+
+
+def test_work_run_aside_comes_back_from_a_process_of_one_thread():
+    from lmzip.sharding import run_aside
+
+    pending = run_aside(lambda: (os.getpid(), torch.get_num_threads()), fork=True)
+    pid, threads = pending.result()
+    assert pid != os.getpid() and threads == 1 and pending.ready()
+    assert pending.result() == (pid, threads)  # kept: the child and its pipe are gone
+    assert run_aside(os.getpid, fork=False).result() == os.getpid()  # here, at once
+
+
+def test_work_run_aside_raises_what_it_raised_and_can_be_stopped():
+    from lmzip.sharding import run_aside
+
+    with pytest.raises(ZeroDivisionError):
+        run_aside(lambda: 1 / 0, fork=True).result()
+    slow = run_aside(lambda: time.sleep(60), fork=True)
+    assert not slow.ready()
+    started = time.monotonic()
+    slow.cancel()
+    assert not slow._child.is_alive() and time.monotonic() - started < 10

@@ -82,24 +82,26 @@ def kind_of(tokens: int, prefix) -> int:
 
 
 CHECK_EVERY = 16  # the encoder decodes every 16th chunk (and the first) as the decoder will:
-# codec._encode_lm runs `code` over all chunks, `check` on that sample, then `segments`
+# codec._encode_lm codes that sample first, checks it with `start_check` while it codes the rest
+# on the other cores, then makes `segments`
 
 
-def code(lm, pieces, prefix, done=None) -> list[bytes]:
-    """The range-coded payload of each piece's `ids`, from one whole-chunk pass each;
-    `done(i, payload)` as the i-th piece's is ready (from a shard thread)."""
+def code(lm, pieces, prefix, done=None, threads: int | None = None) -> list[bytes]:
+    """The range-coded payload of each piece's `ids`, from one whole-chunk pass each, on `threads`
+    cores (default: all); `done(i, payload)` as the i-th piece's is ready (from a shard thread)."""
     from ..exact import encode_chunks
     from ..precision import exact_float32
-    from ..sharding import cpu_threads
+    from ..sharding import fewer_threads
 
     exact = exact_model(lm)
-    with exact_float32():  # the exact forward refuses reduced-precision matmuls
+    threads = cores(lm) if threads is None else threads
+    with exact_float32(), fewer_threads(threads):  # the exact forward refuses reduced-precision matmuls
         # chunks dealt to one-thread threads code 1.3x faster than one two-thread pass at a time
         # (BENCHMARKS.md)
-        return encode_chunks(exact, [p.ids for p in pieces], prefix, threads=cpu_threads(exact.device), done=done)
+        return encode_chunks(exact, [p.ids for p in pieces], prefix, threads=threads, done=done)
 
 
-def check(lm, pieces, payloads, prefix, sample) -> set[int]:
+def check(lm, pieces, payloads, prefix, sample, threads: int | None = None) -> set[int]:
     """The indices in `sample` whose payload does not decode back to its piece's ids. The whole
     sample is decoded in one batched call: a lone chunk decodes several times slower per token."""
     from ..exact import decode_chunks
@@ -114,8 +116,35 @@ def check(lm, pieces, payloads, prefix, sample) -> set[int]:
     with exact_float32():
         back = decode_chunks(exact, [payloads[i] for i in sample], counts, prefix,
                              batch_size=decode_rows(len(prefix) + max(counts)),
-                             threads=cpu_threads(exact.device))
+                             threads=cpu_threads(exact.device) if threads is None else threads)
     return {i for i, ids in zip(sample, back) if tuple(ids) != tuple(pieces[i].ids)}
+
+
+def cores(lm) -> int:
+    """Chunks coded side by side: one per CPU thread torch uses; 1 on a GPU."""
+    from ..sharding import cpu_threads
+
+    return cpu_threads(exact_model(lm).device)
+
+
+def check_cores(lm) -> int:
+    """Cores a `start_check` keeps busy while the caller goes on: 1 where it forks, else 0."""
+    from ..sharding import can_fork
+
+    return 1 if can_fork() and cores(lm) > 1 else 0
+
+
+def start_check(lm, pieces, payloads, prefix, sample, aside: bool = True):
+    """`check` of the sample, as one batch in a forked process of one core, while the caller codes
+    other chunks on the other cores (a step of a few rows costs little more than one of one row,
+    and a core of its own keeps it from waiting on the coding); here and now, on all cores, where it
+    cannot fork (one core, a GPU, not Linux) or nothing would run beside it (not `aside`).
+    Returns a sharding.Done or Forked: `.ready()`, `.result()` (the failed indices), `.cancel()`."""
+    from ..sharding import run_aside
+
+    exact_model(lm)  # made before the fork, so the child shares it
+    aside = aside and check_cores(lm) > 0
+    return run_aside(lambda: check(lm, pieces, payloads, prefix, sample, threads=1 if aside else None), aside)
 
 
 def segments(pieces, payloads: dict, prefix, failed, pack: bool = True) -> list[tuple[object, list[int]]]:
