@@ -26,7 +26,7 @@ from .kinds.memory import max_positions
 from .limits import DEFAULT_WORK_LIMIT, MAX_PREFIX_TOKENS, MAX_TOKENS_PER_SEGMENT, MAX_VECTORS_PER_SEGMENT
 from .models import LoadedModel, load_model
 from .precision import exact_float32
-from .sharding import cpu_threads
+from .sharding import ProcessEnded, cpu_threads
 
 METHODS = kinds.METHODS
 # Tokens per lm segment, the context each token is coded in: longer is smaller (first 20 KB of
@@ -123,7 +123,7 @@ def _work_limit(limit: int | None) -> int:
 
 class _LmCoder:
     """Codes lm chunks into `payloads` (journaling each in `book`), and checks the sample beside
-    the coding: the check takes one core for as long as it runs, the coding the others."""
+    the coding: each check process takes a core for as long as it runs, the coding the others."""
 
     def __init__(self, lm, pieces, prefix, payloads: dict[int, bytes], book, state: Progress,
                  progress: ProgressCallback | None, sample):
@@ -141,21 +141,36 @@ class _LmCoder:
             self._count(i for i in batch if i not in self.sample)  # those count once checked
 
     def check_and_code_rest(self, to_check: list[int], rest: list[int]) -> set[int]:
-        """Check `to_check` (coded) while `rest` is coded; the indices that failed the check."""
-        if not to_check:
-            self.code(rest, kinds.lm.cores(self.lm))
-            return set()
-        pending = kinds.lm.start_check(self.lm, self.pieces, self.payloads, self.prefix, to_check, aside=bool(rest))
+        """Check `to_check` (coded) while `rest` is coded; the indices that failed the check. Where no
+        check process can be forked, or one dies (out of memory, say), the check runs here at the end."""
+        cores = kinds.lm.cores(self.lm)
+        failed, pending = None, None
         try:
-            free = max(1, kinds.lm.cores(self.lm) - kinds.lm.check_cores(self.lm))
-            while rest and not pending.ready():  # one chunk per free core at a time: the check may end
+            pending = self._start_check(to_check, aside=bool(rest))
+            free = max(1, cores - (pending.cores if pending else 0))  # the cores no check process holds
+            while rest and pending and not pending.ready():  # a chunk per free core at a time: it may end
                 batch, rest = rest[:free], rest[free:]
                 self.code(batch, free)
-            failed = self._checked(pending.result(), to_check)
+            if pending:
+                failed = self._checked(pending.result(), to_check)  # journaled before the rest is coded
+        except ProcessEnded:
+            pass
         finally:
-            pending.cancel()
-        self.code(rest, kinds.lm.cores(self.lm))
+            if pending:
+                pending.cancel()
+        self.code(rest, cores)
+        if failed is None:
+            failed = self._checked(kinds.lm.check(self.lm, self.pieces, self.payloads, self.prefix, to_check),
+                                   to_check)
         return failed
+
+    def _start_check(self, to_check: list[int], aside: bool):
+        if not to_check:
+            return None
+        try:
+            return kinds.lm.start_check(self.lm, self.pieces, self.payloads, self.prefix, to_check, aside=aside)
+        except OSError:  # no process could be forked (EAGAIN, ENOMEM)
+            return None
 
     def _checked(self, failed: set[int], to_check: list[int]) -> set[int]:
         if self.book:
@@ -324,7 +339,8 @@ class Codec:
                    tokens_per_segment: int | None, zstd_level: int, progress: ProgressCallback | None,
                    sha256: bytes, pack: bool, journal: str | os.PathLike | None) -> EncodeReport:
         """Range-code the text's tokens under the model, in independent chunks (kinds lm-packed,
-        lm and lm-long). With `journal`, each chunk's payload is kept there as it is coded."""
+        lm and lm-long). With `journal`, each chunk's payload is kept there as it is coded, and
+        each sampled chunk's check outcome once it is known."""
         lm = self.model(model)
         prefix = sink_prefix(lm, fit)
         if not prefix:

@@ -8,7 +8,8 @@ journal of other input or options is refused, never mixed in. The codec removes
 the journal once the archive is written.
 
 Segment files hold plain data (a JSON header line, the original bytes, the
-payload); nothing in a journal is unpickled or executed.
+payload), and note files small JSON records (lm's check outcomes); nothing in a
+journal is unpickled or executed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -136,6 +138,8 @@ class Journal:
 
     def note(self, name: str, record: dict) -> None:
         """Keep a small JSON record under `name` (letters, digits, dots), replacing an earlier one."""
+        if not re.fullmatch(r"[A-Za-z0-9.]+", name):
+            raise ValueError(f"a journal note's name must be letters, digits and dots, not {name!r}")
         _write_atomically(self.directory / f"{name}.note", json.dumps(record, sort_keys=True).encode())
 
     def notes(self) -> dict[str, dict]:

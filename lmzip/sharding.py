@@ -26,6 +26,10 @@ from .errors import ModelError
 T = TypeVar("T")
 
 
+class ProcessEnded(ModelError):
+    """A forked process of the work ended without a result (killed, or out of memory)."""
+
+
 def cpu_threads(device: torch.device) -> int:
     """Shards to run side by side: one per thread torch would use on a CPU; 1 elsewhere."""
     return torch.get_num_threads() if device.type == "cpu" else 1
@@ -117,8 +121,9 @@ def exit_with_parent() -> None:
 
 
 def can_fork() -> bool:
-    """Forked shards where fork is safe for torch on the CPU: Linux (macOS forks badly)."""
-    return sys.platform.startswith("linux")
+    """Forked shards where fork is safe for torch on the CPU: Linux (macOS forks badly), and not in
+    a daemonic multiprocessing worker (which may not have children)."""
+    return sys.platform.startswith("linux") and not mp.current_process().daemon
 
 
 def map_shards_forked(run: Callable[[list[int]], list[T]], shards: list[list[int]], count: int) -> list[T]:
@@ -151,6 +156,8 @@ def map_shards_forked(run: Callable[[list[int]], list[T]], shards: list[list[int
 class Done:
     """A result that is already there (run_aside where nothing was forked)."""
 
+    cores = 0  # that the work holds while it runs
+
     def __init__(self, value):
         self._value = value
 
@@ -169,13 +176,20 @@ class Forked:
     what it raised. Fork only where no other thread of this process is in torch (the persistent
     shard threads idle): a lock held by a busy thread stays held in the child."""
 
+    cores = 1
+
     def __init__(self, fn: Callable[[], T]):
         context = mp.get_context("fork")
         self._receive, send = context.Pipe(duplex=False)
         self._child = context.Process(target=_forked_shard, args=(lambda _: fn(), [], send), daemon=True)
-        self._child.start()
-        send.close()
         self._outcome: tuple | None = None
+        try:
+            self._child.start()
+        except BaseException:
+            self._receive.close()
+            raise
+        finally:
+            send.close()
 
     def ready(self) -> bool:
         """Whether `result` would return (or raise) at once."""
@@ -212,15 +226,38 @@ def run_aside(fn: Callable[[], T], fork: bool) -> "Done | Forked":
     return Done(fn())
 
 
-class fewer_threads:
-    """Within the block, torch runs on at most `n` threads (a single shard runs on the caller's)."""
+class AllOf:
+    """Several of run_aside's results as one: ready when all are; `result` is the union of theirs."""
 
-    def __init__(self, n: int):
+    def __init__(self, pending: list):
+        self.pending = pending
+        self.cores = sum(p.cores for p in pending)
+
+    def ready(self) -> bool:
+        return all(p.ready() for p in self.pending)
+
+    def result(self) -> set:
+        try:
+            return set().union(*(p.result() for p in self.pending))
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        for p in self.pending:
+            p.cancel()
+
+
+class fewer_threads:
+    """Within the block, torch runs on at most `n` threads (a single shard runs on the caller's);
+    None leaves it as it is."""
+
+    def __init__(self, n: int | None):
         self.n = n
 
     def __enter__(self):
         self.saved = torch.get_num_threads()
-        torch.set_num_threads(max(1, min(self.saved, self.n)))
+        if self.n is not None:
+            torch.set_num_threads(max(1, min(self.saved, self.n)))
 
     def __exit__(self, *exc):
         torch.set_num_threads(self.saved)
@@ -257,7 +294,7 @@ def _result_of(child, receive):
         ok, value = receive.recv()
     except EOFError:
         child.join()
-        raise ModelError(f"a process of the work ended without a result (exit code {child.exitcode}; "
+        raise ProcessEnded(f"a process of the work ended without a result (exit code {child.exitcode}; "
                          "out of memory?)") from None
     if not ok:
         raise value

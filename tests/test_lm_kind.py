@@ -6,6 +6,7 @@ import lmzip
 from lmzip import container
 from lmzip.kinds import lm as lm_kind
 from lmzip.kinds import lm_long
+from lmzip.sharding import can_fork
 
 from archive_edit import edit_entry, entries, flip
 from conftest import TINY_MODEL
@@ -92,6 +93,10 @@ def two_cores():
     torch.set_num_threads(saved)
 
 
+forking = pytest.mark.skipif(not can_fork(), reason="the check runs beside the coding where it can fork")
+
+
+@forking
 def test_the_sample_is_coded_first_and_checked_in_one_call_beside_the_rest(codec, monkeypatch, tmp_path,
                                                                            two_cores):
     """Every 16th chunk of the whole text is coded first, then decoded in one batched call in a forked
@@ -128,30 +133,91 @@ def test_the_sample_is_coded_first_and_checked_in_one_call_beside_the_rest(codec
     monkeypatch.setattr(lm_kind, "code", coding)
     monkeypatch.setattr(lmzip.exact, "decode_chunks", failing_check)
     text = TEXT[:60] * 12
-    done = []
     blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4, pack_lm=False,
-                        progress=lambda p: done.append(p.done))
+                        progress=lambda p: event(f"progress {p.done}"))
     monkeypatch.undo()
     found, events = kinds(blob), log.read_text().splitlines()
+    done = [int(e.split()[1]) for e in events if e.startswith("progress")]
+    checked = events.index("checked beside the coding")
+    # the sampled chunks' bytes count once their check is back
+    assert all(int(e.split()[1]) < len(text) for e in events[:checked] if e.startswith("progress"))
     sample = range(0, len(found), 16)
     checks = [e.split() for e in events if e.startswith("check ")]
     assert len(found) > 32 and len(checks) == 1 and checks[0][1] == str(len(sample))
     assert checks[0][2] != str(os.getpid())  # in a child
-    assert events[0] == f"code {len(sample)} 2"  # the sample first, on both cores
+    assert [e for e in events if e.startswith("code")][0] == f"code {len(sample)} 2"  # the sample first, on both cores
     assert "checked beside the coding" in events and "code 1 1" in events  # the rest on the other core
     assert [i for i, kind in enumerate(found) if kind == "zstd"] == list(sample)
     assert done == sorted(done) and done[-1] == len(text)
     assert codec.decode(blob, model=TINY_MODEL) == text
 
 
-def test_the_archive_is_the_same_with_the_check_beside_or_after(codec, two_cores):
+def first_chunk_fails(real):
+    """decode_chunks with the first row of each call decoded wrong (the sample's first chunk)."""
+    def decode(exact, payloads, counts, prefix, **kw):
+        back = real(exact, payloads, counts, prefix, **kw)
+        return [[0] * len(back[0])] + back[1:]
+    return decode
+
+
+def test_the_archive_is_the_same_with_the_check_beside_or_after(codec, two_cores, monkeypatch):
     import torch
 
+    import lmzip.exact
+
     text = TEXT[:60] * 12
+    monkeypatch.setattr(lmzip.exact, "decode_chunks", first_chunk_fails(lmzip.exact.decode_chunks))
     beside = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4)
     torch.set_num_threads(1)  # one core: the check runs here, before the rest is coded
     assert codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4) == beside
-    assert codec.decode(beside, model=TINY_MODEL) == text
+    monkeypatch.undo()
+    assert kinds(beside)[:2] == ["zstd", "lm-packed"] and codec.decode(beside, model=TINY_MODEL) == text
+
+
+@forking
+def test_a_check_process_that_dies_costs_its_time_not_the_run(codec, two_cores, monkeypatch):
+    """The check runs here once the rest is coded, with the same outcome."""
+    import os
+    import signal
+
+    import lmzip.exact
+
+    text, parent, here = TEXT[:60] * 12, os.getpid(), []
+    real = first_chunk_fails(lmzip.exact.decode_chunks)
+
+    def killed_in_a_child(exact, payloads, counts, prefix, **kw):
+        if os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would
+        here.append(len(counts))
+        return real(exact, payloads, counts, prefix, **kw)
+
+    monkeypatch.setattr(lmzip.exact, "decode_chunks", killed_in_a_child)
+    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4)
+    monkeypatch.undo()
+    assert here == [12] and kinds(blob)[:2] == ["zstd", "lm-packed"]
+    assert codec.decode(blob, model=TINY_MODEL) == text
+
+
+def test_a_sampled_chunk_the_decoder_cannot_follow_fails_alone(codec, monkeypatch):
+    """The batch's call raises; each chunk is then decoded alone, and only that one goes to zstd."""
+    import lmzip.exact
+
+    real = lmzip.exact.decode_chunks
+    calls = []
+
+    def refuses_the_first(exact, payloads, counts, prefix, **kw):
+        calls.append(len(payloads))
+        if len(calls) <= 2:  # the batch, then the first chunk alone
+            raise ValueError("the range coder does not end on the encoder's final value")
+        return real(exact, payloads, counts, prefix, **kw)
+
+    text = TEXT[:60] * 12
+    monkeypatch.setattr(lm_kind, "check_shards", lambda *a: [])  # the check here, where calls are seen
+    monkeypatch.setattr(lmzip.exact, "decode_chunks", refuses_the_first)
+    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4)
+    monkeypatch.undo()
+    assert calls[0] == 12 and len(calls) == 13 and kinds(blob)[:2] == ["zstd", "lm-packed"]
+    assert codec.decode(blob, model=TINY_MODEL) == text
 
 
 def test_payloads_fit_the_bound(lm_archive):

@@ -160,7 +160,7 @@ def test_an_lm_rerun_codes_only_the_chunks_the_journal_lacks(codec, tmp_path, mo
     fresh = codec.encode(LM_TEXT, **LM)
     chunks = sum(counts)
     assert chunks > 16
-    coded_chunks(monkeypatch, crash_after_chunks=8)  # in the first batch of 16
+    coded_chunks(monkeypatch, crash_after_chunks=8)  # before the last batch of 16
     with pytest.raises(KeyboardInterrupt):
         codec.encode(LM_TEXT, journal=journal, **LM)
     kept = len(list(journal.glob("*.seg")))
@@ -209,7 +209,7 @@ def test_an_lm_rerun_takes_the_check_outcomes_the_journal_holds(codec, tmp_path,
         return real(exact, payloads, counts, prefix, **kw)
 
     monkeypatch.setattr(lmzip.exact, "decode_chunks", counting)
-    monkeypatch.setattr(lm_kind, "check_cores", lambda lm: 0)  # checked here, before the rest is coded
+    monkeypatch.setattr(lm_kind, "check_shards", lambda *a: [])  # checked here, before the rest is coded
     fresh = codec.encode(LM_TEXT, **LM)
     coded_chunks(monkeypatch, crash_on_call=2)  # the sample is coded and checked; the rest dies
     journal = tmp_path / "j"

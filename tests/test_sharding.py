@@ -175,3 +175,30 @@ def test_work_run_aside_raises_what_it_raised_and_can_be_stopped():
     started = time.monotonic()
     slow.cancel()
     assert not slow._child.is_alive() and time.monotonic() - started < 10
+
+
+def test_a_child_run_aside_that_is_killed_is_reported_as_such():
+    from lmzip.sharding import AllOf, ProcessEnded, run_aside
+
+    both = AllOf([run_aside(lambda: {1}, fork=True),
+                  run_aside(lambda: os.kill(os.getpid(), signal.SIGKILL), fork=True)])
+    assert both.cores == 2
+    with pytest.raises(ProcessEnded, match="ended without a result"):
+        both.result()
+    assert AllOf([run_aside(lambda: {1}, fork=True), run_aside(lambda: {2}, fork=True)]).result() == {1, 2}
+
+
+def _report_can_fork(queue):
+    queue.put(can_fork())
+
+
+def test_a_daemonic_worker_does_not_fork():
+    """multiprocessing forbids a daemonic process children: its work runs in it instead."""
+    import multiprocessing as mp
+
+    context = mp.get_context("fork")
+    queue = context.Queue()
+    worker = context.Process(target=_report_can_fork, args=(queue,), daemon=True)
+    worker.start()
+    assert queue.get(timeout=30) is False and can_fork()
+    worker.join()

@@ -95,15 +95,16 @@ def code(lm, pieces, prefix, done=None, threads: int | None = None) -> list[byte
 
     exact = exact_model(lm)
     threads = cores(lm) if threads is None else threads
-    with exact_float32(), fewer_threads(threads):  # the exact forward refuses reduced-precision matmuls
-        # chunks dealt to one-thread threads code 1.3x faster than one two-thread pass at a time
-        # (BENCHMARKS.md)
+    # exact_float32: the exact forward refuses reduced-precision matmuls. Chunks dealt to one-thread
+    # threads code 1.3x faster than one two-thread pass at a time (BENCHMARKS.md)
+    with exact_float32(), fewer_threads(threads if threads < cores(lm) else None):
         return encode_chunks(exact, [p.ids for p in pieces], prefix, threads=threads, done=done)
 
 
 def check(lm, pieces, payloads, prefix, sample, threads: int | None = None) -> set[int]:
     """The indices in `sample` whose payload does not decode back to its piece's ids. The whole
-    sample is decoded in one batched call: a lone chunk decodes several times slower per token."""
+    sample is decoded in one batched call: a lone chunk decodes several times slower per token.
+    A payload the decoder cannot follow fails the batch's call; then each is decoded alone."""
     from ..exact import decode_chunks
     from ..precision import exact_float32
     from ..sharding import cpu_threads
@@ -113,10 +114,15 @@ def check(lm, pieces, payloads, prefix, sample, threads: int | None = None) -> s
         return set()
     exact = exact_model(lm)
     counts = [len(pieces[i].ids) for i in sample]
-    with exact_float32():
-        back = decode_chunks(exact, [payloads[i] for i in sample], counts, prefix,
-                             batch_size=decode_rows(len(prefix) + max(counts)),
-                             threads=cpu_threads(exact.device) if threads is None else threads)
+    try:
+        with exact_float32():
+            back = decode_chunks(exact, [payloads[i] for i in sample], counts, prefix,
+                                 batch_size=decode_rows(len(prefix) + max(counts)),
+                                 threads=cpu_threads(exact.device) if threads is None else threads)
+    except ValueError:
+        if len(sample) == 1:
+            return set(sample)
+        return set().union(*(check(lm, pieces, payloads, prefix, [i], threads) for i in sample))
     return {i for i, ids in zip(sample, back) if tuple(ids) != tuple(pieces[i].ids)}
 
 
@@ -127,24 +133,39 @@ def cores(lm) -> int:
     return cpu_threads(exact_model(lm).device)
 
 
-def check_cores(lm) -> int:
-    """Cores a `start_check` keeps busy while the caller goes on: 1 where it forks, else 0."""
-    from ..sharding import can_fork
+def check_shards(lm, pieces, prefix, sample) -> list[list[int]]:
+    """The sample's chunks as `start_check` deals them to processes beside the coding: one batch
+    of decoding rows each, on at most all cores but one; none where it cannot fork."""
+    from ..sharding import can_fork, deal
 
-    return 1 if can_fork() and cores(lm) > 1 else 0
+    if not sample or not can_fork() or cores(lm) < 2:
+        return []
+    counts = [len(pieces[i].ids) for i in sample]
+    batches = -(-len(sample) // decode_rows(len(prefix) + max(counts)))
+    return [[sample[j] for j in shard] for shard in deal(counts, min(cores(lm) - 1, batches))]
 
 
 def start_check(lm, pieces, payloads, prefix, sample, aside: bool = True):
-    """`check` of the sample, as one batch in a forked process of one core, while the caller codes
-    other chunks on the other cores (a step of a few rows costs little more than one of one row,
-    and a core of its own keeps it from waiting on the coding); here and now, on all cores, where it
-    cannot fork (one core, a GPU, not Linux) or nothing would run beside it (not `aside`).
-    Returns a sharding.Done or Forked: `.ready()`, `.result()` (the failed indices), `.cancel()`."""
-    from ..sharding import run_aside
+    """`check` of the sample while the caller codes other chunks on the other cores: in forked
+    processes of one core (`check_shards`; a decoding step of a few rows costs little more than one
+    of one row, and a core of its own keeps it from waiting on the coding). Here and now, on all
+    cores, where it cannot fork (one core, a GPU, not Linux) or nothing would run beside it (not
+    `aside`). Returns `.ready()`, `.result()` (the failed indices) and `.cancel()` (sharding)."""
+    from ..sharding import AllOf, Done, run_aside
 
-    exact_model(lm)  # made before the fork, so the child shares it
-    aside = aside and check_cores(lm) > 0
-    return run_aside(lambda: check(lm, pieces, payloads, prefix, sample, threads=1 if aside else None), aside)
+    exact_model(lm)  # made before the fork, so the children share it
+    shards = check_shards(lm, pieces, prefix, list(sample)) if aside else []
+    if not shards:
+        return Done(check(lm, pieces, payloads, prefix, sample))
+    started = []
+    try:
+        for shard in shards:
+            started.append(run_aside(lambda shard=shard: check(lm, pieces, payloads, prefix, shard, threads=1),
+                                     fork=True))
+    except BaseException:  # a fork that failed: the others' work is not wanted
+        AllOf(started).cancel()
+        raise
+    return AllOf(started)
 
 
 def segments(pieces, payloads: dict, prefix, failed, pack: bool = True) -> list[tuple[object, list[int]]]:
