@@ -142,7 +142,8 @@ class _LmCoder:
 
     def check_and_code_rest(self, to_check: list[int], rest: list[int]) -> set[int]:
         """Check `to_check` (coded) while `rest` is coded; the indices that failed the check. Where no
-        check process can be forked, or one dies (out of memory, say), the check runs here at the end."""
+        check process can be forked, or one is killed (by the out-of-memory killer, say), the check
+        runs here at the end."""
         cores = kinds.lm.cores(self.lm)
         failed, pending = None, None
         try:
@@ -152,9 +153,12 @@ class _LmCoder:
                 batch, rest = rest[:free], rest[free:]
                 self.code(batch, free)
             if pending:
-                failed = self._checked(pending.result(), to_check)  # journaled before the rest is coded
-        except ProcessEnded:
-            pass
+                try:
+                    outcome = pending.result()
+                except ProcessEnded:
+                    pass
+                else:
+                    failed = self._checked(outcome, to_check)  # journaled before the rest is coded
         finally:
             if pending:
                 pending.cancel()
