@@ -11,6 +11,7 @@ the interpreter, and shards run in forked processes instead.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import multiprocessing.connection
 import os
@@ -132,29 +133,19 @@ def map_shards_forked(run: Callable[[list[int]], list[T]], shards: list[list[int
     not loaded again) and send back results or the exception they raised."""
     if len(shards) == 1 or not can_fork():
         return map_shards(run, shards, count)
-    context = mp.get_context("fork")
-    children = []
+    children: list[Forked] = []
     try:
         for indices in shards[1:]:
-            receive, send = context.Pipe(duplex=False)
-            child = context.Process(target=_forked_shard, args=(run, indices, send), daemon=True)
-            child.start()
-            send.close()
-            children.append((child, receive))
-        results = [_one_thread(run, shards[0])]
-        for child, receive in children:
-            results.append(_result_of(child, receive))
+            children.append(Forked(functools.partial(run, indices)))
+        results = [_one_thread(run, shards[0])] + [child.result() for child in children]
     finally:
-        for child, receive in children:
-            if child.is_alive():
-                child.kill()  # an error or Ctrl-C here: the others' work is not wanted
-            child.join()
-            receive.close()
+        for child in children:
+            child.cancel()  # an error or Ctrl-C here: the others' work is not wanted
     return _in_item_order(shards, results, count)
 
 
 class Done:
-    """A result that is already there (run_aside where nothing was forked)."""
+    """A result that is already there, with Forked's interface (where nothing was forked)."""
 
     cores = 0  # that the work holds while it runs
 
@@ -181,7 +172,7 @@ class Forked:
     def __init__(self, fn: Callable[[], T]):
         context = mp.get_context("fork")
         self._receive, send = context.Pipe(duplex=False)
-        self._child = context.Process(target=_forked_shard, args=(lambda _: fn(), [], send), daemon=True)
+        self._child = context.Process(target=_forked_child, args=(fn, send), daemon=True)
         self._outcome: tuple | None = None
         try:
             self._child.start()
@@ -218,16 +209,8 @@ class Forked:
         self._receive.close()
 
 
-def run_aside(fn: Callable[[], T], fork: bool) -> "Done | Forked":
-    """fn() in a forked process of one torch thread while this one goes on (`fork` and the platform
-    allows), else here and now; either way `.ready()`, `.result()` and `.cancel()`."""
-    if fork and can_fork():
-        return Forked(fn)
-    return Done(fn())
-
-
 class AllOf:
-    """Several of run_aside's results as one: ready when all are; `result` is the union of theirs."""
+    """Several Forked results as one: ready when all are; `result` is the union of theirs."""
 
     def __init__(self, pending: list):
         self.pending = pending
@@ -272,11 +255,11 @@ def _one_thread(run: Callable[[list[int]], list[T]], indices: list[int]) -> list
         torch.set_num_threads(saved)
 
 
-def _forked_shard(run, indices, send) -> None:
+def _forked_child(fn, send) -> None:
     exit_with_parent()
     try:
         torch.set_num_threads(1)
-        outcome = (True, run(indices))
+        outcome = (True, fn())
     except BaseException as e:  # noqa: BLE001 - raised again in the parent
         outcome = (False, e)
     try:
@@ -295,7 +278,7 @@ def _result_of(child, receive):
     except EOFError:
         child.join()
         raise ProcessEnded(f"a process of the work ended without a result (exit code {child.exitcode}; "
-                         "out of memory?)") from None
+                           "out of memory?)") from None
     if not ok:
         raise value
     return value

@@ -295,3 +295,12 @@ def test_a_journaled_chunk_matches_only_its_own_piece():
     assert not lm_journal.matches(replace(good, payload=None), piece)
     assert not lm_journal.matches(replace(good, payload=bytes(8 * 3 + 17)), piece)
     assert lm_journal.matches(replace(good, payload=bytes(8 * 3 + 16)), piece)
+
+
+def test_a_journal_note_is_named_within_the_journal(tmp_path):
+    book = journal_module.Journal(tmp_path / "j", {})
+    book.open()
+    with pytest.raises(ValueError, match="letters, digits and dots"):
+        book.note("../outside", {"ok": True})
+    book.note("check.3", {"ok": True})
+    assert book.notes() == {"check.3": {"ok": True}} and not (tmp_path / "outside.note").exists()

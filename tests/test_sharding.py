@@ -155,37 +155,35 @@ def test_a_map_inside_a_shard_runs_there():
         assert len(set(inner)) == 1 and inner[0].startswith("lmzip-shard")
 
 
-def test_work_run_aside_comes_back_from_a_process_of_one_thread():
-    from lmzip.sharding import run_aside
+def test_forked_work_comes_back_from_a_process_of_one_thread():
+    from lmzip.sharding import Forked
 
-    pending = run_aside(lambda: (os.getpid(), torch.get_num_threads()), fork=True)
+    pending = Forked(lambda: (os.getpid(), torch.get_num_threads()))
     pid, threads = pending.result()
     assert pid != os.getpid() and threads == 1 and pending.ready()
     assert pending.result() == (pid, threads)  # kept: the child and its pipe are gone
-    assert run_aside(os.getpid, fork=False).result() == os.getpid()  # here, at once
 
 
-def test_work_run_aside_raises_what_it_raised_and_can_be_stopped():
-    from lmzip.sharding import run_aside
+def test_forked_work_raises_what_it_raised_and_can_be_stopped():
+    from lmzip.sharding import Forked
 
     with pytest.raises(ZeroDivisionError):
-        run_aside(lambda: 1 / 0, fork=True).result()
-    slow = run_aside(lambda: time.sleep(60), fork=True)
+        Forked(lambda: 1 / 0).result()
+    slow = Forked(lambda: time.sleep(60))
     assert not slow.ready()
     started = time.monotonic()
     slow.cancel()
     assert not slow._child.is_alive() and time.monotonic() - started < 10
 
 
-def test_a_child_run_aside_that_is_killed_is_reported_as_such():
-    from lmzip.sharding import AllOf, ProcessEnded, run_aside
+def test_a_forked_child_that_is_killed_is_reported_as_such():
+    from lmzip.sharding import AllOf, Forked, ProcessEnded
 
-    both = AllOf([run_aside(lambda: {1}, fork=True),
-                  run_aside(lambda: os.kill(os.getpid(), signal.SIGKILL), fork=True)])
+    both = AllOf([Forked(lambda: {1}), Forked(lambda: os.kill(os.getpid(), signal.SIGKILL))])
     assert both.cores == 2
     with pytest.raises(ProcessEnded, match="ended without a result"):
         both.result()
-    assert AllOf([run_aside(lambda: {1}, fork=True), run_aside(lambda: {2}, fork=True)]).result() == {1, 2}
+    assert AllOf([Forked(lambda: {1}), Forked(lambda: {2})]).result() == {1, 2}
 
 
 def _report_can_fork(queue):

@@ -151,7 +151,7 @@ def start_check(lm, pieces, payloads, prefix, sample, aside: bool = True):
     of one row, and a core of its own keeps it from waiting on the coding). Here and now, on all
     cores, where it cannot fork (one core, a GPU, not Linux) or nothing would run beside it (not
     `aside`). Returns `.ready()`, `.result()` (the failed indices) and `.cancel()` (sharding)."""
-    from ..sharding import AllOf, Done, run_aside
+    from ..sharding import AllOf, Done, Forked
 
     exact_model(lm)  # made before the fork, so the children share it
     shards = check_shards(lm, pieces, prefix, list(sample)) if aside else []
@@ -160,8 +160,7 @@ def start_check(lm, pieces, payloads, prefix, sample, aside: bool = True):
     started = []
     try:
         for shard in shards:
-            started.append(run_aside(lambda shard=shard: check(lm, pieces, payloads, prefix, shard, threads=1),
-                                     fork=True))
+            started.append(Forked(lambda shard=shard: check(lm, pieces, payloads, prefix, shard, threads=1)))
     except BaseException:  # a fork that failed: the others' work is not wanted
         AllOf(started).cancel()
         raise
