@@ -164,15 +164,24 @@ class _LmCoder:
                 pending.cancel()
         self.code(rest, cores)
         if failed is None:
-            failed = self._checked(kinds.lm.check(self.lm, self.pieces, self.payloads, self.prefix, to_check),
-                                   to_check)
+            failed = self._checked(kinds.lm.check(self.lm, self.pieces, self.payloads, self.prefix, to_check,
+                                                  **self._check_journal()), to_check)
         return failed
+
+    def _check_journal(self) -> dict:
+        """Where a check may go on from (a killed run's, or a killed check process's, states) and
+        how it reports its own."""
+        if not self.book:
+            return {}
+        return {"resume": lm_journal.check_states(self.book, self.payloads),
+                "progress": lm_journal.keep_check_states(self.book, self.payloads)}
 
     def _start_check(self, to_check: list[int], aside: bool):
         if not to_check:
             return None
         try:
-            return kinds.lm.start_check(self.lm, self.pieces, self.payloads, self.prefix, to_check, aside=aside)
+            return kinds.lm.start_check(self.lm, self.pieces, self.payloads, self.prefix, to_check, aside=aside,
+                                        **self._check_journal())
         except OSError:  # no process could be forked (EAGAIN, ENOMEM)
             return None
 

@@ -5,7 +5,9 @@ token ids. A rerun takes the payloads of the chunks the journal holds, each
 checked against the input's chunk (its bytes, its token ids, a bounded payload),
 and codes only the rest; the archive is then the same, byte for byte. The
 encoder's check of its sample is journaled too, per chunk and tied to the
-payload it decoded, so a rerun does not decode those chunks again.
+payload it decoded, so a rerun does not decode those chunks again; and so is the
+state of a check under way (`check.N` and `checking.N` notes), so a rerun goes on
+from there.
 """
 
 from __future__ import annotations
@@ -84,4 +86,28 @@ def checks(book: Journal, payloads: dict[int, bytes]) -> dict[int, bool]:
         if (kind == "check" and index.isdigit() and int(index) in payloads and isinstance(record.get("ok"), bool)
                 and record.get("payload_sha256") == _payload_sha256(payloads[int(index)])):
             found[int(index)] = record["ok"]
+    return found
+
+
+def keep_check_states(book: Journal, payloads: dict[int, bytes]) -> Callable[[int, int, str], None]:
+    """A `progress` callback for kinds.lm.check: it journals the state a checked chunk's decoding
+    reached (from the check's process, one note per chunk, replaced as it goes on)."""
+    def keep(i: int, tokens: int, digest: str) -> None:
+        book.note(f"checking.{i}", {"payload_sha256": _payload_sha256(payloads[i]), "tokens": tokens,
+                                    "state_sha256": digest})
+
+    return keep
+
+
+def check_states(book: Journal, payloads: dict[int, bytes]) -> dict[int, tuple[int, str]]:
+    """The journaled states of checks under way, by chunk index: (tokens, digest), for kinds.lm.check's
+    `resume`, of the payloads the journal holds."""
+    found = {}
+    for name, record in book.notes().items():
+        kind, _, index = name.partition(".")
+        tokens, digest = record.get("tokens"), record.get("state_sha256")
+        if (kind == "checking" and index.isdigit() and int(index) in payloads
+                and record.get("payload_sha256") == _payload_sha256(payloads[int(index)])
+                and type(tokens) is int and tokens > 0 and isinstance(digest, str)):
+            found[int(index)] = (tokens, digest)
     return found

@@ -17,7 +17,7 @@ import torch
 from conftest import ROOT, TINY_MODEL
 from lmzip.exact import forward as F
 from lmzip.exact import tables
-from lmzip.exact.coding import decode_chunks, encode_chunks
+from lmzip.exact.coding import check_chunks, decode_chunks, encode_chunks
 from lmzip.exact.model import MAX_POSITIONS, V1_POSITIONS, WEIGHT_LIMIT, ExactModel, quantize_weight
 from lmzip.models import load_model
 from lmzip.rangecoder import MAX_TOTAL
@@ -380,3 +380,88 @@ def test_lm_bench_runs_and_checks_its_round_trip(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "OK" in out.stdout and "MISMATCH" not in out.stdout
     assert "freq cost" in out.stdout and "zstd -19" in out.stdout
+
+
+def test_the_check_fails_each_damaged_payload_alone(exact):
+    """The encoder's check decodes as the decoder does; a row that decodes wrong or stops in an
+    error fails alone, and the rows beside it go on."""
+    chunks = [_ids(1, 40, seed=s)[0].tolist() for s in range(3)]
+    payloads = encode_chunks(exact, chunks, PREFIX)
+    assert check_chunks(exact, chunks, payloads, PREFIX, batch_size=3) == set()
+    for trial in range(6):
+        damaged = list(payloads)
+        p = bytearray(damaged[trial % 3])
+        if trial < 3:
+            p[len(p) // 2] ^= 0x10
+        else:
+            p += b"\x07\x00\x01"
+        damaged[trial % 3] = bytes(p)
+        assert check_chunks(exact, chunks, damaged, PREFIX, batch_size=3) == {trial % 3}
+    other = [list(c) for c in chunks]
+    other[1][-1] = (other[1][-1] + 1) % 256
+    assert check_chunks(exact, other, payloads, PREFIX, batch_size=2, threads=2) == {1}
+
+
+def _steps_spy(monkeypatch):
+    """Count the decoding steps (next_symbols calls) and whole-sequence passes of rebuilt states."""
+    from lmzip.exact import coding
+
+    seen = {"steps": 0, "restored": []}
+    real_next, real_restore = coding.next_symbols, coding._restore
+
+    def step(*args):
+        seen["steps"] += 1
+        return real_next(*args)
+
+    def restore(exact, cache, chunks, prefix, start, *rest):
+        lost = real_restore(exact, cache, chunks, prefix, start, *rest)
+        seen["restored"].append((start, len(chunks), len(lost)))
+        return lost
+
+    monkeypatch.setattr(coding, "next_symbols", step)
+    monkeypatch.setattr(coding, "_restore", restore)
+    return seen
+
+
+def test_a_check_goes_on_from_a_reported_state(exact, monkeypatch):
+    """Resumed from the states a check reported, it rebuilds each row's cache and decoder by
+    whole-sequence passes to the same digest, decodes only the rest, and comes to the same verdict;
+    rows at different points resume apart."""
+    chunks = [_ids(1, n, seed=s)[0].tolist() for s, n in enumerate((40, 33, 9, 25))]
+    payloads = encode_chunks(exact, chunks, PREFIX)
+    reports = []
+    assert check_chunks(exact, chunks, payloads, PREFIX, batch_size=3, every=4,
+                        progress=lambda *a: reports.append(a)) == set()
+    assert {(i, k) for i, k, _ in reports} == {(i, k) for i, n in enumerate((40, 33, 9, 25)) for k in range(4, n, 4)}
+    at = {(i, k): d for i, k, d in reports}
+    resume = {0: (20, at[0, 20]), 1: (20, at[1, 20]), 3: (8, at[3, 8])}  # chunk 2 from its start
+    seen = _steps_spy(monkeypatch)
+    assert check_chunks(exact, chunks, payloads, PREFIX, batch_size=3, resume=resume) == set()
+    assert sorted(seen["restored"]) == [(8, 1, 0), (20, 2, 0)]  # every digest matched
+    assert seen["steps"] == (40 - 20) + (25 - 8) + 9  # one batch each: rows at 20, at 8, from the start
+
+    wrong_after = [list(c) for c in chunks]
+    wrong_after[0][30] = (wrong_after[0][30] + 1) % 256
+    assert check_chunks(exact, wrong_after, payloads, PREFIX, batch_size=3, resume=resume) == {0}
+
+
+def test_a_state_that_cannot_be_rebuilt_is_checked_from_its_start(exact, monkeypatch):
+    """A digest that does not match (another machine's state, a damaged note) or tokens before the
+    point that the payload does not hold: that row is checked from its first token, never taken
+    on trust."""
+    chunks = [_ids(1, n, seed=s)[0].tolist() for s, n in enumerate((40, 33))]
+    payloads = encode_chunks(exact, chunks, PREFIX)
+    reports = []
+    check_chunks(exact, chunks, payloads, PREFIX, batch_size=2, every=4, progress=lambda *a: reports.append(a))
+    at = {(i, k): d for i, k, d in reports}
+    seen = _steps_spy(monkeypatch)
+    assert check_chunks(exact, chunks, payloads, PREFIX, batch_size=2,
+                        resume={0: (20, "0" * 64), 1: (20, at[1, 20])}) == set()
+    assert seen["restored"] == [(20, 2, 1)] and seen["steps"] == (33 - 20) + 40
+
+    wrong_before = [list(c) for c in chunks]
+    wrong_before[1][5] = (wrong_before[1][5] + 1) % 256
+    seen["restored"].clear()
+    assert check_chunks(exact, wrong_before, payloads, PREFIX, batch_size=2,
+                        resume={0: (20, at[0, 20]), 1: (20, at[1, 20])}) == {1}
+    assert seen["restored"] == [(20, 2, 1)]

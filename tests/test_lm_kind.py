@@ -73,11 +73,11 @@ def test_lm_token_counts_are_bounded_by_each_kinds_positions(lm_archive):
 def test_a_chunk_that_does_not_decode_back_goes_to_zstd(codec, monkeypatch):
     import lmzip.exact
 
-    real = lmzip.exact.decode_chunks
-    monkeypatch.setattr(lmzip.exact, "decode_chunks",
-                        lambda exact, payloads, counts, prefix, **kw: [[0] * n for n in counts])
+    real = lmzip.exact.check_chunks
+    monkeypatch.setattr(lmzip.exact, "check_chunks", lambda exact, chunks, payloads, prefix, **kw:
+                        real(exact, [[0] * len(c) for c in chunks], payloads, prefix, **kw))  # other tokens
     blob = codec.encode(TEXT[:60], method="lm", model=TINY_MODEL, tokens_per_segment=24, pack_lm=False)
-    monkeypatch.setattr(lmzip.exact, "decode_chunks", real)
+    monkeypatch.setattr(lmzip.exact, "check_chunks", real)
     # the first chunk is in the checked sample and fails: zstd; the others were not checked
     assert kinds(blob)[0] == "zstd" and "lm" in kinds(blob)
     assert codec.decode(blob, model=TINY_MODEL) == TEXT[:60]
@@ -119,19 +119,19 @@ def test_the_sample_is_coded_first_and_checked_in_one_call_beside_the_rest(codec
         event(f"code {len(pieces)} {threads}")
         return real_code(lm, pieces, prefix, done=done, threads=threads)
 
-    def failing_check(exact, payloads, counts, prefix, **kw):
-        event(f"check {len(counts)} {os.getpid()}")
+    def failing_check(exact, chunks, payloads, prefix, **kw):
+        event(f"check {len(chunks)} {os.getpid()}")
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # until the parent codes a chunk beside this check
             events = log.read_text().splitlines()
-            if any(e.startswith("code") for e in events[events.index(f"check {len(counts)} {os.getpid()}"):]):
+            if any(e.startswith("code") for e in events[events.index(f"check {len(chunks)} {os.getpid()}"):]):
                 event("checked beside the coding")
                 break
             time.sleep(0.01)
-        return [[0] * n for n in counts]
+        return set(range(len(chunks)))
 
     monkeypatch.setattr(lm_kind, "code", coding)
-    monkeypatch.setattr(lmzip.exact, "decode_chunks", failing_check)
+    monkeypatch.setattr(lmzip.exact, "check_chunks", failing_check)
     text = TEXT[:60] * 12
     blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4, pack_lm=False,
                         progress=lambda p: event(f"progress {p.done}"))
@@ -150,11 +150,10 @@ def test_the_sample_is_coded_first_and_checked_in_one_call_beside_the_rest(codec
 
 
 def first_chunk_fails(real):
-    """decode_chunks with the first row of each call decoded wrong (the sample's first chunk)."""
-    def decode(exact, payloads, counts, prefix, **kw):
-        back = real(exact, payloads, counts, prefix, **kw)
-        return [[0] * len(back[0])] + back[1:]
-    return decode
+    """check_chunks that expects other tokens of the first chunk of each call (the sample's first)."""
+    def check(exact, chunks, payloads, prefix, **kw):
+        return real(exact, [[0] * len(chunks[0])] + list(chunks[1:]), payloads, prefix, **kw)
+    return check
 
 
 def test_the_archive_is_the_same_with_the_check_beside_or_after(codec, two_cores, monkeypatch):
@@ -163,7 +162,7 @@ def test_the_archive_is_the_same_with_the_check_beside_or_after(codec, two_cores
     import lmzip.exact
 
     text = TEXT[:60] * 12
-    monkeypatch.setattr(lmzip.exact, "decode_chunks", first_chunk_fails(lmzip.exact.decode_chunks))
+    monkeypatch.setattr(lmzip.exact, "check_chunks", first_chunk_fails(lmzip.exact.check_chunks))
     beside = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4)
     torch.set_num_threads(1)  # one core: the check runs here, before the rest is coded
     assert codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4) == beside
@@ -180,17 +179,17 @@ def test_a_check_process_that_dies_costs_its_time_not_the_run(codec, two_cores, 
     import lmzip.exact
 
     text, parent, here = TEXT[:60] * 12, os.getpid(), []
-    real = first_chunk_fails(lmzip.exact.decode_chunks)
+    real = first_chunk_fails(lmzip.exact.check_chunks)
     killed = tmp_path / "killed"
 
-    def killed_in_a_child(exact, payloads, counts, prefix, **kw):
+    def killed_in_a_child(exact, chunks, payloads, prefix, **kw):
         if os.getpid() != parent:
             killed.write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would
-        here.append(len(counts))
-        return real(exact, payloads, counts, prefix, **kw)
+        here.append(len(chunks))
+        return real(exact, chunks, payloads, prefix, **kw)
 
-    monkeypatch.setattr(lmzip.exact, "decode_chunks", killed_in_a_child)
+    monkeypatch.setattr(lmzip.exact, "check_chunks", killed_in_a_child)
     blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4)
     monkeypatch.undo()
     assert killed.exists() and here == [12] and kinds(blob)[:2] == ["zstd", "lm-packed"]
@@ -198,24 +197,21 @@ def test_a_check_process_that_dies_costs_its_time_not_the_run(codec, two_cores, 
 
 
 def test_a_sampled_chunk_the_decoder_cannot_follow_fails_alone(codec, monkeypatch):
-    """The batch's call raises; each chunk is then decoded alone, and only that one goes to zstd."""
+    """A payload whose range decoder stops in an error fails its own row; the batch goes on."""
     import lmzip.exact
 
-    real = lmzip.exact.decode_chunks
-    calls = []
+    real, calls = lmzip.exact.check_chunks, []
 
-    def refuses_the_first(exact, payloads, counts, prefix, **kw):
-        calls.append(len(payloads))
-        if len(calls) <= 2:  # the batch, then the first chunk alone
-            raise ValueError("the range coder does not end on the encoder's final value")
-        return real(exact, payloads, counts, prefix, **kw)
+    def first_damaged(exact, chunks, payloads, prefix, **kw):
+        calls.append(len(chunks))
+        return real(exact, chunks, [payloads[0] + b"\x07\x00\x01"] + list(payloads[1:]), prefix, **kw)
 
     text = TEXT[:60] * 12
     monkeypatch.setattr(lm_kind, "check_shards", lambda *a: [])  # the check here, where calls are seen
-    monkeypatch.setattr(lmzip.exact, "decode_chunks", refuses_the_first)
+    monkeypatch.setattr(lmzip.exact, "check_chunks", first_damaged)
     blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4)
     monkeypatch.undo()
-    assert calls[0] == 12 and len(calls) == 13 and kinds(blob)[:2] == ["zstd", "lm-packed"]
+    assert calls == [12] and kinds(blob)[:2] == ["zstd", "lm-packed"]
     assert kinds(blob).count("zstd") == 1  # that chunk alone
     assert codec.decode(blob, model=TINY_MODEL) == text
 

@@ -76,12 +76,12 @@ def test_a_run_is_cut_at_the_segment_size_limit(codec, monkeypatch):
 def test_a_chunk_that_fails_the_check_splits_its_run(codec, monkeypatch):
     import lmzip.exact
 
-    real = lmzip.exact.decode_chunks
-    monkeypatch.setattr(lmzip.exact, "decode_chunks", lambda exact, payloads, counts, prefix, **kw:
-                        [[0] * n for n in counts])  # every sampled chunk (0, 16, 32) fails
+    real = lmzip.exact.check_chunks
+    monkeypatch.setattr(lmzip.exact, "check_chunks", lambda exact, chunks, payloads, prefix, **kw:
+                        set(range(len(chunks))))  # every sampled chunk (0, 16, 32) fails
     text = TEXT[:76] * 6
     blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4)
-    monkeypatch.setattr(lmzip.exact, "decode_chunks", real)
+    monkeypatch.setattr(lmzip.exact, "check_chunks", real)
     assert kinds(blob)[:4] == ["zstd", "lm-packed", "zstd", "lm-packed"]
     assert codec.decode(blob, model=TINY_MODEL) == text
 

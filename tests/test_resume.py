@@ -202,13 +202,13 @@ def test_an_lm_rerun_takes_the_check_outcomes_the_journal_holds(codec, tmp_path,
 
     import lmzip.exact
 
-    real, checked = lmzip.exact.decode_chunks, []
+    real, checked = lmzip.exact.check_chunks, []
 
-    def counting(exact, payloads, counts, prefix, **kw):
-        checked.append(len(counts))
-        return real(exact, payloads, counts, prefix, **kw)
+    def counting(exact, chunks, payloads, prefix, **kw):
+        checked.append(len(chunks))
+        return real(exact, chunks, payloads, prefix, **kw)
 
-    monkeypatch.setattr(lmzip.exact, "decode_chunks", counting)
+    monkeypatch.setattr(lmzip.exact, "check_chunks", counting)
     monkeypatch.setattr(lm_kind, "check_shards", lambda *a: [])  # checked here, before the rest is coded
     fresh = codec.encode(LM_TEXT, **LM)
     coded_chunks(monkeypatch, crash_on_call=2)  # the sample is coded and checked; the rest dies
@@ -231,6 +231,57 @@ def test_an_lm_rerun_takes_the_check_outcomes_the_journal_holds(codec, tmp_path,
     note.write_text(json.dumps({**json.loads(note.read_text()), "payload_sha256": "0" * 64}))
     checked.clear()
     assert codec.encode(LM_TEXT, journal=tmp_path / "other", **LM) == fresh and checked == [1]
+
+
+def test_an_lm_rerun_goes_on_with_the_check_a_kill_cut_short(codec, tmp_path, monkeypatch):
+    """A check under way journals each row's state; killed there, the rerun rebuilds that state
+    and decodes only the rest of the sample, and the archive is the same."""
+    import torch
+
+    from lmzip.exact import coding
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)  # the sample's two rows in one batch, in this process
+    try:
+        _rerun_goes_on_with_the_check(codec, tmp_path, monkeypatch, coding)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _rerun_goes_on_with_the_check(codec, tmp_path, monkeypatch, coding):
+    import json
+    import shutil
+
+    monkeypatch.setattr(coding, "CHECK_NOTE_STEPS", 4)
+    monkeypatch.setattr(lm_kind, "check_shards", lambda *a: [])  # checked here, before the rest is coded
+    fresh = codec.encode(LM_TEXT, **LM)
+    real_next, steps, resumed = coding.next_symbols, [], []
+
+    def dies_at_step_10(*args):
+        steps.append(1)
+        if len(steps) == 10 and not resumed:
+            raise KeyboardInterrupt  # as a kill would, between two journaled states
+        return real_next(*args)
+
+    monkeypatch.setattr(coding, "next_symbols", dies_at_step_10)
+    journal = tmp_path / "j"
+    with pytest.raises(KeyboardInterrupt):
+        codec.encode(LM_TEXT, journal=journal, **LM)
+    assert sorted(p.name for p in journal.glob("*.note")) == ["checking.0.note", "checking.16.note"]
+    shutil.copytree(journal, tmp_path / "other")
+    note = tmp_path / "other" / "checking.16.note"
+    note.write_text(json.dumps({**json.loads(note.read_text()), "payload_sha256": "0" * 64}))
+
+    real_check = coding.check_chunks
+    monkeypatch.setattr(lmzip.exact, "check_chunks", lambda exact, chunks, *a, **kw:
+                        resumed.append((kw["resume"], max(map(len, chunks)))) or real_check(exact, chunks, *a, **kw))
+    steps.clear()
+    assert codec.encode(LM_TEXT, journal=journal, **LM) == fresh
+    assert [{j: tokens for j, (tokens, _) in r.items()} for r, _ in resumed] == [{0: 8, 1: 8}]
+    assert len(steps) == resumed[0][1] - 8  # from token 9 on
+    resumed.clear()  # a state of another payload is not taken up
+    assert codec.encode(LM_TEXT, journal=tmp_path / "other", **LM) == fresh
+    assert [{j: tokens for j, (tokens, _) in r.items()} for r, _ in resumed] == [{0: 8}]
 
 
 def test_two_workers_fit_and_the_archive_is_in_order(codec):

@@ -9,6 +9,7 @@ gives the same frequencies bit for bit (forward.py).
 
 from __future__ import annotations
 
+import hashlib
 from typing import Callable, Sequence
 
 import torch
@@ -111,6 +112,137 @@ def decode_chunks(exact: ExactModel, payloads: Sequence[bytes], token_counts: Se
                              shards, len(payloads))
 
 
+CHECK_NOTE_STEPS = 128  # a check reports each row's state every this many tokens
+RESTORE_POSITIONS = 2048  # rows x positions per whole-sequence pass that rebuilds a check's cache
+# (its logits are 4 * V bytes a position: 400 MB at that)
+
+
+def check_chunks(exact: ExactModel, chunks: Sequence[Sequence[int]], payloads: Sequence[bytes],
+                 prefix: Sequence[int], batch_size: int = 64, positions: int = MAX_POSITIONS, threads: int = 1,
+                 resume: dict[int, tuple[int, str]] | None = None,
+                 progress: Callable[[int, int, str], None] | None = None, every: int | None = None) -> set[int]:
+    """The indices of the chunks whose payload does not decode back to them, decoded as
+    decode_chunks does (the same steps, `next_symbols`); a row stops at its first wrong token.
+
+    Every `every` (CHECK_NOTE_STEPS) tokens, `progress(index, tokens, digest)` reports a row's state: the digest of
+    its key/value cache and range decoder after that many tokens. `resume` holds such reports:
+    a row starts there, its cache rebuilt by whole-sequence passes over its first tokens and its
+    decoder replayed over them; only if the rebuilt state has the reported digest, which makes
+    the rest of the check the one the reporting run would have made, else from its start.
+    """
+    prefix = tuple(int(t) for t in prefix)
+    if len(payloads) != len(chunks):
+        raise ValueError("one payload per chunk")
+    _check_lengths(exact, prefix, [len(c) for c in chunks], positions)
+    resume, every = resume or {}, every or CHECK_NOTE_STEPS
+    starts = [resume[i][0] if i in resume and 0 < resume[i][0] < len(chunks[i]) else 0 for i in range(len(chunks))]
+    digests = [resume[i][1] if starts[i] else None for i in range(len(chunks))]
+
+    def shard(indices: list[int]) -> list[bool]:
+        failed = {}
+        again: list[int] = []  # rows whose state could not be rebuilt: checked from their start
+        for start in sorted({starts[i] for i in indices} | {0}, reverse=True):
+            group = [i for i in indices if starts[i] == start] + (again if start == 0 else [])
+            group.sort(key=lambda i: -len(chunks[i]))
+            for first in range(0, len(group), batch_size):
+                rows = group[first:first + batch_size]
+                outcome = _check_batch(exact, chunks, payloads, prefix, rows, start, digests, progress, every)
+                again += [i for i in rows if outcome[i] is None]
+                failed.update((i, bad) for i, bad in outcome.items() if bad is not None)
+        return [failed[i] for i in indices]
+
+    shards = deal([len(c) - s for c, s in zip(chunks, starts)], max(1, min(threads, len(chunks))))
+    return {i for i, bad in enumerate(map_shards_forked(shard, shards, len(chunks))) if bad}
+
+
+def state_digest(cache: Cache, row: int, decoder: RangeDecoder) -> str:
+    """SHA-256 of one row's decoding state: its range decoder and every cached key and value."""
+    h = hashlib.sha256(repr((cache.length, decoder.pos, decoder.code, decoder.width, decoder.low)).encode())
+    for store in (cache.k, cache.v, cache.k_scale, cache.v_scale):
+        for t in store:
+            h.update(t[row, :, :cache.length].contiguous().cpu().numpy())
+    return h.hexdigest()
+
+
+def _check_batch(exact: ExactModel, chunks, payloads, prefix: tuple[int, ...], rows: list[int], start: int,
+                 digests, progress, every: int) -> dict[int, bool | None]:
+    """Each row's outcome: True if its payload fails, False if it decodes to its chunk, None if
+    its state at `start` could not be rebuilt."""
+    device = exact.device
+    decoders = {i: RangeDecoder(payloads[i]) for i in rows}
+    outcome: dict[int, bool | None] = {i: not _finishes(decoders[i]) for i in rows if not chunks[i]}
+    active = [i for i in rows if chunks[i]]
+    if not active:
+        return outcome
+    cache = Cache(exact.shape, len(active), len(prefix) + max(len(chunks[i]) for i in active), device)
+    if start:
+        lost = set(_restore(exact, cache, [chunks[i] for i in active], prefix, start,
+                            [decoders[i] for i in active], [digests[i] for i in active]))
+        outcome.update((active[r], None) for r in lost)
+        active = _keep_rows(cache, active, [r for r in range(len(active)) if r not in lost])
+        ids = [[chunks[i][start - 1]] for i in active]
+    else:
+        ids = [list(prefix)] * len(active)
+    done = start
+    while active:
+        step_ids = torch.tensor(ids, dtype=torch.long, device=device)
+        symbols = next_symbols(exact, forward(exact, step_ids, cache)[:, -1], [decoders[i] for i in active])
+        done += 1
+        keep = []
+        for row, (i, sym) in enumerate(zip(active, symbols)):
+            if sym != chunks[i][done - 1]:  # a wrong token, or the decoder's ValueError
+                outcome[i] = True
+            elif done == len(chunks[i]):
+                outcome[i] = not _finishes(decoders[i])
+            else:
+                keep.append(row)
+        active = _keep_rows(cache, active, keep)
+        if progress and active and done % every == 0:
+            for row, i in enumerate(active):
+                progress(i, done, state_digest(cache, row, decoders[i]))
+        ids = [[chunks[i][done - 1]] for i in active]
+    return outcome
+
+
+def _finishes(decoder: RangeDecoder) -> bool:
+    try:
+        decoder.finish()
+    except ValueError:
+        return False
+    return True
+
+
+def _restore(exact: ExactModel, cache: Cache, chunks, prefix: tuple[int, ...], start: int,
+             decoders: list[RangeDecoder], digests: list[str]) -> list[int]:
+    """Fill the empty `cache` with the prefix and each row's first start - 1 tokens, in
+    whole-sequence passes (the exact arithmetic makes them equal to decoding steps), and replay
+    each row's decoder over its first `start` tokens under their logits: the state of a decoding
+    loop that has just read token start - 1. The rows whose state differs from their digest."""
+    ids = torch.tensor([list(prefix) + list(c[:start - 1]) for c in chunks], dtype=torch.long, device=exact.device)
+    span = max(1, RESTORE_POSITIONS // len(chunks))
+    wrong = set()
+    for first in range(0, ids.shape[1], span):
+        logits = forward(exact, ids[:, first:first + span], cache)
+        # position p predicts token p - (len(prefix) - 1)
+        lo = max(first, len(prefix) - 1)
+        hi = first + logits.shape[1]
+        if lo >= hi:
+            continue
+        for row, (chunk, decoder) in enumerate(zip(chunks, decoders)):
+            if row in wrong:
+                continue
+            symbols = torch.tensor(chunk[lo - len(prefix) + 1:hi - len(prefix) + 1], dtype=torch.long,
+                                   device=exact.device)
+            for cum, freq, total in zip(*_symbol_frequencies(exact, logits[row, lo - first:], symbols)):
+                try:
+                    decoder.target(total)
+                    decoder.consume(cum, freq)  # raises unless the target lies in [cum, cum + freq)
+                except ValueError:
+                    wrong.add(row)
+                    break
+    return [r for r in range(len(chunks)) if r in wrong or state_digest(cache, r, decoders[r]) != digests[r]]
+
+
 def _decode_shard(exact: ExactModel, payloads, counts, prefix, batch_size: int) -> list[list[int]]:
     order = sorted(range(len(payloads)), key=lambda i: -counts[i])
     out: list[list[int]] = [[] for _ in payloads]
@@ -131,30 +263,52 @@ def _decode_batch(exact: ExactModel, payloads, counts, prefix) -> list[list[int]
         cache = Cache(exact.shape, len(active), len(prefix) + max(counts), device)
         step_ids = torch.tensor([list(prefix)] * len(active), dtype=torch.long, device=device)
     while active:
-        logits = forward(exact, step_ids, cache)[:, -1]                      # (B, V)
-        inclusive = torch.cumsum(frequencies(exact, logits), dim=-1)         # (B, V) int64, exact
-        totals = inclusive[:, -1].tolist()
-        targets = [decoders[i].target(total) for i, total in zip(active, totals)]
-        target_t = torch.tensor(targets, dtype=torch.long, device=device)[:, None]
-        symbols = torch.searchsorted(inclusive, target_t, right=True)        # first cum > target
-        upper = inclusive.gather(1, symbols)[:, 0].tolist()
-        symbols = symbols[:, 0]
-        below = torch.where(symbols > 0, inclusive.gather(1, (symbols - 1).clamp(min=0)[:, None])[:, 0], 0)
+        symbols = next_symbols(exact, forward(exact, step_ids, cache)[:, -1], [decoders[i] for i in active])
         keep = []
-        for row, (i, sym, lo, hi) in enumerate(zip(active, symbols.tolist(), below.tolist(), upper)):
-            decoders[i].consume(lo, hi - lo)
+        for row, (i, sym) in enumerate(zip(active, symbols)):
+            if isinstance(sym, ValueError):
+                raise sym
             tokens[i].append(sym)
             if len(tokens[i]) < counts[i]:
                 keep.append(row)
             else:
                 decoders[i].finish()
-        if len(keep) < len(active):
-            index = torch.tensor(keep, dtype=torch.long, device=device)
-            cache.select(index)
-            symbols = symbols[index]
-            active = [active[r] for r in keep]
-        step_ids = symbols[:, None]
+        active = _keep_rows(cache, active, keep)
+        step_ids = torch.tensor([[tokens[i][-1]] for i in active], dtype=torch.long, device=device)
     for i, n in enumerate(counts):
         if n == 0:
             decoders[i].finish()
     return tokens
+
+
+def next_symbols(exact: ExactModel, logits: torch.Tensor, decoders: list[RangeDecoder]) -> list[int | ValueError]:
+    """Each row's next token, read by its range decoder under the exact frequencies of its logits
+    (B, V); the ValueError of a decoder that cannot follow its payload in its place."""
+    inclusive = torch.cumsum(frequencies(exact, logits), dim=-1)         # (B, V) int64, exact
+    targets, errors = [], {}
+    for row, (decoder, total) in enumerate(zip(decoders, inclusive[:, -1].tolist())):
+        try:
+            targets.append(decoder.target(total))
+        except ValueError as e:
+            targets.append(0)
+            errors[row] = e
+    target_t = torch.tensor(targets, dtype=torch.long, device=logits.device)[:, None]
+    symbols = torch.searchsorted(inclusive, target_t, right=True)        # first cum > target
+    upper = inclusive.gather(1, symbols)[:, 0].tolist()
+    below = torch.where(symbols > 0, inclusive.gather(1, (symbols - 1).clamp(min=0)), 0)[:, 0].tolist()
+    out: list[int | ValueError] = []
+    for row, (decoder, sym, lo, hi) in enumerate(zip(decoders, symbols[:, 0].tolist(), below, upper)):
+        if row not in errors:
+            try:
+                decoder.consume(lo, hi - lo)
+            except ValueError as e:
+                errors[row] = e
+        out.append(errors.get(row, sym))
+    return out
+
+
+def _keep_rows(cache: Cache, active: list[int], keep: list[int]) -> list[int]:
+    """Drop the cache rows not in `keep` (positions in `active`); the indices still active."""
+    if len(keep) < len(active):
+        cache.select(torch.tensor(keep, dtype=torch.long, device=cache.k[0].device))
+    return [active[r] for r in keep]

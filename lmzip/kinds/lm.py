@@ -101,11 +101,11 @@ def code(lm, pieces, prefix, done=None, threads: int | None = None) -> list[byte
         return encode_chunks(exact, [p.ids for p in pieces], prefix, threads=threads, done=done)
 
 
-def check(lm, pieces, payloads, prefix, sample, threads: int | None = None) -> set[int]:
-    """The indices in `sample` whose payload does not decode back to its piece's ids. The whole
-    sample is decoded in one batched call: a lone chunk decodes several times slower per token.
-    A payload the decoder cannot follow fails the batch's call; then each is decoded alone."""
-    from ..exact import decode_chunks
+def check(lm, pieces, payloads, prefix, sample, threads: int | None = None, resume=None, progress=None) -> set[int]:
+    """The indices in `sample` whose payload does not decode back to its piece's ids, all decoded in
+    batches (a lone chunk decodes several times slower per token). `resume` and `progress` are
+    check_chunks's, by piece index: where a rerun may start a row, and a callback to report it."""
+    from ..exact import check_chunks
     from ..precision import exact_float32
     from ..sharding import cpu_threads
 
@@ -113,17 +113,15 @@ def check(lm, pieces, payloads, prefix, sample, threads: int | None = None) -> s
     if not sample:
         return set()
     exact = exact_model(lm)
-    counts = [len(pieces[i].ids) for i in sample]
-    try:
-        with exact_float32():
-            back = decode_chunks(exact, [payloads[i] for i in sample], counts, prefix,
-                                 batch_size=decode_rows(len(prefix) + max(counts)),
-                                 threads=cpu_threads(exact.device) if threads is None else threads)
-    except ValueError:
-        if len(sample) == 1:
-            return set(sample)
-        return set().union(*(check(lm, pieces, payloads, prefix, [i], threads) for i in sample))
-    return {i for i, ids in zip(sample, back) if tuple(ids) != tuple(pieces[i].ids)}
+    chunks = [pieces[i].ids for i in sample]
+    starts = {j: resume[i] for j, i in enumerate(sample) if resume and i in resume}
+    report = (lambda j, tokens, digest: progress(sample[j], tokens, digest)) if progress else None
+    with exact_float32():
+        failed = check_chunks(exact, chunks, [payloads[i] for i in sample], prefix,
+                              batch_size=decode_rows(len(prefix) + max(map(len, chunks))),
+                              threads=cpu_threads(exact.device) if threads is None else threads,
+                              resume=starts, progress=report)
+    return {sample[j] for j in failed}
 
 
 def cores(lm) -> int:
@@ -145,7 +143,7 @@ def check_shards(lm, pieces, prefix, sample) -> list[list[int]]:
     return [[sample[j] for j in shard] for shard in deal(counts, min(cores(lm) - 1, batches))]
 
 
-def start_check(lm, pieces, payloads, prefix, sample, aside: bool = True):
+def start_check(lm, pieces, payloads, prefix, sample, aside: bool = True, resume=None, progress=None):
     """`check` of the sample while the caller codes other chunks on the other cores: in forked
     processes of one core (`check_shards`; a decoding step of a few rows costs little more than one
     of one row, and a core of its own keeps it from waiting on the coding). Here and now, on all
@@ -156,11 +154,12 @@ def start_check(lm, pieces, payloads, prefix, sample, aside: bool = True):
     exact_model(lm)  # made before the fork, so the children share it
     shards = check_shards(lm, pieces, prefix, list(sample)) if aside else []
     if not shards:
-        return Done(check(lm, pieces, payloads, prefix, sample))
+        return Done(check(lm, pieces, payloads, prefix, sample, resume=resume, progress=progress))
     started = []
     try:
         for shard in shards:
-            started.append(Forked(lambda shard=shard: check(lm, pieces, payloads, prefix, shard, threads=1)))
+            started.append(Forked(lambda shard=shard: check(lm, pieces, payloads, prefix, shard, threads=1,
+                                                            resume=resume, progress=progress)))
     except BaseException:  # a fork that failed: the others' work is not wanted
         AllOf(started).cancel()
         raise
