@@ -49,6 +49,13 @@ def journal_tokens(journal: Path) -> tuple[int, int]:
     return tokens, segments
 
 
+def check_states(journal: Path) -> str:
+    """The lm check's outcomes and states under way that a journal holds, for the report."""
+    done = sorted(p.stem for p in journal.glob("check.*.note"))
+    going = {p.stem: json.loads(p.read_bytes()).get("tokens") for p in journal.glob("checking.*.note")}
+    return f"; checks done: {done}, under way (tokens): {going}" if done or going else ""
+
+
 def run_for(cmd: list[str], seconds: float | None) -> tuple[float, bool]:
     """Run cmd; kill -9 it after `seconds` (None: let it finish). (wall seconds, finished)."""
     started = time.perf_counter()
@@ -87,7 +94,7 @@ def resume(args, work: Path) -> None:
     killed_at, finished = run_for(cmd, fresh * args.fraction)
     tokens, segments = journal_tokens(Path(f"{out}.journal"))
     print(f"killed with SIGKILL after {killed_at:.1f} s ({finished=}): the journal holds {segments} memory "
-          f"segments or lm chunks, {tokens} tokens", flush=True)
+          f"segments or lm chunks, {tokens} tokens{check_states(Path(f'{out}.journal'))}", flush=True)
     rerun, _ = run_for(cmd, None)
     decoded = work / "r.txt"
     subprocess.run(lmzip("decompress", str(out), "-o", str(decoded), "-f"), check=True)
