@@ -91,10 +91,14 @@ def checks(book: Journal, payloads: dict[int, bytes]) -> dict[int, bool]:
 
 def keep_check_states(book: Journal, payloads: dict[int, bytes]) -> Callable[[int, int, str], None]:
     """A `progress` callback for kinds.lm.check: it journals the state a checked chunk's decoding
-    reached (from the check's process, one note per chunk, replaced as it goes on)."""
+    reached (from the check's process, one note per chunk, replaced as it goes on). A note that
+    cannot be written (a full disk) costs only that point to resume from, not the run."""
     def keep(i: int, tokens: int, digest: str) -> None:
-        book.note(f"checking.{i}", {"payload_sha256": _payload_sha256(payloads[i]), "tokens": tokens,
-                                    "state_sha256": digest})
+        try:
+            book.note(f"checking.{i}", {"payload_sha256": _payload_sha256(payloads[i]), "tokens": tokens,
+                                        "state_sha256": digest})
+        except OSError:
+            pass
 
     return keep
 

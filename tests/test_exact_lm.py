@@ -413,8 +413,8 @@ def _steps_spy(monkeypatch):
         seen["steps"] += 1
         return real_next(*args)
 
-    def restore(exact, cache, chunks, prefix, start, *rest):
-        lost = real_restore(exact, cache, chunks, prefix, start, *rest)
+    def restore(exact, cache, states, chunks, prefix, start, *rest):
+        lost = real_restore(exact, cache, states, chunks, prefix, start, *rest)
         seen["restored"].append((start, len(chunks), len(lost)))
         return lost
 
@@ -436,13 +436,13 @@ def test_a_check_goes_on_from_a_reported_state(exact, monkeypatch):
     at = {(i, k): d for i, k, d in reports}
     resume = {0: (20, at[0, 20]), 1: (20, at[1, 20]), 3: (8, at[3, 8])}  # chunk 2 from its start
     seen = _steps_spy(monkeypatch)
-    assert check_chunks(exact, chunks, payloads, PREFIX, batch_size=3, resume=resume) == set()
+    assert check_chunks(exact, chunks, payloads, PREFIX, batch_size=3, every=4, resume=resume) == set()
     assert sorted(seen["restored"]) == [(8, 1, 0), (20, 2, 0)]  # every digest matched
     assert seen["steps"] == (40 - 20) + (25 - 8) + 9  # one batch each: rows at 20, at 8, from the start
 
     wrong_after = [list(c) for c in chunks]
     wrong_after[0][30] = (wrong_after[0][30] + 1) % 256
-    assert check_chunks(exact, wrong_after, payloads, PREFIX, batch_size=3, resume=resume) == {0}
+    assert check_chunks(exact, wrong_after, payloads, PREFIX, batch_size=3, every=4, resume=resume) == {0}
 
 
 def test_a_state_that_cannot_be_rebuilt_is_checked_from_its_start(exact, monkeypatch):
@@ -455,13 +455,36 @@ def test_a_state_that_cannot_be_rebuilt_is_checked_from_its_start(exact, monkeyp
     check_chunks(exact, chunks, payloads, PREFIX, batch_size=2, every=4, progress=lambda *a: reports.append(a))
     at = {(i, k): d for i, k, d in reports}
     seen = _steps_spy(monkeypatch)
-    assert check_chunks(exact, chunks, payloads, PREFIX, batch_size=2,
+    assert check_chunks(exact, chunks, payloads, PREFIX, batch_size=2, every=4,
                         resume={0: (20, "0" * 64), 1: (20, at[1, 20])}) == set()
     assert seen["restored"] == [(20, 2, 1)] and seen["steps"] == (33 - 20) + 40
 
-    wrong_before = [list(c) for c in chunks]
+    wrong_before = [list(c) for c in chunks]  # the replay and the digest each catch this one
     wrong_before[1][5] = (wrong_before[1][5] + 1) % 256
     seen["restored"].clear()
-    assert check_chunks(exact, wrong_before, payloads, PREFIX, batch_size=2,
+    assert check_chunks(exact, wrong_before, payloads, PREFIX, batch_size=2, every=4,
                         resume={0: (20, at[0, 20]), 1: (20, at[1, 20])}) == {1}
     assert seen["restored"] == [(20, 2, 1)]
+
+
+def test_a_state_rebuilt_in_many_passes_after_a_longer_prefix_has_its_digest(exact, monkeypatch):
+    """The rebuilding passes cut anywhere (here 2 positions each, the first within the prefix) give
+    the reported state; a resume point at or past a chunk's end is no point: from its start."""
+    from lmzip.exact import coding
+
+    prefix = (256, 5, 7)
+    chunks = [_ids(1, n, seed=s)[0].tolist() for s, n in enumerate((30, 21))]
+    payloads = encode_chunks(exact, chunks, prefix)
+    reports = []
+    check_chunks(exact, chunks, payloads, prefix, batch_size=2, every=4, progress=lambda *a: reports.append(a))
+    at = {(i, k): d for i, k, d in reports}
+    monkeypatch.setattr(coding, "RESTORE_POSITIONS", 2)  # 2 rows: 1 position a pass
+    seen = _steps_spy(monkeypatch)
+    assert check_chunks(exact, chunks, payloads, prefix, batch_size=2, every=4,
+                        resume={0: (12, at[0, 12]), 1: (12, at[1, 12])}) == set()
+    assert seen["restored"] == [(12, 2, 0)] and seen["steps"] == 30 - 12
+    seen["restored"].clear()
+    seen["steps"] = 0
+    assert check_chunks(exact, chunks, payloads, prefix, batch_size=2,
+                        resume={0: (30, at[0, 28]), 1: (25, at[1, 20])}) == set()
+    assert seen["restored"] == [] and seen["steps"] == 30

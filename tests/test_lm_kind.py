@@ -196,6 +196,38 @@ def test_a_check_process_that_dies_costs_its_time_not_the_run(codec, two_cores, 
     assert codec.decode(blob, model=TINY_MODEL) == text
 
 
+@forking
+def test_a_killed_check_process_leaves_its_states_to_the_check_here(codec, two_cores, monkeypatch, tmp_path):
+    """A check process journals its rows' states as it goes; killed, the check run here after the
+    coding goes on from them, and the archive is the one a run without the kill makes."""
+    import os
+    import signal
+
+    import lmzip.exact
+    from lmzip.exact import coding
+
+    text, parent, resumed = TEXT[:60] * 12, os.getpid(), []
+    monkeypatch.setattr(coding, "CHECK_NOTE_STEPS", 2)
+    fresh = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4)
+    real = lmzip.exact.check_chunks
+
+    def killed_after_a_report(exact, chunks, payloads, prefix, progress=None, **kw):
+        if os.getpid() == parent:
+            resumed.append(kw["resume"])
+            return real(exact, chunks, payloads, prefix, progress=progress, **kw)
+
+        def report_then_die(*args):
+            progress(*args)
+            os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would
+
+        return real(exact, chunks, payloads, prefix, progress=report_then_die, **kw)
+
+    monkeypatch.setattr(lmzip.exact, "check_chunks", killed_after_a_report)
+    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4, journal=tmp_path / "j")
+    assert blob == fresh and len(resumed) == 1
+    assert [tokens for tokens, _ in resumed[0].values()] == [2]  # the report the process made
+
+
 def test_a_sampled_chunk_the_decoder_cannot_follow_fails_alone(codec, monkeypatch):
     """A payload whose range decoder stops in an error fails its own row; the batch goes on."""
     import lmzip.exact

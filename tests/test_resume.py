@@ -284,6 +284,24 @@ def _rerun_goes_on_with_the_check(codec, tmp_path, monkeypatch, coding):
     assert [{j: tokens for j, (tokens, _) in r.items()} for r, _ in resumed] == [{0: 8}]
 
 
+def test_a_check_state_that_cannot_be_journaled_costs_only_that_state(tmp_path, monkeypatch):
+    from lmzip import lm_journal
+    from lmzip.journal import Journal
+
+    book = Journal(tmp_path / "j", {"input": "x"})
+    book.open()
+    keep = lm_journal.keep_check_states(book, {3: b"payload"})
+    keep(3, 128, "0" * 64)
+    assert lm_journal.check_states(book, {3: b"payload"}) == {3: (128, "0" * 64)}
+    assert lm_journal.check_states(book, {3: b"other"}) == {}
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(book, "note", full)
+    keep(3, 256, "1" * 64)  # no error
+
+
 def test_two_workers_fit_and_the_archive_is_in_order(codec):
     text = TEXT * 2
     blob = codec.encode(text, workers=2, **OPTIONS)

@@ -113,8 +113,8 @@ def decode_chunks(exact: ExactModel, payloads: Sequence[bytes], token_counts: Se
 
 
 CHECK_NOTE_STEPS = 128  # a check reports each row's state every this many tokens
-RESTORE_POSITIONS = 2048  # rows x positions per whole-sequence pass that rebuilds a check's cache
-# (its logits are 4 * V bytes a position: 400 MB at that)
+RESTORE_POSITIONS = 512  # rows x positions per whole-sequence pass that rebuilds a check's cache
+# (its logits take 4 * V bytes a position: 100 MB on the embedded model)
 
 
 def check_chunks(exact: ExactModel, chunks: Sequence[Sequence[int]], payloads: Sequence[bytes],
@@ -124,8 +124,8 @@ def check_chunks(exact: ExactModel, chunks: Sequence[Sequence[int]], payloads: S
     """The indices of the chunks whose payload does not decode back to them, decoded as
     decode_chunks does (the same steps, `next_symbols`); a row stops at its first wrong token.
 
-    Every `every` (CHECK_NOTE_STEPS) tokens, `progress(index, tokens, digest)` reports a row's state: the digest of
-    its key/value cache and range decoder after that many tokens. `resume` holds such reports:
+    Every `every` (CHECK_NOTE_STEPS) tokens, `progress(index, tokens, digest)` reports a row's
+    state: the digest of its key/value cache and range decoder after that many tokens. `resume` holds such reports:
     a row starts there, its cache rebuilt by whole-sequence passes over its first tokens and its
     decoder replayed over them; only if the rebuilt state has the reported digest, which makes
     the rest of the check the one the reporting run would have made, else from its start.
@@ -133,6 +133,8 @@ def check_chunks(exact: ExactModel, chunks: Sequence[Sequence[int]], payloads: S
     prefix = tuple(int(t) for t in prefix)
     if len(payloads) != len(chunks):
         raise ValueError("one payload per chunk")
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
     _check_lengths(exact, prefix, [len(c) for c in chunks], positions)
     resume, every = resume or {}, every or CHECK_NOTE_STEPS
     starts = [resume[i][0] if i in resume and 0 < resume[i][0] < len(chunks[i]) else 0 for i in range(len(chunks))]
@@ -155,13 +157,30 @@ def check_chunks(exact: ExactModel, chunks: Sequence[Sequence[int]], payloads: S
     return {i for i, bad in enumerate(map_shards_forked(shard, shards, len(chunks))) if bad}
 
 
-def state_digest(cache: Cache, row: int, decoder: RangeDecoder) -> str:
-    """SHA-256 of one row's decoding state: its range decoder and every cached key and value."""
-    h = hashlib.sha256(repr((cache.length, decoder.pos, decoder.code, decoder.width, decoder.low)).encode())
-    for store in (cache.k, cache.v, cache.k_scale, cache.v_scale):
-        for t in store:
-            h.update(t[row, :, :cache.length].contiguous().cpu().numpy())
-    return h.hexdigest()
+class StateDigests:
+    """Each row's digest of its decoding state. The cached keys and values go into a running hash,
+    extended at each report by the positions cached since the last one (hashing the whole cache
+    each time would cost its length at every report); a report adds the range decoder's state."""
+
+    def __init__(self, rows: int):
+        self.chains, self.hashed = [b""] * rows, 0
+
+    def extend(self, cache: Cache, length: int) -> None:
+        """Hash each row's positions [self.hashed, length) of every layer's keys, values and steps."""
+        for row, chain in enumerate(self.chains):
+            h = hashlib.sha256(chain)
+            for store in (cache.k, cache.v, cache.k_scale, cache.v_scale):
+                for t in store:
+                    h.update(t[row, :, self.hashed:length].contiguous().cpu().numpy())
+            self.chains[row] = h.digest()
+        self.hashed = length
+
+    def select(self, keep: list[int]) -> None:
+        self.chains = [self.chains[r] for r in keep]
+
+    def of(self, row: int, decoder: RangeDecoder) -> str:
+        state = repr((self.hashed, decoder.pos, decoder.code, decoder.width, decoder.low)).encode()
+        return hashlib.sha256(self.chains[row] + state).hexdigest()
 
 
 def _check_batch(exact: ExactModel, chunks, payloads, prefix: tuple[int, ...], rows: list[int], start: int,
@@ -175,11 +194,14 @@ def _check_batch(exact: ExactModel, chunks, payloads, prefix: tuple[int, ...], r
     if not active:
         return outcome
     cache = Cache(exact.shape, len(active), len(prefix) + max(len(chunks[i]) for i in active), device)
+    states = StateDigests(len(active))
     if start:
-        lost = set(_restore(exact, cache, [chunks[i] for i in active], prefix, start,
-                            [decoders[i] for i in active], [digests[i] for i in active]))
+        lost = set(_restore(exact, cache, states, [chunks[i] for i in active], prefix, start,
+                            [decoders[i] for i in active], [digests[i] for i in active], every))
         outcome.update((active[r], None) for r in lost)
-        active = _keep_rows(cache, active, [r for r in range(len(active)) if r not in lost])
+        keep = [r for r in range(len(active)) if r not in lost]
+        active = _keep_rows(cache, active, keep)
+        states.select(keep)
         ids = [[chunks[i][start - 1]] for i in active]
     else:
         ids = [list(prefix)] * len(active)
@@ -197,9 +219,11 @@ def _check_batch(exact: ExactModel, chunks, payloads, prefix: tuple[int, ...], r
             else:
                 keep.append(row)
         active = _keep_rows(cache, active, keep)
+        states.select(keep)
         if progress and active and done % every == 0:
+            states.extend(cache, cache.length)
             for row, i in enumerate(active):
-                progress(i, done, state_digest(cache, row, decoders[i]))
+                progress(i, done, states.of(row, decoders[i]))
         ids = [[chunks[i][done - 1]] for i in active]
     return outcome
 
@@ -212,12 +236,13 @@ def _finishes(decoder: RangeDecoder) -> bool:
     return True
 
 
-def _restore(exact: ExactModel, cache: Cache, chunks, prefix: tuple[int, ...], start: int,
-             decoders: list[RangeDecoder], digests: list[str]) -> list[int]:
+def _restore(exact: ExactModel, cache: Cache, states: StateDigests, chunks, prefix: tuple[int, ...], start: int,
+             decoders: list[RangeDecoder], digests: list[str], every: int) -> list[int]:
     """Fill the empty `cache` with the prefix and each row's first start - 1 tokens, in
     whole-sequence passes (the exact arithmetic makes them equal to decoding steps), and replay
     each row's decoder over its first `start` tokens under their logits: the state of a decoding
-    loop that has just read token start - 1. The rows whose state differs from their digest."""
+    loop that has just read token start - 1, its `states` hashed as that loop's reports did. The
+    rows whose state differs from their digest."""
     ids = torch.tensor([list(prefix) + list(c[:start - 1]) for c in chunks], dtype=torch.long, device=exact.device)
     span = max(1, RESTORE_POSITIONS // len(chunks))
     wrong = set()
@@ -240,7 +265,9 @@ def _restore(exact: ExactModel, cache: Cache, chunks, prefix: tuple[int, ...], s
                 except ValueError:
                     wrong.add(row)
                     break
-    return [r for r in range(len(chunks)) if r in wrong or state_digest(cache, r, decoders[r]) != digests[r]]
+    for reported in range(every, start + 1, every):
+        states.extend(cache, len(prefix) + reported - 1)
+    return [r for r in range(len(chunks)) if r in wrong or states.of(r, decoders[r]) != digests[r]]
 
 
 def _decode_shard(exact: ExactModel, payloads, counts, prefix, batch_size: int) -> list[list[int]]:
