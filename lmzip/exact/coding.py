@@ -124,11 +124,11 @@ def check_chunks(exact: ExactModel, chunks: Sequence[Sequence[int]], payloads: S
     """The indices of the chunks whose payload does not decode back to them, decoded as
     decode_chunks does (the same steps, `next_symbols`); a row stops at its first wrong token.
 
-    Every `every` (CHECK_NOTE_STEPS) tokens, `progress(index, tokens, digest)` reports a row's
-    state: the digest of its key/value cache and range decoder after that many tokens. `resume` holds such reports:
-    a row starts there, its cache rebuilt by whole-sequence passes over its first tokens and its
-    decoder replayed over them; only if the rebuilt state has the reported digest, which makes
-    the rest of the check the one the reporting run would have made, else from its start.
+    Every `every` (default CHECK_NOTE_STEPS) tokens, `progress(index, tokens, digest)` reports a
+    row's state: a digest of its key/value cache and range decoder. `resume` maps an index to such
+    a report: that row's cache is rebuilt by whole-sequence passes, its decoder replayed over its
+    first tokens, and it goes on from there if the rebuilt state has the reported digest (the rest
+    of the check is then the one the reporting run would have made); else it starts over.
     """
     prefix = tuple(int(t) for t in prefix)
     if len(payloads) != len(chunks):
