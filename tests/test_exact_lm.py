@@ -236,19 +236,25 @@ def test_round_trip_over_batch_sizes(lm, exact, tmp_path):
     assert str(os.getpid()) in pids and len(pids) == 2 and {n for _, _, n in seen} == {"1"}
 
 
+def _damaged(payloads: list[bytes], trial: int) -> list[bytes]:
+    """Payload trial % 3 with a bit flipped in its middle (trials 0-2) or bytes after its end (3-5)."""
+    damaged = list(payloads)
+    p = bytearray(damaged[trial % 3])
+    if trial < 3:
+        p[len(p) // 2] ^= 0x10
+    else:
+        p += b"\x07\x00\x01"
+    damaged[trial % 3] = bytes(p)
+    return damaged
+
+
 def test_damaged_payloads_raise_value_error_or_decode_wrongly(exact):
     chunks = [_ids(1, 40, seed=s)[0].tolist() for s in range(3)]
     payloads = encode_chunks(exact, chunks, PREFIX)
     counts = [len(c) for c in chunks]
     outcomes = []
     for trial in range(6):
-        damaged = list(payloads)
-        p = bytearray(damaged[trial % 3])
-        if trial < 3:
-            p[len(p) // 2] ^= 0x10
-        else:
-            p += b"\x07\x00\x01"
-        damaged[trial % 3] = bytes(p)
+        damaged = _damaged(payloads, trial)
         try:
             outcomes.append(decode_chunks(exact, damaged, counts, PREFIX, batch_size=3) == chunks)
         except ValueError:
@@ -389,14 +395,7 @@ def test_the_check_fails_each_damaged_payload_alone(exact):
     payloads = encode_chunks(exact, chunks, PREFIX)
     assert check_chunks(exact, chunks, payloads, PREFIX, batch_size=3) == set()
     for trial in range(6):
-        damaged = list(payloads)
-        p = bytearray(damaged[trial % 3])
-        if trial < 3:
-            p[len(p) // 2] ^= 0x10
-        else:
-            p += b"\x07\x00\x01"
-        damaged[trial % 3] = bytes(p)
-        assert check_chunks(exact, chunks, damaged, PREFIX, batch_size=3) == {trial % 3}
+        assert check_chunks(exact, chunks, _damaged(payloads, trial), PREFIX, batch_size=3) == {trial % 3}
     other = [list(c) for c in chunks]
     other[1][-1] = (other[1][-1] + 1) % 256
     assert check_chunks(exact, other, payloads, PREFIX, batch_size=2, threads=2) == {1}
