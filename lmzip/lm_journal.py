@@ -80,13 +80,8 @@ def keep_checks(book: Journal, payloads: dict[int, bytes], failed: set[int], sam
 
 def checks(book: Journal, payloads: dict[int, bytes]) -> dict[int, bool]:
     """The journaled check outcomes, by chunk index, of the payloads the journal holds."""
-    found = {}
-    for name, record in book.notes().items():
-        kind, _, index = name.partition(".")
-        if (kind == "check" and index.isdigit() and int(index) in payloads and isinstance(record.get("ok"), bool)
-                and record.get("payload_sha256") == _payload_sha256(payloads[int(index)])):
-            found[int(index)] = record["ok"]
-    return found
+    return {i: record["ok"] for i, record in _notes_of(book, "check", payloads).items()
+            if isinstance(record.get("ok"), bool)}
 
 
 def keep_check_states(book: Journal, payloads: dict[int, bytes]) -> Callable[[int, int, str], None]:
@@ -106,12 +101,17 @@ def keep_check_states(book: Journal, payloads: dict[int, bytes]) -> Callable[[in
 def check_states(book: Journal, payloads: dict[int, bytes]) -> dict[int, tuple[int, str]]:
     """The journaled states of checks under way, by chunk index: (tokens, digest), for kinds.lm.check's
     `resume`, of the payloads the journal holds."""
+    notes = _notes_of(book, "checking", payloads)
+    return {i: (r["tokens"], r["state_sha256"]) for i, r in notes.items()
+            if type(r.get("tokens")) is int and r["tokens"] > 0 and isinstance(r.get("state_sha256"), str)}
+
+
+def _notes_of(book: Journal, kind: str, payloads: dict[int, bytes]) -> dict[int, dict]:
+    """The `kind.N` notes, by chunk index N, that name the payload the journal holds for chunk N."""
     found = {}
     for name, record in book.notes().items():
-        kind, _, index = name.partition(".")
-        tokens, digest = record.get("tokens"), record.get("state_sha256")
-        if (kind == "checking" and index.isdigit() and int(index) in payloads
-                and record.get("payload_sha256") == _payload_sha256(payloads[int(index)])
-                and type(tokens) is int and tokens > 0 and isinstance(digest, str)):
-            found[int(index)] = (tokens, digest)
+        prefix, _, index = name.partition(".")
+        if (prefix == kind and index.isdigit() and int(index) in payloads
+                and record.get("payload_sha256") == _payload_sha256(payloads[int(index)])):
+            found[int(index)] = record
     return found

@@ -302,6 +302,24 @@ def test_a_check_state_that_cannot_be_journaled_costs_only_that_state(tmp_path, 
     keep(3, 256, "1" * 64)  # no error
 
 
+def test_a_check_note_of_another_shape_is_not_taken_up(tmp_path):
+    """A damaged or hand-edited note is ignored (that work is done again), never an error mid-run."""
+    from lmzip import lm_journal
+    from lmzip.journal import Journal
+
+    book = Journal(tmp_path / "j", {"input": "x"})
+    book.open()
+    payloads = {i: b"payload" for i in range(5)}
+    sha = lm_journal._payload_sha256(b"payload")
+    for i, tokens, digest in [(0, "128", "0" * 64), (1, 0, "0" * 64), (2, -128, "0" * 64), (3, 128, None),
+                              (4, 128, "0" * 64)]:
+        book.note(f"checking.{i}", {"payload_sha256": sha, "tokens": tokens, "state_sha256": digest})
+    assert lm_journal.check_states(book, payloads) == {4: (128, "0" * 64)}
+    book.note("check.0", {"payload_sha256": sha, "ok": "false"})
+    book.note("check.1", {"payload_sha256": sha, "ok": False})
+    assert lm_journal.checks(book, payloads) == {1: False}
+
+
 def test_two_workers_fit_and_the_archive_is_in_order(codec):
     text = TEXT * 2
     blob = codec.encode(text, workers=2, **OPTIONS)
