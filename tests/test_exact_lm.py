@@ -179,7 +179,7 @@ def test_instruction_sets_do_not_matter(exact):
         assert result["worst_ok"], f"int8 GEMM not exact under {env_extra}"
         assert result["fingerprint"] == exact.fingerprint.hex(), env_extra
         assert result["freq"] == here, env_extra
-        assert result["kernels"] == {k: [here, steps_here] for k in ("int8", "float32", "onednn")}, env_extra
+        assert result["kernels"] == {k: [here, steps_here] for k in ("int8", "float32", "onednn", "onednn-int8")}, env_extra
         assert result["steps"] == steps_here, env_extra
         seen[json.dumps(env_extra)] = result["capability"]
     assert seen[json.dumps({"ATEN_CPU_CAPABILITY": "default"})] == "DEFAULT"  # the setting took effect

@@ -12,7 +12,7 @@ from lmzip.exact import matmul as M
 from lmzip.exact.model import ExactModel
 from lmzip.models import load_model
 
-FLOAT_KERNELS = [k for k in M.kernels("cpu") if k in M.FLOAT_KERNELS]
+PREPARED_KERNELS = [k for k in M.kernels("cpu") if k in M.PREPARED_KERNELS]
 
 
 def _exact_sum(x, w):
@@ -20,8 +20,8 @@ def _exact_sum(x, w):
 
 
 def test_onednn_is_offered_by_this_torch():
-    # the wheels pinned for CI carry oneDNN; without it the float kernels test one kernel only
-    assert M.ONEDNN in M.kernels("cpu")
+    # the wheels pinned for CI carry oneDNN; without it these tests cover the float32 kernel only
+    assert M.ONEDNN in M.kernels("cpu") and M.ONEDNN_INT8 in M.kernels("cpu")
 
 
 # 2097 products of 8001 make an odd sum above 2**24, which no float32 sum can hold: it fails
@@ -29,26 +29,27 @@ def test_onednn_is_offered_by_this_torch():
 LIMIT_KS = [M.FLOAT_K_BLOCK, (1 << 24) // (M.ACT_LIMIT * M.WEIGHT_LIMIT) + 1, 3 * M.FLOAT_K_BLOCK + 5]
 
 
-@pytest.mark.parametrize("kernel", FLOAT_KERNELS)
+@pytest.mark.parametrize("kernel", PREPARED_KERNELS)
 @pytest.mark.parametrize("k", LIMIT_KS)
-@pytest.mark.parametrize("sign", [1, -1])
-def test_float_products_are_exact_at_the_limits(kernel, k, sign):
-    """Every product at its largest, one sign: the partial sums that would round first."""
-    x = torch.full((5, k), sign * M.ACT_LIMIT, dtype=torch.int8)
-    w = torch.full((k, 24), M.WEIGHT_LIMIT, dtype=torch.int8)
-    y = M.int_matmul(x, w, M.FloatWeight.of(w, kernel))
-    assert y.dtype.is_floating_point  # the float path ran
+@pytest.mark.parametrize("signs", [(1, 1), (-1, 1), (1, -1)])
+def test_prepared_products_are_exact_at_the_limits(kernel, k, signs):
+    """Every product at its largest, one sign: the partial sums that would round first, and
+    (x = 127, shifted to 255 for oneDNN's int8) the pairs that would saturate 16-bit lanes."""
+    x = torch.full((5, k), signs[0] * M.ACT_LIMIT, dtype=torch.int8)
+    w = torch.full((k, 24), signs[1] * M.WEIGHT_LIMIT, dtype=torch.int8)
+    y = M.int_matmul(x, w, M.prepare(w, kernel))
+    assert y.dtype.is_floating_point  # the prepared kernel ran
     assert torch.equal(y.long(), _exact_sum(x, w))
 
 
-@pytest.mark.parametrize("kernel", FLOAT_KERNELS)
-def test_float_products_equal_int8_kernel_products(kernel):
+@pytest.mark.parametrize("kernel", PREPARED_KERNELS)
+def test_prepared_products_equal_int8_kernel_products(kernel):
     g = torch.Generator().manual_seed(1)
     for k in (1, 576, 1536, 2049):
         for m in (1, 2, 9, 70):  # one row takes the plain blocks; oneDNN packs for 64 rows, any count works
             x = torch.randint(-M.ACT_LIMIT, M.ACT_LIMIT + 1, (m, k), generator=g, dtype=torch.int8)
             w = torch.randint(-M.WEIGHT_LIMIT, M.WEIGHT_LIMIT + 1, (k, 40), generator=g, dtype=torch.int8)
-            assert torch.equal(M.int_matmul(x, w, M.FloatWeight.of(w, kernel)).long(),
+            assert torch.equal(M.int_matmul(x, w, M.prepare(w, kernel)).long(),
                                M.int_matmul(x, w).long()), (k, m)
 
 
@@ -76,46 +77,56 @@ def test_the_kernel_choice_is_made_once_per_process():
     assert M.fastest_kernel("cuda") == M.INT8  # GPUs run int8 at full speed
 
 
-def test_a_kernel_that_gives_other_integers_is_never_chosen(monkeypatch):
-    real = M._product
-    monkeypatch.setattr(M, "_product", lambda x, block, packed: real(x, block, packed) + packed)
+@pytest.mark.parametrize("wrong", [M.ONEDNN, M.ONEDNN_INT8])
+def test_a_kernel_that_gives_other_integers_is_never_chosen(monkeypatch, wrong):
+    real, real_int8 = M._product, M.OnednnInt8Weight._product
+    if wrong == M.ONEDNN:
+        monkeypatch.setattr(M, "_product", lambda x, block, packed: real(x, block, packed) + packed)
+    else:
+        monkeypatch.setattr(M.OnednnInt8Weight, "_product", lambda self, x, block: real_int8(self, x, block) + 1)
     monkeypatch.setattr(M, "_seconds", lambda run: 0.0 if run.__name__ == "fast" else 1.0)
     probe = M._probe_run
-    monkeypatch.setattr(M, "_probe_run", lambda x, w, kernel: _named(probe(x, w, kernel),
-                                                                     "fast" if kernel == M.ONEDNN else "slow"))
+    monkeypatch.setattr(M, "_probe_run", lambda x, ws, kernel: _named(probe(x, ws, kernel),
+                                                                      "fast" if kernel == wrong else "slow"))
     M.fastest_kernel.cache_clear()
     try:
-        assert M.fastest_kernel("cpu") != M.ONEDNN  # the fastest, but off by one
+        assert M.fastest_kernel("cpu") != wrong  # the fastest, but off by one
     finally:
         M.fastest_kernel.cache_clear()
 
 
-@pytest.mark.parametrize("first", [M.INT8, M.FLOAT32, M.ONEDNN])
-def test_the_float_kernels_are_compared_at_a_large_product(monkeypatch, first):
-    if M.ONEDNN not in M.kernels("cpu"):
-        pytest.skip("no oneDNN in this torch")
+@pytest.mark.parametrize("small, large, chosen", [
+    ({M.INT8: 1, M.FLOAT32: 35, M.ONEDNN: 30, M.ONEDNN_INT8: 20}, None, M.INT8),  # no contender
+    ({M.INT8: 35, M.FLOAT32: 2.5, M.ONEDNN: 1.2, M.ONEDNN_INT8: 1.0}, {M.ONEDNN: 2, M.ONEDNN_INT8: 3}, M.ONEDNN),
+    ({M.INT8: 35, M.FLOAT32: 3, M.ONEDNN: 1.2, M.ONEDNN_INT8: 1.0}, {M.ONEDNN: 3, M.ONEDNN_INT8: 2}, M.ONEDNN_INT8),
+    ({M.FLOAT32: 1.0}, None, M.FLOAT32),  # the others failed their probe
+    ({}, None, M.INT8),  # every probe failed: int8 is still exact
+])
+def test_the_kernels_close_at_a_small_product_are_compared_at_large_ones(monkeypatch, small, large, chosen):
     asked = []
 
-    def fastest(candidates, shape, default):
-        asked.append((candidates, shape))
-        return first if shape == M.PROBE_SHAPE else M.ONEDNN
+    def times(candidates, shape, rounds=4, weights=1):
+        asked.append((sorted(candidates), shape, weights))
+        return {k: v for k, v in (small if shape == M.PROBE_SHAPE else large).items() if k in candidates}
 
-    monkeypatch.setattr(M, "_fastest", fastest)
+    monkeypatch.setattr(M, "kernels", lambda device_type: list(M.PREPARED_KERNELS) + [M.INT8])
+    monkeypatch.setattr(M, "_times", times)
     M.fastest_kernel.cache_clear()
     try:
-        chosen = M.fastest_kernel("cpu")
+        assert M.fastest_kernel("cpu") == chosen
     finally:
         M.fastest_kernel.cache_clear()
-    if first == M.INT8:
-        assert chosen == M.INT8 and asked == [(M.kernels("cpu"), M.PROBE_SHAPE)]
-    else:
-        assert chosen == M.ONEDNN and asked[1] == ([M.FLOAT32, M.ONEDNN], M.FLOAT_PROBE_SHAPE)
+    assert asked[0] == (sorted(M.PREPARED_KERNELS + (M.INT8,)), M.PROBE_SHAPE, 1)
+    if large is None:
+        assert len(asked) == 1
+    else:  # only the kernels within CONTENDER_RATIO of the fastest, over weights out of the cache
+        assert asked[1:] == [(sorted(large), M.LARGE_PROBE_SHAPE, M.LARGE_PROBE_WEIGHTS)]
 
 
 def test_kernels_take_turns_in_the_timing(monkeypatch):
     order = []
     probe = M._probe_run
-    monkeypatch.setattr(M, "_probe_run", lambda x, w, kernel: _named(probe(x, w, kernel), kernel))
+    monkeypatch.setattr(M, "_probe_run", lambda x, ws, kernel: _named(probe(x, ws, kernel), kernel))
     monkeypatch.setattr(M, "_seconds", lambda run: order.append(run.__name__) or 1.0)
     assert M._fastest([M.FLOAT32, M.ONEDNN], (2, 8, 4), M.INT8, rounds=3) == M.FLOAT32  # a tie: the first
     assert order == [M.FLOAT32, M.ONEDNN] * 3
@@ -142,18 +153,21 @@ def _frequencies_digest(exact, kernel):
 
 def test_every_kernel_gives_the_same_frequencies(exact, monkeypatch):
     calls = []
-    real = M._product
+    real, real_int8 = M._product, M.OnednnInt8Weight._product
     monkeypatch.setattr(M, "_product", lambda x, block, packed: calls.append(packed) or real(x, block, packed))
+    monkeypatch.setattr(M.OnednnInt8Weight, "_product",
+                        lambda self, x, block: calls.append("u8") or real_int8(self, x, block))
     chosen = exact.weight_kernel
     linears = 11 * (4 * len(exact.layers) + 1)  # every Linear of the 11 passes
+    expected = {M.FLOAT32: False, M.ONEDNN: True, M.ONEDNN_INT8: "u8"}
     try:
         reference = _frequencies_digest(exact, M.INT8)
         assert not calls
-        for kernel in FLOAT_KERNELS:
+        for kernel in PREPARED_KERNELS:
             calls.clear()
             assert _frequencies_digest(exact, kernel) == reference, kernel
             # the 3 rows of each pass take oneDNN's packed weights, where the kernel is onednn
-            assert calls == [kernel == M.ONEDNN] * linears
+            assert calls == [expected[kernel]] * linears
     finally:
         exact.use_kernel(chosen)
 
@@ -163,11 +177,11 @@ def test_float_weights_are_the_int8_weights(exact):
     try:
         exact.use_kernel(M.FLOAT32)
         for lin in exact.linears():
-            (block,) = lin.float_weight.blocks
+            (block,) = lin.prepared.blocks
             assert block.dtype == torch.float32 and torch.equal(block, lin.weight.float())
-            assert lin.float_weight.packed == ()
+            assert lin.prepared.packed == ()
         exact.use_kernel(M.INT8)
-        assert all(lin.float_weight is None for lin in exact.linears())
+        assert all(lin.prepared is None for lin in exact.linears())
         assert exact.weight_kernel == M.INT8
     finally:
         exact.use_kernel(chosen)
@@ -194,17 +208,18 @@ def test_exact_arithmetic_refuses_tf32_by_the_legacy_setting():
         torch.set_float32_matmul_precision("highest")
 
 
-def test_a_kernel_that_fails_is_skipped(monkeypatch):
+@pytest.mark.parametrize("failing", [M.ONEDNN, M.ONEDNN_INT8])
+def test_a_kernel_that_fails_is_skipped(monkeypatch, failing):
     probe = M._probe_run
 
-    def run(x, w, kernel):
-        if kernel == M.ONEDNN:
+    def run(x, ws, kernel):
+        if kernel == failing:
             raise RuntimeError("no such kernel here")
-        return probe(x, w, kernel)
+        return probe(x, ws, kernel)
 
     monkeypatch.setattr(M, "_probe_run", run)
     M.fastest_kernel.cache_clear()
     try:
-        assert M.fastest_kernel("cpu") in (M.INT8, M.FLOAT32)
+        assert M.fastest_kernel("cpu") != failing
     finally:
         M.fastest_kernel.cache_clear()

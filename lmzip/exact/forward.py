@@ -82,7 +82,7 @@ def quantize_rows(t: torch.Tensor, step_dtype=torch.float64) -> tuple[torch.Tens
 def linear(q: torch.Tensor, step: torch.Tensor, lin: IntLinear) -> torch.Tensor:
     """int8 (..., K) with float64 steps (...) -> float32 (..., N) = (Y * w_scale) * step, Y exact
     (int32 or integer-valued float: the same value, so the same float64 product)."""
-    y = int_matmul(q.reshape(-1, q.shape[-1]), lin.weight, lin.float_weight)  # exact integers
+    y = int_matmul(q.reshape(-1, q.shape[-1]), lin.weight, lin.prepared)  # exact integers
     steps = step.reshape(-1, 1)
     out = torch.empty(y.shape, dtype=torch.float32, device=y.device)
     rows = max(1, SCALE_ELEMENTS // y.shape[1])  # float64 temporaries small enough to stay in cache

@@ -2,13 +2,17 @@
 
 `torch._int_mm` sums int8 products in int32. Where the CPU has no int8 dot-product
 instructions (AVX2 without VNNI), PyTorch runs it as a reference loop, about 35
-times slower than a float32 GEMM. Since weights stay within ±63 and activations
-within ±127, a float32 GEMM of the same integers is exact as well: no partial sum
-of at most FLOAT_K_BLOCK products can reach 2**24, so no order of addition rounds.
-Two float32 GEMMs are on offer: torch's matmul (MKL on x86) and oneDNN's, with the
-weights packed once in its own layout (two to three times faster than MKL at the
-few rows of a decoding step on AVX2; it keeps MKL for a single row). All kernels
-give the same integers, so the choice (timed once per process) is speed only.
+times slower than a float32 GEMM. The other kernels take the weights prepared once:
+- float32 GEMMs of float32 copies (torch's matmul, MKL on x86; or oneDNN's over copies
+  packed in its layout). Since weights stay within ±63 and activations within ±127,
+  no partial sum of at most FLOAT_K_BLOCK products can reach 2**24, so no order of
+  addition rounds.
+- oneDNN's u8 x s8 linear (the quantized kernel torch's inductor uses) over int8 weights
+  packed once: activations shifted to u8 by a zero point of 128, int32 sums, written out
+  as float32, exact for a block of FLOAT_K_BLOCK inputs. Without VNNI it adds pairs of
+  products in saturating 16-bit lanes, which 255 * 63 * 2 cannot reach. It reads a quarter
+  of the float32 copies' bytes: about twice their speed on AVX2 from a few rows up.
+All kernels give the same integers, so the choice (timed once per process) is speed only.
 """
 
 from __future__ import annotations
@@ -23,14 +27,21 @@ WEIGHT_LIMIT = 63       # |int weight| <= 63 (model.py says why 63)
 ACT_LIMIT = 127         # |int activation| <= 127
 FLOAT_K_BLOCK = 2048    # float32 sums of this many products stay exact
 PROBE_SHAPE = (16, 576, 1536)  # rows, inputs, outputs: a decoding step's MLP, roughly
-# float32 against oneDNN is closer, and decided at a product too large for the cache, as a
-# decoding step's are (a quarter of the head); at PROBE_SHAPE the two are within the noise
-FLOAT_PROBE_SHAPE = (10, 576, 12288)
+# the kernels close at PROBE_SHAPE are compared over LARGE_PROBE_WEIGHTS weights of a decoding
+# step's shape, more bytes than a core's caches hold, as a step reads all the model's weights:
+# there the bytes a kernel reads weigh as they do in use (oneDNN's int8 reads a quarter of
+# float32's); at PROBE_SHAPE, with its weight in the cache, float32 and oneDNN are within the noise
+LARGE_PROBE_SHAPE = (10, 576, 3072)
+LARGE_PROBE_WEIGHTS = 16  # 113 MB as float32
 PACK_ROWS = 64          # the row count oneDNN lays packed weights out for (any count works)
 INT8 = "int8"           # torch._int_mm
 FLOAT32 = "float32"     # torch.matmul of float32 copies
 ONEDNN = "onednn"       # oneDNN's float32 linear over packed copies (torch.matmul for one row)
+ONEDNN_INT8 = "onednn-int8"  # oneDNN's u8 x s8 linear over packed int8 copies
 FLOAT_KERNELS = (FLOAT32, ONEDNN)
+PREPARED_KERNELS = FLOAT_KERNELS + (ONEDNN_INT8,)  # weights held in another form, made once
+CONTENDER_RATIO = 2.0   # kernels within this factor of the fastest at PROBE_SHAPE are timed again larger
+ZERO_POINT = 128        # int8 activation + 128 = the u8 oneDNN's int8 linear takes
 
 assert FLOAT_K_BLOCK * WEIGHT_LIMIT * ACT_LIMIT < 1 << 24, "float32 sums of int8 products must stay exact"
 
@@ -53,16 +64,56 @@ class FloatWeight:
         return cls(blocks, packed)
 
     def times(self, x: torch.Tensor) -> torch.Tensor:
-        """Integer-valued float32 x (M, K), |x| <= 127, times the weight, exactly: float32
+        """Integer-valued x (M, K), |x| <= 127, times the weight, exactly: float32
         (float64 where K needs more than one block, the block sums being integers)."""
         packed = bool(self.packed) and x.shape[0] > 1
         blocks = self.packed if packed else self.blocks
-        if len(blocks) == 1:
-            return _product(x, blocks[0], packed)
-        acc = _product(x[:, :FLOAT_K_BLOCK], blocks[0], packed).double()
-        for i, block in enumerate(blocks[1:], 1):
-            acc += _product(x[:, i * FLOAT_K_BLOCK:(i + 1) * FLOAT_K_BLOCK], block, packed).double()
-        return acc
+        return _block_sums(x.float(), blocks, lambda xs, block: _product(xs, block, packed))
+
+
+@dataclass(frozen=True)
+class OnednnInt8Weight:
+    """An int8 weight (K, N) in blocks of FLOAT_K_BLOCK inputs, each packed for oneDNN's u8 x s8
+    linear, whose int32 sums it writes as float32: exact, as a block's stay below 2**24."""
+    blocks: tuple
+    ones: torch.Tensor   # (N,) float32: every weight scale 1, so the sums come out unscaled
+    zeros: torch.Tensor  # (N,) int64 weight zero points
+
+    @classmethod
+    def of(cls, w: torch.Tensor) -> "OnednnInt8Weight":
+        blocks = tuple(torch.ops.onednn.qlinear_prepack(w[first:first + FLOAT_K_BLOCK].t().contiguous(), None)
+                       for first in range(0, w.shape[0], FLOAT_K_BLOCK))
+        n = w.shape[1]
+        return cls(blocks, torch.ones(n), torch.zeros(n, dtype=torch.int64))
+
+    def times(self, x: torch.Tensor) -> torch.Tensor:
+        """int8 x (M, K) times the weight, exactly: float32 (float64 past one block)."""
+        shifted = x.contiguous().view(torch.uint8) ^ ZERO_POINT  # the bits of x + 128 as u8
+        return _block_sums(shifted, self.blocks, self._product)
+
+    def _product(self, xs: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        return torch.ops.onednn.qlinear_pointwise(xs.contiguous(), 1.0, ZERO_POINT, block, self.ones, self.zeros,
+                                                  None, 1.0, 0, torch.float32, "none", [], "")
+
+
+def prepare(w: torch.Tensor, kernel: str):
+    """The weight (K, N) int8 as `kernel` reads it; None for int8, which reads it as it is."""
+    if kernel == INT8:
+        return None
+    if kernel == ONEDNN_INT8:
+        return OnednnInt8Weight.of(w)
+    return FloatWeight.of(w, kernel)
+
+
+def _block_sums(x: torch.Tensor, blocks: tuple, product) -> torch.Tensor:
+    """The sum of product(x's inputs of block i, block i): float32 for one block, else float64
+    (each block's sum an exact integer, and their sum below 2**53)."""
+    if len(blocks) == 1:
+        return product(x, blocks[0])
+    acc = product(x[:, :FLOAT_K_BLOCK], blocks[0]).double()
+    for i, block in enumerate(blocks[1:], 1):
+        acc += product(x[:, i * FLOAT_K_BLOCK:(i + 1) * FLOAT_K_BLOCK], block).double()
+    return acc
 
 
 def _pack(w: torch.Tensor) -> torch.Tensor:
@@ -76,13 +127,13 @@ def _product(x: torch.Tensor, block: torch.Tensor, packed: bool) -> torch.Tensor
     return x @ block
 
 
-def int_matmul(x: torch.Tensor, w: torch.Tensor, w_float: FloatWeight | None = None) -> torch.Tensor:
+def int_matmul(x: torch.Tensor, w: torch.Tensor, prepared=None) -> torch.Tensor:
     """(M, K) int8 @ (K, N) int8 -> (M, N) exact integer sums.
 
-    int32 from `torch._int_mm`; or, when `w_float` (the same weights for a float32 kernel) is
-    given, integer-valued float32 or float64 from float32 GEMMs."""
-    if w_float is not None:
-        return w_float.times(x.float())
+    int32 from `torch._int_mm`; or, when `prepared` (the same weights for another kernel,
+    `prepare`) is given, integer-valued float32 or float64."""
+    if prepared is not None:
+        return prepared.times(x)
     if x.device.type == "cuda":  # cuBLASLt int8 wants M > 16 and K, N multiples of 8
         m, k = x.shape
         n = w.shape[1]
@@ -99,48 +150,61 @@ def kernels(device_type: str) -> list[str]:
     if device_type != "cpu":
         return [INT8]
     found = [INT8, FLOAT32]
-    if torch.backends.mkldnn.is_available() and all(
-            hasattr(torch.ops.mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise")):
-        found.append(ONEDNN)
+    if torch.backends.mkldnn.is_available():
+        if all(hasattr(torch.ops.mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise")):
+            found.append(ONEDNN)
+        if all(hasattr(torch.ops.onednn, op) for op in ("qlinear_prepack", "qlinear_pointwise")):
+            found.append(ONEDNN_INT8)
     return found
 
 
 @functools.cache
 def fastest_kernel(device_type: str) -> str:
     """The fastest kernel here, timed once per process with one torch thread (as lm's shards
-    run): int8 against the float32 kernels at PROBE_SHAPE, then the float32 kernels against each
-    other at FLOAT_PROBE_SHAPE. A kernel that fails, or whose probe product differs from the
-    exact one, is never chosen. (Exactness rests on the bounds above and the tests; the probe
-    is a last check of this build and CPU.)"""
+    run): all at PROBE_SHAPE, then those within CONTENDER_RATIO of the fastest there at
+    LARGE_PROBE_SHAPE (not the others: on AVX2, int8 is 35 times slower). A kernel that fails,
+    or whose probe product differs from the exact one, is never chosen. (Exactness rests on the
+    bounds above and the tests; the probe is a last check of this build and CPU.)"""
     candidates = kernels(device_type)
     if len(candidates) == 1:
         return candidates[0]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        best = _fastest(candidates, PROBE_SHAPE, default=INT8)  # on AVX2, int8 is 35 times slower
-        floats = [kernel for kernel in candidates if kernel in FLOAT_KERNELS]
-        if best in FLOAT_KERNELS and len(floats) > 1:
-            best = _fastest(floats, FLOAT_PROBE_SHAPE, default=best)
+        small = _times(candidates, PROBE_SHAPE)
+        contenders = [k for k, t in small.items() if t <= CONTENDER_RATIO * min(small.values())]
+        if len(contenders) < 2:
+            return contenders[0] if contenders else INT8
+        return _fastest(contenders, LARGE_PROBE_SHAPE, default=min(small, key=small.get),
+                        weights=LARGE_PROBE_WEIGHTS)
     finally:
         torch.set_num_threads(threads)
-    return best
 
 
-def _fastest(candidates: list[str], shape: tuple[int, int, int], default: str, rounds: int = 4) -> str:
-    """The candidate with the least time for one product of `shape` whose result is exact
-    (`default` if none is). The candidates take turns, so that a busy spell of the machine
-    slows all of them, not one."""
+def _fastest(candidates: list[str], shape: tuple[int, int, int], default: str, rounds: int = 4,
+             weights: int = 1) -> str:
+    """The candidate with the least time for products of `shape` whose results are exact
+    (`default` if none is)."""
+    times = _times(candidates, shape, rounds, weights)
+    return min(times, key=times.get, default=default)
+
+
+def _times(candidates: list[str], shape: tuple[int, int, int], rounds: int = 4,
+           weights: int = 1) -> dict[str, float]:
+    """The least time of each candidate for one product of `shape` by each of `weights` weights,
+    for those whose results are exact. The candidates take turns, so that a busy spell of the
+    machine slows all of them, not one."""
     m, k, n = shape
     g = torch.Generator().manual_seed(0)
     x = torch.randint(-ACT_LIMIT, ACT_LIMIT + 1, (m, k), generator=g, dtype=torch.int8)
-    w = torch.randint(-WEIGHT_LIMIT, WEIGHT_LIMIT + 1, (k, n), generator=g, dtype=torch.int8)
-    exact = x.double() @ w.double()  # sums below 2**53: exact, and far faster than int64
+    ws = [torch.randint(-WEIGHT_LIMIT, WEIGHT_LIMIT + 1, (k, n), generator=g, dtype=torch.int8)
+          for _ in range(weights)]
+    exact = [x.double() @ w.double() for w in ws]  # sums below 2**53: exact, and far faster than int64
     runs = {}
     for kernel in candidates:
         try:
-            run = _probe_run(x, w, kernel)
-            if torch.equal(run().double(), exact):  # also the warm-up
+            run = _probe_run(x, ws, kernel)
+            if all(torch.equal(y.double(), e) for y, e in zip(run(), exact, strict=True)):  # also the warm-up
                 runs[kernel] = run
         except (RuntimeError, NotImplementedError):  # a kernel this build or CPU lacks
             continue
@@ -148,7 +212,7 @@ def _fastest(candidates: list[str], shape: tuple[int, int, int], default: str, r
     for _ in range(rounds):
         for kernel, run in runs.items():
             times[kernel] = min(times[kernel], _seconds(run))
-    return min(times, key=times.get, default=default)
+    return times
 
 
 def _seconds(run) -> float:
@@ -157,11 +221,12 @@ def _seconds(run) -> float:
     return time.perf_counter() - start
 
 
-def _probe_run(x, w, kernel):
+def _probe_run(x, ws, kernel):
+    """A run of x times each of the weights `ws` by `kernel`: the list of products."""
     if kernel == INT8:
-        return lambda: torch._int_mm(x, w)
-    prepared, xf = FloatWeight.of(w, kernel), x.float()
-    return lambda: prepared.times(xf)
+        return lambda: [torch._int_mm(x, w) for w in ws]
+    prepared = [prepare(w, kernel) for w in ws]
+    return lambda: [p.times(x) for p in prepared]
 
 
 def best_time(run, tries: int = 3) -> float:

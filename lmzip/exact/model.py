@@ -21,7 +21,7 @@ import torch
 from ..errors import ModelError
 from ..limits import LM_LONG_POSITIONS, LM_POSITIONS
 from . import tables
-from .matmul import INT8, WEIGHT_LIMIT, FloatWeight, fastest_kernel
+from .matmul import INT8, WEIGHT_LIMIT, fastest_kernel, prepare
 
 ARITHMETIC_VERSION = b"lmzip-exact-lm/2"
 # prefix + chunk tokens (arithmetic /2; /1 is the same restricted to 2048)
@@ -46,7 +46,7 @@ class Shape:
 class IntLinear:
     weight: torch.Tensor  # (K, N) int8 in [-63, 63]: the second operand of torch._int_mm
     scale: torch.Tensor   # (N,) float64, each the float32 scale of one output row
-    float_weight: FloatWeight | None = None  # the weight for a float32 kernel, where one is faster (matmul.py)
+    prepared: object = None  # the weight as another kernel reads it, where one is faster (matmul.prepare)
 
 
 @dataclass
@@ -140,9 +140,10 @@ class ExactModel:
         yield self.head
 
     def use_kernel(self, kernel: str) -> None:
-        """Multiply the weights with `kernel` (matmul.py: int8, float32 or onednn): the same integers."""
+        """Multiply the weights with `kernel` (matmul.py: int8, float32, onednn or onednn-int8): the
+        same integers."""
         for lin in self.linears():
-            lin.float_weight = None if kernel == INT8 else FloatWeight.of(lin.weight, kernel)
+            lin.prepared = prepare(lin.weight, kernel)
         self.weight_kernel = kernel
 
     def tensors(self):
