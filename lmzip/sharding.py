@@ -17,6 +17,7 @@ import multiprocessing.connection
 import os
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, Sequence, TypeVar
 
@@ -27,8 +28,24 @@ from .errors import ModelError
 T = TypeVar("T")
 
 
+STALL_SECONDS = 600.0  # a forked process whose work reports no progress for this long is stopped
+_beats = None  # in a forked process: the counter its parent watches (`beat`)
+
+
 class ProcessEnded(ModelError):
     """A forked process of the work ended without a result (killed, or out of memory)."""
+
+
+class ProcessStalled(ProcessEnded):
+    """A forked process of the work made no progress for STALL_SECONDS, and was stopped."""
+
+
+def beat() -> None:
+    """Report progress (a decoding step, say): the parent stops a forked process whose work
+    reports none for STALL_SECONDS, as hung (a lock a fork left held, say) rather than waiting
+    on it for ever. Nothing outside a forked process."""
+    if _beats is not None:
+        _beats.value += 1
 
 
 def cpu_threads(device: torch.device) -> int:
@@ -172,7 +189,9 @@ class Forked:
     def __init__(self, fn: Callable[[], T]):
         context = mp.get_context("fork")
         self._receive, send = context.Pipe(duplex=False)
-        self._child = context.Process(target=_forked_child, args=(fn, send), daemon=True)
+        self._beats = context.RawValue("Q", 0)  # shared memory: the child counts, this process reads
+        self._seen = (0, time.monotonic())     # the count last read, and since when it has not moved
+        self._child = context.Process(target=_forked_child, args=(fn, send, self._beats), daemon=True)
         self._outcome: tuple | None = None
         try:
             self._child.start()
@@ -184,11 +203,27 @@ class Forked:
 
     def ready(self) -> bool:
         """Whether `result` would return (or raise) at once."""
-        return self._outcome is not None or self._receive.poll()
+        return self._outcome is not None or self._receive.poll() or self._stalled()
+
+    def _stalled(self) -> bool:
+        beats, now = self._beats.value, time.monotonic()
+        if beats != self._seen[0]:
+            self._seen = (beats, now)
+        return now - self._seen[1] > STALL_SECONDS
+
+    def _wait(self) -> None:
+        """Until the child's outcome can be read; ProcessStalled (the child stopped) if its work
+        reports no progress for STALL_SECONDS."""
+        while not self._receive.poll(max(0.0, self._seen[1] + STALL_SECONDS - time.monotonic())):
+            if self._stalled():
+                self._child.kill()
+                raise ProcessStalled(f"a process of the work made no progress in {STALL_SECONDS:.0f} s "
+                                     "and was stopped (hung?)")
 
     def result(self):
         if self._outcome is None:
             try:
+                self._wait()
                 value = _result_of(self._child, self._receive)
             except BaseException as e:
                 self.cancel()  # Ctrl-C while waiting, or the child failed
@@ -255,8 +290,10 @@ def _one_thread(run: Callable[[list[int]], list[T]], indices: list[int]) -> list
         torch.set_num_threads(saved)
 
 
-def _forked_child(fn, send) -> None:
+def _forked_child(fn, send, beats) -> None:
+    global _beats
     exit_with_parent()
+    _beats = beats
     try:
         torch.set_num_threads(1)
         outcome = (True, fn())

@@ -1,5 +1,8 @@
 """The lm segment kind through the codec: range-coded tokens under the exact model (tiny model)."""
 
+import os
+import time
+
 import pytest
 
 import lmzip
@@ -226,6 +229,60 @@ def test_a_killed_check_process_leaves_its_states_to_the_check_here(codec, two_c
     blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4, journal=tmp_path / "j")
     assert blob == fresh and len(resumed) == 1
     assert [tokens for tokens, _ in resumed[0].values()] == [2]  # the report the process made
+
+
+@forking
+def test_a_hung_check_process_is_stopped_and_the_check_runs_here(codec, two_cores, monkeypatch, tmp_path):
+    """A check process that stops making progress (a lock a fork left held, say) is stopped; the
+    check runs here after the coding, from the states it journaled, and gives the same archive."""
+    import os
+
+    import lmzip.exact
+    from lmzip import sharding
+    from lmzip.exact import coding
+
+    text, parent, here = TEXT[:60] * 12, os.getpid(), []
+    monkeypatch.setattr(coding, "CHECK_NOTE_STEPS", 2)
+    fresh = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4)
+    real = lmzip.exact.check_chunks
+
+    def hung_after_a_report(exact, chunks, payloads, prefix, progress=None, **kw):
+        if os.getpid() == parent:
+            here.append(kw["resume"])
+            return real(exact, chunks, payloads, prefix, progress=progress, **kw)
+
+        def report_then_hang(*args):
+            progress(*args)
+            time.sleep(600)
+
+        return real(exact, chunks, payloads, prefix, progress=report_then_hang, **kw)
+
+    monkeypatch.setattr(lmzip.exact, "check_chunks", hung_after_a_report)
+    monkeypatch.setattr(sharding, "STALL_SECONDS", 2.0)
+    start = time.monotonic()
+    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4, journal=tmp_path / "j")
+    assert blob == fresh and len(here) == 1 and time.monotonic() - start < 120
+    assert [tokens for tokens, _ in here[0].values()] == [2]  # the report the process made
+
+
+@forking
+def test_slow_decoding_steps_are_progress_not_a_hang(codec, two_cores, monkeypatch):
+    """Each decoding step of a forked process reports progress: steps slower than none for the
+    stall limit in all are not stopped."""
+    from lmzip import sharding
+    from lmzip.exact import coding
+
+    text = TEXT[:60] * 12
+    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=40)
+    real = coding.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(0.1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(coding, "forward", slow)
+    monkeypatch.setattr(sharding, "STALL_SECONDS", 0.5)
+    assert codec.decode(blob, model=TINY_MODEL) == text  # 41 steps of 0.1 s in each process
 
 
 def test_a_sampled_chunk_the_decoder_cannot_follow_fails_alone(codec, monkeypatch):

@@ -186,6 +186,64 @@ def test_a_forked_child_that_is_killed_is_reported_as_such():
     assert AllOf([Forked(lambda: {1}), Forked(lambda: {2})]).result() == {1, 2}
 
 
+def beating(beats: int, every: float, then_hang: bool = False, value=7):
+    """Work that reports progress `beats` times, `every` seconds apart, then hangs or returns."""
+    from lmzip.sharding import beat
+
+    def work():
+        for _ in range(beats):
+            time.sleep(every)
+            beat()
+        if then_hang:
+            time.sleep(600)
+        return value
+
+    return work
+
+
+def test_a_forked_process_that_stops_reporting_progress_is_stopped(monkeypatch):
+    from lmzip import sharding
+    from lmzip.sharding import Forked, ProcessEnded, ProcessStalled
+
+    monkeypatch.setattr(sharding, "STALL_SECONDS", 1.0)
+    hung = Forked(beating(3, 0.3, then_hang=True))
+    start = time.monotonic()
+    with pytest.raises(ProcessStalled, match="no progress in 1 s"):
+        hung.result()
+    assert 1.9 < time.monotonic() - start < 10  # its 3 reports held it off; then about a second
+    assert not hung._child.is_alive()
+    assert issubclass(ProcessStalled, ProcessEnded)  # handled as a killed process is
+
+
+def test_work_longer_than_the_stall_limit_that_reports_progress_goes_on(monkeypatch):
+    from lmzip import sharding
+    from lmzip.sharding import Forked
+
+    monkeypatch.setattr(sharding, "STALL_SECONDS", 1.0)
+    assert Forked(beating(8, 0.3)).result() == 7  # 2.4 s in all
+
+
+def test_a_stalled_process_is_ready_so_the_caller_stops_waiting(monkeypatch):
+    from lmzip import sharding
+    from lmzip.sharding import Forked, ProcessStalled
+
+    monkeypatch.setattr(sharding, "STALL_SECONDS", 0.5)
+    hung = Forked(beating(0, 0, then_hang=True))
+    assert not hung.ready()
+    time.sleep(1.0)
+    assert hung.ready()
+    with pytest.raises(ProcessStalled):
+        hung.result()
+
+
+def test_a_hung_shard_is_an_error_not_a_hang(monkeypatch):
+    from lmzip import sharding
+
+    monkeypatch.setattr(sharding, "STALL_SECONDS", 1.0)
+    with pytest.raises(lmzip.ModelError, match="no progress"):
+        map_shards_forked(in_child(lambda: time.sleep(600)), [[0], [1]], 2)
+
+
 def _report_can_fork(queue):
     queue.put(can_fork())
 

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..rangecoder import RangeDecoder, RangeEncoder
-from ..sharding import deal, map_shards, map_shards_forked
+from ..sharding import beat, deal, map_shards, map_shards_forked
 from .forward import Cache, forward, frequencies
 from .model import MAX_POSITIONS, ExactModel
 
@@ -248,6 +248,7 @@ def _restore(exact: ExactModel, cache: Cache, states: StateDigests, chunks, pref
     wrong = set()
     for first in range(0, ids.shape[1], span):
         logits = forward(exact, ids[:, first:first + span], cache)
+        beat()
         # position p predicts token p - (len(prefix) - 1)
         lo = max(first, len(prefix) - 1)
         hi = first + logits.shape[1]
@@ -311,6 +312,7 @@ def _decode_batch(exact: ExactModel, payloads, counts, prefix) -> list[list[int]
 def next_symbols(exact: ExactModel, logits: torch.Tensor, decoders: list[RangeDecoder]) -> list[int | ValueError]:
     """Each row's next token, read by its range decoder under the exact frequencies of its logits
     (B, V); the ValueError of a decoder that cannot follow its payload in its place."""
+    beat()  # a decoding step: progress, for a process that watches this one
     inclusive = torch.cumsum(frequencies(exact, logits), dim=-1)         # (B, V) int64, exact
     targets, errors = [], {}
     for row, (decoder, total) in enumerate(zip(decoders, inclusive[:, -1].tolist())):
