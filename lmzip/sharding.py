@@ -147,18 +147,28 @@ def can_fork() -> bool:
 def map_shards_forked(run: Callable[[list[int]], list[T]], shards: list[list[int]], count: int) -> list[T]:
     """map_shards with every shard but the first in a forked process of one torch thread (the
     first runs here, also on one thread). The children share the parent's memory (the model is
-    not loaded again) and send back results or the exception they raised."""
+    not loaded again) and send back results or the exception they raised; a child that hangs is
+    stopped, and its shard done here."""
     if len(shards) == 1 or not can_fork():
         return map_shards(run, shards, count)
     children: list[Forked] = []
     try:
         for indices in shards[1:]:
             children.append(Forked(functools.partial(run, indices)))
-        results = [_one_thread(run, shards[0])] + [child.result() for child in children]
+        results = [_one_thread(run, shards[0])] + [_result_or_here(child, run, indices)
+                                                   for child, indices in zip(children, shards[1:])]
     finally:
         for child in children:
             child.cancel()  # an error or Ctrl-C here: the others' work is not wanted
     return _in_item_order(shards, results, count)
+
+
+def _result_or_here(child: "Forked", run, indices):
+    """The child's result; if it hung (a lock the fork left held, say), its shard done here."""
+    try:
+        return child.result()
+    except ProcessStalled:
+        return _one_thread(run, indices)
 
 
 class Done:

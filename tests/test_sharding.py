@@ -236,12 +236,13 @@ def test_a_stalled_process_is_ready_so_the_caller_stops_waiting(monkeypatch):
         hung.result()
 
 
-def test_a_hung_shard_is_an_error_not_a_hang(monkeypatch):
+def test_a_hung_shard_is_done_here(monkeypatch):
     from lmzip import sharding
 
     monkeypatch.setattr(sharding, "STALL_SECONDS", 1.0)
-    with pytest.raises(lmzip.ModelError, match="no progress"):
-        map_shards_forked(in_child(lambda: time.sleep(600)), [[0], [1]], 2)
+    start = time.monotonic()
+    assert map_shards_forked(in_child(lambda: time.sleep(600)), [[0], [1, 2]], 3) == [0, 1, 2]
+    assert time.monotonic() - start < 30
 
 
 def _report_can_fork(queue):
