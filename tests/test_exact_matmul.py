@@ -95,6 +95,31 @@ def test_a_kernel_that_gives_other_integers_is_never_chosen(monkeypatch, wrong):
         M.fastest_kernel.cache_clear()
 
 
+@pytest.mark.parametrize("wrong", [M.ONEDNN, M.ONEDNN_INT8])
+def test_a_kernel_wrong_only_at_the_limits_is_never_chosen(monkeypatch, wrong):
+    """As a kernel that saturated 16-bit pairs would be: right on the random probe, wrong when
+    every product is at its largest."""
+    def saturating(y):
+        return y.clamp(-(1 << 23), 1 << 23)
+
+    real, real_int8 = M._product, M.OnednnInt8Weight._product
+    if wrong == M.ONEDNN:
+        monkeypatch.setattr(M, "_product", lambda x, block, packed: saturating(real(x, block, packed))
+                            if packed else real(x, block, packed))
+    else:
+        monkeypatch.setattr(M.OnednnInt8Weight, "_product", lambda self, x, block: saturating(real_int8(self, x, block)))
+    monkeypatch.setattr(M, "_seconds", lambda run: 0.0 if run.__name__ == "fast" else 1.0)
+    probe = M._probe_run
+    monkeypatch.setattr(M, "_probe_run", lambda x, ws, kernel: _named(probe(x, ws, kernel),
+                                                                      "fast" if kernel == wrong else "slow"))
+    M.fastest_kernel.cache_clear()
+    try:
+        assert M.fastest_kernel("cpu") != wrong
+    finally:
+        M.fastest_kernel.cache_clear()
+    assert not M._exact_at_the_limits(wrong) and M._exact_at_the_limits(M.FLOAT32)
+
+
 @pytest.mark.parametrize("small, large, chosen", [
     ({M.INT8: 1, M.FLOAT32: 35, M.ONEDNN: 30, M.ONEDNN_INT8: 20}, None, M.INT8),  # no contender
     ({M.INT8: 35, M.FLOAT32: 2.5, M.ONEDNN: 1.2, M.ONEDNN_INT8: 1.0}, {M.ONEDNN: 2, M.ONEDNN_INT8: 3}, M.ONEDNN),

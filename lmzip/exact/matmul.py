@@ -163,8 +163,9 @@ def fastest_kernel(device_type: str) -> str:
     """The fastest kernel here, timed once per process with one torch thread (as lm's shards
     run): all at PROBE_SHAPE, then those within CONTENDER_RATIO of the fastest there at
     LARGE_PROBE_SHAPE (not the others: on AVX2, int8 is 35 times slower). A kernel that fails,
-    or whose probe product differs from the exact one, is never chosen. (Exactness rests on the
-    bounds above and the tests; the probe is a last check of this build and CPU.)"""
+    or whose product differs from the exact one, in the probe or with every product at its
+    largest, is never chosen. (Exactness rests on the bounds above and the tests; the probe is
+    a last check of this build and CPU.)"""
     candidates = kernels(device_type)
     if len(candidates) == 1:
         return candidates[0]
@@ -204,7 +205,7 @@ def _times(candidates: list[str], shape: tuple[int, int, int], rounds: int = 4,
     for kernel in candidates:
         try:
             run = _probe_run(x, ws, kernel)
-            if all(torch.equal(y.double(), e) for y, e in zip(run(), exact, strict=True)):  # also the warm-up
+            if _equal(run(), exact) and _exact_at_the_limits(kernel):  # also the warm-up
                 runs[kernel] = run
         except (RuntimeError, NotImplementedError):  # a kernel this build or CPU lacks
             continue
@@ -213,6 +214,21 @@ def _times(candidates: list[str], shape: tuple[int, int, int], rounds: int = 4,
         for kernel, run in runs.items():
             times[kernel] = min(times[kernel], _seconds(run))
     return times
+
+
+def _equal(products, exact) -> bool:
+    return all(torch.equal(y.double(), e) for y, e in zip(products, exact, strict=True))
+
+
+def _exact_at_the_limits(kernel: str) -> bool:
+    """Whether `kernel` is exact with every product at its largest, of either sign, over a whole
+    block: the sums that would round, and the pairs that would saturate, first."""
+    for x_sign, w_sign in ((1, 1), (-1, 1), (1, -1)):
+        x = torch.full((4, FLOAT_K_BLOCK), x_sign * ACT_LIMIT, dtype=torch.int8)
+        w = torch.full((FLOAT_K_BLOCK, 8), w_sign * WEIGHT_LIMIT, dtype=torch.int8)
+        if not _equal(_probe_run(x, [w], kernel)(), [x.double() @ w.double()]):
+            return False
+    return True
 
 
 def _seconds(run) -> float:
