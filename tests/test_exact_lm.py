@@ -134,10 +134,16 @@ CHILD = textwrap.dedent("""
         return [hashlib.sha256(F.frequencies(exact, t).numpy().tobytes()).hexdigest() for t in (whole, steps)]
 
     freq, steps = digests()
-    # the worst case for saturating int8 kernels: every product at the limit, one sign
-    a = torch.full((5, 1536), 127, dtype=torch.int8)
-    w = torch.full((1536, 24), WEIGHT_LIMIT, dtype=torch.int8)
-    worst_ok = bool((F.int_matmul(a, w).long() == a.long() @ w.long()).all())
+    # the worst cases for saturating or rounding kernels, through each: every product at the
+    # limit, of either sign, over 2047 inputs (odd sums past 2**24 of oneDNN's shifted products)
+    worst_ok = {}
+    for kernel in M.kernels("cpu"):
+        worst_ok[kernel] = True
+        for x_sign, w_sign in ((1, 1), (-1, 1), (1, -1)):
+            a = torch.full((5, 2047), 127 * x_sign, dtype=torch.int8)
+            w = torch.full((2047, 24), WEIGHT_LIMIT * w_sign, dtype=torch.int8)
+            worst_ok[kernel] &= bool(torch.equal(F.int_matmul(a, w, M.prepare(w, kernel)).long(),
+                                                 a.long() @ w.long()))
     # and through every kernel this torch has for the weights (the same integers)
     kernels = {}
     for kernel in M.kernels("cpu"):
@@ -155,6 +161,9 @@ SETTINGS = [
     ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, 2),
     ({"ONEDNN_MAX_CPU_ISA": "SSE41", "ATEN_CPU_CAPABILITY": "default"}, 1),
 ]
+
+
+KERNELS = ("int8", "float32", "onednn", "onednn-int8")
 
 
 def _child(env_extra, threads):
@@ -176,10 +185,10 @@ def test_instruction_sets_do_not_matter(exact):
     seen = {}
     for env_extra, threads in SETTINGS:
         result = _child(env_extra, threads)
-        assert result["worst_ok"], f"int8 GEMM not exact under {env_extra}"
+        assert result["worst_ok"] == dict.fromkeys(KERNELS, True), f"a kernel not exact under {env_extra}"
         assert result["fingerprint"] == exact.fingerprint.hex(), env_extra
         assert result["freq"] == here, env_extra
-        assert result["kernels"] == {k: [here, steps_here] for k in ("int8", "float32", "onednn", "onednn-int8")}, env_extra
+        assert result["kernels"] == {k: [here, steps_here] for k in KERNELS}, env_extra
         assert result["steps"] == steps_here, env_extra
         seen[json.dumps(env_extra)] = result["capability"]
     assert seen[json.dumps({"ATEN_CPU_CAPABILITY": "default"})] == "DEFAULT"  # the setting took effect

@@ -26,7 +26,9 @@ def test_onednn_is_offered_by_this_torch():
 
 # 2097 products of 8001 make an odd sum above 2**24, which no float32 sum can hold: it fails
 # for a block of more than 2096 inputs, whatever order a BLAS adds in
-LIMIT_KS = [M.FLOAT_K_BLOCK, (1 << 24) // (M.ACT_LIMIT * M.WEIGHT_LIMIT) + 1, 3 * M.FLOAT_K_BLOCK + 5]
+# for a block; 2047 makes odd sums that no float32 holds of oneDNN's shifted products (255 * 63 each)
+LIMIT_KS = [M.FLOAT_K_BLOCK, M.FLOAT_K_BLOCK - 1, (1 << 24) // (M.ACT_LIMIT * M.WEIGHT_LIMIT) + 1,
+            3 * M.FLOAT_K_BLOCK + 5]
 
 
 @pytest.mark.parametrize("kernel", PREPARED_KERNELS)
@@ -124,6 +126,8 @@ def test_a_kernel_wrong_only_at_the_limits_is_never_chosen(monkeypatch, wrong):
     ({M.INT8: 1, M.FLOAT32: 35, M.ONEDNN: 30, M.ONEDNN_INT8: 20}, None, M.INT8),  # no contender
     ({M.INT8: 35, M.FLOAT32: 2.5, M.ONEDNN: 1.2, M.ONEDNN_INT8: 1.0}, {M.ONEDNN: 2, M.ONEDNN_INT8: 3}, M.ONEDNN),
     ({M.INT8: 35, M.FLOAT32: 3, M.ONEDNN: 1.2, M.ONEDNN_INT8: 1.0}, {M.ONEDNN: 3, M.ONEDNN_INT8: 2}, M.ONEDNN_INT8),
+    # both wrong at the large products (None): not the small product's fastest, but int8
+    ({M.INT8: 35, M.FLOAT32: 3, M.ONEDNN: 1.2, M.ONEDNN_INT8: 1.0}, {M.ONEDNN: None, M.ONEDNN_INT8: None}, M.INT8),
     ({M.FLOAT32: 1.0}, None, M.FLOAT32),  # the others failed their probe
     ({}, None, M.INT8),  # every probe failed: int8 is still exact
 ])
@@ -132,7 +136,8 @@ def test_the_kernels_close_at_a_small_product_are_compared_at_large_ones(monkeyp
 
     def times(candidates, shape, rounds=4, weights=1):
         asked.append((sorted(candidates), shape, weights))
-        return {k: v for k, v in (small if shape == M.PROBE_SHAPE else large).items() if k in candidates}
+        return {k: v for k, v in (small if shape == M.PROBE_SHAPE else large).items()
+                if k in candidates and v is not None}
 
     monkeypatch.setattr(M, "kernels", lambda device_type: list(M.PREPARED_KERNELS) + [M.INT8])
     monkeypatch.setattr(M, "_times", times)
