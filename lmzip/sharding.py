@@ -29,7 +29,8 @@ T = TypeVar("T")
 
 
 STALL_SECONDS = 600.0  # a forked process whose work reports no progress for this long is stopped
-_beats = None  # in a forked process: the counter its parent watches (`beat`)
+SUSPENDED_SECONDS = 5.0  # a wait that overran its timeout by this much: this process was stopped (Ctrl-Z)
+_last_beat = None  # in a forked process: when its work last reported progress (`beat`), shared
 
 
 class ProcessEnded(ModelError):
@@ -44,8 +45,8 @@ def beat() -> None:
     """Report progress (a decoding step, say): the parent stops a forked process whose work
     reports none for STALL_SECONDS, as hung (a lock a fork left held, say) rather than waiting
     on it for ever. Nothing outside a forked process."""
-    if _beats is not None:
-        _beats.value += 1
+    if _last_beat is not None:
+        _last_beat.value = time.monotonic()  # CLOCK_MONOTONIC: one clock for all processes (Linux)
 
 
 def cpu_threads(device: torch.device) -> int:
@@ -191,17 +192,18 @@ class Done:
 
 class Forked:
     """fn() running in a forked process of one torch thread; `result` waits for it and raises
-    what it raised. Fork only where no other thread of this process is in torch (the persistent
-    shard threads idle): a lock held by a busy thread stays held in the child."""
+    what it raised. fn must call `beat` at least every STALL_SECONDS, or it is stopped as hung.
+    Fork only where no other thread of this process is in torch (the persistent shard threads
+    idle): a lock held by a busy thread stays held in the child."""
 
     cores = 1
 
     def __init__(self, fn: Callable[[], T]):
         context = mp.get_context("fork")
         self._receive, send = context.Pipe(duplex=False)
-        self._beats = context.RawValue("Q", 0)  # shared memory: the child counts, this process reads
-        self._seen = (0, time.monotonic())     # the count last read, and since when it has not moved
-        self._child = context.Process(target=_forked_child, args=(fn, send, self._beats), daemon=True)
+        self._last_beat = context.RawValue("d", time.monotonic())  # shared: the child writes, this reads
+        self._since = self._last_beat.value  # silence counts from the later of this and the last beat
+        self._child = context.Process(target=_forked_child, args=(fn, send, self._last_beat), daemon=True)
         self._outcome: tuple | None = None
         try:
             self._child.start()
@@ -212,20 +214,24 @@ class Forked:
             send.close()
 
     def ready(self) -> bool:
-        """Whether `result` would return (or raise) at once."""
-        return self._outcome is not None or self._receive.poll() or self._stalled()
+        """Whether the child's outcome is there, or its work has stalled (then `result` stops it).
+        A report that comes in between may still make `result` wait."""
+        return self._outcome is not None or self._receive.poll() or self._silence() > STALL_SECONDS
 
-    def _stalled(self) -> bool:
-        beats, now = self._beats.value, time.monotonic()
-        if beats != self._seen[0]:
-            self._seen = (beats, now)
-        return now - self._seen[1] > STALL_SECONDS
+    def _silence(self) -> float:
+        return time.monotonic() - max(self._last_beat.value, self._since)
 
     def _wait(self) -> None:
         """Until the child's outcome can be read; ProcessStalled (the child stopped) if its work
         reports no progress for STALL_SECONDS."""
-        while not self._receive.poll(max(0.0, self._seen[1] + STALL_SECONDS - time.monotonic())):
-            if self._stalled():
+        while True:
+            timeout = max(0.0, STALL_SECONDS - self._silence())
+            due = time.monotonic() + timeout
+            if self._receive.poll(timeout):
+                return
+            if time.monotonic() - due > SUSPENDED_SECONDS:  # stopped with the child: the child's
+                self._since = time.monotonic()                # silence was not its own
+            elif self._silence() > STALL_SECONDS:
                 self._child.kill()
                 raise ProcessStalled(f"a process of the work made no progress in {STALL_SECONDS:.0f} s "
                                      "and was stopped (hung?)")
@@ -300,10 +306,10 @@ def _one_thread(run: Callable[[list[int]], list[T]], indices: list[int]) -> list
         torch.set_num_threads(saved)
 
 
-def _forked_child(fn, send, beats) -> None:
-    global _beats
+def _forked_child(fn, send, last_beat) -> None:
+    global _last_beat
     exit_with_parent()
-    _beats = beats
+    _last_beat = last_beat
     try:
         torch.set_num_threads(1)
         outcome = (True, fn())

@@ -235,8 +235,6 @@ def test_a_killed_check_process_leaves_its_states_to_the_check_here(codec, two_c
 def test_a_hung_check_process_is_stopped_and_the_check_runs_here(codec, two_cores, monkeypatch, tmp_path):
     """A check process that stops making progress (a lock a fork left held, say) is stopped; the
     check runs here after the coding, from the states it journaled, and gives the same archive."""
-    import os
-
     import lmzip.exact
     from lmzip import sharding
     from lmzip.exact import coding
@@ -267,8 +265,8 @@ def test_a_hung_check_process_is_stopped_and_the_check_runs_here(codec, two_core
 
 @forking
 def test_slow_decoding_steps_are_progress_not_a_hang(codec, two_cores, monkeypatch):
-    """Each decoding step of a forked process reports progress: steps slower than none for the
-    stall limit in all are not stopped."""
+    """Each decoding step of a forked process reports progress: steps that take longer than the
+    stall limit in all are not stopped (nor redone here)."""
     from lmzip import sharding
     from lmzip.exact import coding
 
@@ -281,7 +279,8 @@ def test_slow_decoding_steps_are_progress_not_a_hang(codec, two_cores, monkeypat
         return real(*args, **kwargs)
 
     monkeypatch.setattr(coding, "forward", slow)
-    monkeypatch.setattr(sharding, "STALL_SECONDS", 0.5)
+    monkeypatch.setattr(sharding, "STALL_SECONDS", 1.5)
+    monkeypatch.setattr(sharding, "_result_or_here", lambda child, run, indices: child.result())  # no redo
     assert codec.decode(blob, model=TINY_MODEL) == text  # 41 steps of 0.1 s in each process
 
 
