@@ -79,46 +79,36 @@ def test_the_kernel_choice_is_made_once_per_process():
     assert M.fastest_kernel("cuda") == M.INT8  # GPUs run int8 at full speed
 
 
-@pytest.mark.parametrize("wrong", [M.ONEDNN, M.ONEDNN_INT8])
-def test_a_kernel_that_gives_other_integers_is_never_chosen(monkeypatch, wrong):
+def _choice_with(monkeypatch, wrong, damage):
+    """The kernel choice, with `wrong` timed the fastest and its products passed through `damage`
+    (for onednn the packed ones: one row takes the plain float32 weights)."""
     real, real_int8 = M._product, M.OnednnInt8Weight._product
     if wrong == M.ONEDNN:
-        monkeypatch.setattr(M, "_product", lambda x, block, packed: real(x, block, packed) + packed)
+        monkeypatch.setattr(M, "_product", lambda x, block, packed: damage(real(x, block, packed))
+                            if packed else real(x, block, packed))
     else:
-        monkeypatch.setattr(M.OnednnInt8Weight, "_product", lambda self, x, block: real_int8(self, x, block) + 1)
+        monkeypatch.setattr(M.OnednnInt8Weight, "_product", lambda self, x, block: damage(real_int8(self, x, block)))
     monkeypatch.setattr(M, "_seconds", lambda run: 0.0 if run.__name__ == "fast" else 1.0)
     probe = M._probe_run
     monkeypatch.setattr(M, "_probe_run", lambda x, ws, kernel: _named(probe(x, ws, kernel),
                                                                       "fast" if kernel == wrong else "slow"))
     M.fastest_kernel.cache_clear()
     try:
-        assert M.fastest_kernel("cpu") != wrong  # the fastest, but off by one
+        return M.fastest_kernel("cpu")
     finally:
         M.fastest_kernel.cache_clear()
+
+
+@pytest.mark.parametrize("wrong", [M.ONEDNN, M.ONEDNN_INT8])
+def test_a_kernel_that_gives_other_integers_is_never_chosen(monkeypatch, wrong):
+    assert _choice_with(monkeypatch, wrong, lambda y: y + 1) != wrong  # the fastest, but off by one
 
 
 @pytest.mark.parametrize("wrong", [M.ONEDNN, M.ONEDNN_INT8])
 def test_a_kernel_wrong_only_at_the_limits_is_never_chosen(monkeypatch, wrong):
     """As a kernel that saturated 16-bit pairs would be: right on the random probe, wrong when
     every product is at its largest."""
-    def saturating(y):
-        return y.clamp(-(1 << 23), 1 << 23)
-
-    real, real_int8 = M._product, M.OnednnInt8Weight._product
-    if wrong == M.ONEDNN:
-        monkeypatch.setattr(M, "_product", lambda x, block, packed: saturating(real(x, block, packed))
-                            if packed else real(x, block, packed))
-    else:
-        monkeypatch.setattr(M.OnednnInt8Weight, "_product", lambda self, x, block: saturating(real_int8(self, x, block)))
-    monkeypatch.setattr(M, "_seconds", lambda run: 0.0 if run.__name__ == "fast" else 1.0)
-    probe = M._probe_run
-    monkeypatch.setattr(M, "_probe_run", lambda x, ws, kernel: _named(probe(x, ws, kernel),
-                                                                      "fast" if kernel == wrong else "slow"))
-    M.fastest_kernel.cache_clear()
-    try:
-        assert M.fastest_kernel("cpu") != wrong
-    finally:
-        M.fastest_kernel.cache_clear()
+    assert _choice_with(monkeypatch, wrong, lambda y: y.clamp(-(1 << 23), 1 << 23)) != wrong
     assert not M._exact_at_the_limits(wrong) and M._exact_at_the_limits(M.FLOAT32)
 
 

@@ -200,13 +200,17 @@ def test_a_check_process_that_dies_costs_its_time_not_the_run(codec, two_cores, 
 
 
 @forking
-def test_a_killed_check_process_leaves_its_states_to_the_check_here(codec, two_cores, monkeypatch, tmp_path):
-    """A check process journals its rows' states as it goes; killed, the check run here after the
-    coding goes on from them, and the archive is the one a run without the kill makes."""
-    import os
+@pytest.mark.parametrize("fate", ["killed", "hung"])
+def test_a_check_process_killed_or_hung_leaves_its_states_to_the_check_here(codec, two_cores, monkeypatch,
+                                                                           tmp_path, fate):
+    """A check process journals its rows' states as it goes. Killed (as the out-of-memory killer
+    would), or hung (a lock a fork left held, say: stopped once it makes no progress), the check
+    run here after the coding goes on from them, and the archive is the one a run without either
+    makes."""
     import signal
 
     import lmzip.exact
+    from lmzip import sharding
     from lmzip.exact import coding
 
     text, parent, resumed = TEXT[:60] * 12, os.getpid(), []
@@ -214,53 +218,25 @@ def test_a_killed_check_process_leaves_its_states_to_the_check_here(codec, two_c
     fresh = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4)
     real = lmzip.exact.check_chunks
 
-    def killed_after_a_report(exact, chunks, payloads, prefix, progress=None, **kw):
+    def cut_short_after_a_report(exact, chunks, payloads, prefix, progress=None, **kw):
         if os.getpid() == parent:
             resumed.append(kw["resume"])
             return real(exact, chunks, payloads, prefix, progress=progress, **kw)
 
-        def report_then_die(*args):
+        def report_then_stop(*args):
             progress(*args)
-            os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would
-
-        return real(exact, chunks, payloads, prefix, progress=report_then_die, **kw)
-
-    monkeypatch.setattr(lmzip.exact, "check_chunks", killed_after_a_report)
-    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4, journal=tmp_path / "j")
-    assert blob == fresh and len(resumed) == 1
-    assert [tokens for tokens, _ in resumed[0].values()] == [2]  # the report the process made
-
-
-@forking
-def test_a_hung_check_process_is_stopped_and_the_check_runs_here(codec, two_cores, monkeypatch, tmp_path):
-    """A check process that stops making progress (a lock a fork left held, say) is stopped; the
-    check runs here after the coding, from the states it journaled, and gives the same archive."""
-    import lmzip.exact
-    from lmzip import sharding
-    from lmzip.exact import coding
-
-    text, parent, here = TEXT[:60] * 12, os.getpid(), []
-    monkeypatch.setattr(coding, "CHECK_NOTE_STEPS", 2)
-    fresh = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4)
-    real = lmzip.exact.check_chunks
-
-    def hung_after_a_report(exact, chunks, payloads, prefix, progress=None, **kw):
-        if os.getpid() == parent:
-            here.append(kw["resume"])
-            return real(exact, chunks, payloads, prefix, progress=progress, **kw)
-
-        def report_then_hang(*args):
-            progress(*args)
+            if fate == "killed":
+                os.kill(os.getpid(), signal.SIGKILL)
             time.sleep(600)
 
-        return real(exact, chunks, payloads, prefix, progress=report_then_hang, **kw)
+        return real(exact, chunks, payloads, prefix, progress=report_then_stop, **kw)
 
-    monkeypatch.setattr(lmzip.exact, "check_chunks", hung_after_a_report)
+    monkeypatch.setattr(lmzip.exact, "check_chunks", cut_short_after_a_report)
     monkeypatch.setattr(sharding, "STALL_SECONDS", 2.0)
     start = time.monotonic()
     blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4, journal=tmp_path / "j")
-    assert blob == fresh and len(here) == 1 and time.monotonic() - start < 120
-    assert [tokens for tokens, _ in here[0].values()] == [2]  # the report the process made
+    assert blob == fresh and len(resumed) == 1 and time.monotonic() - start < 120
+    assert [tokens for tokens, _ in resumed[0].values()] == [2]  # the report the process made
 
 
 @forking
