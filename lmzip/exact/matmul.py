@@ -161,8 +161,9 @@ def kernels(device_type: str) -> list[str]:
 @functools.cache
 def fastest_kernel(device_type: str) -> str:
     """The fastest kernel here, timed once per process with one torch thread (as lm's shards
-    run): all at PROBE_SHAPE, then those within CONTENDER_RATIO of the fastest there at
-    LARGE_PROBE_SHAPE (not the others: on AVX2, int8 is 35 times slower). A kernel that fails,
+    run): those exact at the limits (checked once each) at PROBE_SHAPE, then those within
+    CONTENDER_RATIO of the fastest there at LARGE_PROBE_SHAPE (not the others: on AVX2, int8 is
+    35 times slower). A kernel that fails,
     or whose product differs from the exact one, in the probe or with every product at its
     largest, is never chosen. (Exactness rests on the bounds above and the tests; the probe is
     a last check of this build and CPU.)"""
@@ -172,7 +173,7 @@ def fastest_kernel(device_type: str) -> str:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        small = _times(candidates, PROBE_SHAPE)
+        small = _times([k for k in candidates if _exact_at_the_limits(k)], PROBE_SHAPE)
         contenders = [k for k, t in small.items() if t <= CONTENDER_RATIO * min(small.values())]
         if len(contenders) < 2:
             return contenders[0] if contenders else INT8
@@ -205,7 +206,7 @@ def _times(candidates: list[str], shape: tuple[int, int, int], rounds: int = 4,
     for kernel in candidates:
         try:
             run = _probe_run(x, ws, kernel)
-            if _equal(run(), exact) and _exact_at_the_limits(kernel):  # also the warm-up
+            if _equal(run(), exact):  # also the warm-up
                 runs[kernel] = run
         except (RuntimeError, NotImplementedError):  # a kernel this build or CPU lacks
             continue
@@ -227,13 +228,16 @@ LIMIT_K = FLOAT_K_BLOCK - 1  # an odd count: its sums of 127 * 63, and of oneDNN
 def _exact_at_the_limits(kernel: str) -> bool:
     """Whether `kernel` is exact with every product at its largest, of either sign, over a block:
     the sums that would round, and the pairs that would saturate, first (one row and four, as
-    kernels may take another path for one)."""
-    for rows in (1, 4):
-        for x_sign, w_sign in ((1, 1), (-1, 1), (1, -1)):
-            x = torch.full((rows, LIMIT_K), x_sign * ACT_LIMIT, dtype=torch.int8)
-            w = torch.full((LIMIT_K, 64), w_sign * WEIGHT_LIMIT, dtype=torch.int8)
-            if not _equal(_probe_run(x, [w], kernel)(), [x.double() @ w.double()]):
-                return False
+    kernels may take another path for one). False where it fails to run."""
+    try:
+        for rows in (1, 4):
+            for x_sign, w_sign in ((1, 1), (-1, 1), (1, -1)):
+                x = torch.full((rows, LIMIT_K), x_sign * ACT_LIMIT, dtype=torch.int8)
+                w = torch.full((LIMIT_K, 64), w_sign * WEIGHT_LIMIT, dtype=torch.int8)
+                if not _equal(_probe_run(x, [w], kernel)(), [x.double() @ w.double()]):
+                    return False
+    except (RuntimeError, NotImplementedError):  # a kernel this build or CPU lacks
+        return False
     return True
 
 
