@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_MODEL
+from lmzip.exact import cache_kernel as CK
 from lmzip.exact import forward as F
 from lmzip.exact import tables
 from lmzip.exact.coding import check_chunks, decode_chunks, encode_chunks
@@ -38,6 +39,19 @@ def lm():
 @pytest.fixture(scope="module")
 def exact(lm):
     return ExactModel.from_loaded(lm)
+
+
+@pytest.fixture(params=CK.CACHE_KERNELS)
+def held_as(request, exact):
+    """The decoding cache held and multiplied each way (cache_kernel.py), whichever this CPU picks."""
+    kernel = request.param
+    if kernel == CK.INT8 and not CK.exact_at_the_limits():
+        assert CK.cache_kernel("cpu") == CK.FLOAT32  # never chosen where its products are not exact
+        pytest.skip("torch._int_mm is not exact on this CPU")
+    before = exact.cache_kernel
+    exact.cache_kernel = kernel
+    yield kernel
+    exact.cache_kernel = before
 
 
 def _ids(rows, length, seed=0):
@@ -79,10 +93,10 @@ def test_close_to_the_float_model(lm, exact):
     assert kl < 0.1, kl
 
 
-def test_incremental_equals_whole_sequence(exact):
+def test_incremental_equals_whole_sequence(exact, held_as):
     ids = _ids(3, 48)
     whole = _logits(exact, ids)
-    cache = F.Cache(exact.shape, 3, 48, "cpu")
+    cache = F.decoding_cache(exact, 3, 48)
     parts = [F.forward(exact, ids[:, :5], cache)]
     parts += [F.forward(exact, ids[:, i:i + 1], cache) for i in range(5, 40)]
     parts.append(F.forward(exact, ids[:, 40:], cache))
@@ -115,6 +129,7 @@ def test_threads_do_not_matter(exact):
 
 CHILD = textwrap.dedent("""
     import hashlib, json, sys, torch
+    from lmzip.exact import cache_kernel as CK
     from lmzip.exact import forward as F
     from lmzip.exact import matmul as M
     from lmzip.exact.model import ExactModel, WEIGHT_LIMIT
@@ -128,12 +143,18 @@ CHILD = textwrap.dedent("""
         # frequencies of the whole-sequence pass, and token by token over the key/value cache
         # as the decoder runs (the last 10 positions)
         whole = F.forward(exact, ids, F.Cache(exact.shape, 3, 50, "cpu"))
-        cache = F.Cache(exact.shape, 3, 50, "cpu")
+        cache = F.decoding_cache(exact, 3, 50)
         F.forward(exact, ids[:, :40], cache)
         steps = torch.cat([F.forward(exact, ids[:, p:p + 1], cache) for p in range(40, 50)], dim=1)
         return [hashlib.sha256(F.frequencies(exact, t).numpy().tobytes()).hexdigest() for t in (whole, steps)]
 
     freq, steps = digests()
+    # the key/value cache's int8 products: chosen only where exact at the limits, and then the
+    # same frequencies (forced here, whatever the timing chose)
+    chosen, int8_exact = exact.cache_kernel, CK.exact_at_the_limits()
+    exact.cache_kernel = CK.INT8
+    int8_steps = digests()[1] if int8_exact else None
+    exact.cache_kernel = chosen
     # the worst cases for saturating or rounding kernels, through each: every product at the
     # limit, of either sign, over 2047 inputs (odd sums past 2**24 of oneDNN's shifted products)
     worst_ok = {}
@@ -151,6 +172,7 @@ CHILD = textwrap.dedent("""
         kernels[kernel] = digests()
     print(json.dumps({"freq": freq, "kernels": kernels, "steps": steps,
                       "fingerprint": exact.fingerprint.hex(), "worst_ok": worst_ok,
+                      "cache": [chosen, int8_exact, int8_steps],
                       "capability": torch.backends.cpu.get_cpu_capability()}))
 """)
 
@@ -190,6 +212,9 @@ def test_instruction_sets_do_not_matter(exact):
         assert result["freq"] == here, env_extra
         assert result["kernels"] == {k: [here, steps_here] for k in KERNELS}, env_extra
         assert result["steps"] == steps_here, env_extra
+        chosen, int8_exact, int8_steps = result["cache"]
+        assert int8_exact or chosen == CK.FLOAT32, f"int8 cache products chosen, not exact, under {env_extra}"
+        assert int8_steps == (steps_here if int8_exact else None), env_extra
         seen[json.dumps(env_extra)] = result["capability"]
     assert seen[json.dumps({"ATEN_CPU_CAPABILITY": "default"})] == "DEFAULT"  # the setting took effect
 
@@ -305,6 +330,77 @@ def test_attention_value_sums_are_exact_for_few_and_many_query_rows(rows):
     assert torch.equal(F.value_sums(ints, v), want.double())
 
 
+@pytest.mark.parametrize("heads, group, keys", [(3, 3, 37), (2, 1, 1), (1, 4, 300)])
+def test_cached_key_scores_are_the_integer_products_per_head(heads, group, keys):
+    """A decoding step multiplies int8 queries by the int8 key cache one row at a time over all
+    heads; each query head must get exactly its own kv head's products, at the extremes too."""
+    g = torch.Generator().manual_seed(keys)
+    q = torch.randint(-127, 128, (4, heads, group, 8), generator=g, dtype=torch.int8)
+    k = torch.randint(-127, 128, (4, keys, heads, 8), generator=g, dtype=torch.int8)
+    q[0], k[0] = 127, -127                                        # the largest sums, -127**2 * D
+    want = torch.matmul(q.long(), k.permute(0, 2, 3, 1).long())
+    got = CK.key_scores(q, k)
+    assert got.dtype == torch.float32 and torch.equal(got, want.float())
+
+
+@pytest.mark.parametrize("heads, rows, keys", [(3, 3, 8192), (2, 1, 1), (1, 4, 300)])
+def test_cached_value_sums_are_exact_past_2_to_the_31(heads, rows, keys):
+    """U up to 2**18 times int8 values, summed in int32 limbs: exact however large the whole sum."""
+    g = torch.Generator().manual_seed(keys)
+    ints = torch.randint(0, (1 << 18) + 1, (2, heads, rows, keys), generator=g).float()
+    v = torch.randint(-127, 128, (2, keys, heads, 5), generator=g, dtype=torch.int8)
+    ints[0], v[0] = float(1 << 18), 127
+    want = torch.matmul(ints.long(), v.permute(0, 2, 1, 3).long())
+    assert keys < 8192 or want.abs().max() > 1 << 31
+    assert torch.equal(CK.value_sums(ints, v), want.double())
+
+
+def test_a_cache_holds_the_same_state_either_way(exact):
+    """Keys, values and steps read back alike from a float32 and an int8 cache: the check's state
+    digests (journaled by one process, rebuilt by another) do not depend on the kernel."""
+    ids = _ids(2, 12, seed=4)
+    caches = [F.Cache(exact.shape, 2, 14, "cpu", kernel) for kernel in CK.CACHE_KERNELS]
+    for cache in caches:
+        F.forward(exact, ids, cache)
+    for row in range(2):
+        one, other = (list(c.row_positions(row, 3, 12)) for c in caches)
+        assert len(one) == 4 * exact.shape.layers
+        assert all(torch.equal(a, b) for a, b in zip(one, other, strict=True))
+        assert one[0].shape == (exact.shape.kv_heads, 9, exact.shape.head_dim)
+
+
+def _clamped_int_mm(a, b, out=None):
+    """torch._int_mm wrong only past a million, as a kernel that saturates: right on random
+    operands, wrong with every product at its largest."""
+    y = REAL_INT_MM(a, b).clamp(-10 ** 6, 10 ** 6)
+    return y if out is None else out.copy_(y)
+
+
+REAL_INT_MM = torch._int_mm
+
+
+def test_int8_cache_products_wrong_at_the_limits_are_never_chosen(monkeypatch):
+    monkeypatch.setattr(CK, "probe_times", lambda layers: {CK.INT8: 1.0, CK.FLOAT32: 2.0})
+    monkeypatch.setattr(CK.torch, "_int_mm", _clamped_int_mm)
+    assert CK.exact_at_the_limits() is False
+    assert CK.cache_kernel.__wrapped__("cpu") == CK.FLOAT32
+
+
+@pytest.mark.parametrize("small, large, chosen", [
+    ((1.0, 2.0), (1.0, 2.0), CK.INT8),
+    ((1.9, 1.0), (1.0, 2.0), CK.INT8),      # close at one layer: compared over many
+    ((1.9, 1.0), (2.0, 1.0), CK.FLOAT32),
+    ((2.1, 1.0), (1.0, 2.0), CK.FLOAT32),   # far slower at one layer (a reference loop): not timed again
+])
+def test_int8_cache_products_are_chosen_where_faster(monkeypatch, small, large, chosen):
+    if not CK.exact_at_the_limits():
+        pytest.skip("torch._int_mm is not exact on this CPU")
+    monkeypatch.setattr(CK, "probe_times", lambda layers: dict(zip(
+        (CK.INT8, CK.FLOAT32), small if layers == 1 else large)))
+    assert CK.cache_kernel.__wrapped__("cpu") == chosen
+    assert CK.cache_kernel.__wrapped__("cuda") == CK.FLOAT32
+
+
 def test_linear_scales_in_blocks_as_in_one_piece(exact, monkeypatch):
     """A Linear's integer results are scaled a block of rows at a time; each row keeps its own step."""
     layer = exact.layers[0].gate_up
@@ -317,7 +413,7 @@ def test_linear_scales_in_blocks_as_in_one_piece(exact, monkeypatch):
     assert torch.equal(F.linear(q, step, layer), want)
 
 
-def test_long_chunks_round_trip_and_match_the_step_by_step_pass(exact):
+def test_long_chunks_round_trip_and_match_the_step_by_step_pass(exact, held_as):
     """Past 2048 positions the whole-sequence pass (encoder) and the cached steps (decoder) agree."""
     chunk = _ids(1, 2100, seed=5)[0].tolist()
     payloads = encode_chunks(exact, [chunk, chunk[:40]], PREFIX)

@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lmzip.exact.forward import Cache, forward, frequencies  # noqa: E402
-from lmzip.exact import matmul  # noqa: E402
+from lmzip.exact.forward import Cache, decoding_cache, forward, frequencies  # noqa: E402
+from lmzip.exact import cache_kernel, matmul  # noqa: E402
 from lmzip.exact.matmul import kernels  # noqa: E402
 from lmzip.exact.model import ExactModel  # noqa: E402
 from lmzip.models import load_model  # noqa: E402
@@ -39,7 +39,7 @@ def digest(t: torch.Tensor) -> str:
 def decode_steps(exact, ids, rows: int, context: int, steps: int):
     """Median CPU seconds of a decode step (forward and frequencies) after a prefill of `context`."""
     seqs = torch.tensor([ids[r * 97:r * 97 + context + steps] for r in range(rows)])
-    cache = Cache(exact.shape, rows, context + steps, "cpu")
+    cache = decoding_cache(exact, rows, context + steps)
     forward(exact, seqs[:, :context], cache)
     times, h = [], hashlib.sha256()
     for s in range(steps):
@@ -78,6 +78,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--kernel", choices=kernels("cpu"), default=None,
                     help="multiply the weights with this kernel (default: the one timed fastest here)")
+    ap.add_argument("--cache-kernel", choices=cache_kernel.CACHE_KERNELS,
+                    help="hold and multiply the decoding steps' key/value cache so (default: as timed here)")
     ap.add_argument("--probes", type=int, default=0, metavar="N",
                     help="instead: run the kernel choice N times, and count the choices of the small "
                          "product alone (timed in turns, as now) and of the whole choice")
@@ -91,7 +93,10 @@ def main():
     exact = ExactModel.from_loaded(lm)
     if args.kernel:
         exact.use_kernel(args.kernel)
-    print(f"weights multiplied by the {exact.weight_kernel} kernel", flush=True)
+    if args.cache_kernel:
+        exact.cache_kernel = args.cache_kernel
+    print(f"weights multiplied by the {exact.weight_kernel} kernel, the key/value cache by the "
+          f"{exact.cache_kernel} one", flush=True)
     ids = lm.tokenizer(Path(args.file).read_text(), add_special_tokens=False)["input_ids"]
     with exact_float32(), torch.no_grad():
         for rows in args.rows:

@@ -96,7 +96,7 @@ def step_cost(args) -> None:
     """CPU seconds of one decode step (B rows, one token each) over a random cache of C positions."""
     import torch
 
-    from lmzip.exact.forward import Cache, forward, frequencies
+    from lmzip.exact.forward import decoding_cache, forward, frequencies
     from lmzip.exact.model import ExactModel
     from lmzip.models import load_model
     from lmzip.precision import exact_float32
@@ -106,10 +106,10 @@ def step_cost(args) -> None:
     g = torch.Generator().manual_seed(0)
     for rows in args.rows:
         for context in args.context:
-            cache = Cache(exact.shape, rows, context + 4, "cpu")
+            cache = decoding_cache(exact, rows, context + 4)
             for store in (cache.k, cache.v):
                 for t in store:
-                    t.copy_(torch.randint(-127, 128, t.shape, generator=g).float())
+                    t.copy_(torch.randint(-127, 128, t.shape, generator=g))
             for store in (cache.k_scale, cache.v_scale):
                 for t in store:
                     t.fill_(0.01)

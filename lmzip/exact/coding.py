@@ -16,7 +16,7 @@ import torch
 
 from ..rangecoder import RangeDecoder, RangeEncoder
 from ..sharding import beat, deal, map_shards, map_shards_forked
-from .forward import Cache, forward, frequencies
+from .forward import Cache, decoding_cache, forward, frequencies
 from .model import MAX_POSITIONS, ExactModel
 
 FREQ_ROWS = 64  # positions whose frequency rows are built at once (each row is V int64)
@@ -169,9 +169,8 @@ class StateDigests:
         """Hash each row's positions [self.hashed, length) of every layer's keys, values and steps."""
         for row, chain in enumerate(self.chains):
             h = hashlib.sha256(chain)
-            for store in (cache.k, cache.v, cache.k_scale, cache.v_scale):
-                for t in store:
-                    h.update(t[row, :, self.hashed:length].contiguous().cpu().numpy())
+            for t in cache.row_positions(row, self.hashed, length):
+                h.update(t.cpu().numpy())
             self.chains[row] = h.digest()
         self.hashed = length
 
@@ -193,7 +192,7 @@ def _check_batch(exact: ExactModel, chunks, payloads, prefix: tuple[int, ...], r
     active = [i for i in rows if chunks[i]]
     if not active:
         return outcome
-    cache = Cache(exact.shape, len(active), len(prefix) + max(len(chunks[i]) for i in active), device)
+    cache = decoding_cache(exact, len(active), len(prefix) + max(len(chunks[i]) for i in active))
     states = StateDigests(len(active))
     if start:
         lost = set(_restore(exact, cache, states, [chunks[i] for i in active], prefix, start,
@@ -288,7 +287,7 @@ def _decode_batch(exact: ExactModel, payloads, counts, prefix) -> list[list[int]
     tokens: list[list[int]] = [[] for _ in payloads]
     active = [i for i, n in enumerate(counts) if n > 0]
     if active:
-        cache = Cache(exact.shape, len(active), len(prefix) + max(counts), device)
+        cache = decoding_cache(exact, len(active), len(prefix) + max(counts))
         step_ids = torch.tensor([list(prefix)] * len(active), dtype=torch.long, device=device)
     while active:
         symbols = next_symbols(exact, forward(exact, step_ids, cache)[:, -1], [decoders[i] for i in active])

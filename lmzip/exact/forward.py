@@ -17,12 +17,13 @@ import math
 
 import torch
 
+from . import cache_kernel
+from .cache_kernel import LIMB_BITS
 from .matmul import ACT_LIMIT, int_matmul
 from .model import MAX_POSITIONS, ExactModel, IntLinear, Layer, Shape
 from .tables import EXP_ONE_BITS, EXP_STEP_BITS
 
 ATTN_BITS = 18         # attention weights are integers in [0, 2**18] before P @ V
-LIMB_BITS = 6          # ... split into 6-bit limbs
 KEY_BLOCK = 2048       # P @ V sums keys in blocks, each exact in float32: 64 * 127 * 2048 < 2**24
 QUERY_POSITIONS = 64  # whole-sequence passes: positions per attention call (speed and memory only)
 FLOAT64_ROWS = 32      # attention calls with this many query rows (on a CPU) sum P @ V in float64
@@ -35,25 +36,71 @@ assert (1 << LIMB_BITS) * ACT_LIMIT * KEY_BLOCK < 1 << 24, "P @ V limb sums must
 
 
 class Cache:
-    """Keys and values of every layer for B rows that advance in lockstep."""
+    """Keys and values of every layer for B rows that advance in lockstep.
 
-    def __init__(self, shape: Shape, rows: int, capacity: int, device):
+    The int8 head vectors, held as `kernel` (cache_kernel.py) multiplies them in a decoding step:
+    float32 (B, Hkv, capacity, D), or int8 position-major (B, capacity, Hkv, D), so that one row's
+    first T positions are one contiguous (T * Hkv, D) matrix for `torch._int_mm`. Their float32
+    steps are (B, Hkv, capacity) either way."""
+
+    def __init__(self, shape: Shape, rows: int, capacity: int, device, kernel: str = cache_kernel.FLOAT32):
         if capacity > MAX_POSITIONS:
             raise ValueError(f"context of {capacity} positions exceeds the limit {MAX_POSITIONS}")
-        kv = (rows, shape.kv_heads, capacity, shape.head_dim)
+        if kernel not in cache_kernel.CACHE_KERNELS:
+            raise ValueError(f"no cache kernel {kernel!r}")
+        self.int8 = kernel == cache_kernel.INT8
+        if self.int8:
+            kv, held = (rows, capacity, shape.kv_heads, shape.head_dim), dict(dtype=torch.int8, device=device)
+        else:
+            kv, held = (rows, shape.kv_heads, capacity, shape.head_dim), dict(dtype=torch.float32, device=device)
         f32 = dict(dtype=torch.float32, device=device)
-        self.k = [torch.zeros(kv, **f32) for _ in range(shape.layers)]   # integer-valued
-        self.v = [torch.zeros(kv, **f32) for _ in range(shape.layers)]
-        self.k_scale = [torch.zeros(kv[:3], **f32) for _ in range(shape.layers)]
-        self.v_scale = [torch.zeros(kv[:3], **f32) for _ in range(shape.layers)]
+        self.k = [torch.zeros(kv, **held) for _ in range(shape.layers)]   # integer-valued
+        self.v = [torch.zeros(kv, **held) for _ in range(shape.layers)]
+        self.k_scale = [torch.zeros(rows, shape.kv_heads, capacity, **f32) for _ in range(shape.layers)]
+        self.v_scale = [torch.zeros(rows, shape.kv_heads, capacity, **f32) for _ in range(shape.layers)]
         self.length = 0
         self.capacity = capacity
+
+    def put(self, index: int, start: int, k, k_step, v, v_step) -> None:
+        """Layer `index`'s int8 keys and values (B, T, Hkv, D) and their steps (B, T, Hkv) at positions
+        start to start + T."""
+        end = start + k.shape[1]
+        if self.int8:
+            self.k[index][:, start:end] = k
+            self.v[index][:, start:end] = v
+        else:
+            self.k[index][:, :, start:end] = k.transpose(1, 2).float()
+            self.v[index][:, :, start:end] = v.transpose(1, 2).float()
+        self.k_scale[index][:, :, start:end] = k_step.transpose(1, 2)
+        self.v_scale[index][:, :, start:end] = v_step.transpose(1, 2)
+
+    def heads(self, index: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `index`'s keys and values at positions [0, end) as float32 (B, Hkv, end, D)."""
+        if self.int8:
+            return tuple(t[:, :end].permute(0, 2, 1, 3).float() for t in (self.k[index], self.v[index]))
+        return self.k[index][:, :, :end], self.v[index][:, :, :end]
+
+    def row_positions(self, row: int, first: int, end: int):
+        """Row `row`'s keys, values and steps of every layer at positions [first, end), each
+        (Hkv, T, D) or (Hkv, T), float32: the same tensors however the cache holds them."""
+        for store in (self.k, self.v):
+            for t in store:
+                held = t[row, first:end].transpose(0, 1) if self.int8 else t[row, :, first:end]
+                yield held.float().contiguous()
+        for store in (self.k_scale, self.v_scale):
+            for t in store:
+                yield t[row, :, first:end].contiguous()
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only the given rows (decoding drops rows that are done)."""
         for store in (self.k, self.v, self.k_scale, self.v_scale):
             for i, t in enumerate(store):
                 store[i] = t[rows]
+
+
+def decoding_cache(exact: ExactModel, rows: int, capacity: int) -> Cache:
+    """A cache for decoding steps, held as the kernel chosen for this device multiplies it."""
+    return Cache(exact.shape, rows, capacity, exact.device, exact.cache_kernel)
 
 
 def divide(a, b) -> torch.Tensor:
@@ -149,13 +196,33 @@ def attention(exact: ExactModel, q, q_step, k, k_step, v, v_step, q_pos: torch.T
     -> (B, Hkv, R, D) float32. The (B, Hkv, R, Tk) scores are transformed in place, one pass per
     operation: these passes are most of a whole-sequence pass's time.
     """
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(k_step[:, :, None, :])  # exact sum, one rounding
+    scores = torch.matmul(q, k.transpose(-1, -2))                         # exact: 127**2 * D < 2**24
+    ints, factor = attention_weights(exact, scores, q_step, k_step, v_step, q_pos, q_first)
+    return (value_sums(ints, v) * factor).float()
+
+
+def cached_attention(exact: ExactModel, q: torch.Tensor, q_step: torch.Tensor, cache: Cache, index: int,
+                     end: int) -> torch.Tensor:
+    """attention() of int8 query rows q (B, Hkv, R, D) over layer `index`'s first `end` positions of
+    an int8 cache, every row seeing every key (a decoding step): the same sums, in int32."""
+    k, v = cache.k[index][:, :end], cache.v[index][:, :end]
+    ints, factor = attention_weights(exact, cache_kernel.key_scores(q, k), q_step,
+                                     cache.k_scale[index][:, :, :end], cache.v_scale[index][:, :, :end], None)
+    return (cache_kernel.value_sums(ints, v) * factor).float()
+
+
+def attention_weights(exact: ExactModel, scores: torch.Tensor, q_step, k_step, v_step,
+                      q_pos: torch.Tensor | None, q_first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """From the exact integer scores Q.K (B, Hkv, R, Tk) float32 (overwritten) to the attention
+    weights U (integers in [0, 2**18], float32) and the float64 factor (B, Hkv, R, 1) that turns
+    U @ V into the output."""
+    scores.mul_(k_step[:, :, None, :])                                     # one rounding
     future = None
     if q_pos is not None:
-        future = torch.arange(q_first, k.shape[2], device=q.device)[None, :] > q_pos[:, None]
+        future = torch.arange(q_first, scores.shape[-1], device=scores.device)[None, :] > q_pos[:, None]
         scores[..., q_first:].masked_fill_(future, float("-inf"))
     top = scores.amax(dim=-1, keepdim=True)
-    inv_sqrt_d = torch.tensor(1.0 / math.sqrt(q.shape[-1]), dtype=torch.float32, device=q.device)
+    inv_sqrt_d = torch.tensor(1.0 / math.sqrt(exact.shape.head_dim), dtype=torch.float32, device=scores.device)
     coef = (q_step * inv_sqrt_d) * EXP_SCALE                                # (B, Hkv, R)
     scaled = torch.sub(top, scores, out=scores).mul_(coef[..., None])
     if future is not None:
@@ -166,7 +233,7 @@ def attention(exact: ExactModel, q, q_step, k, k_step, v, v_step, q_pos: torch.T
     u_top = u.amax(dim=-1, keepdim=True)
     u_safe = torch.where(u_top > 0, u_top, 1.0)
     ints = u.div_(u_safe * (1.0 / (1 << ATTN_BITS))).round_()           # U in [0, 2**18]
-    return (value_sums(ints, v) * (u_top.double() / (weight_sum * float(1 << ATTN_BITS)))).float()
+    return ints, u_top.double() / (weight_sum * float(1 << ATTN_BITS))
 
 
 def value_sums(ints: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -212,25 +279,26 @@ def attention_block(exact: ExactModel, layer: Layer, index: int, x: torch.Tensor
     q, k, v = heads.split([hq, hk, hk], dim=2)
     q_step, k_step, v_step = steps.split([hq, hk, hk], dim=2)
     end = start + t
-    cache.k[index][:, :, start:end] = k.transpose(1, 2).float()
-    cache.v[index][:, :, start:end] = v.transpose(1, 2).float()
-    cache.k_scale[index][:, :, start:end] = k_step.transpose(1, 2)
-    cache.v_scale[index][:, :, start:end] = v_step.transpose(1, 2)
+    cache.put(index, start, k, k_step, v, v_step)
     # query rows by kv head, position-major: (B, Hkv, T * G, D), row t * G + g is head kv * G + g
-    q = q.float().reshape(b, t, hk, g, d).transpose(1, 2).reshape(b, hk, t * g, d)
+    q = q.reshape(b, t, hk, g, d).transpose(1, 2).reshape(b, hk, t * g, d)
     q_step = q_step.reshape(b, t, hk, g).transpose(1, 2).reshape(b, hk, t * g)
-    if t == 1:
-        out = attention(exact, q, q_step, cache.k[index][:, :, :end], cache.k_scale[index][:, :, :end],
-                        cache.v[index][:, :, :end], cache.v_scale[index][:, :, :end], None)
+    k_step, v_step = cache.k_scale[index], cache.v_scale[index]
+    if t == 1 and cache.int8:
+        out = cached_attention(exact, q, q_step, cache, index, end)
+    elif t == 1:
+        keys, values = cache.heads(index, end)
+        out = attention(exact, q.float(), q_step, keys, k_step[:, :, :end], values, v_step[:, :, :end], None)
     else:  # rows are independent: blocks of positions see only the keys up to their last one
+        keys, values = cache.heads(index, end)
+        q = q.float()
         blocks = []
         for first in range(start, end, QUERY_POSITIONS):
             last = min(first + QUERY_POSITIONS, end)
             rows = slice((first - start) * g, (last - start) * g)
             q_pos = torch.arange(first, last, device=x.device).repeat_interleave(g)
-            blocks.append(attention(exact, q[:, :, rows], q_step[:, :, rows],
-                                    cache.k[index][:, :, :last], cache.k_scale[index][:, :, :last],
-                                    cache.v[index][:, :, :last], cache.v_scale[index][:, :, :last], q_pos, first))
+            blocks.append(attention(exact, q[:, :, rows], q_step[:, :, rows], keys[:, :, :last],
+                                    k_step[:, :, :last], values[:, :, :last], v_step[:, :, :last], q_pos, first))
         out = torch.cat(blocks, dim=2)
     out = out.reshape(b, hk, t, g, d).transpose(1, 2).reshape(b, t, hq * d)
     o_int, o_step = quantize_rows(out)

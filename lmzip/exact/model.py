@@ -21,6 +21,7 @@ import torch
 from ..errors import ModelError
 from ..limits import LM_LONG_POSITIONS, LM_POSITIONS
 from . import tables
+from .cache_kernel import FLOAT32, cache_kernel
 from .matmul import INT8, WEIGHT_LIMIT, fastest_kernel, prepare
 
 ARITHMETIC_VERSION = b"lmzip-exact-lm/2"
@@ -95,6 +96,7 @@ class ExactModel:
     exp: torch.Tensor        # (N + 1,) int64 exp table, see tables.exp_table
     fingerprint: bytes       # 32 bytes
     weight_kernel: str = INT8  # what multiplies the weights (use_kernel)
+    cache_kernel: str = FLOAT32  # how decoding steps hold and multiply the key/value cache
 
     def __post_init__(self):
         self.exp_f32 = self.exp.float()  # the same integers (<= 2**24), exact in float32
@@ -132,6 +134,7 @@ class ExactModel:
                     exp=torch.from_numpy(tables.exp_table()), fingerprint=b"")
         exact.fingerprint = exact._digest()
         exact.use_kernel(fastest_kernel(exact.device.type))
+        exact.cache_kernel = cache_kernel(exact.device.type)
         return exact
 
     def linears(self):
@@ -183,6 +186,7 @@ class ExactModel:
             final_norm=mv(self.final_norm), head=lin(self.head), cos=mv(self.cos), sin=mv(self.sin),
             exp=mv(self.exp), fingerprint=self.fingerprint)
         moved.use_kernel(fastest_kernel(torch.device(device).type))
+        moved.cache_kernel = cache_kernel(torch.device(device).type)
         return moved
 
     @property

@@ -1,0 +1,139 @@
+"""How a decoding step multiplies by its cached keys and values: float32 or int8, whichever is
+exact and faster here (chosen once per process).
+
+A decoding step reads every cached key and value once, and at a few query rows per head that is
+most of its attention's time. The cache holds the int8 head vectors either as float32, read by
+float32 batched products (sums of at most 64 products of 127 * 127, or of 2048 of 6-bit limbs
+times 127, stay below 2**24: exact in any order), or as int8, read by `torch._int_mm` with
+int32 sums: a quarter of the bytes, 3 to 4 times faster where the CPU has int8 dot products
+(VNNI, AMX). Elsewhere `torch._int_mm` is a reference loop, or (oneDNN capped below VNNI) adds
+pairs of u8 x s8 products in saturating 16-bit lanes, which a key of 127 times a query of 127
+shifted to 255 overflows. So int8 is chosen only where a check with every product at its
+largest gives the exact sums, and where it is timed faster. Both give the same integers.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+FLOAT32 = "float32"
+INT8 = "int8"
+CACHE_KERNELS = (FLOAT32, INT8)
+LIMB_BITS = 6           # attention weights U in [0, 2**18] go to int8 as three 6-bit limbs
+LIMIT_KEYS = 2047       # the check's key count: sums of 63 * 127 far past what 16 bits hold
+# the timing probe: a decoding step's shapes (rows, kv heads, query rows per kv head, keys, head
+# size) over one layer, then (unless int8 is far slower there, as a reference loop is) over
+# PROBE_LAYERS layers: more bytes than a core's caches hold, as in a step over every layer; at
+# 4 layers float32 and int8 are close on a CPU with AMX, at 16 int8 takes half the time
+PROBE_SHAPE = (8, 3, 3, 1024, 64)
+PROBE_LAYERS = 16
+CONTENDER_RATIO = 2.0
+
+
+def key_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """int8 queries q (B, Hkv, R, D) . int8 cached keys k (B, Tk, Hkv, D) -> the exact scores
+    (B, Hkv, R, Tk) as float32 (each |sum| <= 127 * 127 * D < 2**24). One int8 GEMM per row over
+    all its heads at once: the products of a query head with other heads' keys are computed and
+    dropped, as the keys' bytes, not the products, are what a step costs."""
+    b, tk, hk, d = k.shape
+    r = q.shape[2]
+    out = torch.empty(b, hk * r, tk * hk, dtype=torch.int32, device=q.device)
+    for row in range(b):
+        torch._int_mm(q[row].reshape(hk * r, d), k[row].reshape(tk * hk, d).t(), out=out[row])
+    mine = out.view(b, hk, r, tk, hk).diagonal(dim1=1, dim2=4)            # (B, R, Tk, Hkv)
+    return torch.empty(b, hk, r, tk, device=q.device).copy_(mine.permute(0, 3, 1, 2))
+
+
+def value_sums(ints: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """U (B, Hkv, R, Tk), integers in [0, 2**18] as float32, @ int8 cached values v (B, Tk, Hkv, D)
+    -> the exact sums (B, Hkv, R, D) as float64: U in three 6-bit limbs (int8), one int8 GEMM per
+    row over all heads, each int32 sum < 64 * 127 * 8192 < 2**31, the limbs joined in float64."""
+    b, tk, hk, d = v.shape
+    r = ints.shape[2]
+    n = ints.to(torch.int32)
+    limbs = torch.empty(b, hk, 3 * r, tk, dtype=torch.int8, device=ints.device)
+    limbs[:, :, :r] = n >> 2 * LIMB_BITS
+    limbs[:, :, r:2 * r] = (n >> LIMB_BITS) & (1 << LIMB_BITS) - 1
+    limbs[:, :, 2 * r:] = n & (1 << LIMB_BITS) - 1
+    out = torch.empty(b, hk * 3 * r, hk * d, dtype=torch.int32, device=ints.device)
+    for row in range(b):
+        torch._int_mm(limbs[row].reshape(hk * 3 * r, tk), v[row].reshape(tk, hk * d), out=out[row])
+    acc = out.view(b, hk, 3 * r, hk, d).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).double()
+    base = float(1 << LIMB_BITS)
+    return (acc[..., :r, :] * (base * base) + acc[..., r:2 * r, :] * base) + acc[..., 2 * r:, :]
+
+
+@functools.cache
+def cache_kernel(device_type: str) -> str:
+    """INT8 where it is exact at the limits and faster than float32 here (timed once per process,
+    one torch thread, as lm's shards run); FLOAT32 otherwise, and on GPUs."""
+    if device_type != "cpu" or not exact_at_the_limits():
+        return FLOAT32
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times = probe_times(layers=1)
+        if times[INT8] <= CONTENDER_RATIO * times[FLOAT32]:
+            times = probe_times(layers=PROBE_LAYERS)
+    finally:
+        torch.set_num_threads(threads)
+    return INT8 if times[INT8] < times[FLOAT32] else FLOAT32
+
+
+def exact_at_the_limits() -> bool:
+    """Whether the int8 products give the exact sums with every product at its largest, of either
+    sign, over LIMIT_KEYS keys (one row and four): where a saturating or rounding kernel fails
+    first. False where they fail to run."""
+    try:
+        for rows in (1, 4):
+            for q_sign, k_sign in ((1, 1), (-1, 1), (1, -1)):
+                q = torch.full((rows, 3, 3, 64), 127 * q_sign, dtype=torch.int8)
+                k = torch.full((rows, LIMIT_KEYS, 3, 64), 127 * k_sign, dtype=torch.int8)
+                want = torch.matmul(q.double(), k.permute(0, 2, 3, 1).double())
+                if not torch.equal(key_scores(q, k).double(), want):
+                    return False
+                for top in (1 << 18, (1 << 18) - 1):  # limbs 64, 0, 0 and 63, 63, 63
+                    ints = torch.full((rows, 3, 3, LIMIT_KEYS), float(top))
+                    want = torch.matmul(ints.double(), k.permute(0, 2, 1, 3).double())
+                    if not torch.equal(value_sums(ints, k), want):
+                        return False
+    except (RuntimeError, NotImplementedError):  # int8 products this build or CPU lacks
+        return False
+    return True
+
+
+def probe_times(layers: int, rounds: int = 3) -> dict[str, float]:
+    """The least time of each kernel for a decoding step's products over `layers` layers,
+    taking turns (a busy spell of the machine slows both)."""
+    b, hk, r, tk, d = PROBE_SHAPE
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (b, hk, r, d), generator=g, dtype=torch.int8)
+    ints = torch.randint(0, (1 << 18) + 1, (b, hk, r, tk), generator=g).float()
+    int8 = [torch.randint(-127, 128, (b, tk, hk, d), generator=g, dtype=torch.int8) for _ in range(layers)]
+    as_float = [t.permute(0, 2, 1, 3).float().contiguous() for t in int8]
+    qf = q.float()
+    limbs = torch.cat([torch.floor(ints / (1 << 2 * LIMB_BITS))] * 3, dim=2)  # three limb blocks' worth
+
+    def run_int8():
+        for t in int8:
+            key_scores(q, t)
+            value_sums(ints, t)
+
+    def run_float32():
+        for t in as_float:
+            torch.matmul(qf, t.transpose(-1, -2))
+            torch.matmul(limbs, t)
+
+    runs = {INT8: run_int8, FLOAT32: run_float32}
+    times = dict.fromkeys(runs, float("inf"))
+    for run in runs.values():
+        run()  # warm-up
+    for _ in range(rounds):
+        for kernel, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[kernel] = min(times[kernel], time.perf_counter() - start)
+    return times
