@@ -380,7 +380,7 @@ REAL_INT_MM = torch._int_mm
 
 
 def test_int8_cache_products_wrong_at_the_limits_are_never_chosen(monkeypatch):
-    monkeypatch.setattr(CK, "probe_times", lambda layers: {CK.INT8: 1.0, CK.FLOAT32: 2.0})
+    monkeypatch.setattr(CK, "probe_times", lambda layers, heads: {CK.INT8: 1.0, CK.FLOAT32: 2.0})
     monkeypatch.setattr(CK.torch, "_int_mm", _clamped_int_mm)
     assert CK.exact_at_the_limits() is False
     assert CK.cache_kernel.__wrapped__("cpu") == CK.FLOAT32
@@ -395,7 +395,7 @@ def test_int8_cache_products_wrong_at_the_limits_are_never_chosen(monkeypatch):
 def test_int8_cache_products_are_chosen_where_faster(monkeypatch, small, large, chosen):
     if not CK.exact_at_the_limits():
         pytest.skip("torch._int_mm is not exact on this CPU")
-    monkeypatch.setattr(CK, "probe_times", lambda layers: dict(zip(
+    monkeypatch.setattr(CK, "probe_times", lambda layers, heads: dict(zip(
         (CK.INT8, CK.FLOAT32), small if layers == 1 else large)))
     assert CK.cache_kernel.__wrapped__("cpu") == chosen
     assert CK.cache_kernel.__wrapped__("cuda") == CK.FLOAT32
@@ -592,3 +592,27 @@ def test_a_state_rebuilt_in_many_passes_after_a_longer_prefix_has_its_digest(exa
     assert check_chunks(exact, chunks, payloads, prefix, batch_size=2,
                         resume={0: (30, at[0, 28]), 1: (25, at[1, 20])}) == set()
     assert seen["restored"] == [] and seen["steps"] == 30
+
+
+def test_a_check_reported_with_one_cache_form_resumes_with_the_other(exact, monkeypatch):
+    """A check journaled by a process that held its cache as float32 goes on in one that holds it as
+    int8, and the other way round: the rebuilt states have the reported digests."""
+    if not CK.exact_at_the_limits():
+        pytest.skip("torch._int_mm is not exact on this CPU")
+    chunks = [_ids(1, n, seed=s)[0].tolist() for s, n in enumerate((30, 21))]
+    payloads = encode_chunks(exact, chunks, PREFIX)
+    before = exact.cache_kernel
+    try:
+        for reported_as, resumed_as in ((CK.FLOAT32, CK.INT8), (CK.INT8, CK.FLOAT32)):
+            exact.cache_kernel = reported_as
+            reports = []
+            check_chunks(exact, chunks, payloads, PREFIX, batch_size=2, every=4,
+                         progress=lambda *a: reports.append(a))
+            at = {(i, k): d for i, k, d in reports}
+            exact.cache_kernel = resumed_as
+            seen = _steps_spy(monkeypatch)
+            assert check_chunks(exact, chunks, payloads, PREFIX, batch_size=2, every=4,
+                                resume={0: (12, at[0, 12]), 1: (12, at[1, 12])}) == set()
+            assert seen["restored"] == [(12, 2, 0)] and seen["steps"] == 30 - 12
+    finally:
+        exact.cache_kernel = before

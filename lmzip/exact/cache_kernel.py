@@ -24,11 +24,12 @@ INT8 = "int8"
 CACHE_KERNELS = (FLOAT32, INT8)
 LIMB_BITS = 6           # attention weights U in [0, 2**18] go to int8 as three 6-bit limbs
 LIMIT_KEYS = 2047       # the check's key count: sums of 63 * 127 far past what 16 bits hold
-# the timing probe: a decoding step's shapes (rows, kv heads, query rows per kv head, keys, head
-# size) over one layer, then (unless int8 is far slower there, as a reference loop is) over
+# the timing probe: a decoding step's shapes (PROBE_ROWS rows over PROBE_KEYS keys, the model's
+# heads) over one layer, then (unless int8 is far slower there, as a reference loop is) over
 # PROBE_LAYERS layers: more bytes than a core's caches hold, as in a step over every layer; at
 # 4 layers float32 and int8 were within 20 % on a Xeon with AMX, at 16 int8 took half the time
-PROBE_SHAPE = (8, 3, 3, 1024, 64)
+PROBE_ROWS, PROBE_KEYS = 8, 1024
+EMBEDDED_HEADS = (3, 3, 64)  # kv heads, query heads per kv head, head size: the embedded model's
 PROBE_LAYERS = 16
 CONTENDER_RATIO = 2.0
 
@@ -50,7 +51,7 @@ def key_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 def value_sums(ints: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """U (B, Hkv, R, Tk), integers in [0, 2**18] as float32, @ int8 cached values v (B, Tk, Hkv, D)
     -> the exact sums (B, Hkv, R, D) as float64: U in three 6-bit limbs (int8), one int8 GEMM per
-    row over all heads, each int32 sum < 64 * 127 * 8192 < 2**31, the limbs joined in float64."""
+    row over all heads, each int32 sum <= 64 * 127 * 8192 < 2**31, the limbs joined in float64."""
     b, tk, hk, d = v.shape
     r = ints.shape[2]
     n = ints.to(torch.int32)
@@ -67,36 +68,40 @@ def value_sums(ints: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def cache_kernel(device_type: str) -> str:
-    """INT8 where it is exact at the limits and faster than float32 here (timed once per process,
-    one torch thread, as lm's shards run); FLOAT32 otherwise, and on GPUs."""
-    if device_type != "cpu" or not exact_at_the_limits():
+def cache_kernel(device_type: str, heads: tuple[int, int, int] = EMBEDDED_HEADS) -> str:
+    """INT8 where it is exact at the limits and faster than float32 here for a model's `heads`
+    (kv heads, query heads per kv head, head size), timed once per process and shape with one
+    torch thread, as lm's shards run (key_scores computes kv heads times the products it keeps,
+    which the timing weighs); FLOAT32 otherwise, and on GPUs."""
+    if device_type != "cpu" or not exact_at_the_limits(heads):
         return FLOAT32
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        times = probe_times(layers=1)
+        times = probe_times(layers=1, heads=heads)
         if times[INT8] <= CONTENDER_RATIO * times[FLOAT32]:
-            times = probe_times(layers=PROBE_LAYERS)
+            times = probe_times(layers=PROBE_LAYERS, heads=heads)
     finally:
         torch.set_num_threads(threads)
     return INT8 if times[INT8] < times[FLOAT32] else FLOAT32
 
 
-def exact_at_the_limits() -> bool:
+def exact_at_the_limits(heads: tuple[int, int, int] = EMBEDDED_HEADS) -> bool:
     """Whether the int8 products give the exact sums with every product at its largest, of either
-    sign, over LIMIT_KEYS keys (one row and four): where a saturating or rounding kernel fails
-    first. False where they fail to run."""
+    sign, over LIMIT_KEYS keys, at the model's `heads` and at one query head (one product row, for
+    which a kernel may take another path): where a saturating or rounding kernel fails first.
+    False where they fail to run."""
+    kv_heads, group, size = heads
     try:
-        for rows in (1, 4):
+        for hk, r in ((kv_heads, group), (1, 1)):
             for q_sign, k_sign in ((1, 1), (-1, 1), (1, -1)):
-                q = torch.full((rows, 3, 3, 64), 127 * q_sign, dtype=torch.int8)
-                k = torch.full((rows, LIMIT_KEYS, 3, 64), 127 * k_sign, dtype=torch.int8)
+                q = torch.full((2, hk, r, size), 127 * q_sign, dtype=torch.int8)
+                k = torch.full((2, LIMIT_KEYS, hk, size), 127 * k_sign, dtype=torch.int8)
                 want = torch.matmul(q.double(), k.permute(0, 2, 3, 1).double())
                 if not torch.equal(key_scores(q, k).double(), want):
                     return False
                 for top in (1 << 18, (1 << 18) - 1):  # limbs 64, 0, 0 and 63, 63, 63
-                    ints = torch.full((rows, 3, 3, LIMIT_KEYS), float(top))
+                    ints = torch.full((2, hk, r, LIMIT_KEYS), float(top))
                     want = torch.matmul(ints.double(), k.permute(0, 2, 1, 3).double())
                     if not torch.equal(value_sums(ints, k), want):
                         return False
@@ -105,10 +110,10 @@ def exact_at_the_limits() -> bool:
     return True
 
 
-def probe_times(layers: int, rounds: int = 3) -> dict[str, float]:
+def probe_times(layers: int, heads: tuple[int, int, int] = EMBEDDED_HEADS, rounds: int = 3) -> dict[str, float]:
     """The least time of each kernel for a decoding step's products over `layers` layers,
     taking turns (a busy spell of the machine slows both)."""
-    b, hk, r, tk, d = PROBE_SHAPE
+    (hk, r, d), b, tk = heads, PROBE_ROWS, PROBE_KEYS
     g = torch.Generator().manual_seed(0)
     q = torch.randint(-127, 128, (b, hk, r, d), generator=g, dtype=torch.int8)
     ints = torch.randint(0, (1 << 18) + 1, (b, hk, r, tk), generator=g).float()

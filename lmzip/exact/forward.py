@@ -48,6 +48,8 @@ class Cache:
             raise ValueError(f"context of {capacity} positions exceeds the limit {MAX_POSITIONS}")
         if kernel not in cache_kernel.CACHE_KERNELS:
             raise ValueError(f"no cache kernel {kernel!r}")
+        if kernel == cache_kernel.INT8 and torch.device(device).type != "cpu":
+            raise ValueError("the int8 key/value cache is for CPUs")
         self.int8 = kernel == cache_kernel.INT8
         if self.int8:
             kv, held = (rows, capacity, shape.kv_heads, shape.head_dim), dict(dtype=torch.int8, device=device)

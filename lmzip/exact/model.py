@@ -134,7 +134,7 @@ class ExactModel:
                     exp=torch.from_numpy(tables.exp_table()), fingerprint=b"")
         exact.fingerprint = exact._digest()
         exact.use_kernel(fastest_kernel(exact.device.type))
-        exact.cache_kernel = cache_kernel(exact.device.type)
+        exact.cache_kernel = cache_kernel(exact.device.type, exact.head_shape)
         return exact
 
     def linears(self):
@@ -186,8 +186,14 @@ class ExactModel:
             final_norm=mv(self.final_norm), head=lin(self.head), cos=mv(self.cos), sin=mv(self.sin),
             exp=mv(self.exp), fingerprint=self.fingerprint)
         moved.use_kernel(fastest_kernel(torch.device(device).type))
-        moved.cache_kernel = cache_kernel(torch.device(device).type)
+        moved.cache_kernel = cache_kernel(torch.device(device).type, moved.head_shape)
         return moved
+
+    @property
+    def head_shape(self) -> tuple[int, int, int]:
+        """(kv heads, query heads per kv head, head size): what the cache kernel is chosen for."""
+        s = self.shape
+        return s.kv_heads, s.heads // s.kv_heads, s.head_dim
 
     @property
     def device(self) -> torch.device:
