@@ -369,6 +369,15 @@ def test_a_cache_holds_the_same_state_either_way(exact):
         assert one[0].shape == (exact.shape.kv_heads, 9, exact.shape.head_dim)
 
 
+def test_a_cache_refuses_an_unknown_form_and_int8_off_the_cpu(exact):
+    """int8 products run where they were checked (the CPU); GPUs hold the cache as float32."""
+    with pytest.raises(ValueError, match="no cache kernel"):
+        F.Cache(exact.shape, 1, 4, "cpu", "int4")
+    with pytest.raises(ValueError, match="for CPUs"):
+        F.Cache(exact.shape, 1, 4, "meta", CK.INT8)
+    assert F.Cache(exact.shape, 1, 4, "meta", CK.FLOAT32).k[0].dtype == torch.float32
+
+
 def _clamped_int_mm(a, b, out=None):
     """torch._int_mm wrong only past a million, as a kernel that saturates: right on random
     operands, wrong with every product at its largest."""

@@ -93,6 +93,8 @@ def main():
     exact = ExactModel.from_loaded(lm)
     if args.kernel:
         exact.use_kernel(args.kernel)
+    if args.cache_kernel == cache_kernel.INT8 and not cache_kernel.exact_at_the_limits(exact.head_shape):
+        ap.error("torch._int_mm is not exact on this CPU: --cache-kernel int8 would time wrong arithmetic")
     if args.cache_kernel:
         exact.cache_kernel = args.cache_kernel
     print(f"weights multiplied by the {exact.weight_kernel} kernel, the key/value cache by the "

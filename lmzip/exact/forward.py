@@ -285,26 +285,33 @@ def attention_block(exact: ExactModel, layer: Layer, index: int, x: torch.Tensor
     # query rows by kv head, position-major: (B, Hkv, T * G, D), row t * G + g is head kv * G + g
     q = q.reshape(b, t, hk, g, d).transpose(1, 2).reshape(b, hk, t * g, d)
     q_step = q_step.reshape(b, t, hk, g).transpose(1, 2).reshape(b, hk, t * g)
-    k_step, v_step = cache.k_scale[index], cache.v_scale[index]
     if t == 1 and cache.int8:
         out = cached_attention(exact, q, q_step, cache, index, end)
-    elif t == 1:
-        keys, values = cache.heads(index, end)
-        out = attention(exact, q.float(), q_step, keys, k_step[:, :, :end], values, v_step[:, :, :end], None)
-    else:  # rows are independent: blocks of positions see only the keys up to their last one
-        keys, values = cache.heads(index, end)
-        q = q.float()
-        blocks = []
-        for first in range(start, end, QUERY_POSITIONS):
-            last = min(first + QUERY_POSITIONS, end)
-            rows = slice((first - start) * g, (last - start) * g)
-            q_pos = torch.arange(first, last, device=x.device).repeat_interleave(g)
-            blocks.append(attention(exact, q[:, :, rows], q_step[:, :, rows], keys[:, :, :last],
-                                    k_step[:, :, :last], values[:, :, :last], v_step[:, :, :last], q_pos, first))
-        out = torch.cat(blocks, dim=2)
+    else:
+        out = float_attention(exact, q.float(), q_step, cache, index, start, end)
     out = out.reshape(b, hk, t, g, d).transpose(1, 2).reshape(b, t, hq * d)
     o_int, o_step = quantize_rows(out)
     return linear(o_int, o_step, layer.o)
+
+
+def float_attention(exact: ExactModel, q: torch.Tensor, q_step: torch.Tensor, cache: Cache, index: int,
+                    start: int, end: int) -> torch.Tensor:
+    """attention() of the query rows (B, Hkv, T * G, D) of positions start to end over layer
+    `index`'s cached keys and values as float32. Rows are independent: a whole-sequence pass takes
+    blocks of positions, each over the keys up to its last one."""
+    keys, values = cache.heads(index, end)
+    k_step, v_step = cache.k_scale[index], cache.v_scale[index]
+    if end - start == 1:
+        return attention(exact, q, q_step, keys, k_step[:, :, :end], values, v_step[:, :, :end], None)
+    g = q.shape[2] // (end - start)
+    blocks = []
+    for first in range(start, end, QUERY_POSITIONS):
+        last = min(first + QUERY_POSITIONS, end)
+        rows = slice((first - start) * g, (last - start) * g)
+        q_pos = torch.arange(first, last, device=q.device).repeat_interleave(g)
+        blocks.append(attention(exact, q[:, :, rows], q_step[:, :, rows], keys[:, :, :last],
+                                k_step[:, :, :last], values[:, :, :last], v_step[:, :, :last], q_pos, first))
+    return torch.cat(blocks, dim=2)
 
 
 def mlp_block(exact: ExactModel, layer: Layer, x: torch.Tensor) -> torch.Tensor:

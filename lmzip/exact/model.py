@@ -133,8 +133,7 @@ class ExactModel:
                     cos=torch.from_numpy(cos), sin=torch.from_numpy(sin),
                     exp=torch.from_numpy(tables.exp_table()), fingerprint=b"")
         exact.fingerprint = exact._digest()
-        exact.use_kernel(fastest_kernel(exact.device.type))
-        exact.cache_kernel = cache_kernel(exact.device.type, exact.head_shape)
+        exact.choose_kernels()
         return exact
 
     def linears(self):
@@ -185,9 +184,14 @@ class ExactModel:
                     for l in self.layers],
             final_norm=mv(self.final_norm), head=lin(self.head), cos=mv(self.cos), sin=mv(self.sin),
             exp=mv(self.exp), fingerprint=self.fingerprint)
-        moved.use_kernel(fastest_kernel(torch.device(device).type))
-        moved.cache_kernel = cache_kernel(torch.device(device).type, moved.head_shape)
+        moved.choose_kernels()
         return moved
+
+    def choose_kernels(self) -> None:
+        """The fastest exact kernels on this device for the weights and the key/value cache (each
+        timed once per process)."""
+        self.use_kernel(fastest_kernel(self.device.type))
+        self.cache_kernel = cache_kernel(self.device.type, self.head_shape)
 
     @property
     def head_shape(self) -> tuple[int, int, int]:
