@@ -97,7 +97,8 @@ def test_incremental_equals_whole_sequence(exact, held_as):
     ids = _ids(3, 48)
     whole = _logits(exact, ids)
     cache = F.decoding_cache(exact, 3, 48)
-    parts = [F.forward(exact, ids[:, :5], cache)]
+    parts = [F.forward(exact, ids[:, :1], cache)]    # a step over one key, as a decoder's first
+    parts.append(F.forward(exact, ids[:, 1:5], cache))
     parts += [F.forward(exact, ids[:, i:i + 1], cache) for i in range(5, 40)]
     parts.append(F.forward(exact, ids[:, 40:], cache))
     assert torch.equal(torch.cat(parts, 1), whole)
@@ -348,9 +349,9 @@ def test_cached_value_sums_are_exact_past_2_to_the_31(heads, rows, keys):
     """U up to 2**18 times int8 values, summed in int32 limbs: exact however large the whole sum."""
     g = torch.Generator().manual_seed(keys)
     ints = torch.randint(0, (1 << 18) + 1, (2, heads, rows, keys), generator=g).float()
-    v = torch.randint(-127, 128, (2, keys, heads, 5), generator=g, dtype=torch.int8)
+    v = torch.randint(-127, 128, (2, heads, 5, keys), generator=g, dtype=torch.int8)  # as the cache holds them
     ints[0], v[0] = float(1 << 18), 127
-    want = torch.matmul(ints.long(), v.permute(0, 2, 1, 3).long())
+    want = torch.matmul(ints.long(), v.transpose(2, 3).long())
     assert keys < 8192 or want.abs().max() > 1 << 31
     assert torch.equal(CK.value_sums(ints, v), want.double())
 

@@ -15,6 +15,7 @@ largest gives the exact sums, and where it is timed faster. Both give the same i
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 
 import torch
@@ -37,34 +38,45 @@ CONTENDER_RATIO = 2.0
 def key_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """int8 queries q (B, Hkv, R, D) . int8 cached keys k (B, Tk, Hkv, D) -> the exact scores
     (B, Hkv, R, Tk) as float32 (each |sum| <= 127 * 127 * D < 2**24). One int8 GEMM per row over
-    all its heads at once: the products of a query head with other heads' keys are computed and
-    dropped, as the keys' bytes, not the products, are what a step costs."""
+    all its heads at once, the keys on the left: oneDNN reorders the right operand at each call,
+    and the few query rows cost little to reorder where the keys would cost twice the product.
+    The products of a query head with other heads' keys are computed and dropped: a step costs
+    the keys' bytes, not the products."""
     b, tk, hk, d = k.shape
     r = q.shape[2]
-    out = torch.empty(b, hk * r, tk * hk, dtype=torch.int32, device=q.device)
-    for row in range(b):
-        torch._int_mm(q[row].reshape(hk * r, d), k[row].reshape(tk * hk, d).t(), out=out[row])
-    mine = out.view(b, hk, r, tk, hk).diagonal(dim1=1, dim2=4)            # (B, R, Tk, Hkv)
-    return torch.empty(b, hk, r, tk, device=q.device).copy_(mine.permute(0, 3, 1, 2))
+    queries = q.reshape(b, hk * r, d).transpose(1, 2).contiguous()        # (B, D, Hkv * R)
+    out = torch.empty(b, tk * hk, hk * r, dtype=torch.int32, device=q.device)
+    for keys, query, into in zip(k.reshape(b, tk * hk, d).unbind(), queries.unbind(), out.unbind()):
+        torch._int_mm(keys, query, out=into)
+    mine = out.view(b, tk, hk, hk, r).diagonal(dim1=2, dim2=3)            # (B, Tk, R, Hkv)
+    return torch.empty(b, hk, r, tk, device=q.device).copy_(mine.permute(0, 3, 2, 1))
 
 
 def value_sums(ints: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """U (B, Hkv, R, Tk), integers in [0, 2**18] as float32, @ int8 cached values v (B, Tk, Hkv, D)
-    -> the exact sums (B, Hkv, R, D) as float64: U in three 6-bit limbs (int8), one int8 GEMM per
-    row over all heads, each int32 sum <= 64 * 127 * 8192 < 2**31, the limbs joined in float64."""
-    b, tk, hk, d = v.shape
+    """U (B, Hkv, R, Tk), integers in [0, 2**18] as float32, @ int8 cached values v, held
+    transposed (B, Hkv, D, Tk) -> the exact sums (B, Hkv, R, D) as float64: U in three 6-bit limbs
+    (int8), one int8 GEMM per row over all heads with the values on the left (as in key_scores),
+    each int32 sum <= 64 * 127 * 8192 < 2**31, the limbs joined in float64."""
+    b, hk, d, tk = v.shape
     r = ints.shape[2]
     n = ints.to(torch.int32)
     limbs = torch.empty(b, hk, 3 * r, tk, dtype=torch.int8, device=ints.device)
     limbs[:, :, :r] = n >> 2 * LIMB_BITS
     limbs[:, :, r:2 * r] = (n >> LIMB_BITS) & (1 << LIMB_BITS) - 1
     limbs[:, :, 2 * r:] = n & (1 << LIMB_BITS) - 1
-    out = torch.empty(b, hk * 3 * r, hk * d, dtype=torch.int32, device=ints.device)
-    for row in range(b):
-        torch._int_mm(limbs[row].reshape(hk * 3 * r, tk), v[row].reshape(tk, hk * d), out=out[row])
-    acc = out.view(b, hk, 3 * r, hk, d).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).double()
+    out = torch.empty(b, hk * d, hk * 3 * r, dtype=torch.int32, device=ints.device)
+    for values, parts, into in zip(v.reshape(b, hk * d, tk).unbind(), limbs.reshape(b, hk * 3 * r, tk).unbind(),
+                                   out.unbind()):
+        torch._int_mm(values, _transposed(parts), out=into)
+    acc = out.view(b, hk, d, hk, 3 * r).diagonal(dim1=1, dim2=3).permute(0, 3, 2, 1).double()
     base = float(1 << LIMB_BITS)
     return (acc[..., :r, :] * (base * base) + acc[..., r:2 * r, :] * base) + acc[..., 2 * r:, :]
+
+
+def _transposed(x: torch.Tensor) -> torch.Tensor:
+    """x (M, N) contiguous as the right operand (N, M) of `torch._int_mm`, a view. Not `x.t()` for
+    N = 1: that view's strides are (1, 1), which _int_mm reads wrong (torch 2.13, oneDNN)."""
+    return x.t() if x.shape[1] > 1 else x.view(1, x.shape[0])
 
 
 @functools.cache
@@ -88,22 +100,23 @@ def cache_kernel(device_type: str, heads: tuple[int, int, int] = EMBEDDED_HEADS)
 
 def exact_at_the_limits(heads: tuple[int, int, int] = EMBEDDED_HEADS) -> bool:
     """Whether the int8 products give the exact sums with every product at its largest, of either
-    sign, over LIMIT_KEYS keys, at the model's `heads` and at one query head (one product row, for
+    sign, over LIMIT_KEYS keys (and over one, a decoder's first step, whose operands have
+    degenerate strides), at the model's `heads` and at one query head (one product row, for
     which a kernel may take another path): where a saturating or rounding kernel fails first.
     False where they fail to run."""
     kv_heads, group, size = heads
     try:
-        for hk, r in ((kv_heads, group), (1, 1)):
+        for (hk, r), keys in itertools.product(((kv_heads, group), (1, 1)), (LIMIT_KEYS, 1)):
             for q_sign, k_sign in ((1, 1), (-1, 1), (1, -1)):
                 q = torch.full((2, hk, r, size), 127 * q_sign, dtype=torch.int8)
-                k = torch.full((2, LIMIT_KEYS, hk, size), 127 * k_sign, dtype=torch.int8)
+                k = torch.full((2, keys, hk, size), 127 * k_sign, dtype=torch.int8)
                 want = torch.matmul(q.double(), k.permute(0, 2, 3, 1).double())
                 if not torch.equal(key_scores(q, k).double(), want):
                     return False
                 for top in (1 << 18, (1 << 18) - 1):  # limbs 64, 0, 0 and 63, 63, 63
-                    ints = torch.full((2, hk, r, LIMIT_KEYS), float(top))
+                    ints = torch.full((2, hk, r, keys), float(top))
                     want = torch.matmul(ints.double(), k.permute(0, 2, 1, 3).double())
-                    if not torch.equal(value_sums(ints, k), want):
+                    if not torch.equal(value_sums(ints, k.permute(0, 2, 3, 1)), want):
                         return False
     except (RuntimeError, NotImplementedError):  # int8 products this build or CPU lacks
         return False
@@ -118,14 +131,15 @@ def probe_times(layers: int, heads: tuple[int, int, int] = EMBEDDED_HEADS, round
     q = torch.randint(-127, 128, (b, hk, r, d), generator=g, dtype=torch.int8)
     ints = torch.randint(0, (1 << 18) + 1, (b, hk, r, tk), generator=g).float()
     int8 = [torch.randint(-127, 128, (b, tk, hk, d), generator=g, dtype=torch.int8) for _ in range(layers)]
+    as_values = [t.permute(0, 2, 3, 1).contiguous() for t in int8]      # as the cache holds values
     as_float = [t.permute(0, 2, 1, 3).float().contiguous() for t in int8]
     qf = q.float()
     limbs = torch.cat([torch.floor(ints / (1 << 2 * LIMB_BITS))] * 3, dim=2)  # three limb blocks' worth
 
     def run_int8():
-        for t in int8:
-            key_scores(q, t)
-            value_sums(ints, t)
+        for keys, values in zip(int8, as_values):
+            key_scores(q, keys)
+            value_sums(ints, values)
 
     def run_float32():
         for t in as_float:

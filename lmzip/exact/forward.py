@@ -39,9 +39,10 @@ class Cache:
     """Keys and values of every layer for B rows that advance in lockstep.
 
     The int8 head vectors, held as `kernel` (cache_kernel.py) multiplies them in a decoding step:
-    float32 (B, Hkv, capacity, D), or int8 position-major (B, capacity, Hkv, D), so that one row's
-    first T positions are one contiguous (T * Hkv, D) matrix for `torch._int_mm`. Their float32
-    steps are (B, Hkv, capacity) either way."""
+    float32 (B, Hkv, capacity, D); or int8, keys position-major (B, capacity, Hkv, D) and values
+    transposed (B, Hkv, D, capacity), so that one row's first T positions are the left operand
+    of `torch._int_mm` as it is, (T * Hkv, D) and (Hkv * D, T). Their float32 steps are
+    (B, Hkv, capacity) either way."""
 
     def __init__(self, shape: Shape, rows: int, capacity: int, device, kernel: str = cache_kernel.FLOAT32):
         if capacity > MAX_POSITIONS:
@@ -51,15 +52,17 @@ class Cache:
         if kernel == cache_kernel.INT8 and torch.device(device).type != "cpu":
             raise ValueError("the int8 key/value cache is for CPUs")
         self.int8 = kernel == cache_kernel.INT8
+        hk, d = shape.kv_heads, shape.head_dim
         if self.int8:
-            kv, held = (rows, capacity, shape.kv_heads, shape.head_dim), dict(dtype=torch.int8, device=device)
+            k, v, held = (rows, capacity, hk, d), (rows, hk, d, capacity), dict(dtype=torch.int8, device=device)
         else:
-            kv, held = (rows, shape.kv_heads, capacity, shape.head_dim), dict(dtype=torch.float32, device=device)
+            k = v = (rows, hk, capacity, d)
+            held = dict(dtype=torch.float32, device=device)
         f32 = dict(dtype=torch.float32, device=device)
-        self.k = [torch.zeros(kv, **held) for _ in range(shape.layers)]   # integer-valued
-        self.v = [torch.zeros(kv, **held) for _ in range(shape.layers)]
-        self.k_scale = [torch.zeros(rows, shape.kv_heads, capacity, **f32) for _ in range(shape.layers)]
-        self.v_scale = [torch.zeros(rows, shape.kv_heads, capacity, **f32) for _ in range(shape.layers)]
+        self.k = [torch.zeros(k, **held) for _ in range(shape.layers)]   # integer-valued
+        self.v = [torch.zeros(v, **held) for _ in range(shape.layers)]
+        self.k_scale = [torch.zeros(rows, hk, capacity, **f32) for _ in range(shape.layers)]
+        self.v_scale = [torch.zeros(rows, hk, capacity, **f32) for _ in range(shape.layers)]
         self.length = 0
         self.capacity = capacity
 
@@ -69,7 +72,7 @@ class Cache:
         end = start + k.shape[1]
         if self.int8:
             self.k[index][:, start:end] = k
-            self.v[index][:, start:end] = v
+            self.v[index][..., start:end] = v.permute(0, 2, 3, 1)
         else:
             self.k[index][:, :, start:end] = k.transpose(1, 2).float()
             self.v[index][:, :, start:end] = v.transpose(1, 2).float()
@@ -79,16 +82,19 @@ class Cache:
     def heads(self, index: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `index`'s keys and values at positions [0, end) as float32 (B, Hkv, end, D)."""
         if self.int8:
-            return tuple(t[:, :end].permute(0, 2, 1, 3).float() for t in (self.k[index], self.v[index]))
+            return (self.k[index][:, :end].permute(0, 2, 1, 3).float(),
+                    self.v[index][..., :end].transpose(2, 3).float())
         return self.k[index][:, :, :end], self.v[index][:, :, :end]
 
     def row_positions(self, row: int, first: int, end: int):
         """Row `row`'s keys, values and steps of every layer at positions [first, end), each
         (Hkv, T, D) or (Hkv, T), float32: the same tensors however the cache holds them."""
-        for store in (self.k, self.v):
-            for t in store:
-                held = t[row, first:end].transpose(0, 1) if self.int8 else t[row, :, first:end]
-                yield held.float().contiguous()
+        for t in self.k:
+            held = t[row, first:end].transpose(0, 1) if self.int8 else t[row, :, first:end]
+            yield held.float().contiguous()
+        for t in self.v:
+            held = t[row, ..., first:end].transpose(1, 2) if self.int8 else t[row, :, first:end]
+            yield held.float().contiguous()
         for store in (self.k_scale, self.v_scale):
             for t in store:
                 yield t[row, :, first:end].contiguous()
@@ -199,7 +205,8 @@ def attention(exact: ExactModel, q, q_step, k, k_step, v, v_step, q_pos: torch.T
     operation: these passes are most of a whole-sequence pass's time.
     """
     scores = torch.matmul(q, k.transpose(-1, -2))                         # exact: 127**2 * D < 2**24
-    ints, factor = attention_weights(exact, scores, q_step, k_step, v_step, q_pos, q_first)
+    scores.mul_(k_step[:, :, None, :])                                     # one rounding
+    ints, factor = attention_weights(exact, scores, q_step, v_step, q_pos, q_first)
     return (value_sums(ints, v) * factor).float()
 
 
@@ -207,18 +214,17 @@ def cached_attention(exact: ExactModel, q: torch.Tensor, q_step: torch.Tensor, c
                      end: int) -> torch.Tensor:
     """attention() of int8 query rows q (B, Hkv, R, D) over layer `index`'s first `end` positions of
     an int8 cache, every row seeing every key (a decoding step): the same sums, in int32."""
-    k, v = cache.k[index][:, :end], cache.v[index][:, :end]
-    ints, factor = attention_weights(exact, cache_kernel.key_scores(q, k), q_step,
-                                     cache.k_scale[index][:, :, :end], cache.v_scale[index][:, :, :end], None)
+    k, v = cache.k[index][:, :end], cache.v[index][..., :end]
+    scores = cache_kernel.key_scores(q, k).mul_(cache.k_scale[index][:, :, None, :end])   # one rounding
+    ints, factor = attention_weights(exact, scores, q_step, cache.v_scale[index][:, :, :end], None)
     return (cache_kernel.value_sums(ints, v) * factor).float()
 
 
-def attention_weights(exact: ExactModel, scores: torch.Tensor, q_step, k_step, v_step,
+def attention_weights(exact: ExactModel, scores: torch.Tensor, q_step, v_step,
                       q_pos: torch.Tensor | None, q_first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """From the exact integer scores Q.K (B, Hkv, R, Tk) float32 (overwritten) to the attention
+    """From the scores Q.K times the keys' steps (B, Hkv, R, Tk) float32 (overwritten) to the attention
     weights U (integers in [0, 2**18], float32) and the float64 factor (B, Hkv, R, 1) that turns
     U @ V into the output."""
-    scores.mul_(k_step[:, :, None, :])                                     # one rounding
     future = None
     if q_pos is not None:
         future = torch.arange(q_first, scores.shape[-1], device=scores.device)[None, :] > q_pos[:, None]
