@@ -100,26 +100,33 @@ def cache_kernel(device_type: str, heads: tuple[int, int, int] = EMBEDDED_HEADS)
 
 def exact_at_the_limits(heads: tuple[int, int, int] = EMBEDDED_HEADS) -> bool:
     """Whether the int8 products give the exact sums with every product at its largest, of either
-    sign, over LIMIT_KEYS keys (and over one, a decoder's first step, whose operands have
-    degenerate strides), at the model's `heads` and at one query head (one product row, for
-    which a kernel may take another path): where a saturating or rounding kernel fails first.
-    False where they fail to run."""
+    sign, where a saturating or rounding kernel fails first: over LIMIT_KEYS keys, at the model's
+    `heads` and at one query head (one product row, for which a kernel may take another path),
+    and over one key (a decoder's first step, whose operands have degenerate strides), the
+    operands laid out as a cache holds them. False where they fail to run."""
     kv_heads, group, size = heads
+    shapes = [(hk, r, keys) for (hk, r), keys in itertools.product(((kv_heads, group), (1, 1)), (LIMIT_KEYS, 1))]
     try:
-        for (hk, r), keys in itertools.product(((kv_heads, group), (1, 1)), (LIMIT_KEYS, 1)):
-            for q_sign, k_sign in ((1, 1), (-1, 1), (1, -1)):
-                q = torch.full((2, hk, r, size), 127 * q_sign, dtype=torch.int8)
-                k = torch.full((2, keys, hk, size), 127 * k_sign, dtype=torch.int8)
-                want = torch.matmul(q.double(), k.permute(0, 2, 3, 1).double())
-                if not torch.equal(key_scores(q, k).double(), want):
-                    return False
-                for top in (1 << 18, (1 << 18) - 1):  # limbs 64, 0, 0 and 63, 63, 63
-                    ints = torch.full((2, hk, r, keys), float(top))
-                    want = torch.matmul(ints.double(), k.permute(0, 2, 1, 3).double())
-                    if not torch.equal(value_sums(ints, k.permute(0, 2, 3, 1)), want):
-                        return False
+        return all(_exact_at(hk, r, keys, size) for hk, r, keys in shapes)
     except (RuntimeError, NotImplementedError):  # int8 products this build or CPU lacks
         return False
+
+
+def _exact_at(hk: int, r: int, keys: int, size: int) -> bool:
+    """key_scores and value_sums exact for 2 rows of `hk` kv heads, `r` query rows each and
+    `keys` keys of `size`, every product at its largest, of either sign."""
+    for q_sign, k_sign in ((1, 1), (-1, 1), (1, -1)):
+        q = torch.full((2, hk, r, size), 127 * q_sign, dtype=torch.int8)
+        k = torch.full((2, keys + 1, hk, size), 127 * k_sign, dtype=torch.int8)[:, :keys]   # a cache's slices
+        v = torch.full((2, hk, size, keys + 1), 127 * k_sign, dtype=torch.int8)[..., :keys]
+        want = torch.matmul(q.double(), k.permute(0, 2, 3, 1).double())
+        if not torch.equal(key_scores(q, k).double(), want):
+            return False
+        for top in (1 << 18, (1 << 18) - 1):  # limbs 64, 0, 0 and 63, 63, 63
+            ints = torch.full((2, hk, r, keys), float(top))
+            want = torch.matmul(ints.double(), v.transpose(2, 3).double())
+            if not torch.equal(value_sums(ints, v), want):
+                return False
     return True
 
 
