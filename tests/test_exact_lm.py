@@ -96,6 +96,7 @@ def test_close_to_the_float_model(lm, exact):
 def test_incremental_equals_whole_sequence(exact, held_as):
     ids = _ids(3, 48)
     whole = _logits(exact, ids)
+    assert torch.equal(F.forward(exact, ids, F.decoding_cache(exact, 3, 48)), whole)   # a pass in either form
     cache = F.decoding_cache(exact, 3, 48)
     parts = [F.forward(exact, ids[:, :1], cache)]    # a step over one key, as a decoder's first
     parts.append(F.forward(exact, ids[:, 1:5], cache))
@@ -626,3 +627,29 @@ def test_a_check_reported_with_one_cache_form_resumes_with_the_other(exact, monk
             assert seen["restored"] == [(12, 2, 0)] and seen["steps"] == 30 - 12
     finally:
         exact.cache_kernel = before
+
+
+@pytest.mark.parametrize("width", [0, 1, 7, 9, 576, 1000])
+def test_tree_sum_pads_late_to_the_same_sums(width):
+    """tree_sum pads only at its first odd level: the sums are those of padding to a power of two
+    first (the specification), to the bit, signed zeros included."""
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(5, width, generator=g, dtype=torch.float64) * torch.logspace(-20, 20, width, dtype=torch.float64)
+    if width:
+        x[0] = -0.0
+    size = 1 << max(width - 1, 0).bit_length()
+    padded = torch.nn.functional.pad(x, (0, size - width))
+    while padded.shape[-1] > 1:
+        padded = padded[..., 0::2] + padded[..., 1::2]
+    got = F.tree_sum(x)
+    assert torch.equal(got, padded[..., 0]) and torch.equal(got.signbit(), padded[..., 0].signbit())
+
+
+def test_silu_takes_the_specified_branch_each_side_of_zero(exact):
+    """sigma = 1 / (1 + e) for g >= 0 and e / (1 + e) below, e = exp(-|g|) from the table (SPEC.md)."""
+    g = torch.tensor([-30.0, -2.5, -1e-6, -0.0, 0.0, 1e-6, 2.5, 30.0, float("inf")])
+    e = F.exp_lookup(exact, g.abs().mul(F.EXP_SCALE)).mul_(1.0 / F.EXP_ONE)
+    den = e + 1.0
+    sigma = torch.tensor([(1.0 if gi >= 0 else ei) for gi, ei in zip(g.tolist(), e.tolist())]) / den
+    assert torch.equal(F.silu(exact, g), g * sigma)
+
