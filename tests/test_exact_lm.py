@@ -18,6 +18,7 @@ from conftest import ROOT, TINY_MODEL
 from lmzip.exact import cache_kernel as CK
 from lmzip.exact import forward as F
 from lmzip.exact import tables
+from lmzip.exact import coding
 from lmzip.exact.coding import check_chunks, decode_chunks, encode_chunks
 from lmzip.exact.model import MAX_POSITIONS, V1_POSITIONS, WEIGHT_LIMIT, ExactModel, quantize_weight
 from lmzip.models import load_model
@@ -254,15 +255,17 @@ def test_round_trip_over_batch_sizes(lm, exact, tmp_path):
     # encoding dealt to threads, decoding to processes (forked: the spy's log is a file), each
     # shard on one torch thread: the same payloads and tokens
     log = tmp_path / "forward.log"
-    real = F.forward
 
-    def spy(*args, **kwargs):
-        with open(log, "a") as f:
-            f.write(f"{threading.current_thread().name.split('_')[0]} {os.getpid()} {torch.get_num_threads()}\n")
-        return real(*args, **kwargs)
+    def spying(real):
+        def spy(*args, **kwargs):
+            with open(log, "a") as f:
+                f.write(f"{threading.current_thread().name.split('_')[0]} {os.getpid()} {torch.get_num_threads()}\n")
+            return real(*args, **kwargs)
+        return spy
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("lmzip.exact.coding.forward", spy)
+        patch.setattr("lmzip.exact.coding.forward", spying(F.forward))           # decoding steps
+        patch.setattr("lmzip.exact.coding.final_states", spying(F.final_states))  # the encoder's passes
         assert encode_chunks(exact, chunks, PREFIX, threads=3) == payloads
         assert {line.split()[0] for line in log.read_text().splitlines()} == {"lmzip-shard"}
         log.unlink()
@@ -653,3 +656,13 @@ def test_silu_takes_the_specified_branch_each_side_of_zero(exact):
     sigma = torch.tensor([(1.0 if gi >= 0 else ei) for gi, ei in zip(g.tolist(), e.tolist())]) / den
     assert torch.equal(F.silu(exact, g), g * sigma)
 
+
+@pytest.mark.parametrize("length", [1, coding.FREQ_ROWS, 2 * coding.FREQ_ROWS + 5])
+def test_the_encoder_codes_under_the_logits_of_a_whole_pass(exact, length):
+    """The encoder makes its logits a block of positions at a time from the final states: the same
+    frequencies as the whole pass's logits, for every token."""
+    chunk = _ids(1, length, seed=length)[0].tolist()
+    prefix = [1, 2]
+    want = coding._symbol_frequencies(exact, coding.chunk_logits(exact, chunk, prefix), torch.tensor(chunk))
+    assert coding.chunk_symbols(exact, chunk, prefix) == want
+    assert len(want[0]) == length

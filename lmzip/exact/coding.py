@@ -16,7 +16,7 @@ import torch
 
 from ..rangecoder import RangeDecoder, RangeEncoder
 from ..sharding import beat, deal, map_shards, map_shards_forked
-from .forward import Cache, decoding_cache, forward, frequencies
+from .forward import Cache, decoding_cache, final_states, forward, frequencies, head
 from .model import MAX_POSITIONS, ExactModel
 
 FREQ_ROWS = 64  # positions whose frequency rows are built at once (each row is V int64)
@@ -37,14 +37,20 @@ def _symbol_frequencies(exact: ExactModel, logits: torch.Tensor, symbols: torch.
     """For logits (S, V) and the symbols coded under them (S,): (cum, freq, total) int64 lists."""
     cums, freqs, totals = [], [], []
     for start in range(0, logits.shape[0], FREQ_ROWS):
-        f = frequencies(exact, logits[start:start + FREQ_ROWS])
-        s = symbols[start:start + FREQ_ROWS, None]
-        inclusive = torch.cumsum(f, dim=-1)
-        freq = f.gather(1, s)[:, 0]
-        cums += (inclusive.gather(1, s)[:, 0] - freq).tolist()
-        freqs += freq.tolist()
-        totals += inclusive[:, -1].tolist()
+        _add_symbols(exact, logits[start:start + FREQ_ROWS], symbols[start:start + FREQ_ROWS], cums, freqs, totals)
     return cums, freqs, totals
+
+
+def _add_symbols(exact: ExactModel, logits: torch.Tensor, symbols: torch.Tensor, cums: list, freqs: list,
+                 totals: list) -> None:
+    """Append each symbol's (cum, freq, total) under its row of logits (S, V) to the lists."""
+    f = frequencies(exact, logits)
+    s = symbols[:, None]
+    inclusive = torch.cumsum(f, dim=-1)
+    freq = f.gather(1, s)[:, 0]
+    cums += (inclusive.gather(1, s)[:, 0] - freq).tolist()
+    freqs += freq.tolist()
+    totals += inclusive[:, -1].tolist()
 
 
 def chunk_logits(exact: ExactModel, chunk: Sequence[int], prefix: Sequence[int]) -> torch.Tensor:
@@ -53,6 +59,23 @@ def chunk_logits(exact: ExactModel, chunk: Sequence[int], prefix: Sequence[int])
     cache = Cache(exact.shape, 1, ids.shape[1], exact.device)
     logits = forward(exact, ids, cache)[0]
     return logits[len(prefix) - 1:-1]
+
+
+def chunk_symbols(exact: ExactModel, chunk: Sequence[int], prefix: Sequence[int]):
+    """(cum, freq, total) lists of the chunk's tokens, from one whole-sequence pass: chunk_logits'
+    frequencies, the logits made FREQ_ROWS positions at a time rather than all at once (400 MB
+    for 2,047 tokens, which the pass would fault in page by page)."""
+    ids = torch.tensor([list(prefix) + list(chunk)], dtype=torch.long, device=exact.device)
+    q, step = final_states(exact, ids, Cache(exact.shape, 1, ids.shape[1], exact.device))
+    q, step = q[0, len(prefix) - 1:-1], step[0, len(prefix) - 1:-1]
+    symbols = torch.tensor(list(chunk), dtype=torch.long, device=exact.device)
+    cums, freqs, totals = [], [], []
+    logits = torch.empty(min(FREQ_ROWS, len(chunk)), exact.shape.vocab, device=exact.device)
+    for start in range(0, len(chunk), FREQ_ROWS):
+        rows = slice(start, start + FREQ_ROWS)
+        block = head(exact, q[rows], step[rows], out=logits[:symbols[rows].shape[0]])
+        _add_symbols(exact, block, symbols[rows], cums, freqs, totals)
+    return cums, freqs, totals
 
 
 def encode_chunks(exact: ExactModel, chunks: Sequence[Sequence[int]], prefix: Sequence[int],
@@ -81,8 +104,7 @@ def encode_chunks(exact: ExactModel, chunks: Sequence[Sequence[int]], prefix: Se
 def _encode_chunk(exact: ExactModel, chunk: Sequence[int], prefix: tuple[int, ...]) -> bytes:
     encoder = RangeEncoder()
     if chunk:
-        symbols = torch.tensor(list(chunk), dtype=torch.long, device=exact.device)
-        for cum, freq, total in zip(*_symbol_frequencies(exact, chunk_logits(exact, chunk, prefix), symbols)):
+        for cum, freq, total in zip(*chunk_symbols(exact, chunk, prefix)):
             encoder.encode(cum, freq, total)
     return encoder.finish()
 

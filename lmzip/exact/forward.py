@@ -134,17 +134,30 @@ def quantize_rows(t: torch.Tensor, step_dtype=torch.float64) -> tuple[torch.Tens
     return q, divide(top.to(step_dtype), ACT_LIMIT)                # 0 where top is 0
 
 
-def linear(q: torch.Tensor, step: torch.Tensor, lin: IntLinear) -> torch.Tensor:
+def linear(q: torch.Tensor, step: torch.Tensor, lin: IntLinear, out: torch.Tensor | None = None) -> torch.Tensor:
     """int8 (..., K) with float64 steps (...) -> float32 (..., N) = (Y * w_scale) * step, Y exact
-    (int32 or integer-valued float: the same value, so the same float64 product)."""
+    (int32 or integer-valued float: the same value, so the same float64 product), written into
+    `out` (..., N) when given."""
     y = int_matmul(q.reshape(-1, q.shape[-1]), lin.weight, lin.prepared)  # exact integers
     steps = step.reshape(-1, 1)
-    out = torch.empty(y.shape, dtype=torch.float32, device=y.device)
-    rows = max(1, SCALE_ELEMENTS // y.shape[1])  # float64 temporaries small enough to stay in cache
+    into = out if out is not None and out.is_contiguous() else torch.empty(
+        *q.shape[:-1], y.shape[1], dtype=torch.float32, device=y.device)
+    flat = into.view(-1, y.shape[1])
+    # the float64 products by blocks of rows, in one scratch block: small enough to stay in a
+    # cache, and allocated once (an output head's row is 400 KB, which a fresh allocation per
+    # block would map and fault in anew each time)
+    rows = max(1, SCALE_ELEMENTS // y.shape[1])
+    scratch = torch.empty(min(rows, y.shape[0]), y.shape[1], dtype=torch.float64, device=y.device)
     for first in range(0, y.shape[0], rows):
         block = slice(first, first + rows)
-        out[block] = torch.mul(y[block], lin.scale).mul_(steps[block])  # integer * float64: one rounding
-    return out.reshape(*q.shape[:-1], -1)
+        part = scratch[:flat[block].shape[0]]
+        torch.mul(y[block], lin.scale, out=part).mul_(steps[block])       # integer * float64: one rounding
+        flat[block] = part
+    if out is None:
+        return into
+    if into is not out:
+        out.copy_(into)
+    return out
 
 
 def tree_sum(x: torch.Tensor) -> torch.Tensor:
@@ -361,28 +374,39 @@ def _legacy_precision() -> str | None:
 @torch.no_grad()
 def forward(exact: ExactModel, ids: torch.Tensor, cache: Cache) -> torch.Tensor:
     """Logits (B, T, V) float32 for tokens ids (B, T) at the cache's next T positions; fills the cache."""
-    _check_float_matmuls(ids.device)
-    with torch.autocast(ids.device.type, enabled=False):
-        return _forward(exact, ids, cache)
-
-
-def _forward(exact: ExactModel, ids: torch.Tensor, cache: Cache) -> torch.Tensor:
-    start = cache.length
-    if start + ids.shape[1] > cache.capacity:
-        raise ValueError("the cache is full")
-    x = exact.embed[ids]                                                    # (B, T, H) float32
-    for index, layer in enumerate(exact.layers):
-        x = x + attention_block(exact, layer, index, x, cache, start)
-        x = x + mlp_block(exact, layer, x)
-    cache.length = start + ids.shape[1]
-    q, step = norm_quantize(x, exact.final_norm, exact.shape.eps)
+    q, step = final_states(exact, ids, cache)
     # the head by blocks of positions (each row's arithmetic is its own): its float64 temporaries
     # for 8192 positions would take about 10 GB at once
     logits = torch.empty(*ids.shape, exact.shape.vocab, dtype=torch.float32, device=ids.device)
     for first in range(0, ids.shape[1], HEAD_POSITIONS):
         rows = slice(first, first + HEAD_POSITIONS)
-        logits[:, rows] = linear(q[:, rows], step[:, rows], exact.head)
+        head(exact, q[:, rows], step[:, rows], out=logits[:, rows])
     return logits
+
+
+@torch.no_grad()
+def final_states(exact: ExactModel, ids: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last norm's int8 rows (B, T, H) and float64 steps (B, T) for tokens ids (B, T) at the
+    cache's next T positions, which `head` turns into logits; fills the cache."""
+    _check_float_matmuls(ids.device)
+    with torch.autocast(ids.device.type, enabled=False):
+        start = cache.length
+        if start + ids.shape[1] > cache.capacity:
+            raise ValueError("the cache is full")
+        x = exact.embed[ids]                                                    # (B, T, H) float32
+        for index, layer in enumerate(exact.layers):
+            x = x + attention_block(exact, layer, index, x, cache, start)
+            x = x + mlp_block(exact, layer, x)
+        cache.length = start + ids.shape[1]
+        return norm_quantize(x, exact.final_norm, exact.shape.eps)
+
+
+@torch.no_grad()
+def head(exact: ExactModel, q: torch.Tensor, step: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (..., V) float32 of final_states' rows q (..., H) and steps (...), written into `out`
+    when given."""
+    with torch.autocast(q.device.type, enabled=False):
+        return linear(q, step, exact.head, out)
 
 
 def frequencies(exact: ExactModel, logits: torch.Tensor) -> torch.Tensor:
