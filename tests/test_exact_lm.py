@@ -353,7 +353,7 @@ def test_cached_value_sums_are_exact_past_2_to_the_31(heads, rows, keys):
     """U up to 2**18 times int8 values, summed in int32 limbs: exact however large the whole sum."""
     g = torch.Generator().manual_seed(keys)
     ints = torch.randint(0, (1 << 18) + 1, (2, heads, rows, keys), generator=g).float()
-    v = torch.randint(-127, 128, (2, heads, 5, keys), generator=g, dtype=torch.int8)  # as the cache holds them
+    v = torch.randint(-127, 128, (2, heads, 5, keys + 1), generator=g, dtype=torch.int8)[..., :keys]  # as a cache
     ints[0], v[0] = float(1 << 18), 127
     want = torch.matmul(ints.long(), v.transpose(2, 3).long())
     assert keys < 8192 or want.abs().max() > 1 << 31
@@ -666,3 +666,19 @@ def test_the_encoder_codes_under_the_logits_of_a_whole_pass(exact, length):
     want = coding._symbol_frequencies(exact, coding.chunk_logits(exact, chunk, prefix), torch.tensor(chunk))
     assert coding.chunk_symbols(exact, chunk, prefix) == want
     assert len(want[0]) == length
+
+
+def test_a_batch_of_long_rows_gets_each_row_s_own_logits(exact):
+    """Past HEAD_POSITIONS positions a batch's logits are written block by block through a
+    strided view: each row's must be those of its pass alone."""
+    ids = _ids(2, F.HEAD_POSITIONS + 20, seed=9)
+    both = _logits(exact, ids)
+    for row in range(2):
+        assert torch.equal(both[row], _logits(exact, ids[row:row + 1])[0])
+
+
+def test_a_linear_refuses_an_output_of_another_type_or_shape(exact):
+    q, step = torch.zeros(2, exact.shape.hidden, dtype=torch.int8), torch.ones(2, dtype=torch.float64)
+    for out in (torch.empty(2, exact.shape.vocab, dtype=torch.float64), torch.empty(3, exact.shape.vocab)):
+        with pytest.raises(ValueError, match="float32"):
+            F.head(exact, q, step, out=out)

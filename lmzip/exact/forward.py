@@ -140,6 +140,8 @@ def linear(q: torch.Tensor, step: torch.Tensor, lin: IntLinear, out: torch.Tenso
     `out` (..., N) when given."""
     y = int_matmul(q.reshape(-1, q.shape[-1]), lin.weight, lin.prepared)  # exact integers
     steps = step.reshape(-1, 1)
+    if out is not None and (out.dtype != torch.float32 or out.shape != (*q.shape[:-1], y.shape[1])):
+        raise ValueError("a Linear's output must be float32 of its rows by its outputs")
     into = out if out is not None and out.is_contiguous() else torch.empty(
         *q.shape[:-1], y.shape[1], dtype=torch.float32, device=y.device)
     flat = into.view(-1, y.shape[1])
@@ -375,8 +377,8 @@ def _legacy_precision() -> str | None:
 def forward(exact: ExactModel, ids: torch.Tensor, cache: Cache) -> torch.Tensor:
     """Logits (B, T, V) float32 for tokens ids (B, T) at the cache's next T positions; fills the cache."""
     q, step = final_states(exact, ids, cache)
-    # the head by blocks of positions (each row's arithmetic is its own): its float64 temporaries
-    # for 8192 positions would take about 10 GB at once
+    # the head by blocks of positions (each row's arithmetic is its own): its integer sums for
+    # 8192 positions would take 1.6 GB at once
     logits = torch.empty(*ids.shape, exact.shape.vocab, dtype=torch.float32, device=ids.device)
     for first in range(0, ids.shape[1], HEAD_POSITIONS):
         rows = slice(first, first + HEAD_POSITIONS)
