@@ -400,6 +400,21 @@ def test_int8_cache_products_wrong_at_the_limits_are_never_chosen(monkeypatch):
     assert CK.cache_kernel.__wrapped__("cpu") == CK.FLOAT32
 
 
+def _packed_int_mm(a, b, out=None):
+    """torch._int_mm that ignores its left operand's row stride, as a kernel that misread a
+    cache's slice would: right on contiguous operands, wrong on a slice of a wider tensor."""
+    return REAL_INT_MM(torch.as_strided(a, a.shape, (a.shape[1], 1)), b, out=out)
+
+
+def test_int8_cache_products_that_misread_a_stride_are_never_chosen(monkeypatch):
+    """The limits check's operands are slices of a wider tensor, as a cache's are, and one round
+    has random signs: a kernel that read the slice as if packed gives other sums."""
+    monkeypatch.setattr(CK.torch, "_int_mm", _packed_int_mm)
+    a = torch.randint(-127, 128, (5, 3), dtype=torch.int8)
+    assert torch.equal(CK.torch._int_mm(a, a.t().contiguous()), REAL_INT_MM(a, a.t().contiguous()))
+    assert CK.exact_at_the_limits() is False
+
+
 @pytest.mark.parametrize("small, large, chosen", [
     ((1.0, 2.0), (1.0, 2.0), CK.INT8),
     ((1.9, 1.0), (1.0, 2.0), CK.INT8),      # close at one layer: compared over many

@@ -115,23 +115,20 @@ def exact_at_the_limits(heads: tuple[int, int, int] = EMBEDDED_HEADS) -> bool:
 def _exact_at(hk: int, r: int, keys: int, size: int) -> bool:
     """key_scores and value_sums exact for 2 rows of `hk` kv heads, `r` query rows each and
     `keys` keys of `size`, every product at its largest: all of one sign, of either, and of
-    random signs (so that a wrong stride shows in the sums). The keys and values are slices of a
-    position wider, whose extra entries are the opposite of the rest: a kernel that read them
-    would get other sums."""
+    random signs. The keys and values are slices of a tensor a position wider, as a cache's are,
+    so a kernel that misread their stride would get other sums in the random round."""
     g = torch.Generator().manual_seed(keys)
-    for q_sign, k_sign in ((1, 1), (-1, 1), (1, -1), (None, None)):
+    for signs in ((1, 1), (-1, 1), (1, -1), None):
         q, k, v = (torch.full(shape, 127, dtype=torch.int8) for shape in
                    ((2, hk, r, size), (2, keys + 1, hk, size), (2, hk, size, keys + 1)))
-        if q_sign is None:
+        if signs is None:
             for t in (q, k, v):
                 t[torch.rand(t.shape, generator=g) < 0.5] = -127
         else:
-            q *= q_sign
-            k *= k_sign
-            v *= k_sign
-        k[:, keys:] *= -1
-        v[..., keys:] *= -1
-        k, v = k[:, :keys], v[..., :keys]   # as a cache's slices
+            q *= signs[0]
+            k *= signs[1]
+            v *= signs[1]
+        k, v = k[:, :keys], v[..., :keys]
         want = torch.matmul(q.double(), k.permute(0, 2, 3, 1).double())
         if not torch.equal(key_scores(q, k).double(), want):
             return False
