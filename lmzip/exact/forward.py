@@ -373,7 +373,7 @@ def _legacy_precision() -> str | None:
         return None
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def forward(exact: ExactModel, ids: torch.Tensor, cache: Cache) -> torch.Tensor:
     """Logits (B, T, V) float32 for tokens ids (B, T) at the cache's next T positions; fills the cache."""
     q, step = final_states(exact, ids, cache)
@@ -386,7 +386,7 @@ def forward(exact: ExactModel, ids: torch.Tensor, cache: Cache) -> torch.Tensor:
     return logits
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def final_states(exact: ExactModel, ids: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, torch.Tensor]:
     """The last norm's int8 rows (B, T, H) and float64 steps (B, T) for tokens ids (B, T) at the
     cache's next T positions, which `head` turns into logits; fills the cache."""
@@ -403,7 +403,7 @@ def final_states(exact: ExactModel, ids: torch.Tensor, cache: Cache) -> tuple[to
         return norm_quantize(x, exact.final_norm, exact.shape.eps)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def head(exact: ExactModel, q: torch.Tensor, step: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Logits (..., V) float32 of final_states' rows q (..., H) and steps (...), written into `out`
     when given."""
