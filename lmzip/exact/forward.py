@@ -140,16 +140,20 @@ def linear(q: torch.Tensor, step: torch.Tensor, lin: IntLinear, out: torch.Tenso
     `out` (..., N) when given."""
     y = int_matmul(q.reshape(-1, q.shape[-1]), lin.weight, lin.prepared)  # exact integers
     steps = step.reshape(-1, 1)
-    if out is not None and (out.dtype != torch.float32 or out.shape != (*q.shape[:-1], y.shape[1])):
+    shape = (*q.shape[:-1], y.shape[1])
+    if out is not None and (out.dtype != torch.float32 or out.shape != shape):
         raise ValueError("a Linear's output must be float32 of its rows by its outputs")
-    into = out if out is not None and out.is_contiguous() else torch.empty(
-        *q.shape[:-1], y.shape[1], dtype=torch.float32, device=y.device)
+    rows = max(1, SCALE_ELEMENTS // y.shape[1])
+    if y.shape[0] <= rows:  # one block (a decoding step's Linears): no scratch, fewer calls
+        scaled = torch.mul(y, lin.scale).mul_(steps).view(shape)        # integer * float64: one rounding
+        return scaled.float() if out is None else out.copy_(scaled)
+    into = out if out is not None and out.is_contiguous() else torch.empty(shape, dtype=torch.float32,
+                                                                           device=y.device)
     flat = into.view(-1, y.shape[1])
     # the float64 products by blocks of rows, in one scratch block: small enough to stay in a
     # cache, and allocated once (an output head's row is 400 KB, which a fresh allocation per
     # block would map and fault in anew each time)
-    rows = max(1, SCALE_ELEMENTS // y.shape[1])
-    scratch = torch.empty(min(rows, y.shape[0]), y.shape[1], dtype=torch.float64, device=y.device)
+    scratch = torch.empty(rows, y.shape[1], dtype=torch.float64, device=y.device)
     for first in range(0, y.shape[0], rows):
         block = slice(first, first + rows)
         part = scratch[:flat[block].shape[0]]
