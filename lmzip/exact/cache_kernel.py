@@ -42,14 +42,22 @@ def key_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     and the few query rows cost little to reorder where the keys would cost twice the product.
     The products of a query head with other heads' keys are computed and dropped: a step costs
     the keys' bytes, not the products."""
+    b, tk, hk, _ = k.shape
+    r = q.shape[2]
+    mine = key_products(q, k).view(b, tk, hk, hk, r).diagonal(dim1=2, dim2=3)   # (B, Tk, R, Hkv)
+    return torch.empty(b, hk, r, tk, device=q.device).copy_(mine.permute(0, 3, 2, 1))
+
+
+def key_products(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """key_scores' int32 products (B, Tk * Hkv, Hkv * R): query j of kv head h with key t of kv
+    head h' at [t * Hkv + h', h * R + j]; key_scores keeps those of h' = h."""
     b, tk, hk, d = k.shape
     r = q.shape[2]
     queries = q.reshape(b, hk * r, d).transpose(1, 2).contiguous()        # (B, D, Hkv * R)
     out = torch.empty(b, tk * hk, hk * r, dtype=torch.int32, device=q.device)
     for keys, query, into in zip(k.reshape(b, tk * hk, d).unbind(), queries.unbind(), out.unbind()):
         torch._int_mm(keys, query, out=into)
-    mine = out.view(b, tk, hk, hk, r).diagonal(dim1=2, dim2=3)            # (B, Tk, R, Hkv)
-    return torch.empty(b, hk, r, tk, device=q.device).copy_(mine.permute(0, 3, 2, 1))
+    return out
 
 
 def value_sums(ints: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -64,13 +72,23 @@ def value_sums(ints: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     limbs[:, :, :r] = n >> 2 * LIMB_BITS
     limbs[:, :, r:2 * r] = (n >> LIMB_BITS) & (1 << LIMB_BITS) - 1
     limbs[:, :, 2 * r:] = n & (1 << LIMB_BITS) - 1
-    out = torch.empty(b, hk * d, hk * 3 * r, dtype=torch.int32, device=ints.device)
-    for values, parts, into in zip(v.reshape(b, hk * d, tk).unbind(), limbs.reshape(b, hk * 3 * r, tk).unbind(),
-                                   out.unbind()):
-        torch._int_mm(values, _transposed(parts), out=into)
+    out = value_products(limbs, v)
     acc = out.view(b, hk, d, hk, 3 * r).diagonal(dim1=1, dim2=3).permute(0, 3, 2, 1).double()
     base = float(1 << LIMB_BITS)
     return (acc[..., :r, :] * (base * base) + acc[..., r:2 * r, :] * base) + acc[..., 2 * r:, :]
+
+
+def value_products(limbs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """int8 limbs (B, Hkv, 3 R, Tk) times the cached values v (B, Hkv, D, Tk): the int32 sums
+    (B, Hkv * D, Hkv * 3 R), output i of kv head h' with limb row c of kv head h at
+    [h' * D + i, h * 3 R + c]; value_sums keeps those of h' = h."""
+    b, hk, d, tk = v.shape
+    rows = limbs.shape[2]
+    out = torch.empty(b, hk * d, hk * rows, dtype=torch.int32, device=v.device)
+    for values, parts, into in zip(v.reshape(b, hk * d, tk).unbind(), limbs.reshape(b, hk * rows, tk).unbind(),
+                                   out.unbind()):
+        torch._int_mm(values, _transposed(parts), out=into)
+    return out
 
 
 def _transposed(x: torch.Tensor) -> torch.Tensor:
