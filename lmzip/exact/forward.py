@@ -13,11 +13,12 @@ one. SPEC.md ("lm payloads") is the specification, step by step.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
-from . import cache_kernel
+from . import cache_kernel, fused
 from .cache_kernel import LIMB_BITS
 from .matmul import ACT_LIMIT, int_matmul
 from .model import MAX_POSITIONS, ExactModel, IntLinear, Layer, Shape
@@ -128,6 +129,9 @@ def divide(a, b) -> torch.Tensor:
 def quantize_rows(t: torch.Tensor, step_dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 (..., K) -> int8 round(t * (127 / max|t|)) and the step max|t| / 127 per row,
     divided in `step_dtype` (float64 before a Linear, float32 for attention heads)."""
+    fast = fused.quantize_rows(t, step_dtype)
+    if fast is not None:
+        return fast
     top = t.abs().amax(dim=-1)
     factor = divide(ACT_LIMIT, torch.where(top > 0, top, 1.0))     # float32 division
     q = (t * factor[..., None]).round_().clamp_(-ACT_LIMIT, ACT_LIMIT).to(torch.int8)
@@ -145,6 +149,10 @@ def linear(q: torch.Tensor, step: torch.Tensor, lin: IntLinear, out: torch.Tenso
         raise ValueError("a Linear's output must be float32 of its rows by its outputs")
     rows = max(1, SCALE_ELEMENTS // y.shape[1])
     if y.shape[0] <= rows:  # one block (a decoding step's Linears): no scratch, fewer calls
+        into = None if out is None or not out.is_contiguous() else out.view(y.shape)
+        fast = fused.scale_rows(y, lin.scale, steps, into) if out is None or into is not None else None
+        if fast is not None:
+            return fast.view(shape) if out is None else out
         scaled = torch.mul(y, lin.scale).mul_(steps).view(shape)        # integer * float64: one rounding
         return scaled.float() if out is None else out.copy_(scaled)
     into = out if out is not None and out.is_contiguous() else torch.empty(shape, dtype=torch.float32,
@@ -190,6 +198,9 @@ def rms_factor(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 def norm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float):
     """RMSNorm then int8: the per-row factor 1/rms only scales the step."""
+    fast = fused.norm_quantize(x, weight, eps)
+    if fast is not None:
+        return fast
     q, step = quantize_rows(x * weight)
     return q, step * rms_factor(x, eps)
 
@@ -245,6 +256,29 @@ def cached_attention(exact: ExactModel, q: torch.Tensor, q_step: torch.Tensor, c
     scores = cache_kernel.key_scores(q, k).mul_(cache.k_scale[index][:, :, None, :end])   # one rounding
     ints, factor = attention_weights(exact, scores, q_step, cache.v_scale[index][:, :, :end], None)
     return (cache_kernel.value_sums(ints, v) * factor).float()
+
+
+def fused_cached_attention(exact: ExactModel, q: torch.Tensor, q_step: torch.Tensor, cache: Cache, index: int,
+                           end: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """cached_attention() followed by quantize_rows of each row's output (B, Hkv * R * D), with
+    everything between the int8 products in C (fused.py); None where that does not apply."""
+    if not fused.ACTIVE:
+        return None
+    scores = cache_kernel.key_products(q, cache.k[index][:, :end])
+    inv_sqrt_d = _inv_sqrt(exact.shape.head_dim)
+    weights = fused.attention_limbs(scores, cache.k_scale[index], q_step.contiguous(), cache.v_scale[index],
+                                    exact.exp_i32, inv_sqrt_d, ATTN_BITS)
+    if weights is None:
+        return None
+    limbs, factor = weights
+    sums = cache_kernel.value_products(limbs, cache.v[index][..., :end])
+    return fused.attention_output(sums, factor, q.shape[-1])
+
+
+@functools.cache
+def _inv_sqrt(d: int) -> float:
+    """attention_weights' 1 / sqrt(d), as the float32 it uses (a Python float holding it exactly)."""
+    return float(torch.tensor(1.0 / math.sqrt(d), dtype=torch.float32))
 
 
 def attention_weights(exact: ExactModel, scores: torch.Tensor, q_step, v_step,
@@ -308,9 +342,12 @@ def attention_block(exact: ExactModel, layer: Layer, index: int, x: torch.Tensor
     q_int, step = norm_quantize(x, layer.attn_norm, s.eps)
     qkv = linear(q_int, step, layer.qkv)                                   # (B, T, (hq + 2 hk) * D)
     cos, sin = exact.cos[start:start + t], exact.sin[start:start + t]
-    roped = rope(qkv[..., :(hq + hk) * d].reshape(b, t, hq + hk, d), cos, sin)   # queries and keys
-    heads, steps = quantize_rows(torch.cat([roped, qkv[..., (hq + hk) * d:].reshape(b, t, hk, d)], dim=2),
-                                 torch.float32)                                 # each head on its own
+    quantized = fused.rope_quantize(qkv, cos, sin, hq + hk, hq + 2 * hk)
+    if quantized is None:
+        roped = rope(qkv[..., :(hq + hk) * d].reshape(b, t, hq + hk, d), cos, sin)   # queries and keys
+        quantized = quantize_rows(torch.cat([roped, qkv[..., (hq + hk) * d:].reshape(b, t, hk, d)], dim=2),
+                                  torch.float32)                                # each head on its own
+    heads, steps = quantized
     q, k, v = heads.split([hq, hk, hk], dim=2)
     q_step, k_step, v_step = steps.split([hq, hk, hk], dim=2)
     end = start + t
@@ -318,12 +355,15 @@ def attention_block(exact: ExactModel, layer: Layer, index: int, x: torch.Tensor
     # query rows by kv head, position-major: (B, Hkv, T * G, D), row t * G + g is head kv * G + g
     q = q.reshape(b, t, hk, g, d).transpose(1, 2).reshape(b, hk, t * g, d)
     q_step = q_step.reshape(b, t, hk, g).transpose(1, 2).reshape(b, hk, t * g)
-    if t == 1 and cache.int8:
-        out = cached_attention(exact, q, q_step, cache, index, end)
-    else:
-        out = float_attention(exact, q.float(), q_step, cache, index, start, end)
-    out = out.reshape(b, hk, t, g, d).transpose(1, 2).reshape(b, t, hq * d)
-    o_int, o_step = quantize_rows(out)
+    quantized = fused_cached_attention(exact, q, q_step, cache, index, end) if t == 1 and cache.int8 else None
+    if quantized is None:
+        if t == 1 and cache.int8:
+            out = cached_attention(exact, q, q_step, cache, index, end)
+        else:
+            out = float_attention(exact, q.float(), q_step, cache, index, start, end)
+        quantized = quantize_rows(out.reshape(b, hk, t, g, d).transpose(1, 2).reshape(b, t, hq * d))
+    o_int, o_step = quantized
+    o_int, o_step = o_int.reshape(b, t, hq * d), o_step.reshape(b, t)
     return linear(o_int, o_step, layer.o)
 
 
@@ -349,9 +389,12 @@ def float_attention(exact: ExactModel, q: torch.Tensor, q_step: torch.Tensor, ca
 
 def mlp_block(exact: ExactModel, layer: Layer, x: torch.Tensor) -> torch.Tensor:
     q, step = norm_quantize(x, layer.mlp_norm, exact.shape.eps)
-    gate, up = linear(q, step, layer.gate_up).chunk(2, dim=-1)
-    h = silu(exact, gate) * up
-    h_int, h_step = quantize_rows(h)
+    gate_up = linear(q, step, layer.gate_up)
+    quantized = fused.silu_quantize(gate_up, exact.exp_i32)
+    if quantized is None:
+        gate, up = gate_up.chunk(2, dim=-1)
+        quantized = quantize_rows(silu(exact, gate) * up)
+    h_int, h_step = quantized
     return linear(h_int, h_step, layer.down)
 
 

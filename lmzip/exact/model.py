@@ -100,6 +100,7 @@ class ExactModel:
 
     def __post_init__(self):
         self.exp_f32 = self.exp.float()  # the same integers (<= 2**24), exact in float32
+        self.exp_i32 = self.exp.int()    # ... and as int32, which the C attention sums (fused.py)
 
     @classmethod
     def from_loaded(cls, lm) -> "ExactModel":
