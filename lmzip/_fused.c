@@ -29,10 +29,10 @@ static inline float round_even(float x) {
     return (x + ROUND_MAGIC) - ROUND_MAGIC; /* not folded: no fast-math */
 }
 
-/* Where the CPU has them, the hot loops run as AVX2 or AVX-512 clones (chosen at load): the same
-   IEEE operations, so the same bits, on wider vectors. */
+/* Where the CPU has them, the hot loops run as AVX2 or AVX-512 clones (x86-64-v3 / v4, chosen at
+   load): the same IEEE operations, so the same bits, on wider vectors. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(LMZIP_NO_CLONES)
-#define HOT __attribute__((target_clones("avx512f", "avx2", "default")))
+#define HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define HOT
 #endif
