@@ -435,6 +435,18 @@ static PyObject *py_scale_rows(PyObject *self, PyObject *const *args, Py_ssize_t
     Py_RETURN_FALSE;
 }
 
+/* shift_u8(src, dst, n): int8 src + 128 as uint8 (the same bits with the sign bit flipped), the
+   activations oneDNN's u8 x s8 product takes */
+static PyObject *py_shift_u8(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    ARGS(3);
+    const uint8_t *src = ptr(args[0]);
+    uint8_t *dst = ptr(args[1]);
+    Py_ssize_t n = PyLong_AsSsize_t(args[2]);
+    if (PyErr_Occurred()) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) dst[i] = src[i] ^ 0x80u;
+    Py_RETURN_FALSE;
+}
+
 static PyMethodDef methods[] = {
     {"quantize_rows", (PyCFunction)(void (*)(void))py_quantize_rows, METH_FASTCALL, NULL},
     {"norm_quantize", (PyCFunction)(void (*)(void))py_norm_quantize, METH_FASTCALL, NULL},
@@ -443,6 +455,7 @@ static PyMethodDef methods[] = {
     {"attention_limbs", (PyCFunction)(void (*)(void))py_attention_limbs, METH_FASTCALL, NULL},
     {"attention_output", (PyCFunction)(void (*)(void))py_attention_output, METH_FASTCALL, NULL},
     {"scale_rows", (PyCFunction)(void (*)(void))py_scale_rows, METH_FASTCALL, NULL},
+    {"shift_u8", (PyCFunction)(void (*)(void))py_shift_u8, METH_FASTCALL, NULL},
     {NULL, NULL, 0, NULL},
 };
 

@@ -133,6 +133,12 @@ def test_linear_scaling_matches(monkeypatch, dtype, into):
     _same((scaled(),), (_torch(monkeypatch, scaled),))
 
 
+def test_shift_to_u8_matches():
+    x = torch.arange(-128, 128, dtype=torch.int8).repeat(3, 1)
+    assert torch.equal(fused.shift_u8(x), x.view(torch.uint8) ^ 128)
+    assert torch.equal(fused.shift_u8(x).long(), x.long() + 128)
+
+
 def _attention_case(b, hk, group, keys, seed):
     """A layer's int8 cache and a step's int8 queries, with the cases that test the weights: a row
     whose value steps are all zero (U's top 0), one whose query step is zero (every weight equal)."""

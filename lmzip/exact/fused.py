@@ -18,7 +18,6 @@ import os
 import torch
 
 from .cache_kernel import LIMB_BITS
-from .matmul import ACT_LIMIT
 from .tables import EXP_ONE_BITS, EXP_STEP_BITS
 
 try:
@@ -30,7 +29,8 @@ ENV = "LMZIP_FUSED"
 ACTIVE = _c is not None and os.environ.get(ENV, "1") != "0"
 EXP_SCALE = float(1 << EXP_STEP_BITS)
 
-assert ACT_LIMIT == 127 and EXP_ONE_BITS == 24, "_fused.c holds these constants"
+ACT_LIMIT = 127  # as _fused.c and matmul.py hold it (matmul checks)
+assert EXP_ONE_BITS == 24, "_fused.c holds this constant"
 
 
 def built() -> bool:
@@ -39,7 +39,12 @@ def built() -> bool:
 
 
 def _usable(*tensors: torch.Tensor) -> bool:
-    return ACTIVE and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+    if not ACTIVE:
+        return False
+    for t in tensors:  # a loop, not all(...): this runs some 500 times a decoding step
+        if not t.is_cpu or not t.is_contiguous():
+            return False
+    return True
 
 
 _SUM_KINDS = {torch.int32: 0, torch.float32: 1, torch.float64: 2}
@@ -57,6 +62,15 @@ def scale_rows(y: torch.Tensor, scale: torch.Tensor, steps: torch.Tensor,
             or not _usable(y, scale, steps, out)):
         return None
     _c.scale_rows(y.data_ptr(), _SUM_KINDS[y.dtype], scale.data_ptr(), steps.data_ptr(), out.data_ptr(), m, n)
+    return out
+
+
+def shift_u8(x: torch.Tensor) -> torch.Tensor | None:
+    """int8 x + 128 as uint8 (matmul's `x.view(torch.uint8) ^ 128`), in one call."""
+    if x.dtype != torch.int8 or not _usable(x):
+        return None
+    out = torch.empty(x.shape, dtype=torch.uint8)
+    _c.shift_u8(x.data_ptr(), out.data_ptr(), x.numel())
     return out
 
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import fused
+
 WEIGHT_LIMIT = 63       # |int weight| <= 63 (model.py says why 63)
 ACT_LIMIT = 127         # |int activation| <= 127
 FLOAT_K_BLOCK = 2048    # float32 sums of this many products stay exact
@@ -43,6 +45,7 @@ PREPARED_KERNELS = FLOAT_KERNELS + (ONEDNN_INT8,)  # weights held in another for
 CONTENDER_RATIO = 2.0   # kernels within this factor of the fastest at PROBE_SHAPE are timed again larger
 ZERO_POINT = 128        # int8 activation + 128 = the u8 oneDNN's int8 linear takes
 
+assert ACT_LIMIT == fused.ACT_LIMIT, "_fused.c quantizes to the same limit"
 assert FLOAT_K_BLOCK * WEIGHT_LIMIT * ACT_LIMIT < 1 << 24, "float32 sums of int8 products must stay exact"
 
 
@@ -88,7 +91,9 @@ class OnednnInt8Weight:
 
     def times(self, x: torch.Tensor) -> torch.Tensor:
         """int8 x (M, K) times the weight, exactly: float32 (float64 past one block)."""
-        shifted = x.contiguous().view(torch.uint8) ^ ZERO_POINT  # the bits of x + 128 as u8
+        shifted = fused.shift_u8(x)
+        if shifted is None:
+            shifted = x.contiguous().view(torch.uint8) ^ ZERO_POINT  # the bits of x + 128 as u8
         return _block_sums(shifted, self.blocks, self._product)
 
     def _product(self, xs: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
