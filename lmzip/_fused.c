@@ -447,6 +447,37 @@ static PyObject *py_shift_u8(PyObject *self, PyObject *const *args, Py_ssize_t n
     Py_RETURN_FALSE;
 }
 
+/* put_heads(heads, steps, k, v, k_scale, v_scale, rows, positions, start, capacity, first, hk, d):
+   the int8 key and value heads of rows x positions tokens (heads (rows, positions, H, d), keys at
+   heads first to first + hk, values next; steps (rows, positions, H) float32) into an int8 cache
+   at positions start on: k (rows, capacity, hk, d), v transposed (rows, hk, d, capacity), the
+   steps (rows, hk, capacity). Copies only, as Cache.put makes them. */
+static PyObject *py_put_heads(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    ARGS(13);
+    const int8_t *heads = ptr(args[0]);
+    const float *steps = ptr(args[1]);
+    int8_t *k = ptr(args[2]), *v = ptr(args[3]);
+    float *k_scale = ptr(args[4]), *v_scale = ptr(args[5]);
+    Py_ssize_t rows = PyLong_AsSsize_t(args[6]), positions = PyLong_AsSsize_t(args[7]);
+    Py_ssize_t start = PyLong_AsSsize_t(args[8]), capacity = PyLong_AsSsize_t(args[9]);
+    Py_ssize_t first = PyLong_AsSsize_t(args[10]), hk = PyLong_AsSsize_t(args[11]), d = PyLong_AsSsize_t(args[12]);
+    if (PyErr_Occurred()) return NULL;
+    const Py_ssize_t width = first + 2 * hk; /* heads per token */
+    for (Py_ssize_t b = 0; b < rows; b++)
+        for (Py_ssize_t t = 0; t < positions; t++) {
+            const Py_ssize_t p = start + t, token = b * positions + t;
+            const int8_t *kh = heads + (token * width + first) * d, *vh = kh + hk * d;
+            const float *ks = steps + token * width + first, *vs = ks + hk;
+            memcpy(k + (b * capacity + p) * hk * d, kh, (size_t)(hk * d));
+            for (Py_ssize_t h = 0; h < hk; h++) {
+                for (Py_ssize_t i = 0; i < d; i++) v[((b * hk + h) * d + i) * capacity + p] = vh[h * d + i];
+                k_scale[(b * hk + h) * capacity + p] = ks[h];
+                v_scale[(b * hk + h) * capacity + p] = vs[h];
+            }
+        }
+    Py_RETURN_FALSE;
+}
+
 static PyMethodDef methods[] = {
     {"quantize_rows", (PyCFunction)(void (*)(void))py_quantize_rows, METH_FASTCALL, NULL},
     {"norm_quantize", (PyCFunction)(void (*)(void))py_norm_quantize, METH_FASTCALL, NULL},
@@ -456,6 +487,7 @@ static PyMethodDef methods[] = {
     {"attention_output", (PyCFunction)(void (*)(void))py_attention_output, METH_FASTCALL, NULL},
     {"scale_rows", (PyCFunction)(void (*)(void))py_scale_rows, METH_FASTCALL, NULL},
     {"shift_u8", (PyCFunction)(void (*)(void))py_shift_u8, METH_FASTCALL, NULL},
+    {"put_heads", (PyCFunction)(void (*)(void))py_put_heads, METH_FASTCALL, NULL},
     {NULL, NULL, 0, NULL},
 };
 

@@ -139,6 +139,24 @@ def test_shift_to_u8_matches():
     assert torch.equal(fused.shift_u8(x).long(), x.long() + 128)
 
 
+@pytest.mark.parametrize("rows, positions, start", [(3, 1, 0), (2, 5, 7), (1, 4, 8)])
+def test_putting_heads_in_an_int8_cache_matches(rows, positions, start):
+    shape = F.Shape(hidden=64, layers=1, heads=4, kv_heads=2, head_dim=8, intermediate=8, vocab=8, eps=1e-5,
+                    rope_theta=10000.0)
+    g = torch.Generator().manual_seed(positions)
+    heads = torch.randint(-127, 128, (rows, positions, 8, 8), generator=g, dtype=torch.int8)
+    steps = torch.rand(rows, positions, 8, generator=g)
+    caches = [F.Cache(shape, rows, 12, "cpu", CK.INT8) for _ in range(2)]
+    _, k, v = heads.split([4, 2, 2], dim=2)
+    _, k_step, v_step = steps.split([4, 2, 2], dim=2)
+    caches[0].put(0, start, k, k_step, v, v_step)
+    c = caches[1]
+    assert fused.put_heads(heads, steps, 4, 2, c.k[0], c.v[0], c.k_scale[0], c.v_scale[0], start)
+    for store in ("k", "v", "k_scale", "v_scale"):
+        assert torch.equal(getattr(caches[0], store)[0], getattr(c, store)[0]), store
+    assert not fused.put_heads(heads, steps, 4, 2, c.k[0], c.v[0], c.k_scale[0], c.v_scale[0], 12 - positions + 1)
+
+
 def _attention_case(b, hk, group, keys, seed):
     """A layer's int8 cache and a step's int8 queries, with the cases that test the weights: a row
     whose value steps are all zero (U's top 0), one whose query step is zero (every weight equal)."""

@@ -351,7 +351,9 @@ def attention_block(exact: ExactModel, layer: Layer, index: int, x: torch.Tensor
     q, k, v = heads.split([hq, hk, hk], dim=2)
     q_step, k_step, v_step = steps.split([hq, hk, hk], dim=2)
     end = start + t
-    cache.put(index, start, k, k_step, v, v_step)
+    if not (cache.int8 and fused.put_heads(heads, steps, hq, hk, cache.k[index], cache.v[index],
+                                           cache.k_scale[index], cache.v_scale[index], start)):
+        cache.put(index, start, k, k_step, v, v_step)
     # query rows by kv head, position-major: (B, Hkv, T * G, D), row t * G + g is head kv * G + g
     q = q.reshape(b, t, hk, g, d).transpose(1, 2).reshape(b, hk, t * g, d)
     q_step = q_step.reshape(b, t, hk, g).transpose(1, 2).reshape(b, hk, t * g)

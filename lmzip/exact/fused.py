@@ -74,6 +74,26 @@ def shift_u8(x: torch.Tensor) -> torch.Tensor | None:
     return out
 
 
+def put_heads(heads: torch.Tensor, steps: torch.Tensor, first: int, kv_heads: int, k: torch.Tensor,
+              v: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor, start: int) -> bool:
+    """Cache.put of an int8 cache for the key heads heads[:, :, first:first + kv_heads] and the value
+    heads after them (heads (B, T, H, D) int8, steps (B, T, H) float32), at positions start on of
+    k (B, capacity, Hkv, D), v (B, Hkv, D, capacity) and the steps (B, Hkv, capacity). False (and
+    nothing written) where it does not apply."""
+    b, t, width, d = heads.shape
+    capacity = k.shape[1]
+    if (heads.dtype != torch.int8 or steps.dtype != torch.float32 or steps.shape != heads.shape[:3]
+            or first + 2 * kv_heads > width or k.dtype != torch.int8 or v.dtype != torch.int8
+            or k.shape != (b, capacity, kv_heads, d) or v.shape != (b, kv_heads, d, capacity)
+            or k_scale.shape != (b, kv_heads, capacity) or v_scale.shape != k_scale.shape
+            or k_scale.dtype != torch.float32 or v_scale.dtype != torch.float32 or not 0 <= start <= capacity - t
+            or not _usable(heads, steps, k, v, k_scale, v_scale)):
+        return False
+    _c.put_heads(heads.data_ptr(), steps.data_ptr(), k.data_ptr(), v.data_ptr(), k_scale.data_ptr(),
+                 v_scale.data_ptr(), b, t, start, capacity, first, kv_heads, d)
+    return True
+
+
 def quantize_rows(t: torch.Tensor, step_dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
     """forward.quantize_rows of float32 t (..., K)."""
     if t.dtype != torch.float32 or step_dtype not in (torch.float32, torch.float64) or not _usable(t):
