@@ -125,7 +125,8 @@ def silu_quantize(gate_up: torch.Tensor, table: torch.Tensor) -> tuple[torch.Ten
     """quantize_rows(silu(gate) * up) for gate, up = gate_up.chunk(2, -1), float32 (..., 2 * I),
     with the exp table `table` as int32."""
     inter = gate_up.shape[-1] // 2
-    if gate_up.dtype != torch.float32 or table.dtype != torch.int32 or not inter or not _usable(gate_up, table):
+    if (gate_up.dtype != torch.float32 or table.dtype != torch.int32 or not inter or gate_up.shape[-1] != 2 * inter
+            or not _usable(gate_up, table)):
         return None
     q = torch.empty(*gate_up.shape[:-1], inter, dtype=torch.int8)
     step = torch.empty(gate_up.shape[:-1], dtype=torch.float64)
@@ -143,7 +144,7 @@ def rope_quantize(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, roped
     b, t, width = qkv.shape
     d = width // heads
     if (qkv.dtype != torch.float32 or cos.dtype != torch.float32 or sin.dtype != torch.float32
-            or cos.shape != (t, d) or sin.shape != (t, d) or not t or not _usable(qkv, cos, sin)):
+            or width != heads * d or d % 2 or not 0 <= roped <= heads or cos.shape != (t, d) or sin.shape != (t, d) or not t or not _usable(qkv, cos, sin)):
         return None
     q = torch.empty(b, t, heads, d, dtype=torch.int8)
     step = torch.empty(b, t, heads, dtype=torch.float32)
