@@ -263,3 +263,18 @@ def test_a_plain_unoptimized_build_gives_the_same_bits(tmp_path, monkeypatch, ex
             _same(fn(*args), installed)
         finally:
             monkeypatch.setattr(fused, "_c", built)
+
+
+def test_the_speed_tool_finds_the_same_bits_in_every_function(capsys, monkeypatch):
+    if not CK.exact_at_the_limits():
+        pytest.skip("torch._int_mm is not exact on this CPU")
+    sys.path.insert(0, str(ROOT / "tools"))
+    import fused_speed
+    monkeypatch.setattr(sys, "argv", ["fused_speed.py", "--rows", "2", "--context", "30", "--calls", "2"])
+    threads = torch.get_num_threads()
+    try:
+        fused_speed.main()
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert len(lines) == 5 and all(line.endswith("same bits: True") for line in lines), lines
