@@ -14,10 +14,15 @@ overhead; here each chain is one call. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#if defined(FLT_EVAL_METHOD) && FLT_EVAL_METHOD != 0
+#error "float operations must round to float (x87 excess precision would change the bits)"
+#endif
 
 #define ACT_LIMIT 127
 #define ROUND_MAGIC 12582912.0f /* 1.5 * 2**23 */
@@ -102,6 +107,7 @@ HOT static int quantize_row(const float *t, Py_ssize_t k, int8_t *q, float *top_
     float top;
     if (abs_max(t, k, &top)) return 1;
     float factor = (float)ACT_LIMIT / (top > 0.0f ? top : 1.0f);
+    if (!is_finite(factor)) return 1; /* a row below 127 / FLT_MAX: 0 * inf, left to torch */
     for (Py_ssize_t i = 0; i < k; i++) {
         float r = round_even(t[i] * factor);
         r = r < -ACT_LIMIT ? -ACT_LIMIT : r;
@@ -306,6 +312,7 @@ HOT static int attention_row(const int32_t *col, Py_ssize_t stride, const float 
     if (negative || u_top_bits > FLOAT_BITS_MAX) return 1;
     float u_top = float_of(u_top_bits);
     float div = (u_top > 0.0f ? u_top : 1.0f) * unit;
+    if (div < FLT_MIN) return 1; /* subnormal: U could pass 2**22, where round_even does not hold */
     const int32_t mask = (1 << limb_bits) - 1;
     for (Py_ssize_t t = 0; t < tk; t++) {
         int32_t n = (int32_t)round_even(s[t] / div);

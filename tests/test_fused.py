@@ -59,7 +59,8 @@ def _rows(shape, seed, scale=3.0):
         flat[1] = (torch.arange(shape[-1]) % 255 - 127).float() + 0.5   # many exact ties once scaled
         flat[1, 0] = 127.5                                              # the row's max: factor 127/127.5
         flat[2] *= 1e30
-        flat[3] = torch.randn(shape[-1], generator=g) * 1e-41         # subnormals
+        flat[3] = torch.randn(shape[-1], generator=g) * 1e-30         # a tiny row ...
+        flat[3, 1::2] *= 1e-11                                          # ... of subnormals but its max
         flat[4, ::2] = -0.0
     return x
 
@@ -155,6 +156,7 @@ def test_putting_heads_in_an_int8_cache_matches(rows, positions, start):
     for store in ("k", "v", "k_scale", "v_scale"):
         assert torch.equal(getattr(caches[0], store)[0], getattr(c, store)[0]), store
     assert not fused.put_heads(heads, steps, 4, 2, c.k[0], c.v[0], c.k_scale[0], c.v_scale[0], 12 - positions + 1)
+    assert not fused.put_heads(heads, steps, 3, 2, c.k[0], c.v[0], c.k_scale[0], c.v_scale[0], start)
 
 
 def _attention_case(b, hk, group, keys, seed):
@@ -201,6 +203,25 @@ def test_inputs_not_finite_go_to_the_torch_code(monkeypatch):
     x[2, 7] = float("nan")
     assert fused.quantize_rows(x, torch.float32) is None
     assert F.quantize_rows(x[3:]) is not None                     # the finite rows still run in C
+
+
+def test_rows_too_small_to_scale_go_to_the_torch_code():
+    """127 / max|t| overflows for a row below 127 / FLT_MAX: 0 * inf is not for the C code to decide."""
+    x = _rows((6, 40), seed=8)
+    x[1] = 1e-38
+    assert fused.quantize_rows(x, torch.float64) is None
+    assert fused.quantize_rows(x[2:], torch.float64) is not None
+
+
+def test_value_steps_too_small_for_the_limbs_go_to_the_torch_code(exact_tables):
+    """U's scale u_top / 2**18 subnormal: the C rounding's bound would not hold."""
+    if not CK.exact_at_the_limits():
+        pytest.skip("torch._int_mm is not exact on this CPU")
+    q, q_step, cache, end = _attention_case(2, 1, 1, 5, seed=3)
+    cache.v_scale[0][1] = 1e-43
+    assert F.fused_cached_attention(exact_tables, q, q_step, cache, 0, end) is None
+    cache.v_scale[0][1] = 1e-3
+    assert F.fused_cached_attention(exact_tables, q, q_step, cache, 0, end) is not None
 
 
 def test_an_unusable_layout_goes_to_the_torch_code():

@@ -83,7 +83,7 @@ def put_heads(heads: torch.Tensor, steps: torch.Tensor, first: int, kv_heads: in
     b, t, width, d = heads.shape
     capacity = k.shape[1]
     if (heads.dtype != torch.int8 or steps.dtype != torch.float32 or steps.shape != heads.shape[:3]
-            or first + 2 * kv_heads > width or k.dtype != torch.int8 or v.dtype != torch.int8
+            or first < 0 or first + 2 * kv_heads != width or k.dtype != torch.int8 or v.dtype != torch.int8
             or k.shape != (b, capacity, kv_heads, d) or v.shape != (b, kv_heads, d, capacity)
             or k_scale.shape != (b, kv_heads, capacity) or v_scale.shape != k_scale.shape
             or k_scale.dtype != torch.float32 or v_scale.dtype != torch.float32 or not 0 <= start <= capacity - t
@@ -96,12 +96,13 @@ def put_heads(heads: torch.Tensor, steps: torch.Tensor, first: int, kv_heads: in
 
 def quantize_rows(t: torch.Tensor, step_dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
     """forward.quantize_rows of float32 t (..., K)."""
-    if t.dtype != torch.float32 or step_dtype not in (torch.float32, torch.float64) or not _usable(t):
+    if (t.dtype != torch.float32 or step_dtype not in (torch.float32, torch.float64) or not t.shape[-1]
+            or not _usable(t)):
         return None
     q = torch.empty(t.shape, dtype=torch.int8)
     step = torch.empty(t.shape[:-1], dtype=step_dtype)
     k = t.shape[-1]
-    rows = t.numel() // k if k else 0
+    rows = t.numel() // k
     if _c.quantize_rows(t.data_ptr(), q.data_ptr(), step.data_ptr(), rows, k, step_dtype == torch.float64):
         return None
     return q, step
