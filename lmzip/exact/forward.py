@@ -313,6 +313,7 @@ def value_sums(ints: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     if ints.shape[-2] >= FLOAT64_ROWS and ints.device.type == "cpu":
         return torch.matmul(ints.double(), v.double())
     rows = ints.shape[-2]
+    v = v.float()  # float32 limb products (a no-op but for float_attention's float64 values)
     base = float(1 << LIMB_BITS)
     limbs = torch.empty(*ints.shape[:-2], 3 * rows, ints.shape[-1], dtype=ints.dtype, device=ints.device)
     hi, mid, lo = limbs[..., :rows, :], limbs[..., rows:2 * rows, :], limbs[..., 2 * rows:, :]
@@ -379,6 +380,8 @@ def float_attention(exact: ExactModel, q: torch.Tensor, q_step: torch.Tensor, ca
     if end - start == 1:
         return attention(exact, q, q_step, keys, k_step[:, :, :end], values, v_step[:, :, :end], None)
     g = q.shape[2] // (end - start)
+    if values.device.type == "cpu" and g * min(QUERY_POSITIONS, end - start) >= FLOAT64_ROWS:
+        values = values.double()  # value_sums' float64 product: the values converted once, not per block
     blocks = []
     for first in range(start, end, QUERY_POSITIONS):
         last = min(first + QUERY_POSITIONS, end)
