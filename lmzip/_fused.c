@@ -274,6 +274,42 @@ static PyObject *py_rope_quantize(PyObject *self, PyObject *const *args, Py_ssiz
     return PyBool_FromLong(bad);
 }
 
+/* the exp weights of one query from its scores s[0..n) (overwritten by U = weight * v step) and
+   its top score, as attention_weights makes them: their sum (exactly: integers) and U's top in
+   u_top_out; 1 if a value is not finite (or a weight index would be negative) */
+static inline int query_weights(float *s, float top, const float *vs, float q_step, const int32_t *table,
+                                Py_ssize_t len, Py_ssize_t n, float inv_d, float scale, int64_t *weight_sum_out,
+                                float *u_top_out) {
+    float coef = (q_step * inv_d) * scale;
+    if (!(coef >= 0.0f) || !is_finite(coef)) return 1;
+    const float last = (float)(len - 1);
+    int64_t weight_sum = 0; /* integers: the float64 sum of the torch code, exactly */
+    uint32_t u_top_bits = 0;
+    int negative = 0;
+    for (Py_ssize_t t = 0; t < n; t++) {
+        float d = (top - s[t]) * coef;
+        negative |= !(d >= 0.0f); /* NaN too: the torch code fails there, so it must run */
+        d = d >= 0.0f ? d : 0.0f;
+        d = d > last ? last : d;
+        int32_t e = table[(int32_t)round_even(d)];
+        weight_sum += e;
+        float u = (float)e * vs[t];
+        s[t] = u;
+        uint32_t b = bits_of(u); /* a negative u (a negative v step) is flagged with inf and NaN */
+        u_top_bits = b > u_top_bits ? b : u_top_bits;
+    }
+    *weight_sum_out = weight_sum;
+    *u_top_out = float_of(u_top_bits);
+    return negative || u_top_bits > FLOAT_BITS_MAX;
+}
+
+/* U's scale: u_top / 2**18 (1 / 2**18 where u_top is 0); 0 where it is subnormal, where U could
+   pass 2**22 and round_even would not hold (the caller hands that to torch) */
+static inline float u_scale(float u_top, float unit) {
+    float div = (u_top > 0.0f ? u_top : 1.0f) * unit;
+    return div < FLT_MIN ? 0.0f : div;
+}
+
 /* one query row j of one kv head: s[t] = score * k step, the exp weights, U and its limbs, and
    the float64 factor; 1 if a value is not finite (or a weight index would be negative) */
 HOT static int attention_row(const int32_t *col, Py_ssize_t stride, const float *ks, const float *vs, float q_step,
@@ -290,29 +326,13 @@ HOT static int attention_row(const int32_t *col, Py_ssize_t stride, const float 
         uint32_t b = bits_of(v) & 0x7fffffffu;
         worst = b > worst ? b : worst;
     }
-    float coef = (q_step * inv_d) * scale;
-    if (worst > FLOAT_BITS_MAX || !(coef >= 0.0f) || !is_finite(coef)) return 1;
-    float top = unordered(top_key);
-    const float last = (float)(len - 1);
-    int64_t weight_sum = 0; /* integers: the float64 sum of the torch code, exactly */
-    uint32_t u_top_bits = 0;
-    int negative = 0;
-    for (Py_ssize_t t = 0; t < tk; t++) {
-        float d = (top - s[t]) * coef;
-        negative |= !(d >= 0.0f); /* NaN too: the torch code fails there, so it must run */
-        d = d >= 0.0f ? d : 0.0f;
-        d = d > last ? last : d;
-        int32_t e = table[(int32_t)round_even(d)];
-        weight_sum += e;
-        float u = (float)e * vs[t];
-        s[t] = u;
-        uint32_t b = bits_of(u); /* a negative u (a negative v step) is flagged with inf and NaN */
-        u_top_bits = b > u_top_bits ? b : u_top_bits;
-    }
-    if (negative || u_top_bits > FLOAT_BITS_MAX) return 1;
-    float u_top = float_of(u_top_bits);
-    float div = (u_top > 0.0f ? u_top : 1.0f) * unit;
-    if (div < FLT_MIN) return 1; /* subnormal: U could pass 2**22, where round_even does not hold */
+    int64_t weight_sum;
+    float u_top;
+    if (worst > FLOAT_BITS_MAX ||
+        query_weights(s, unordered(top_key), vs, q_step, table, len, tk, inv_d, scale, &weight_sum, &u_top))
+        return 1;
+    float div = u_scale(u_top, unit);
+    if (div == 0.0f) return 1;
     const int32_t mask = (1 << limb_bits) - 1;
     for (Py_ssize_t t = 0; t < tk; t++) {
         int32_t n = (int32_t)round_even(s[t] / div);
@@ -322,6 +342,89 @@ HOT static int attention_row(const int32_t *col, Py_ssize_t stride, const float 
     }
     *factor = (double)u_top / ((double)weight_sum * (double)(1L << attn_bits));
     return 0;
+}
+
+/* one query of a whole-sequence pass that sees keys [0, n) of tk: scores sc (integer-valued
+   products) times the k steps, the weights, and U (0 past n) as float32 or float64 integers in
+   out; the float64 factor. 1 if a value is not finite. */
+HOT static int masked_row(const float *sc, const float *ks, const float *vs, float q_step, const int32_t *table,
+                          Py_ssize_t len, Py_ssize_t n, Py_ssize_t tk, float inv_d, float scale, float unit,
+                          long attn_bits, float *s, void *out, int as_double, double *factor) {
+    int32_t top_key = INT32_MIN;
+    uint32_t worst = 0;
+    for (Py_ssize_t t = 0; t < n; t++) {
+        float v = sc[t] * ks[t];
+        s[t] = v;
+        int32_t key = ordered(v);
+        top_key = key > top_key ? key : top_key;
+        uint32_t b = bits_of(v) & 0x7fffffffu;
+        worst = b > worst ? b : worst;
+    }
+    for (Py_ssize_t t = n; t < tk; t++) { /* masked: U is 0 * v step, which torch takes the max of */
+        uint32_t b = bits_of(vs[t]);
+        worst = b > worst ? b : worst; /* a negative v step is flagged with inf and NaN */
+    }
+    int64_t weight_sum;
+    float u_top;
+    if (worst > FLOAT_BITS_MAX ||
+        query_weights(s, unordered(top_key), vs, q_step, table, len, n, inv_d, scale, &weight_sum, &u_top))
+        return 1;
+    float div = u_scale(u_top, unit);
+    if (div == 0.0f) return 1;
+    if (as_double) {
+        double *o = out;
+        for (Py_ssize_t t = 0; t < n; t++) o[t] = (double)round_even(s[t] / div);
+        for (Py_ssize_t t = n; t < tk; t++) o[t] = 0.0;
+    } else {
+        float *o = out;
+        for (Py_ssize_t t = 0; t < n; t++) o[t] = round_even(s[t] / div);
+        for (Py_ssize_t t = n; t < tk; t++) o[t] = 0.0f;
+    }
+    *factor = (double)u_top / ((double)weight_sum * (double)(1L << attn_bits));
+    return 0;
+}
+
+/* masked_weights(scores, k_scale, q_step, v_scale, table, table_len, q_pos, out, factor, heads,
+   nr, tk, step_stride, inv_sqrt_d, exp_scale, attn_bits, as_double): attention_weights for
+   heads = B * Hkv heads of nr query rows each over tk keys: scores (heads, nr, tk) the integer
+   products Q.K, the steps k_scale, v_scale at [head * step_stride + t], q_step (heads, nr); query
+   row j sees keys [0, q_pos[j]] (q_pos int64 (nr,), or 0 for all keys); out (heads, nr, tk)
+   U as float32 or float64 (as_double), factor (heads, nr) float64 */
+static PyObject *py_masked_weights(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    ARGS(17);
+    const float *scores = ptr(args[0]), *k_scale = ptr(args[1]), *q_step = ptr(args[2]), *v_scale = ptr(args[3]);
+    const int32_t *table = ptr(args[4]);
+    Py_ssize_t len = PyLong_AsSsize_t(args[5]);
+    const int64_t *q_pos = ptr(args[6]);
+    void *out = ptr(args[7]);
+    double *factor = ptr(args[8]);
+    Py_ssize_t heads = PyLong_AsSsize_t(args[9]), nr = PyLong_AsSsize_t(args[10]), tk = PyLong_AsSsize_t(args[11]);
+    Py_ssize_t step_stride = PyLong_AsSsize_t(args[12]);
+    double inv_sqrt_d = PyFloat_AsDouble(args[13]), exp_scale = PyFloat_AsDouble(args[14]);
+    long attn_bits = PyLong_AsLong(args[15]);
+    int as_double = PyObject_IsTrue(args[16]);
+    if (PyErr_Occurred()) return NULL;
+    float *s = malloc(sizeof(float) * (tk ? tk : 1));
+    if (!s) return PyErr_NoMemory();
+    const float unit = 1.0f / (float)(1L << attn_bits);
+    const size_t item = as_double ? sizeof(double) : sizeof(float);
+    int bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t h = 0; h < heads && !bad; h++)
+        for (Py_ssize_t j = 0; j < nr && !bad; j++) {
+            Py_ssize_t n = q_pos ? q_pos[j] + 1 : tk;
+            if (n < 1 || n > tk) {
+                bad = 1;
+                break;
+            }
+            const Py_ssize_t row = h * nr + j;
+            bad = masked_row(scores + row * tk, k_scale + h * step_stride, v_scale + h * step_stride,
+                             q_step[row], table, len, n, tk, (float)inv_sqrt_d, (float)exp_scale, unit, attn_bits,
+                             s, (char *)out + (size_t)(row * tk) * item, as_double, factor + row);
+        }
+    Py_END_ALLOW_THREADS
+    free(s);
+    return PyBool_FromLong(bad);
 }
 
 /* attention_limbs(scores, k_scale, q_step, v_scale, table, table_len, limbs, factor, rows, hk,
@@ -495,6 +598,7 @@ static PyMethodDef methods[] = {
     {"scale_rows", (PyCFunction)(void (*)(void))py_scale_rows, METH_FASTCALL, NULL},
     {"shift_u8", (PyCFunction)(void (*)(void))py_shift_u8, METH_FASTCALL, NULL},
     {"put_heads", (PyCFunction)(void (*)(void))py_put_heads, METH_FASTCALL, NULL},
+    {"masked_weights", (PyCFunction)(void (*)(void))py_masked_weights, METH_FASTCALL, NULL},
     {NULL, NULL, 0, NULL},
 };
 

@@ -195,6 +195,29 @@ def test_cached_attention_matches(monkeypatch, exact_tables, b, hk, group, keys)
     _same(got, (want_q.reshape(b, -1), want_step.reshape(b)))
 
 
+@pytest.mark.parametrize("positions, first, group, keys", [(64, 0, 3, 64), (5, 70, 3, 75), (1, 0, 2, 9), (20, 100, 1, 120)])
+def test_whole_sequence_attention_matches(monkeypatch, exact_tables, positions, first, group, keys):
+    """attention() of a block of query positions first.. over keys up to the block's last (masked
+    to each row's past), U in float64 (many rows) or float32 (few), the steps sliced from a
+    cache's as float_attention slices them."""
+    g = torch.Generator().manual_seed(keys)
+    b, hk, d = 2, 3, 16
+    rows = positions * group
+    q = torch.randint(-127, 128, (b, hk, rows, d), generator=g).float()
+    k = torch.randint(-127, 128, (b, hk, keys, d), generator=g).float()
+    v = torch.randint(-127, 128, (b, hk, keys, d), generator=g).float()
+    k_step = (torch.rand(b, hk, keys + 7, generator=g) * 0.05)[:, :, :keys]
+    v_step = (torch.rand(b, hk, keys + 7, generator=g) * 0.05)[:, :, :keys]
+    v_step[1, 0] = 0.0
+    q_step = torch.rand(b, hk, rows, generator=g) * 0.5
+    q_pos = torch.arange(first, first + positions).repeat_interleave(group) if first + positions == keys else None
+    run = lambda: F.attention(exact_tables, q, q_step, k, k_step, v, v_step, q_pos, first)  # noqa: E731
+    as_double = rows >= F.FLOAT64_ROWS
+    assert fused.masked_weights(torch.matmul(q, k.transpose(-1, -2)), k_step, q_step, v_step, exact_tables.exp_i32,
+                                q_pos, 0.25, F.ATTN_BITS, as_double) is not None
+    _same((run(),), (_torch(monkeypatch, run),))
+
+
 def test_inputs_not_finite_go_to_the_torch_code(monkeypatch):
     x = _rows((6, 33), seed=5)
     x[2, 7] = float("inf")

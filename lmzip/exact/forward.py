@@ -243,8 +243,13 @@ def attention(exact: ExactModel, q, q_step, k, k_step, v, v_step, q_pos: torch.T
     operation: these passes are most of a whole-sequence pass's time.
     """
     scores = torch.matmul(q, k.transpose(-1, -2))                         # exact: 127**2 * D < 2**24
-    scores.mul_(k_step[:, :, None, :])                                     # one rounding
-    ints, factor = attention_weights(exact, scores, q_step, v_step, q_pos, q_first)
+    as_double = q.shape[-2] >= FLOAT64_ROWS and q.device.type == "cpu"    # what value_sums multiplies
+    fast = fused.masked_weights(scores, k_step, q_step.contiguous(), v_step, exact.exp_i32, q_pos,
+                                _inv_sqrt(exact.shape.head_dim), ATTN_BITS, as_double)
+    if fast is None:
+        scores.mul_(k_step[:, :, None, :])                                 # one rounding
+        fast = attention_weights(exact, scores, q_step, v_step, q_pos, q_first)
+    ints, factor = fast
     return (value_sums(ints, v) * factor).float()
 
 

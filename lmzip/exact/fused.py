@@ -178,6 +178,42 @@ def attention_limbs(scores: torch.Tensor, k_scale: torch.Tensor, q_step: torch.T
     return limbs, factor
 
 
+def _step_rows(t: torch.Tensor, heads: int, keys: int) -> int | None:
+    """The stride between heads of a cache's steps (B, Hkv, >= keys), a slice of its positions;
+    None where the heads do not lie at one stride or the positions are not contiguous."""
+    if t.dim() != 3 or t.shape[0] * t.shape[1] != heads or t.shape[2] < keys or t.stride(2) != 1:
+        return None
+    if t.shape[0] > 1 and t.stride(0) != t.shape[1] * t.stride(1):
+        return None
+    return t.stride(1)
+
+
+def masked_weights(scores: torch.Tensor, k_step: torch.Tensor, q_step: torch.Tensor, v_step: torch.Tensor,
+                   table: torch.Tensor, q_pos: torch.Tensor | None, inv_sqrt_d: float, attn_bits: int,
+                   as_double: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """attention()'s `scores.mul_(k_step)` and attention_weights() for the integer products Q.K
+    scores (B, Hkv, R, Tk) float32, the steps k_step, v_step (B, Hkv, >= Tk) and q_step
+    (B, Hkv, R); row r sees keys [0, q_pos[r]] (all where q_pos is None). -> U (B, Hkv, R, Tk)
+    as float32 or float64 (as_double) and the float64 factor (B, Hkv, R, 1)."""
+    b, hk, r, tk = scores.shape
+    heads = b * hk
+    stride = _step_rows(k_step, heads, tk)
+    if (stride is None or _step_rows(v_step, heads, tk) != stride or not tk
+            or scores.dtype != torch.float32 or k_step.dtype != torch.float32 or v_step.dtype != torch.float32
+            or q_step.dtype != torch.float32 or q_step.shape != (b, hk, r) or table.dtype != torch.int32
+            or (q_pos is not None and (q_pos.dtype != torch.int64 or q_pos.shape != (r,)))
+            or not _usable(scores, q_step, table, *(() if q_pos is None else (q_pos,)))
+            or not k_step.is_cpu or not v_step.is_cpu):
+        return None
+    out = torch.empty(scores.shape, dtype=torch.float64 if as_double else torch.float32)
+    factor = torch.empty(b, hk, r, 1, dtype=torch.float64)
+    if _c.masked_weights(scores.data_ptr(), k_step.data_ptr(), q_step.data_ptr(), v_step.data_ptr(), table.data_ptr(),
+                         table.shape[0], 0 if q_pos is None else q_pos.data_ptr(), out.data_ptr(), factor.data_ptr(),
+                         heads, r, tk, stride, float(inv_sqrt_d), EXP_SCALE, attn_bits, as_double):
+        return None
+    return out, factor
+
+
 def attention_output(sums: torch.Tensor, factor: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """value_products' int32 sums (B, Hkv * D, Hkv * 3 R) of the limbs, joined and times the
     factor (B, Hkv, R) as value_sums and attention do, then quantize_rows of each row's output
