@@ -310,6 +310,18 @@ static inline float u_scale(float u_top, float unit) {
     return div < FLT_MIN ? 0.0f : div;
 }
 
+/* after a query's scores pass (its top as an ordered key, its worst bits): the weights, their sum,
+   U's top and scale; 1 where the C code must hand the query to torch */
+static inline int weigh(float *s, int32_t top_key, uint32_t worst, const float *vs, float q_step,
+                        const int32_t *table, Py_ssize_t len, Py_ssize_t n, float inv_d, float scale, float unit,
+                        int64_t *weight_sum, float *u_top, float *div) {
+    if (worst > FLOAT_BITS_MAX ||
+        query_weights(s, unordered(top_key), vs, q_step, table, len, n, inv_d, scale, weight_sum, u_top))
+        return 1;
+    *div = u_scale(*u_top, unit);
+    return *div == 0.0f;
+}
+
 /* one query row j of one kv head: s[t] = score * k step, the exp weights, U and its limbs, and
    the float64 factor; 1 if a value is not finite (or a weight index would be negative) */
 HOT static int attention_row(const int32_t *col, Py_ssize_t stride, const float *ks, const float *vs, float q_step,
@@ -327,12 +339,9 @@ HOT static int attention_row(const int32_t *col, Py_ssize_t stride, const float 
         worst = b > worst ? b : worst;
     }
     int64_t weight_sum;
-    float u_top;
-    if (worst > FLOAT_BITS_MAX ||
-        query_weights(s, unordered(top_key), vs, q_step, table, len, tk, inv_d, scale, &weight_sum, &u_top))
+    float u_top, div;
+    if (weigh(s, top_key, worst, vs, q_step, table, len, tk, inv_d, scale, unit, &weight_sum, &u_top, &div))
         return 1;
-    float div = u_scale(u_top, unit);
-    if (div == 0.0f) return 1;
     const int32_t mask = (1 << limb_bits) - 1;
     for (Py_ssize_t t = 0; t < tk; t++) {
         int32_t n = (int32_t)round_even(s[t] / div);
@@ -365,12 +374,9 @@ HOT static int masked_row(const float *sc, const float *ks, const float *vs, flo
         worst = b > worst ? b : worst; /* a negative v step is flagged with inf and NaN */
     }
     int64_t weight_sum;
-    float u_top;
-    if (worst > FLOAT_BITS_MAX ||
-        query_weights(s, unordered(top_key), vs, q_step, table, len, n, inv_d, scale, &weight_sum, &u_top))
+    float u_top, div;
+    if (weigh(s, top_key, worst, vs, q_step, table, len, n, inv_d, scale, unit, &weight_sum, &u_top, &div))
         return 1;
-    float div = u_scale(u_top, unit);
-    if (div == 0.0f) return 1;
     if (as_double) {
         double *o = out;
         for (Py_ssize_t t = 0; t < n; t++) o[t] = (double)round_even(s[t] / div);
