@@ -17,6 +17,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.enviro
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = str(ROOT / "tests" / "data" / "tiny-llama")
+# LMZIP_TEST_DEVICE=cuda runs the tests that use the codec fixture (the format samples, batched
+# decoding) on a GPU: the samples were made on a CPU, so they check decoding across devices.
+DEVICE = os.environ.get("LMZIP_TEST_DEVICE", "cpu")
 FORMATS = ROOT / "formats"
 # Settings that fit the tiny model quickly; each test may override.
 # float32 fitting, so that what fits does not depend on the CPU's bf16 support.
@@ -26,7 +29,7 @@ TINY_OPTIONS = dict(model=TINY_MODEL, tokens_per_segment=8, vectors=1, max_vecto
 
 @pytest.fixture(scope="session")
 def codec():
-    return lmzip.Codec(model=TINY_MODEL, device="cpu")
+    return lmzip.Codec(model=TINY_MODEL, device=DEVICE)
 
 
 @pytest.fixture(scope="session")

@@ -322,7 +322,8 @@ def test_the_cache_bytes_per_position_are_what_a_cache_holds(tiny, which):
     model = tiny.model if which == "tiny" else grouped_query_model()
     cache = _new_cache(type("LM", (), {"model": model})())
     with torch.no_grad():
-        model(inputs_embeds=torch.zeros(3, 5, model.config.hidden_size), use_cache=True, past_key_values=cache)
+        model(inputs_embeds=torch.zeros(3, 5, model.config.hidden_size, device=model.device), use_cache=True,
+              past_key_values=cache)
     held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     assert cache_bytes_per_position(model.config) == held // (3 * 5)
 
@@ -340,11 +341,11 @@ def test_rows_that_leave_or_join_let_the_old_cache_buffers_go(tiny, shaped):
 
     jobs, _ = shaped
     rows = _prefill(tiny, PREFIX, jobs, [0, 1, 3])
-    _step(tiny, rows, torch.zeros(3, dtype=torch.long))
+    _step(tiny, rows, torch.zeros(3, dtype=torch.long, device=tiny.device))
     assert all(layer.key_buffer is not None for layer in rows.cache.layers)  # the step made buffers
-    rows.select(torch.tensor([0, 2]))
+    rows.select(torch.tensor([0, 2], device=tiny.device))
     assert all(layer.key_buffer is None and layer.value_buffer is None for layer in rows.cache.layers)
-    _step(tiny, rows, torch.zeros(2, dtype=torch.long))
+    _step(tiny, rows, torch.zeros(2, dtype=torch.long, device=tiny.device))
     rows.join(_prefill(tiny, PREFIX, jobs, [5]))
     assert all(layer.key_buffer is None and layer.value_buffer is None for layer in rows.cache.layers)
 

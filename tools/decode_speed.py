@@ -15,6 +15,7 @@ one thread, tokens per CPU second are close to what a core of one's own gives.
     python tools/decode_speed.py --archive doc.lmz --segments 64 --batch-sizes 1 8 64 --compare
     python tools/decode_speed.py --segments 128 --tokens 32 --batch-sizes 64 --threads 2 --sharded
     python tools/decode_speed.py --segments 96 --tokens 12 --batch-sizes 1 7 64 --single-segments 8 --threads 1 --digest
+    python tools/decode_speed.py --device cuda --segments 512 --tokens 32 --batch-sizes 1 64 128 512
 
 With --digest it also prints, per batch size, the SHA-256 of every step's logits (and of the
 tokens) of one unsharded run: equal digests before and after a change mean the same arithmetic.
@@ -83,13 +84,15 @@ def run(lm, jobs, prefix, batch_size, inference_mode, observe=None, sharded=Fals
             decoded = greedy_decode_sharded(lm, jobs, prefix, batch_size, torch.get_num_threads())
         else:
             decoded = greedy_decode_batch(lm, jobs, prefix, batch_size=batch_size, observe=observe)
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize(lm.device)
     return decoded, time.perf_counter() - started, time.process_time() - cpu_started
 
 
 def digests(lm, jobs, prefix, batch_size, inference_mode) -> str:
     logits = hashlib.sha256()
     decoded, *_ = run(lm, jobs, prefix, batch_size, inference_mode,
-                      observe=lambda rows, step: logits.update(repr(rows).encode() + step.numpy().tobytes()))
+                      observe=lambda rows, step: logits.update(repr(rows).encode() + step.cpu().numpy().tobytes()))
     tokens = hashlib.sha256(repr([d.ids for d in decoded]).encode())
     return f"logits sha256 {logits.hexdigest()[:16]}, tokens sha256 {tokens.hexdigest()[:16]}"
 
@@ -105,6 +108,7 @@ def main(argv=None):
     parser.add_argument("--vectors", type=int, default=2, help="K of each random segment")
     parser.add_argument("--tokens", type=int, default=32, help="tokens of each random segment")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (--sharded is for CPUs)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
     parser.add_argument("--attention", choices=["sdpa", "eager"], default=None)
@@ -121,9 +125,9 @@ def main(argv=None):
 
     if args.archive:
         jobs, prefix, model_id = archive_jobs(args.archive, args.segments)
-        lm = load_model(args.model or model_id, device="cpu")
+        lm = load_model(args.model or model_id, device=args.device)
     else:
-        lm = load_model(args.model, device="cpu")
+        lm = load_model(args.model, device=args.device)
         jobs = random_jobs(lm, 64 if args.segments is None else args.segments, args.vectors, args.tokens, args.seed)
         prefix = sink_prefix(lm, FitConfig())
     if args.attention:

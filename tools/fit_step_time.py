@@ -13,6 +13,10 @@ cost. The README's figures come from:
 
     python tools/fit_step_time.py --rows 1 8 64 256 --threads 2
     python tools/fit_step_time.py --model embedded --rows 1 8 --tokens 27 --steps 12 --threads 2
+    python tools/fit_step_time.py --model embedded --device cuda --bf16 --rows 1 8 64 256 512
+
+On a GPU the loop's one host sync per step makes the interval between two read-outs a whole step;
+"model" is timed with the device synchronized before and after.
 
 `--model micro` builds a 6,000-parameter model (hidden size 16, one layer) on the test model's
 byte tokenizer, to see how far the arithmetic still counts at 256 rows on a CPU.
@@ -92,21 +96,29 @@ def model_pass(lm, rows: int, tokens: int, vectors: int, bf16: bool, repeat: int
     the vectors only, logits at the token positions only, an attention mask."""
     model = lm.fitting_copy() if bf16 else lm.model
     body, head = model.base_model, model.get_output_embeddings()
+    device = lm.device
     times = []
     for _ in range(repeat + 1):
-        vec = (0.1 * torch.randn(rows, vectors, lm.hidden_size)).requires_grad_(True)
-        fixed = 0.1 * torch.randn(rows, 1 + tokens, lm.hidden_size)
-        mask = torch.ones(rows, 1 + vectors + tokens, dtype=torch.long)
-        target = torch.randint(0, lm.vocab_size, (rows, tokens))
+        vec = (0.1 * torch.randn(rows, vectors, lm.hidden_size, device=device)).requires_grad_(True)
+        fixed = 0.1 * torch.randn(rows, 1 + tokens, lm.hidden_size, device=device)
+        mask = torch.ones(rows, 1 + vectors + tokens, dtype=torch.long, device=device)
+        target = torch.randint(0, lm.vocab_size, (rows, tokens), device=device)
+        synchronize(device)
         started = time.perf_counter()
         x = torch.cat([fixed[:, :1], vec, fixed[:, 1:]], dim=1)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             h = body(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
             logits = head(h[:, vectors: vectors + tokens]).float()
         loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target)
         torch.autograd.grad(loss, vec)
+        synchronize(device)
         times.append(time.perf_counter() - started)
     return statistics.median(times[1:])
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def micro_model(folder: Path) -> str:
@@ -137,6 +149,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--skip", type=int, default=3, help="first steps left out of the median")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--bf16", action="store_true", help="fit under bf16 as lmzip does where it is native")
     args = parser.parse_args(argv)
     if args.threads:
@@ -144,7 +157,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as folder:
         spec = micro_model(Path(folder)) if args.model == "micro" else {"tiny": TINY, "embedded": None}.get(
             args.model, args.model)
-        report(load_model(spec, device="cpu"), args)
+        report(load_model(spec, device=args.device), args)
 
 
 def report(lm, args) -> None:
@@ -156,7 +169,8 @@ def report(lm, args) -> None:
         ops = statistics.median(step_times(lm, rows, args.tokens, args.skip + 4, args.vectors, args.bf16,
                                            OpCounter())[args.skip:])
         first = first or step
-        print(f"{rows:4d} rows x {args.tokens} tokens, {torch.get_num_threads()} threads: "
+        where = f"{torch.get_num_threads()} threads" if lm.device.type == "cpu" else str(lm.device)
+        print(f"{rows:4d} rows x {args.tokens} tokens, {where}: "
               f"step {step * 1000:7.1f} ms ({step / first:4.1f}x 1 row), model {arithmetic * 1000:7.1f} ms, "
               f"host {(step - arithmetic) * 1000:6.1f} ms, {ops:.0f} tensor ops, {len(times)} steps", flush=True)
 
