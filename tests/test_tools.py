@@ -84,3 +84,16 @@ def test_fit_step_time_builds_and_times_the_micro_model(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" rows")[0].strip() for line in lines] == ["1", "2"]
     assert all("tensor ops" in line for line in lines)
+
+
+def test_gpu_figures_runs_the_steps_asked_for_on_any_device(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, DEVICE="cpu", PYTHON=sys.executable, STEPS="decode_speed")
+    run = subprocess.run(["bash", str(ROOT / "tools" / "gpu_figures.sh"), str(ROOT / "formats" / "good-zstd-text.out"),
+                          str(tmp_path), "tiny"], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "== decode_speed: exit 0" in run.stdout and "== fit_steps" not in run.stdout
+    assert "batch 512, " in (tmp_path / "decode_speed.log").read_text()
