@@ -327,3 +327,20 @@ def test_the_check_gets_a_process_per_batch_of_rows_on_all_cores_but_one(monkeyp
         shards = lm_kind.check_shards(None, pieces, (0,), sample)
         assert len(shards) == processes
         assert sorted(i for shard in shards for i in shard) == (sample if processes else [])
+
+
+def test_lm_chunks_decode_on_every_cpu_thread_when_the_model_is_on_a_gpu(codec, lm_archive, two_cores, monkeypatch):
+    """On a GPU host the codec's context says one thread (memory segments' batches go to the GPU),
+    but the lm kinds' exact arithmetic runs on the CPU: it must take every CPU thread."""
+    import lmzip.exact
+
+    asked = []
+    real = lmzip.exact.decode_chunks
+    monkeypatch.setattr(lmzip.exact, "decode_chunks", lambda *a, **k: asked.append(k["threads"]) or real(*a, **k))
+    archive = container.parse(lm_archive)
+    jobs = [lmzip.kinds.DecodeJob(i, s, bytes(archive.payload(i)))
+            for i, s in enumerate(archive.segments) if s.kind == lm_kind.KIND]
+    ctx = lmzip.kinds.DecodeContext(archive.header, codec.model(TINY_MODEL), batch_size=128, threads=1)
+    decoded = lm_kind.decode(jobs, ctx)
+    assert all(container.crc32(data) == job.entry.crc32 for data, job in zip(decoded, jobs))
+    assert asked == [2]

@@ -52,7 +52,8 @@ class DecodeContext:
     header: object                 # container.Header
     model: object | None = None    # models.LoadedModel, for kinds that need one
     batch_size: int = 128           # as batch_decode.DEFAULT_BATCH_SIZE
-    threads: int = 1                 # batches of batch_size rows decoded side by side (CPU threads)
+    threads: int = 1                 # memory segments' batches decoded side by side (the model's
+                                     # CPU threads; 1 on a GPU); the lm kinds use all CPU threads
 
 
 # What encode(method=...) takes: memory segments, the lm kinds, or zstd alone.

@@ -211,9 +211,9 @@ def job_chunk_tokens(jobs, ctx, positions: int, chunks_of) -> list[list[list[int
     payloads = [p for payloads, _ in per_job for p in payloads]
     counts = [n for _, counts in per_job for n in counts]
     rows = min(ctx.batch_size, decode_rows(min(positions, len(prefix) + max(counts))))
-    try:
+    try:  # the exact arithmetic runs on the CPU wherever the model is: all its threads, also on a GPU host
         flat = decode_chunks(exact, payloads, counts, prefix, batch_size=rows, positions=positions,
-                             threads=ctx.threads)
+                             threads=cores(ctx.model))
     except ValueError as e:
         if len(jobs) == 1:
             raise SegmentError(jobs[0].index, f"the range coder cannot follow the payload ({e})") from None
