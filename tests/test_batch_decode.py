@@ -14,7 +14,7 @@ from lmzip import container
 from lmzip.batch_decode import greedy_decode_batch, greedy_decode_sharded
 from lmzip.generate import greedy_decode
 
-from conftest import FORMATS
+from conftest import FORMATS, TINY_MODEL
 
 BATCH_SIZES = (1, 2, 7, 64)
 PREFIX = (256,)  # the tiny tokenizer's end-of-text token, as its archives use
@@ -372,3 +372,25 @@ def test_rows_are_cut_to_the_cache_budget(tiny, shaped, monkeypatch):
     widths.clear()
     greedy_decode_batch(tiny, jobs, PREFIX, batch_size=64, cache_budget=1)
     assert max(widths) == 1  # never fewer than one row
+
+
+def test_a_gpu_decodes_more_rows_together_by_default():
+    from lmzip.batch_decode import DEFAULT_BATCH_SIZE, GPU_BATCH_SIZE, default_batch_size
+
+    assert default_batch_size(torch.device("cpu")) == DEFAULT_BATCH_SIZE == 128
+    assert default_batch_size(torch.device("cuda", 1)) == GPU_BATCH_SIZE == 512
+
+
+def test_decoding_takes_the_devices_batch_size_unless_one_is_given(codec, monkeypatch):
+    import lmzip.codec
+    from lmzip.kinds import memory
+
+    seen = []
+    real = memory.decode
+    monkeypatch.setattr(memory, "decode", lambda jobs, ctx: seen.append(ctx.batch_size) or real(jobs, ctx))
+    monkeypatch.setattr(lmzip.codec, "default_batch_size", lambda device: 5 if device.type == "cpu" else 0)
+    blob = (FORMATS / "good-memory-tiny.lmz").read_bytes()
+    expected = (FORMATS / "good-memory-tiny.out").read_bytes()
+    assert codec.decode(blob, model=TINY_MODEL) == expected and set(seen) == {5}
+    seen.clear()
+    assert codec.decode(blob, model=TINY_MODEL, batch_size=3) == expected and set(seen) == {3}
