@@ -47,10 +47,10 @@ MIN_SHARD_ROWS = 16  # segments a thread must get to run a batch of its own
 MAX_PREFILL_POSITIONS = 2048
 
 
-def default_batch_size(device: torch.device) -> int:
-    """Rows decoded together where the caller does not say: more on a GPU (CACHE_BUDGET still cuts
-    them for long segments)."""
-    return DEFAULT_BATCH_SIZE if device.type == "cpu" else GPU_BATCH_SIZE
+def default_batch_size(device: torch.device | None) -> int:
+    """Rows decoded together where the caller does not say: more on a CUDA GPU (CACHE_BUDGET still
+    cuts them for long segments); other devices, and none (no model), get the CPU's."""
+    return GPU_BATCH_SIZE if device is not None and device.type == "cuda" else DEFAULT_BATCH_SIZE
 
 
 @dataclass(frozen=True)

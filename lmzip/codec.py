@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 from typing import BinaryIO, Callable
 
 from . import container, inspection, kinds, lm_journal, segmenting
-from .batch_decode import DEFAULT_BATCH_SIZE, default_batch_size
+from .batch_decode import default_batch_size
 from .container import KIND_MEMORY, ArchiveWriter, Header
 from .journal import Journal, model_identity
 from .errors import (ContentChecksumError, HeaderError, InputError, InternalError, ModelMismatchError,
@@ -555,7 +555,7 @@ class Codec:
         if any(kinds.get(s.kind).NEEDS_MODEL for s in archive.segments):
             lm = self._model_for(header, model, allow_download)
         if batch_size is None:
-            batch_size = default_batch_size(lm.device) if lm is not None else DEFAULT_BATCH_SIZE
+            batch_size = default_batch_size(lm.device if lm is not None else None)
         ctx = kinds.DecodeContext(header, lm, batch_size, cpu_threads(lm.device) if lm is not None else 1)
         window = batch_size * ctx.threads  # segments in memory at once: a batch per thread
         content_hash = hashlib.sha256()

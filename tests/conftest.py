@@ -17,8 +17,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.enviro
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = str(ROOT / "tests" / "data" / "tiny-llama")
-# LMZIP_TEST_DEVICE=cuda runs the tests that use the codec fixture (the format samples, batched
-# decoding) on a GPU: the samples were made on a CPU, so they check decoding across devices.
+# LMZIP_TEST_DEVICE=cuda runs the tests that use the codec or tiny fixtures on a GPU (the format
+# samples among them: made on a CPU, they check decoding across devices).
 DEVICE = os.environ.get("LMZIP_TEST_DEVICE", "cpu")
 FORMATS = ROOT / "formats"
 # Settings that fit the tiny model quickly; each test may override.

@@ -379,18 +379,20 @@ def test_a_gpu_decodes_more_rows_together_by_default():
 
     assert default_batch_size(torch.device("cpu")) == DEFAULT_BATCH_SIZE == 128
     assert default_batch_size(torch.device("cuda", 1)) == GPU_BATCH_SIZE == 512
+    assert default_batch_size(torch.device("mps")) == DEFAULT_BATCH_SIZE  # measured on CUDA only
 
 
 def test_decoding_takes_the_devices_batch_size_unless_one_is_given(codec, monkeypatch):
     import lmzip.codec
     from lmzip.kinds import memory
 
-    seen = []
+    seen, devices = [], []
     real = memory.decode
     monkeypatch.setattr(memory, "decode", lambda jobs, ctx: seen.append(ctx.batch_size) or real(jobs, ctx))
-    monkeypatch.setattr(lmzip.codec, "default_batch_size", lambda device: 5 if device.type == "cpu" else 0)
+    monkeypatch.setattr(lmzip.codec, "default_batch_size", lambda device: devices.append(device) or 5)
     blob = (FORMATS / "good-memory-tiny.lmz").read_bytes()
     expected = (FORMATS / "good-memory-tiny.out").read_bytes()
     assert codec.decode(blob, model=TINY_MODEL) == expected and set(seen) == {5}
+    assert devices == [codec.model(TINY_MODEL).device]
     seen.clear()
     assert codec.decode(blob, model=TINY_MODEL, batch_size=3) == expected and set(seen) == {3}

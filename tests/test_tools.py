@@ -91,9 +91,13 @@ def test_gpu_figures_runs_the_steps_asked_for_on_any_device(tmp_path):
     import subprocess
     import sys
 
-    env = dict(os.environ, DEVICE="cpu", PYTHON=sys.executable, STEPS="decode_speed")
-    run = subprocess.run(["bash", str(ROOT / "tools" / "gpu_figures.sh"), str(ROOT / "formats" / "good-zstd-text.out"),
-                          str(tmp_path), "tiny"], env=env, capture_output=True, text=True, timeout=300)
+    script, text = str(ROOT / "tools" / "gpu_figures.sh"), str(ROOT / "formats" / "good-zstd-text.out")
+    env = dict(os.environ, DEVICE="cpu", PYTHON=sys.executable, STEPS="decode_speed", LIMIT_DECODE="280")
+    run = subprocess.run(["bash", script, text, str(tmp_path), "tiny"], env=env, capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, run.stderr
     assert "== decode_speed: exit 0" in run.stdout and "== fit_steps" not in run.stdout
     assert "batch 512, " in (tmp_path / "decode_speed.log").read_text()
+    env["STEPS"] = "decode"  # no such step: refused, not a silent pass
+    run = subprocess.run(["bash", script, text, str(tmp_path), "tiny"], env=env, capture_output=True, text=True)
+    assert run.returncode == 2 and "unknown step 'decode'" in run.stderr

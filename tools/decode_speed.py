@@ -122,6 +122,8 @@ def main(argv=None):
                         help="max |logit difference| of each batched run against batch 1 "
                              "(all segments, one at a time: slow for a large archive)")
     args = parser.parse_args(argv)
+    if args.sharded and args.device != "cpu":
+        parser.error("--sharded deals batches to CPU threads; on a GPU, give larger --batch-sizes")
 
     if args.archive:
         jobs, prefix, model_id = archive_jobs(args.archive, args.segments)

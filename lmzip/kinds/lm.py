@@ -107,7 +107,6 @@ def check(lm, pieces, payloads, prefix, sample, threads: int | None = None, resu
     check_chunks's, by piece index: where a rerun may start a row, and a callback to report it."""
     from ..exact import check_chunks
     from ..precision import exact_float32
-    from ..sharding import cpu_threads
 
     sample = list(sample)
     if not sample:
@@ -119,13 +118,14 @@ def check(lm, pieces, payloads, prefix, sample, threads: int | None = None, resu
     with exact_float32():
         failed = check_chunks(exact, chunks, [payloads[i] for i in sample], prefix,
                               batch_size=decode_rows(len(prefix) + max(map(len, chunks))),
-                              threads=cpu_threads(exact.device) if threads is None else threads,
+                              threads=cores(lm) if threads is None else threads,
                               resume=starts, progress=report)
     return {sample[j] for j in failed}
 
 
 def cores(lm) -> int:
-    """Chunks coded side by side: one per CPU thread torch uses; 1 on a GPU."""
+    """Chunks coded or decoded side by side: one per CPU thread torch uses (the exact model is on
+    the CPU wherever the loaded model is; 1 if it were moved to a GPU)."""
     from ..sharding import cpu_threads
 
     return cpu_threads(exact_model(lm).device)
@@ -147,7 +147,7 @@ def start_check(lm, pieces, payloads, prefix, sample, aside: bool = True, resume
     """`check` of the sample while the caller codes other chunks on the other cores: in forked
     processes of one core (`check_shards`; a decoding step of a few rows costs little more than one
     of one row, and a core of its own keeps it from waiting on the coding). Here and now, on all
-    cores, where it cannot fork (one core, a GPU, not Linux) or nothing would run beside it (not
+    cores, where it cannot fork (one core, not Linux) or nothing would run beside it (not
     `aside`). Returns `.ready()`, `.result()` (the failed indices) and `.cancel()` (sharding)."""
     from ..sharding import AllOf, Done, Forked
 
