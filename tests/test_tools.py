@@ -101,3 +101,17 @@ def test_gpu_figures_runs_the_steps_asked_for_on_any_device(tmp_path):
     env["STEPS"] = "decode"  # no such step: refused, not a silent pass
     run = subprocess.run(["bash", script, text, str(tmp_path), "tiny"], env=env, capture_output=True, text=True)
     assert run.returncode == 2 and "unknown step 'decode'" in run.stderr
+
+
+def test_exact_speed_digests_do_not_depend_on_the_weights_kernel(capsys, tmp_path):
+    tool = runpy.run_path(str(ROOT / "tools" / "exact_speed.py"))
+    text = tmp_path / "text.txt"
+    text.write_text("Alice was beginning to get very tired of sitting by her sister on the bank. " * 2)
+    digests = []
+    for kernel in ("int8", "float32"):
+        tool["main"]([str(text), "--model", TINY_MODEL, "--rows", "2", "--context", "8", "--steps", "3",
+                      "--passes", "12", "--kernel", kernel, "--device", "cpu"])
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].startswith(f"weights multiplied by the {kernel} kernel")
+        digests.append([line.split()[-1] for line in lines[1:]])
+    assert len(digests[0]) == 2 and digests[0] == digests[1]

@@ -4,7 +4,8 @@
 # `decompress` of the first 6,400 bytes of alice29.txt, and `--method lm` both ways on its first
 # 12,000 bytes, every archive decoded and compared with its input. The lm kind's arithmetic runs
 # on the CPU wherever the model is (lmzip/exact), so its two steps time the GPU machine's CPU and
-# give an archive to compare, byte for byte, with one made elsewhere.
+# give an archive to compare, byte for byte, with one made elsewhere; lm_exact runs that
+# arithmetic on the device itself, and its digests must be a CPU's (BENCHMARKS.md has them).
 #
 #   tools/gpu_figures.sh TEXT OUT [embedded|tiny]
 #
@@ -15,7 +16,7 @@
 # CUDA_VISIBLE_DEVICES), PYTHON (default python3), STEPS (the names of the steps to run, default
 # all) and LIMIT_* (each step's time limit in seconds, below), so one that hangs costs only itself.
 set -u
-steps_known="fit_steps decode_speed memory_compress memory_decompress lm_compress lm_decompress"
+steps_known="fit_steps decode_speed memory_compress memory_decompress lm_compress lm_decompress lm_exact"
 if [ $# -lt 2 ] || [[ ! " embedded tiny " == *" ${3:-embedded} "* ]]; then
     echo "usage: $0 TEXT OUT [embedded|tiny]" >&2
     exit 2
@@ -70,4 +71,6 @@ step lm_compress "${LIMIT_LM:-90}" "$py" -m lmzip compress -f --method lm ${mode
     "$out/lm12k.txt" -o "$out/lm12k.lmz" && sha256sum "$out/lm12k.lmz"
 step lm_decompress "${LIMIT_LM:-90}" "$py" -m lmzip decompress -f ${model_args[@]+"${model_args[@]}"} \
     "$out/lm12k.lmz" -o "$out/lm12k.out" && same "$out/lm12k.txt" "$out/lm12k.out"
+step lm_exact "${LIMIT_EXACT:-150}" "$py" "$here/tools/exact_speed.py" "$text" ${model_args[@]+"${model_args[@]}"} \
+    --device "$device" --rows 1 10 --context 1000 --steps 8 --passes 1024 2047
 exit $failed
