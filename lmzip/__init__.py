@@ -12,6 +12,7 @@ from .container import FORMAT_VERSION, MAGIC
 from .errors import (
     ClusterError,
     ContentChecksumError,
+    DeviceMemoryError,
     HeaderError,
     InputError,
     InternalError,
@@ -87,4 +88,5 @@ __all__ = [
     "SegmentError", "ContentChecksumError", "ModelError", "ModelUnavailableError",
     "ModelMismatchError", "InputError", "OptionError", "OutputExistsError", "UnsupportedError",
     "UnsupportedKindError", "WorkLimitError", "JournalError", "InternalError", "ClusterError",
+    "DeviceMemoryError",
 ]

@@ -18,8 +18,8 @@ from . import container, inspection, kinds, lm_journal, segmenting
 from .batch_decode import default_batch_size
 from .container import KIND_MEMORY, ArchiveWriter, Header
 from .journal import Journal, model_identity
-from .errors import (ContentChecksumError, HeaderError, InputError, InternalError, ModelMismatchError,
-                     ModelUnavailableError, OptionError, SegmentError, WorkLimitError)
+from .errors import (ContentChecksumError, DeviceMemoryError, HeaderError, InputError, InternalError,
+                     ModelMismatchError, ModelUnavailableError, OptionError, SegmentError, WorkLimitError)
 from .fit import FitConfig, fit_regions, sink_prefix
 from .inspection import decode_work, inspect  # noqa: F401 - inspect: for `from lmzip.codec import inspect`
 from .kinds.memory import max_positions
@@ -466,7 +466,7 @@ class Codec:
             left = len(region.data)
             while left:
                 while not arrived[index]:
-                    key, segment = next(fitted)
+                    key, segment = _next_fit(fitted, lm, fit)
                     if journal:
                         journal.add(key, segment)
                     arrived[key].append(segment)
@@ -595,6 +595,18 @@ class Codec:
                     raise SegmentError(job.index, "checksum mismatch")
                 decoded[job.index] = data
         return [decoded[i] for i in indices]
+
+
+def _next_fit(fitted, lm: LoadedModel, fit: FitConfig):
+    """The next (region, segment) the fitter hands back; a device out of memory is the user's
+    to fix (fewer rows at a time), not a bug."""
+    import torch
+
+    try:
+        return next(fitted)
+    except torch.OutOfMemoryError:
+        raise DeviceMemoryError(f"out of {lm.device} memory fitting {fit.batch_size} segments at a time: "
+                                "give a smaller --batch-size") from None
 
 
 def lm_pieces(lm: LoadedModel, data: bytes, tokens_per_segment: int | None,

@@ -90,6 +90,10 @@ class JournalError(InputError):
     """A resume journal belongs to another input or other options, or is unusable."""
 
 
+class DeviceMemoryError(LmzError):
+    """The GPU (or other device) ran out of memory, even at the smallest batch the work allows."""
+
+
 class ClusterError(LmzError):
     """The Ray cluster cannot be used (Ray missing, unreachable) or kept losing the fitting work."""
 

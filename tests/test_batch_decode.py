@@ -396,3 +396,38 @@ def test_decoding_takes_the_devices_batch_size_unless_one_is_given(codec, monkey
     assert devices == [codec.model(TINY_MODEL).device]
     seen.clear()
     assert codec.decode(blob, model=TINY_MODEL, batch_size=3) == expected and set(seen) == {3}
+
+
+def out_of_memory_above(rows, seen):
+    """A greedy_decode_sharded that runs out of memory above `rows` rows, recording each try's."""
+    real = lmzip.batch_decode.greedy_decode_sharded
+
+    def decode(lm, jobs, prefix, batch_size, threads):
+        seen.append(batch_size)
+        if batch_size > rows:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(lm, jobs, prefix, batch_size, threads)
+    return decode
+
+
+def test_a_batch_out_of_memory_is_decoded_again_in_halves(codec, monkeypatch):
+    seen = []
+    monkeypatch.setattr(lmzip.batch_decode, "greedy_decode_sharded", out_of_memory_above(2, seen))
+    blob = (FORMATS / "good-memory-tiny.lmz").read_bytes()
+    assert codec.decode(blob, model=TINY_MODEL, batch_size=16) == (FORMATS / "good-memory-tiny.out").read_bytes()
+    assert seen[:4] == [16, 8, 4, 2] and set(seen[4:]) == {2}  # later windows start where it fit
+
+
+def test_out_of_memory_one_row_at_a_time_is_a_clear_error(codec, monkeypatch):
+    from lmzip.cli import main
+
+    seen = []
+    monkeypatch.setattr(lmzip.batch_decode, "greedy_decode_sharded", out_of_memory_above(0, seen))
+    blob = (FORMATS / "good-memory-tiny.lmz").read_bytes()
+    with pytest.raises(lmzip.DeviceMemoryError, match="one memory segment at a time"):
+        codec.decode(blob, model=TINY_MODEL, batch_size=3)
+    assert seen == [3, 1]
+    from click.testing import CliRunner
+
+    r = CliRunner().invoke(main, ["test", "--model", TINY_MODEL, str(FORMATS / "good-memory-tiny.lmz")])
+    assert r.exit_code == 1 and "out of" in r.output and "internal error" not in r.output

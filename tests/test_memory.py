@@ -338,3 +338,17 @@ def test_closing_segments_are_verified_together_and_alone_before_they_fail(tiny,
     monkeypatch.setattr(fit, "greedy_decode_batch", garbled)
     assert [ok for ok, _ in fit.verify_all(tiny, [good, good], 0.0, prefix)] == [True, True]
     assert batches == [2]  # then each row alone, through greedy_decode, which held
+
+
+def test_fitting_out_of_device_memory_names_the_batch_size(codec, monkeypatch):
+    import torch
+
+    import lmzip.codec
+
+    def fit_regions(lm, items, fit):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
+        yield  # a generator, as the fitter is
+
+    monkeypatch.setattr(lmzip.codec, "fit_regions", fit_regions)
+    with pytest.raises(lmzip.DeviceMemoryError, match="fitting 8 segments at a time: give a smaller --batch-size"):
+        codec.encode(SENTENCE, **TINY_OPTIONS)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import SegmentError
+from ..errors import DeviceMemoryError, SegmentError
 from ..limits import MAX_TOKENS_PER_SEGMENT, MAX_VECTORS_PER_SEGMENT
 
 KIND = 1
@@ -87,8 +87,6 @@ def token_ids(jobs, ctx) -> list[list[int]]:
     (batching changes float32 rounding, never a token that led by the margin: SPEC.md)."""
     import torch
 
-    from ..batch_decode import greedy_decode_sharded
-
     lm, prefix = ctx.model, ctx.header.prefix
     inputs = []
     for job in jobs:
@@ -100,7 +98,28 @@ def token_ids(jobs, ctx) -> list[list[int]]:
         except ValueError as e:
             raise SegmentError(job.index, str(e)) from None
         inputs.append((torch.from_numpy(vectors.astype(np.float32)), job.entry.token_count))
-    return [d.ids for d in greedy_decode_sharded(lm, inputs, prefix, ctx.batch_size, ctx.threads)]
+    decoded, ctx.batch_size = decode_within_memory(lm, inputs, prefix, ctx.batch_size, ctx.threads)
+    return [d.ids for d in decoded]
+
+
+def decode_within_memory(lm, inputs, prefix, batch_size: int, threads: int):
+    """greedy_decode_sharded and the batch size it ran at: again with half the rows each time the
+    device runs out of memory (any batch gives the same tokens), so that the caller starts its
+    next segments there; DeviceMemoryError if one row at a time does not fit."""
+    import torch
+
+    from .. import batch_decode
+
+    while True:
+        try:
+            return batch_decode.greedy_decode_sharded(lm, inputs, prefix, batch_size, threads), batch_size
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise DeviceMemoryError(f"out of {lm.device} memory decoding one memory segment at a time; "
+                                        "free the device, or decode on the CPU (CUDA_VISIBLE_DEVICES=)") from None
+            batch_size //= 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # what the failed batch held goes back before the next try
 
 
 def detokenize(lm, ids) -> bytes:
