@@ -23,7 +23,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Hashable, Iterable, Iterator
 
-from .errors import ClusterError, LmzError, ModelMismatchError, ModelUnavailableError
+from .errors import ClusterError, LmzError, ModelMismatchError, ModelUnavailableError, fitting_out_of_memory
 from .fit_config import FitConfig
 from .kinds import CodedSegment
 from .segmenting import Region
@@ -172,6 +172,14 @@ class _Pool:
             pass
 
 
+def _fitting_failure(cause: BaseException, gpus: int, cfg: FitConfig) -> LmzError:
+    """The error for a failure in an actor's fitting code: a device out of memory is the user's
+    to fix (fewer rows at a time); anything else is the cluster's failure, not retried."""
+    if type(cause).__name__ == "OutOfMemoryError" and type(cause).__module__ == "torch":
+        return fitting_out_of_memory("an actor's GPU" if gpus else "an actor's", cfg.batch_size)
+    return ClusterError(f"fitting on the cluster failed: {type(cause).__name__}: {_first_line(cause)}")
+
+
 def fit_on_ray(address: str, model: str | None, regions: Iterable[tuple[Hashable, Region]], cfg: FitConfig,
                *, expect: tuple[bytes, bytes] | None = None,
                allow_download: bool = False) -> Iterator[tuple[Hashable, CodedSegment]]:
@@ -231,9 +239,7 @@ def fit_on_ray(address: str, model: str | None, regions: Iterable[tuple[Hashable
                 pool.replace(call.actor, e)
                 continue
             except rx.RayError as e:  # a failure in the fitting code, or no node can hold an actor
-                cause = getattr(e, "cause", None) or e
-                raise ClusterError(f"fitting on the cluster failed: {type(cause).__name__}: "
-                                   f"{_first_line(cause)}") from None
+                raise _fitting_failure(getattr(e, "cause", None) or e, gpus, cfg) from None
             del call.regions[key]
             for segment in segments:
                 yield key, segment

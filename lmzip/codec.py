@@ -18,8 +18,8 @@ from . import container, inspection, kinds, lm_journal, segmenting
 from .batch_decode import default_batch_size
 from .container import KIND_MEMORY, ArchiveWriter, Header
 from .journal import Journal, model_identity
-from .errors import (ContentChecksumError, DeviceMemoryError, HeaderError, InputError, InternalError,
-                     ModelMismatchError, ModelUnavailableError, OptionError, SegmentError, WorkLimitError)
+from .errors import (ContentChecksumError, HeaderError, InputError, InternalError, ModelMismatchError,
+                     ModelUnavailableError, OptionError, SegmentError, WorkLimitError, fitting_out_of_memory)
 from .fit import FitConfig, fit_regions, sink_prefix
 from .inspection import decode_work, inspect  # noqa: F401 - inspect: for `from lmzip.codec import inspect`
 from .kinds.memory import max_positions
@@ -605,8 +605,7 @@ def _next_fit(fitted, lm: LoadedModel, fit: FitConfig):
     try:
         return next(fitted)
     except torch.OutOfMemoryError:
-        raise DeviceMemoryError(f"out of {lm.device} memory fitting {fit.batch_size} segments at a time: "
-                                "give a smaller --batch-size") from None
+        raise fitting_out_of_memory(str(lm.device), fit.batch_size) from None
 
 
 def lm_pieces(lm: LoadedModel, data: bytes, tokens_per_segment: int | None,

@@ -94,6 +94,15 @@ class DeviceMemoryError(LmzError):
     """The GPU (or other device) ran out of memory, even at the smallest batch the work allows."""
 
 
+def fitting_out_of_memory(device: str, batch_size: int) -> DeviceMemoryError:
+    """What to tell a user whose fit ran out of device memory (in this process, a worker or an actor)."""
+    if batch_size > 1:
+        return DeviceMemoryError(f"out of {device} memory fitting {batch_size} segments at a time: give a smaller "
+                                 "--batch-size (which cuts other regions: remove this run's journal first)")
+    return DeviceMemoryError(f"out of {device} memory fitting one segment at a time: give a smaller --max-tokens "
+                             "or fewer --vectors, or fit on the CPU")
+
+
 class ClusterError(LmzError):
     """The Ray cluster cannot be used (Ray missing, unreachable) or kept losing the fitting work."""
 

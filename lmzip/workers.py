@@ -14,7 +14,7 @@ import os
 import queue
 from typing import Hashable, Iterable, Iterator
 
-from .errors import LmzError, ModelError
+from .errors import LmzError, ModelError, fitting_out_of_memory
 from .fit_config import FitConfig
 from .kinds import CodedSegment
 from .segmenting import Region
@@ -53,7 +53,14 @@ def _work(worker: int, threads: int, model: str | None, regions: list, cfg: FitC
             out.put((key, segment))
         out.put((_DONE, worker))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises
-        out.put((_DONE, f"worker {worker}: {type(e).__name__}: {e}"))
+        memory = type(e).__name__ == "OutOfMemoryError"  # torch's: the device's, the user's to fix
+        out.put((_DONE, (memory, _device_for(worker) or "cpu", f"worker {worker}: {type(e).__name__}: {e}")))
+
+
+def _worker_failure(report: tuple[bool, str, str], cfg: FitConfig) -> LmzError:
+    """The error for what a worker reported as it failed: (out of device memory, device, text)."""
+    memory, device, text = report
+    return fitting_out_of_memory(device, cfg.batch_size) if memory else LmzError(f"fitting failed in {text}")
 
 
 def fit_in_workers(model: str | None, regions: Iterable[tuple[Hashable, Region]], cfg: FitConfig,
@@ -78,8 +85,8 @@ def fit_in_workers(model: str | None, regions: Iterable[tuple[Hashable, Region]]
                     raise ModelError("a fitting worker died without a word (out of memory?)") from None
                 continue
             if key == _DONE:
-                if isinstance(item, str):
-                    raise LmzError(f"fitting failed in {item}")
+                if isinstance(item, tuple):
+                    raise _worker_failure(item, cfg)
                 finished.add(item)
             else:
                 yield key, item

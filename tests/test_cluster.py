@@ -134,3 +134,13 @@ def test_workers_and_cluster_are_refused_where_nothing_is_fitted(codec, method):
     for spread in ({"workers": 2}, {"cluster": "auto"}):
         with pytest.raises(lmzip.OptionError, match=f"method {method} takes neither"):
             codec.encode(TEXT, method=method, **spread)
+
+
+def test_an_actor_out_of_device_memory_says_to_fit_fewer_rows():
+    import torch
+
+    failure = cluster._fitting_failure(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB"), 1, CFG)
+    assert isinstance(failure, lmzip.DeviceMemoryError) and "out of an actor's GPU memory" in str(failure)
+    assert f"fitting {CFG.batch_size} segments at a time: give a smaller --batch-size" in str(failure)
+    other = cluster._fitting_failure(TypeError("bad region"), 0, CFG)
+    assert isinstance(other, lmzip.ClusterError) and str(other) == "fitting on the cluster failed: TypeError: bad region"

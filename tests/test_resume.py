@@ -391,3 +391,31 @@ def test_a_journal_note_is_named_within_the_journal(tmp_path):
         book.note("../outside", {"ok": True})
     book.note("check.3", {"ok": True})
     assert book.notes() == {"check.3": {"ok": True}} and not (tmp_path / "outside.note").exists()
+
+
+def test_a_worker_out_of_device_memory_is_reported_as_such(monkeypatch):
+    import queue
+
+    import torch
+
+    import lmzip.fit
+    import lmzip.models
+    import lmzip.workers
+    from lmzip.errors import fitting_out_of_memory
+
+    def fit_regions(lm, regions, cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    monkeypatch.setattr(lmzip.workers, "exit_with_parent", lambda: None)  # this is the test process
+    monkeypatch.setattr(lmzip.models, "load_model", lambda *a, **k: None)
+    monkeypatch.setattr(lmzip.fit, "fit_regions", fit_regions)
+    out = queue.Queue()
+    lmzip.workers._work(0, 1, None, [], lmzip.FitConfig(), out)
+    _, report = out.get_nowait()
+    memory, device, text = report
+    assert memory and device == lmzip.workers._device_for(0) and "OutOfMemoryError" in text
+    failure = lmzip.workers._worker_failure(report, lmzip.FitConfig(batch_size=8))
+    assert isinstance(failure, lmzip.DeviceMemoryError) and "give a smaller --batch-size" in str(failure)
+    assert "--max-tokens" in str(fitting_out_of_memory(device, 1))
+    other = lmzip.workers._worker_failure((False, device, "worker 0: TypeError: no"), lmzip.FitConfig())
+    assert type(other) is lmzip.LmzError and str(other) == "fitting failed in worker 0: TypeError: no"

@@ -54,6 +54,7 @@ class DecodeContext:
     batch_size: int = 128           # as batch_decode.DEFAULT_BATCH_SIZE
     threads: int = 1                 # memory segments' batches decoded side by side (the model's
                                      # CPU threads; 1 on a GPU); the lm kinds use all CPU threads
+    memory_rows: int | None = None   # memory segments' rows once a batch ran out of device memory
 
 
 # What encode(method=...) takes: memory segments, the lm kinds, or zstd alone.

@@ -98,7 +98,9 @@ def token_ids(jobs, ctx) -> list[list[int]]:
         except ValueError as e:
             raise SegmentError(job.index, str(e)) from None
         inputs.append((torch.from_numpy(vectors.astype(np.float32)), job.entry.token_count))
-    decoded, ctx.batch_size = decode_within_memory(lm, inputs, prefix, ctx.batch_size, ctx.threads)
+    # the rows that fit on the device, for the next window too (lm kinds keep ctx.batch_size)
+    decoded, ctx.memory_rows = decode_within_memory(lm, inputs, prefix, ctx.memory_rows or ctx.batch_size,
+                                                    ctx.threads)
     return [d.ids for d in decoded]
 
 
@@ -110,16 +112,20 @@ def decode_within_memory(lm, inputs, prefix, batch_size: int, threads: int):
 
     from .. import batch_decode
 
+    # halve from the rows a batch really takes: the cache budget may already cut the size asked for
+    batch_size = batch_decode.rows_within(batch_decode.CACHE_BUDGET, lm, inputs, prefix, batch_size)
     while True:
         try:
             return batch_decode.greedy_decode_sharded(lm, inputs, prefix, batch_size, threads), batch_size
         except torch.OutOfMemoryError:
-            if batch_size == 1:
-                raise DeviceMemoryError(f"out of {lm.device} memory decoding one memory segment at a time; "
-                                        "free the device, or decode on the CPU (CUDA_VISIBLE_DEVICES=)") from None
-            batch_size //= 2
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()  # what the failed batch held goes back before the next try
+            pass  # handled below, once the exception and the failed batch's frames it holds are gone
+        if batch_size == 1:
+            other = "decode on the CPU (CUDA_VISIBLE_DEVICES=)" if lm.device.type == "cuda" else "a larger machine"
+            raise DeviceMemoryError(f"out of {lm.device} memory decoding one memory segment at a time: "
+                                    f"free some memory, or {other}")
+        batch_size //= 2
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # what the failed batch held goes back before the next try
 
 
 def detokenize(lm, ids) -> bytes:
