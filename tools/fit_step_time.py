@@ -14,6 +14,10 @@ cost. The README's figures come from:
     python tools/fit_step_time.py --rows 1 8 64 256 --threads 2
     python tools/fit_step_time.py --model embedded --rows 1 8 --tokens 27 --steps 12 --threads 2
     python tools/fit_step_time.py --model embedded --device cuda --bf16 --rows 1 8 64 256 512
+    python tools/fit_step_time.py --model embedded --device cuda --bf16 --rows 1 16 64 --tokens 256 --steps 6
+
+On a GPU each line also gives the most memory the loop held (the model included): with the
+longest growing segments (--tokens 256, as --max-tokens), what sizes --batch-size there.
 
 On a GPU the loop's one host sync per step makes the interval between two read-outs a whole step;
 "model" is timed with the device synchronized before and after.
@@ -49,7 +53,9 @@ TEXT = "Alice was beginning to get very tired of sitting by her sister on the ba
 
 def streams(lm, rows: int, tokens: int):
     """`rows` fixed streams of `tokens` tokens each, from different places of the text."""
-    ids = lm.tokenizer(TEXT * 8, add_special_tokens=False)["input_ids"]
+    copies = 8
+    while len(ids := lm.tokenizer(TEXT * copies, add_special_tokens=False)["input_ids"]) <= tokens:
+        copies *= 2  # longer segments than 8 copies hold (the embedded model: 185 tokens)
     for r in range(rows):
         start = (r * 7) % (len(ids) - tokens)
         chosen = ids[start:start + tokens]
@@ -162,8 +168,13 @@ def main(argv=None):
 
 def report(lm, args) -> None:
     first = None
+    cuda = lm.device.type == "cuda"
     for rows in args.rows:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(lm.device)
         times = step_times(lm, rows, args.tokens, args.steps, args.vectors, args.bf16)[args.skip:]
+        # what the loop held at most, the model included: sizes --batch-size on a GPU
+        peak = f", peak {torch.cuda.max_memory_allocated(lm.device) / 2**30:.2f} GiB" if cuda else ""
         step = statistics.median(times)
         arithmetic = model_pass(lm, rows, args.tokens, args.vectors, args.bf16)
         ops = statistics.median(step_times(lm, rows, args.tokens, args.skip + 4, args.vectors, args.bf16,
@@ -172,7 +183,8 @@ def report(lm, args) -> None:
         where = f"{torch.get_num_threads()} threads" if lm.device.type == "cpu" else str(lm.device)
         print(f"{rows:4d} rows x {args.tokens} tokens, {where}: "
               f"step {step * 1000:7.1f} ms ({step / first:4.1f}x 1 row), model {arithmetic * 1000:7.1f} ms, "
-              f"host {(step - arithmetic) * 1000:6.1f} ms, {ops:.0f} tensor ops, {len(times)} steps", flush=True)
+              f"host {(step - arithmetic) * 1000:6.1f} ms, {ops:.0f} tensor ops, {len(times)} steps{peak}",
+              flush=True)
 
 
 if __name__ == "__main__":

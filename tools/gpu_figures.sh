@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The figures BENCHMARKS.md gives for a GPU, in one run: the fit loop's step over 1 to 512 rows,
+# The figures BENCHMARKS.md gives for a GPU, in one run: the fit loop's step over 1 to 512 rows
+# (and its peak memory with 256-token segments, fit_memory, which sizes a GPU's --batch-size),
 # batched decoding of memory segments, `compress --tokens 32` (segments fitted per second) and
 # `decompress` of the first 6,400 bytes of alice29.txt, and `--method lm` both ways on its first
 # 12,000 bytes, every archive decoded and compared with its input. The lm kind's arithmetic runs
@@ -18,7 +19,7 @@
 # On an H200 (embedded model) fit_steps took 52 s, decode_speed 49 s, memory_compress 109 s and
 # memory_decompress 17 s, model loads included; lm_compress ran past 90 s on that machine's CPU.
 set -u
-steps_known="fit_steps decode_speed memory_compress memory_decompress lm_compress lm_decompress lm_exact"
+steps_known="fit_steps fit_memory decode_speed memory_compress memory_decompress lm_compress lm_decompress lm_exact"
 if [ $# -lt 2 ] || [[ ! " embedded tiny " == *" ${3:-embedded} "* ]]; then
     echo "usage: $0 TEXT OUT [embedded|tiny]" >&2
     exit 2
@@ -57,6 +58,8 @@ same() {  # same ORIGINAL DECODED
 
 step fit_steps "${LIMIT_FIT:-120}" "$py" "$here/tools/fit_step_time.py" --model "$fit_model" --device "$device" \
     --bf16 --rows 1 8 64 256 512 --steps 20
+step fit_memory "${LIMIT_FIT:-120}" "$py" "$here/tools/fit_step_time.py" --model "$fit_model" --device "$device" \
+    --bf16 --rows 1 16 64 --tokens 256 --steps 6
 step decode_speed "${LIMIT_DECODE:-90}" "$py" "$here/tools/decode_speed.py" ${model_args[@]+"${model_args[@]}"} \
     --device "$device" --segments 512 --tokens 32 --batch-sizes 1 64 128 512 --single-segments 8
 
