@@ -282,7 +282,8 @@ def fused_cached_attention(exact: ExactModel, q: torch.Tensor, q_step: torch.Ten
 
 @functools.cache
 def _inv_sqrt(d: int) -> float:
-    """attention_weights' 1 / sqrt(d), as the float32 it uses (a Python float holding it exactly)."""
+    """1 / sqrt(d) rounded to float32, as a Python float (which holds it exactly): a float32 tensor
+    times it rounds once, as times the float32 value itself."""
     return float(torch.tensor(1.0 / math.sqrt(d), dtype=torch.float32))
 
 
@@ -296,8 +297,7 @@ def attention_weights(exact: ExactModel, scores: torch.Tensor, q_step, v_step,
         future = torch.arange(q_first, scores.shape[-1], device=scores.device)[None, :] > q_pos[:, None]
         scores[..., q_first:].masked_fill_(future, float("-inf"))
     top = scores.amax(dim=-1, keepdim=True)
-    inv_sqrt_d = torch.tensor(1.0 / math.sqrt(exact.shape.head_dim), dtype=torch.float32, device=scores.device)
-    coef = (q_step * inv_sqrt_d) * EXP_SCALE                                # (B, Hkv, R)
+    coef = (q_step * _inv_sqrt(exact.shape.head_dim)) * EXP_SCALE          # (B, Hkv, R), float32
     scaled = torch.sub(top, scores, out=scores).mul_(coef[..., None])
     if future is not None:
         scaled[..., q_first:].masked_fill_(future, float(exact.exp.shape[0] - 1))  # inf or nan -> the table's 0
