@@ -101,6 +101,8 @@ def test_gpu_figures_runs_the_steps_asked_for_on_any_device(tmp_path):
     env["STEPS"] = "decode"  # no such step: refused, not a silent pass
     run = subprocess.run(["bash", script, text, str(tmp_path), "tiny"], env=env, capture_output=True, text=True)
     assert run.returncode == 2 and "unknown step 'decode'" in run.stderr
+    run = subprocess.run(["bash", script, text, str(tmp_path), "small"], env=env, capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.startswith("usage:")  # not the embedded model by default
 
 
 def test_exact_speed_digests_do_not_depend_on_the_weights_kernel(capsys, tmp_path):
@@ -115,3 +117,12 @@ def test_exact_speed_digests_do_not_depend_on_the_weights_kernel(capsys, tmp_pat
         assert lines[0].startswith(f"weights multiplied by the {kernel} kernel")
         digests.append([line.split()[-1] for line in lines[1:]])
     assert len(digests[0]) == 2 and digests[0] == digests[1]
+
+
+def test_decode_speed_shards_only_on_a_cpu(capsys):
+    import pytest
+
+    tool = runpy.run_path(str(ROOT / "tools" / "decode_speed.py"))
+    with pytest.raises(SystemExit) as refused:
+        tool["main"](["--model", TINY_MODEL, "--device", "cuda", "--sharded"])
+    assert refused.value.code == 2 and "--sharded deals batches to CPU threads" in capsys.readouterr().err
