@@ -138,7 +138,9 @@ CHILD = textwrap.dedent("""
     from lmzip.exact.model import ExactModel, WEIGHT_LIMIT
     from lmzip.models import load_model
     torch.set_num_threads(int(sys.argv[2]))
-    exact = ExactModel.from_loaded(load_model(sys.argv[1], device="cpu"))
+    lm = load_model(sys.argv[1], device="cpu")
+    exact = ExactModel.from_loaded(lm)
+    exact2_fingerprint = exact.fingerprint.hex()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 257, (3, 50), generator=g)
 
@@ -173,8 +175,11 @@ CHILD = textwrap.dedent("""
     for kernel in M.kernels("cpu"):
         exact.use_kernel(kernel)
         kernels[kernel] = digests()
-    print(json.dumps({"freq": freq, "kernels": kernels, "steps": steps,
-                      "fingerprint": exact.fingerprint.hex(), "worst_ok": worst_ok,
+    # arithmetic /3: its calibration pass runs under this setting too, and must give the same weights
+    exact = ExactModel.from_loaded(lm, 3)
+    smoothed = [exact.fingerprint.hex(), *digests()]
+    print(json.dumps({"freq": freq, "kernels": kernels, "steps": steps, "smoothed": smoothed,
+                      "fingerprint": exact2_fingerprint, "worst_ok": worst_ok,
                       "cache": [chosen, int8_exact, int8_steps],
                       "capability": torch.backends.cpu.get_cpu_capability()}))
 """)
@@ -201,12 +206,25 @@ def _child(env_extra, threads):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_instruction_sets_do_not_matter(exact):
+def _smoothed_digests(lm):
+    """Arithmetic /3's fingerprint, whole-sequence and last-10-steps frequency digests, as CHILD's."""
+    exact = ExactModel.from_loaded(lm, 3)
+    ids = _ids(3, 50)
+    logits = _logits(exact, ids)
+    cache = F.decoding_cache(exact, 3, 50)
+    F.forward(exact, ids[:, :40], cache)
+    steps = torch.cat([F.forward(exact, ids[:, p:p + 1], cache) for p in range(40, 50)], dim=1)
+    return [exact.fingerprint.hex()] + [hashlib.sha256(F.frequencies(exact, t).numpy().tobytes()).hexdigest()
+                                        for t in (logits, steps)]
+
+
+def test_instruction_sets_do_not_matter(exact, lm):
     """ATen's SIMD level and oneDNN's ISA (no VNNI under AVX2: saturating int8 pairs) change nothing,
-    through every kernel for the weights' products."""
+    through every kernel for the weights' products, nor /3's calibrated weights."""
     logits = _logits(exact, _ids(3, 50))
     here = hashlib.sha256(F.frequencies(exact, logits).numpy().tobytes()).hexdigest()
     steps_here = hashlib.sha256(F.frequencies(exact, logits[:, 40:]).numpy().tobytes()).hexdigest()
+    smoothed_here = _smoothed_digests(lm)
     seen = {}
     for env_extra, threads in SETTINGS:
         result = _child(env_extra, threads)
@@ -215,6 +233,7 @@ def test_instruction_sets_do_not_matter(exact):
         assert result["freq"] == here, env_extra
         assert result["kernels"] == {k: [here, steps_here] for k in KERNELS}, env_extra
         assert result["steps"] == steps_here, env_extra
+        assert result["smoothed"] == smoothed_here, env_extra
         chosen, int8_exact, int8_steps = result["cache"]
         assert int8_exact or chosen == CK.FLOAT32, f"int8 cache products chosen, not exact, under {env_extra}"
         assert int8_steps == (steps_here if int8_exact else None), env_extra

@@ -88,6 +88,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=6, help="decode steps timed per setting (the first is dropped)")
     ap.add_argument("--passes", type=int, nargs="*", default=[1024], help="whole-sequence pass lengths")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--arithmetic", type=int, choices=(2, 3), default=3,
+                    help="the exact arithmetic: 3 (smoothed weights, what lmzip writes) or 2")
     ap.add_argument("--device", default="cpu", help="run the exact model here (cpu, cuda, cuda:1, ...)")
     ap.add_argument("--kernel", choices=kernels("cpu"), default=None,
                     help="multiply the weights with this kernel (default: the one timed fastest here)")
@@ -103,7 +105,7 @@ def main(argv=None):
     if not args.file:
         ap.error("FILE is needed unless --probes is given")
     lm = load_model(args.model, device="cpu")
-    exact = ExactModel.from_loaded(lm)
+    exact = ExactModel.from_loaded(lm, args.arithmetic)
     if args.device != "cpu":
         exact = exact.to(args.device)
     if args.kernel:

@@ -72,6 +72,8 @@ def main():
     ap.add_argument("--chunk-tokens", type=int, nargs="+", default=[512])
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--arithmetic", type=int, choices=(2, 3), default=3,
+                    help="the exact arithmetic: 3 (smoothed weights, what lmzip writes) or 2")
     ap.add_argument("--sharded", action="store_true",
                     help="encode: deal chunks to --threads threads of one torch thread each, as lmzip does")
     ap.add_argument("--decode-threads", type=int, nargs="+", default=[2],
@@ -89,7 +91,7 @@ def main():
         data = data[:args.bytes]
     lm = load_model(args.model, device="cpu")
     t = time.perf_counter()
-    exact = ExactModel.from_loaded(lm)
+    exact = ExactModel.from_loaded(lm, args.arithmetic)
     print(f"quantized in {time.perf_counter() - t:.1f} s; fingerprint {exact.fingerprint.hex()[:16]}")
     text = data.decode("utf-8")
     ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,9 @@ from .cache_kernel import FLOAT32, cache_kernel
 from .matmul import INT8, WEIGHT_LIMIT, fastest_kernel, prepare
 
 ARITHMETIC_VERSION = b"lmzip-exact-lm/2"
+# /3: /2 over weights smoothed by powers of two measured on a calibration text (smoothing.py)
+SMOOTHED_VERSION = b"lmzip-exact-lm/3"
+VERSIONS = {2: ARITHMETIC_VERSION, 3: SMOOTHED_VERSION}
 # prefix + chunk tokens (arithmetic /2; /1 is the same restricted to 2048)
 MAX_POSITIONS = LM_LONG_POSITIONS
 V1_POSITIONS = LM_POSITIONS
@@ -85,6 +89,57 @@ def _check_supported(config) -> None:
 
 
 @dataclass
+class FloatLayer:
+    """One layer's float32 weights as the exact model reads them, before quantizing."""
+    attn_norm: torch.Tensor  # (H,)
+    qkv: torch.Tensor        # (N, H): q_proj, k_proj, v_proj rows
+    o: torch.Tensor
+    mlp_norm: torch.Tensor
+    gate_up: torch.Tensor    # (2 I, H): gate_proj rows, then up_proj
+    down: torch.Tensor       # (H, I)
+
+
+@dataclass
+class FloatWeights:
+    embed: torch.Tensor      # (V, H) input embeddings
+    layers: Iterable[FloatLayer]  # read once
+    final_norm: torch.Tensor
+    head: torch.Tensor       # (V, H) output head (the tied embedding)
+
+
+def float_weights(model) -> tuple[Shape, FloatWeights]:
+    """The shape and the float32 CPU weights of a transformers Llama model; `layers` is a generator
+    (each layer's concatenated matrices made as it is read, so that quantizing takes one layer's
+    copies at a time)."""
+    config = model.config
+    _check_supported(config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    theta = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    shape = Shape(hidden=config.hidden_size, layers=config.num_hidden_layers,
+                  heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
+                  head_dim=head_dim, intermediate=config.intermediate_size,
+                  vocab=model.get_input_embeddings().num_embeddings,
+                  eps=float(np.float32(config.rms_norm_eps)), rope_theta=theta)
+    return shape, FloatWeights(embed=_f32(model.get_input_embeddings().weight), layers=_float_layers(model),
+                               final_norm=_f32(model.model.norm.weight), head=_f32(model.get_output_embeddings().weight))
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", torch.float32).contiguous()
+
+
+def _float_layers(model) -> Iterator[FloatLayer]:
+    for block in model.model.layers:
+        a, m = block.self_attn, block.mlp
+        yield FloatLayer(attn_norm=_f32(block.input_layernorm.weight),
+                         qkv=_f32(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])),
+                         o=_f32(a.o_proj.weight), mlp_norm=_f32(block.post_attention_layernorm.weight),
+                         gate_up=_f32(torch.cat([m.gate_proj.weight, m.up_proj.weight])),
+                         down=_f32(m.down_proj.weight))
+
+
+@dataclass
 class ExactModel:
     shape: Shape
     embed: torch.Tensor      # (V, H) float32 input embeddings
@@ -95,6 +150,7 @@ class ExactModel:
     sin: torch.Tensor
     exp: torch.Tensor        # (N + 1,) int64 exp table, see tables.exp_table
     fingerprint: bytes       # 32 bytes
+    arithmetic: int = 2      # the version (VERSIONS) whose weights these are
     weight_kernel: str = INT8  # what multiplies the weights (use_kernel)
     cache_kernel: str = FLOAT32  # how decoding steps hold and multiply the key/value cache
 
@@ -103,36 +159,30 @@ class ExactModel:
         self.exp_i32 = self.exp.int()    # ... and as int32, which the C attention sums (fused.py)
 
     @classmethod
-    def from_loaded(cls, lm) -> "ExactModel":
-        """Quantize a LoadedModel (lmzip.models) once."""
-        model = lm.model
-        config = model.config
-        _check_supported(config)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        rope = getattr(config, "rope_parameters", None) or {}
-        theta = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-        shape = Shape(hidden=config.hidden_size, layers=config.num_hidden_layers,
-                      heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
-                      head_dim=head_dim, intermediate=config.intermediate_size,
-                      vocab=model.get_input_embeddings().num_embeddings,
-                      eps=float(np.float32(config.rms_norm_eps)), rope_theta=theta)
-        f32 = lambda t: t.detach().to("cpu", torch.float32).contiguous()  # noqa: E731
-        layers = []
-        for block in model.model.layers:
-            a, m = block.self_attn, block.mlp
-            layers.append(Layer(
-                attn_norm=f32(block.input_layernorm.weight),
-                qkv=quantize_weight(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])),
-                o=quantize_weight(a.o_proj.weight),
-                mlp_norm=f32(block.post_attention_layernorm.weight),
-                gate_up=quantize_weight(torch.cat([m.gate_proj.weight, m.up_proj.weight])),
-                down=quantize_weight(m.down_proj.weight)))
-        cos, sin = tables.rope_tables(theta, head_dim, MAX_POSITIONS)
-        exact = cls(shape=shape, embed=f32(model.get_input_embeddings().weight), layers=layers,
-                    final_norm=f32(model.model.norm.weight),
-                    head=quantize_weight(model.get_output_embeddings().weight),
-                    cos=torch.from_numpy(cos), sin=torch.from_numpy(sin),
-                    exp=torch.from_numpy(tables.exp_table()), fingerprint=b"")
+    def from_loaded(cls, lm, arithmetic: int = 2) -> "ExactModel":
+        """Quantize a LoadedModel (lmzip.models) once, for arithmetic /2 or, smoothed, /3."""
+        if arithmetic not in VERSIONS:
+            raise ValueError(f"unknown exact arithmetic /{arithmetic}")
+        shape, weights = float_weights(lm.model)
+        exact = cls.from_weights(shape, weights)
+        if arithmetic == 3:
+            from .smoothing import smoothed_weights
+
+            smoothed = smoothed_weights(exact, float_weights(lm.model)[1], lm.tokenizer)
+            del exact  # /2's weights go before /3's are made
+            exact = cls.from_weights(shape, smoothed, arithmetic=3)
+        return exact
+
+    @classmethod
+    def from_weights(cls, shape: Shape, weights: "FloatWeights", arithmetic: int = 2) -> "ExactModel":
+        """Quantize float32 weights (float_weights' form)."""
+        layers = [Layer(attn_norm=w.attn_norm, qkv=quantize_weight(w.qkv), o=quantize_weight(w.o),
+                        mlp_norm=w.mlp_norm, gate_up=quantize_weight(w.gate_up), down=quantize_weight(w.down))
+                  for w in weights.layers]
+        cos, sin = tables.rope_tables(shape.rope_theta, shape.head_dim, MAX_POSITIONS)
+        exact = cls(shape=shape, embed=weights.embed, layers=layers, final_norm=weights.final_norm,
+                    head=quantize_weight(weights.head), cos=torch.from_numpy(cos), sin=torch.from_numpy(sin),
+                    exp=torch.from_numpy(tables.exp_table()), fingerprint=b"", arithmetic=arithmetic)
         exact.fingerprint = exact._digest()
         exact.choose_kernels()
         return exact
@@ -164,7 +214,7 @@ class ExactModel:
         yield "head.scale", self.head.scale
 
     def _digest(self) -> bytes:
-        h = hashlib.sha256(ARITHMETIC_VERSION + b"\0")
+        h = hashlib.sha256(VERSIONS[self.arithmetic] + b"\0")
         s = self.shape
         h.update(struct.pack("<7I2d", s.hidden, s.layers, s.heads, s.kv_heads, s.head_dim,
                              s.intermediate, s.vocab, s.eps, s.rope_theta))
@@ -184,7 +234,7 @@ class ExactModel:
             layers=[Layer(mv(l.attn_norm), lin(l.qkv), lin(l.o), mv(l.mlp_norm), lin(l.gate_up), lin(l.down))
                     for l in self.layers],
             final_norm=mv(self.final_norm), head=lin(self.head), cos=mv(self.cos), sin=mv(self.sin),
-            exp=mv(self.exp), fingerprint=self.fingerprint)
+            exp=mv(self.exp), fingerprint=self.fingerprint, arithmetic=self.arithmetic)
         moved.choose_kernels()
         return moved
 
