@@ -19,20 +19,22 @@ import torch
 import zstandard
 
 from . import container
-from .codec import Codec, ProgressCallback, lm_pieces
+from .codec import LM_ARITHMETIC, Codec, ProgressCallback, lm_pieces
 from .errors import InputError, InternalError
 from .fit import FitConfig, sink_prefix
-from .kinds import LM_KINDS, lm_packed
+from .kinds import LM_KINDS, lm3, lm_packed
 from .kinds import lm as lm_kind
 
+PACKED_KINDS = (lm_packed.KIND, lm3.KIND)  # a chunk table, then the chunks
 
-def _ideal_bits(lm, pieces, prefix) -> tuple[float, float, int]:
+
+def _ideal_bits(lm, pieces, prefix, arithmetic: int) -> tuple[float, float, int]:
     """(softmax bits, integer-frequency bits, tokens) over the lm chunks `pieces` (all the encoder coded,
     a chunk that failed its check too: the model's bits, not the archive's)."""
     from .exact.coding import chunk_logits
     from .exact.forward import frequencies
 
-    exact = lm_kind.exact_model(lm)
+    exact = lm_kind.exact_model(lm, arithmetic)
     soft = freq = 0.0
     tokens = 0
     for piece in pieces:
@@ -51,7 +53,7 @@ def _chunk_count(archive: container.Archive, prefix) -> int:
     """The lm chunks the archive holds (chunks that failed the encoder's check are zstd, not counted)."""
     count = 0
     for i, s in enumerate(archive.segments):
-        if s.kind == lm_packed.KIND:
+        if s.kind in PACKED_KINDS:
             count += len(lm_packed.unpack(bytes(archive.payload(i)), s.token_count, lm_packed.room(prefix))[1])
         elif s.kind in LM_KINDS:
             count += 1
@@ -80,7 +82,8 @@ def run(codec: Codec, paths: list[str], *, model: str | None = None, chunk_token
     lm_payload = sum(s.payload_length for s in archive.segments if s.kind in LM_KINDS)
     prefix = archive.header.prefix
     pieces = lm_pieces(lm, data, chunk_tokens, prefix)
-    soft, freq, tokens = _ideal_bits(lm, pieces, prefix) if ideal else (None, None, report.memory_tokens)
+    soft, freq, tokens = (_ideal_bits(lm, pieces, prefix, LM_ARITHMETIC) if ideal
+                          else (None, None, report.memory_tokens))
     zstd_size = len(zstandard.ZstdCompressor(level=19).compress(data))
     xz_size = len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))
     n = len(data)
@@ -99,7 +102,8 @@ def run(codec: Codec, paths: list[str], *, model: str | None = None, chunk_token
         "zstd19_bytes": zstd_size, "zstd19_bits_per_byte": 8 * zstd_size / n,
         "xz9e_bytes": xz_size, "xz9e_bits_per_byte": 8 * xz_size / n,
         "threads": torch.get_num_threads(), "batch_size": batch_size,
-        "weight_products": lm_kind.exact_model(lm).weight_kernel,  # same integers by any; speed differs
+        "arithmetic": LM_ARITHMETIC,
+        "weight_products": lm_kind.exact_model(lm, LM_ARITHMETIC).weight_kernel,  # same integers by any
     }, "archive": blob}
 
 
@@ -111,7 +115,7 @@ def format_table(result: dict) -> str:
 
     return "\n".join([
         f"lm: {s['bytes']} bytes, {s['tokens']} tokens in {s['lm_chunks']} chunks, {s['lm_segments']} lm "
-        f"segments ({s['segments']} in all), {s['model']}",
+        f"segments ({s['segments']} in all), {s['model']}, arithmetic /{s['arithmetic']}",
         "",
         "| | bytes | bits per byte |",
         "|---|---|---|",

@@ -33,6 +33,9 @@ METHODS = kinds.METHODS
 # alice29: 1.489 bits per byte at 128, 1.264 at 512, 1.172 at 2047) and decodes slower per token
 # (BENCHMARKS.md); 2047 fills the exact arithmetic's 2048 positions after the prefix token.
 LM_CHUNK_TOKENS = 2047
+# The lm method's arithmetic: /3 (kind lm3) unless asked for /2 (kinds 2 to 4, for older readers)
+LM_ARITHMETIC = 3
+LM_ARITHMETICS = (2, 3)
 LM_PROGRESS_CHUNKS = 16  # lm chunks coded between two progress reports
 # Growing segments (no fixed length) are cut from regions fitted side by side, one after another
 # within a region. A region's last segment is whatever is left of it, so regions are long, but a
@@ -126,18 +129,19 @@ class _LmCoder:
     the coding: each check process takes a core for as long as it runs, the coding the others."""
 
     def __init__(self, lm, pieces, prefix, payloads: dict[int, bytes], book, state: Progress,
-                 progress: ProgressCallback | None, sample):
+                 progress: ProgressCallback | None, sample, arithmetic: int):
         self.lm, self.pieces, self.prefix, self.payloads, self.book = lm, pieces, prefix, payloads, book
-        self.state, self.progress, self.sample = state, progress, set(sample)
+        self.state, self.progress, self.sample, self.arithmetic = state, progress, set(sample), arithmetic
 
     def code(self, todo: list[int], threads: int) -> None:
         """Code `todo` on `threads` cores, in rounds with a progress report after each."""
         size = max(LM_PROGRESS_CHUNKS, threads)
         for start in range(0, len(todo), size):
             batch = todo[start:start + size]
-            kept = lm_journal.keeper(self.book, self.pieces, batch, self.prefix) if self.book else None
+            kept = (lm_journal.keeper(self.book, self.pieces, batch, self.prefix, self.arithmetic)
+                    if self.book else None)
             self.payloads.update(zip(batch, kinds.lm.code(self.lm, [self.pieces[i] for i in batch], self.prefix,
-                                                          done=kept, threads=threads)))
+                                                          done=kept, threads=threads, arithmetic=self.arithmetic)))
             self._count(i for i in batch if i not in self.sample)  # those count once checked
 
     def check_and_code_rest(self, to_check: list[int], rest: list[int]) -> set[int]:
@@ -165,7 +169,7 @@ class _LmCoder:
         self.code(rest, cores)
         if failed is None:
             failed = self._checked(kinds.lm.check(self.lm, self.pieces, self.payloads, self.prefix, to_check,
-                                                  **self._check_journal()), to_check)
+                                                  arithmetic=self.arithmetic, **self._check_journal()), to_check)
         return failed
 
     def _check_journal(self) -> dict:
@@ -181,7 +185,7 @@ class _LmCoder:
             return None
         try:
             return kinds.lm.start_check(self.lm, self.pieces, self.payloads, self.prefix, to_check, aside=aside,
-                                        **self._check_journal())
+                                        arithmetic=self.arithmetic, **self._check_journal())
         except OSError:  # no process could be forked (EAGAIN, ENOMEM)
             return None
 
@@ -284,7 +288,7 @@ class Codec:
                   zstd_level: int = kinds.zstd.DEFAULT_LEVEL,
                   progress: ProgressCallback | None = None, workers: int = 1,
                   journal: str | os.PathLike | None = None, cluster: str | None = None,
-                  pack_lm: bool = True, **fit_options) -> EncodeReport:
+                  pack_lm: bool = True, lm_arithmetic: int = LM_ARITHMETIC, **fit_options) -> EncodeReport:
         """Encode `data` (bytes, or str as UTF-8) and write the archive to `out`.
 
         With `tokens_per_segment` None, segments grow while their vectors hold
@@ -294,8 +298,10 @@ class Codec:
         each finished segment (method lm: each coded chunk) is kept there, and a rerun of
         the same encoding does only what is missing; the caller removes it once the
         archive is safe.
-        `pack_lm` False writes each lm chunk as a segment of its own (kinds 2 and 3, which
-        readers older than kind 4, lm-packed, know), at 32 bytes of table per chunk.
+        `lm_arithmetic` 3 (the default) codes lm chunks under arithmetic /3, in kind 5 (lm3)
+        segments; 2 under /2, in kinds 2 to 4, which readers before kind 5 know. `pack_lm` False
+        writes each lm chunk as a segment of its own (under /2: kinds 2 and 3, which readers older
+        than kind 4, lm-packed, know), at 32 bytes of table per chunk.
         Extra keyword options (vectors, max_steps, lr, batch_size, margin, …) set
         fields of the FitConfig.
         """
@@ -311,13 +317,16 @@ class Codec:
             raise OptionError("workers must be at least 1")
         if cluster is not None and workers > 1:
             raise OptionError("fit on a cluster or in worker processes, not both")
+        if lm_arithmetic not in LM_ARITHMETICS:
+            raise OptionError(f"unknown lm arithmetic {lm_arithmetic!r} (choose from "
+                              f"{', '.join(map(str, LM_ARITHMETICS))})")
         if method != "memory" and (workers > 1 or cluster is not None):
             raise OptionError(f"workers and cluster fit memory segments; method {method} takes neither")
 
         sha256 = hashlib.sha256(data).digest()
         if method == "lm":
             return self._encode_lm(data, out, model, fit, tokens_per_segment, zstd_level, progress, sha256,
-                                   pack_lm, journal)
+                                   pack_lm, journal, lm_arithmetic)
         if method == "zstd":
             regions, lm, growing = [segmenting.Piece(data, None)], None, False
         else:
@@ -350,10 +359,11 @@ class Codec:
 
     def _encode_lm(self, data: bytes, out: BinaryIO, model: str | None, fit: FitConfig,
                    tokens_per_segment: int | None, zstd_level: int, progress: ProgressCallback | None,
-                   sha256: bytes, pack: bool, journal: str | os.PathLike | None) -> EncodeReport:
-        """Range-code the text's tokens under the model, in independent chunks (kinds lm-packed,
-        lm and lm-long). With `journal`, each chunk's payload is kept there as it is coded, and
-        each sampled chunk's check outcome once it is known."""
+                   sha256: bytes, pack: bool, journal: str | os.PathLike | None,
+                   arithmetic: int = LM_ARITHMETIC) -> EncodeReport:
+        """Range-code the text's tokens under the model, in independent chunks (kind lm3 under
+        arithmetic /3; lm-packed, lm and lm-long under /2). With `journal`, each chunk's payload is
+        kept there as it is coded, and each sampled chunk's check outcome once it is known."""
         lm = self.model(model)
         prefix = sink_prefix(lm, fit)
         if not prefix:
@@ -366,7 +376,7 @@ class Codec:
         sample = coded[::kinds.lm.CHECK_EVERY]
         book, payloads, checked = None, {}, {}
         if journal is not None:
-            ident = lm_journal.identity(lm, sha256, tokens_per_segment, prefix, pieces)
+            ident = lm_journal.identity(lm, sha256, tokens_per_segment, prefix, pieces, arithmetic)
             book, payloads = lm_journal.resume(journal, ident, pieces)
             checked = {i: ok for i, ok in lm_journal.checks(book, payloads).items() if i in sample}
         resumed = len(payloads)
@@ -375,11 +385,11 @@ class Codec:
         if progress:
             progress(state)
         # the sample first, so that its check runs beside the coding of the rest
-        coder = _LmCoder(lm, pieces, prefix, payloads, book, state, progress, sample)
+        coder = _LmCoder(lm, pieces, prefix, payloads, book, state, progress, sample, arithmetic)
         coder.code([i for i in sample if i not in payloads], kinds.lm.cores(lm))
         failed = {i for i, ok in checked.items() if not ok} | coder.check_and_code_rest(
             [i for i in sample if i not in checked], [i for i in coded if i not in payloads])
-        for segment, held in kinds.lm.segments(pieces, payloads, prefix, failed, pack=pack):
+        for segment, held in kinds.lm.segments(pieces, payloads, prefix, failed, pack=pack, arithmetic=arithmetic):
             counted = sum(len(pieces[i].data) for i in held if pieces[i].ids is not None)  # coded and checked
             self._put(segment, writer, run, state, progress, counted=counted)
         run.flush()

@@ -18,15 +18,16 @@ from typing import Callable
 
 from . import kinds
 from .errors import JournalError
-from .exact.model import ARITHMETIC_VERSION
+from .exact.model import VERSIONS
 from .journal import Journal, model_identity
 from .segmenting import Piece
 
 
-def identity(lm, input_sha256: bytes, tokens_per_segment: int | None, prefix, pieces: list[Piece]) -> dict:
+def identity(lm, input_sha256: bytes, tokens_per_segment: int | None, prefix, pieces: list[Piece],
+             arithmetic: int) -> dict:
     """What a journal must match to be resumed: input, chunking, prefix, model and arithmetic."""
     return {"input_sha256": input_sha256.hex(), "method": "lm", "tokens_per_segment": tokens_per_segment,
-            "prefix": list(prefix), "arithmetic": ARITHMETIC_VERSION.decode(), "model": model_identity(lm),
+            "prefix": list(prefix), "arithmetic": VERSIONS[arithmetic].decode(), "model": model_identity(lm),
             "chunks": [len(p.data) for p in pieces]}
 
 
@@ -56,13 +57,14 @@ def resume(directory: str | os.PathLike, ident: dict, pieces: list[Piece]) -> tu
     return book, payloads
 
 
-def keeper(book: Journal, pieces: list[Piece], batch: list[int], prefix) -> Callable[[int, bytes], None]:
+def keeper(book: Journal, pieces: list[Piece], batch: list[int], prefix,
+           arithmetic: int) -> Callable[[int, bytes], None]:
     """A `done` callback for kinds.lm.code over the pieces `batch` names: it journals each
     chunk's payload (from the shard thread that coded it)."""
     def done(position: int, payload: bytes) -> None:
         i = batch[position]
         ids = pieces[i].ids
-        book.add(i, kinds.CodedSegment(kinds.lm.kind_of(len(ids), prefix), pieces[i].data, payload,
+        book.add(i, kinds.CodedSegment(kinds.lm.kind_of(len(ids), prefix, arithmetic), pieces[i].data, payload,
                                        token_count=len(ids), stats={"ids_sha256": ids_sha256(ids)}))
 
     return done

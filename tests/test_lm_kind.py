@@ -23,8 +23,9 @@ def kinds(blob):
 
 @pytest.fixture(scope="module")
 def lm_archive(codec):
-    """One segment per chunk, as before lm-packed (test_lm_packed.py packs them)."""
-    return codec.encode(TEXT, method="lm", model=TINY_MODEL, tokens_per_segment=24, pack_lm=False)
+    """One segment per chunk under arithmetic /2, as before lm-packed (test_lm_packed.py packs them,
+    test_lm3.py codes under /3)."""
+    return codec.encode(TEXT, method="lm", model=TINY_MODEL, tokens_per_segment=24, pack_lm=False, lm_arithmetic=2)
 
 
 def test_text_goes_to_lm_segments_and_comes_back(codec, lm_archive):
@@ -79,7 +80,8 @@ def test_a_chunk_that_does_not_decode_back_goes_to_zstd(codec, monkeypatch):
     real = lmzip.exact.check_chunks
     monkeypatch.setattr(lmzip.exact, "check_chunks", lambda exact, chunks, payloads, prefix, **kw:
                         real(exact, [[0] * len(c) for c in chunks], payloads, prefix, **kw))  # other tokens
-    blob = codec.encode(TEXT[:60], method="lm", model=TINY_MODEL, tokens_per_segment=24, pack_lm=False)
+    blob = codec.encode(TEXT[:60], method="lm", model=TINY_MODEL, tokens_per_segment=24, pack_lm=False,
+                        lm_arithmetic=2)
     monkeypatch.setattr(lmzip.exact, "check_chunks", real)
     # the first chunk is in the checked sample and fails: zstd; the others were not checked
     assert kinds(blob)[0] == "zstd" and "lm" in kinds(blob)
@@ -118,9 +120,9 @@ def test_the_sample_is_coded_first_and_checked_in_one_call_beside_the_rest(codec
 
     real_code = lm_kind.code
 
-    def coding(lm, pieces, prefix, done=None, threads=None):
+    def coding(lm, pieces, prefix, done=None, threads=None, arithmetic=2):
         event(f"code {len(pieces)} {threads}")
-        return real_code(lm, pieces, prefix, done=done, threads=threads)
+        return real_code(lm, pieces, prefix, done=done, threads=threads, arithmetic=arithmetic)
 
     def failing_check(exact, chunks, payloads, prefix, **kw):
         event(f"check {len(chunks)} {os.getpid()}")
@@ -170,7 +172,7 @@ def test_the_archive_is_the_same_with_the_check_beside_or_after(codec, two_cores
     torch.set_num_threads(1)  # one core: the check runs here, before the rest is coded
     assert codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4) == beside
     monkeypatch.undo()
-    assert kinds(beside)[:2] == ["zstd", "lm-packed"] and codec.decode(beside, model=TINY_MODEL) == text
+    assert kinds(beside)[:2] == ["zstd", "lm3"] and codec.decode(beside, model=TINY_MODEL) == text
 
 
 @forking
@@ -195,7 +197,7 @@ def test_a_check_process_that_dies_costs_its_time_not_the_run(codec, two_cores, 
     monkeypatch.setattr(lmzip.exact, "check_chunks", killed_in_a_child)
     blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4)
     monkeypatch.undo()
-    assert killed.exists() and here == [12] and kinds(blob)[:2] == ["zstd", "lm-packed"]
+    assert killed.exists() and here == [12] and kinds(blob)[:2] == ["zstd", "lm3"]
     assert codec.decode(blob, model=TINY_MODEL) == text
 
 
@@ -275,7 +277,7 @@ def test_a_sampled_chunk_the_decoder_cannot_follow_fails_alone(codec, monkeypatc
     monkeypatch.setattr(lmzip.exact, "check_chunks", first_damaged)
     blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4)
     monkeypatch.undo()
-    assert calls == [12] and kinds(blob)[:2] == ["zstd", "lm-packed"]
+    assert calls == [12] and kinds(blob)[:2] == ["zstd", "lm3"]
     assert kinds(blob).count("zstd") == 1  # that chunk alone
     assert codec.decode(blob, model=TINY_MODEL) == text
 
@@ -300,7 +302,7 @@ def test_a_host_that_lowered_float32_precision_still_gets_the_exact_arithmetic(c
 
 def test_a_chunk_past_2048_positions_is_an_lm_long_segment(codec):
     text = b"Alice was beginning to get very tired of sitting by her sister on the bank. " * 28
-    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=8191)
+    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=8191, lm_arithmetic=2)
     segments = lmzip.inspect(blob)["segments"]
     assert [s["kind"] for s in segments] == ["lm-long"] and segments[0]["token_count"] > 2047
     assert codec.decode(blob, model=TINY_MODEL) == text  # (what fits 2048 positions stays kind 2: above)

@@ -1,4 +1,5 @@
-"""The lm-packed kind: runs of lm chunks in one segment, a chunk table instead of 32-byte entries."""
+"""The lm-packed kind: runs of lm chunks in one segment, a chunk table instead of 32-byte entries
+(arithmetic /2; kind 5, lm3, is the same layout under /3: test_lm3.py)."""
 
 import pytest
 from hypothesis import given
@@ -25,7 +26,8 @@ def payloads(blob):
 
 @pytest.fixture(scope="module")
 def archives(codec):
-    return {pack: codec.encode(TEXT, method="lm", model=TINY_MODEL, tokens_per_segment=8, pack_lm=pack)
+    return {pack: codec.encode(TEXT, method="lm", model=TINY_MODEL, tokens_per_segment=8, pack_lm=pack,
+                                 lm_arithmetic=2)
             for pack in (True, False)}
 
 
@@ -60,14 +62,14 @@ def test_packing_keeps_every_chunk_payload_as_it_was(archives):
 
 def test_a_lone_chunk_stays_an_lm_segment(codec):
     """What older readers know: kind 2 for a run of one chunk."""
-    blob = codec.encode(TEXT[:70], method="lm", model=TINY_MODEL)
+    blob = codec.encode(TEXT[:70], method="lm", model=TINY_MODEL, lm_arithmetic=2)
     assert kinds(blob) == ["lm"]
 
 
 def test_a_run_is_cut_at_the_segment_size_limit(codec, monkeypatch):
     monkeypatch.setattr(lm_kind, "MAX_SEGMENT_BYTES", 40)
     text = TEXT[:76] * 2
-    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4)
+    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4, lm_arithmetic=2)
     sizes = [s["original_length"] for s in lmzip.inspect(blob)["segments"]]
     assert len(sizes) > 3 and max(sizes) <= 40 and "lm-packed" in kinds(blob)
     assert codec.decode(blob, model=TINY_MODEL) == text
@@ -82,7 +84,7 @@ def test_a_chunk_that_fails_the_check_splits_its_run(codec, monkeypatch):
     text = TEXT[:76] * 6
     blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4)
     monkeypatch.setattr(lmzip.exact, "check_chunks", real)
-    assert kinds(blob)[:4] == ["zstd", "lm-packed", "zstd", "lm-packed"]
+    assert kinds(blob)[:4] == ["zstd", "lm3", "zstd", "lm3"]  # the same runs under /3 (lm3)
     assert codec.decode(blob, model=TINY_MODEL) == text
 
 
@@ -208,10 +210,10 @@ def test_progress_counts_each_byte_once_with_packed_runs(codec):
     blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4,
                         progress=lambda p: seen.append((p.done, p.lm, p.memory, p.zstd)))
     done = [d for d, *_ in seen]
-    assert "lm-packed" in kinds(blob)
+    assert "lm3" in kinds(blob)
     assert done == sorted(done) and done[-1] == len(text)
     found = kinds(blob)
-    assert seen[-1][1:] == (found.count("lm-packed") + found.count("lm"), 0, found.count("zstd"))
+    assert seen[-1][1:] == (found.count("lm3"), 0, found.count("zstd"))
 
 
 def test_decoding_progress_counts_lm_segments_as_lm(codec, archives):

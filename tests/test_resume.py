@@ -137,7 +137,7 @@ def coded_chunks(monkeypatch, crash_on_call: int | None = None, crash_after_chun
     counts = []
     journaled = []
 
-    def counted(lm, pieces, prefix, done=None, threads=None):
+    def counted(lm, pieces, prefix, done=None, threads=None, arithmetic=2):
         if len(counts) + 1 == crash_on_call:
             raise KeyboardInterrupt
 
@@ -148,7 +148,7 @@ def coded_chunks(monkeypatch, crash_on_call: int | None = None, crash_after_chun
                 raise KeyboardInterrupt
 
         counts.append(len(pieces))
-        return REAL_CODE(lm, pieces, prefix, done=kept if done else None, threads=threads)
+        return REAL_CODE(lm, pieces, prefix, done=kept if done else None, threads=threads, arithmetic=arithmetic)
 
     monkeypatch.setattr(lm_kind, "code", counted)
     return counts
@@ -182,6 +182,8 @@ def test_an_lm_journal_is_refused_for_other_options_and_checked_chunk_by_chunk(c
         codec.encode(LM_TEXT, journal=journal, **{**LM, "tokens_per_segment": 25})
     with pytest.raises(lmzip.JournalError, match="its --method differ"):
         codec.encode(LM_TEXT, journal=journal, **OPTIONS)
+    with pytest.raises(lmzip.JournalError, match="its lm arithmetic differ"):  # chunks coded under /3, not /2
+        codec.encode(LM_TEXT, journal=journal, lm_arithmetic=2, **LM)
     first = sorted(journal.glob("*.seg"))[0]
     good = first.read_bytes()
     kept = journal_module._decode_segment(good)

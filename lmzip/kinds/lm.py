@@ -58,13 +58,14 @@ def work(entry) -> int:
     return entry.token_count
 
 
-def exact_model(lm):
-    """The model's exact form, made once per loaded model."""
+def exact_model(lm, arithmetic: int = 2):
+    """The model's exact form for arithmetic /2 (which answers /1 too) or /3, made once per loaded model."""
     from ..exact import ExactModel
 
-    if "_exact" not in lm.__dict__:
-        lm.__dict__["_exact"] = ExactModel.from_loaded(lm)
-    return lm.__dict__["_exact"]
+    key = f"_exact{arithmetic}"
+    if key not in lm.__dict__:
+        lm.__dict__[key] = ExactModel.from_loaded(lm, arithmetic)
+    return lm.__dict__[key]
 
 
 def max_chunk_tokens(prefix) -> int:
@@ -73,11 +74,14 @@ def max_chunk_tokens(prefix) -> int:
     return min(MAX_TOKENS_PER_SEGMENT, MAX_POSITIONS - len(prefix))
 
 
-def kind_of(tokens: int, prefix) -> int:
-    """Kind 2 for a chunk that fits arithmetic /1's 2048 positions, else kind 3."""
+def kind_of(tokens: int, prefix, arithmetic: int = 2) -> int:
+    """Under /2, kind 2 for a chunk that fits arithmetic /1's 2048 positions, else kind 3; under /3,
+    kind 5 (lm3)."""
     from ..exact import V1_POSITIONS
-    from . import lm_long
+    from . import lm3, lm_long
 
+    if arithmetic == lm3.ARITHMETIC:
+        return lm3.KIND
     return KIND if len(prefix) + tokens <= V1_POSITIONS else lm_long.KIND
 
 
@@ -86,14 +90,15 @@ CHECK_EVERY = 16  # the encoder decodes every 16th chunk (and the first) as the 
 # on the other cores, then makes `segments`
 
 
-def code(lm, pieces, prefix, done=None, threads: int | None = None) -> list[bytes]:
-    """The range-coded payload of each piece's `ids`, from one whole-chunk pass each, on `threads`
-    cores (default: all); `done(i, payload)` as the i-th piece's is ready (from a shard thread)."""
+def code(lm, pieces, prefix, done=None, threads: int | None = None, arithmetic: int = 2) -> list[bytes]:
+    """The range-coded payload of each piece's `ids` under `arithmetic`, from one whole-chunk pass
+    each, on `threads` cores (default: all); `done(i, payload)` as the i-th piece's is ready (from a
+    shard thread)."""
     from ..exact import encode_chunks
     from ..precision import exact_float32
     from ..sharding import fewer_threads
 
-    exact = exact_model(lm)
+    exact = exact_model(lm, arithmetic)
     threads = cores(lm) if threads is None else threads
     # exact_float32: the exact forward refuses reduced-precision matmuls. Chunks dealt to one-thread
     # threads code 1.3x faster than one two-thread pass at a time (BENCHMARKS.md)
@@ -101,7 +106,8 @@ def code(lm, pieces, prefix, done=None, threads: int | None = None) -> list[byte
         return encode_chunks(exact, [p.ids for p in pieces], prefix, threads=threads, done=done)
 
 
-def check(lm, pieces, payloads, prefix, sample, threads: int | None = None, resume=None, progress=None) -> set[int]:
+def check(lm, pieces, payloads, prefix, sample, threads: int | None = None, resume=None, progress=None,
+          arithmetic: int = 2) -> set[int]:
     """The indices in `sample` whose payload does not decode back to its piece's ids, all decoded in
     batches (a lone chunk decodes several times slower per token). `resume` and `progress` are
     check_chunks's, by piece index: where a rerun may start a row, and a callback to report it."""
@@ -111,7 +117,7 @@ def check(lm, pieces, payloads, prefix, sample, threads: int | None = None, resu
     sample = list(sample)
     if not sample:
         return set()
-    exact = exact_model(lm)
+    exact = exact_model(lm, arithmetic)
     chunks = [pieces[i].ids for i in sample]
     starts = {j: resume[i] for j, i in enumerate(sample) if resume and i in resume}
     report = (lambda j, tokens, digest: progress(sample[j], tokens, digest)) if progress else None
@@ -124,11 +130,13 @@ def check(lm, pieces, payloads, prefix, sample, threads: int | None = None, resu
 
 
 def cores(lm) -> int:
-    """Chunks coded or decoded side by side: one per CPU thread torch uses (the exact model is on
-    the CPU wherever the loaded model is; 1 if it were moved to a GPU)."""
+    """Chunks coded or decoded side by side: one per CPU thread torch uses (the exact model is made
+    on the CPU wherever the loaded model is)."""
+    import torch
+
     from ..sharding import cpu_threads
 
-    return cpu_threads(exact_model(lm).device)
+    return cpu_threads(torch.device("cpu"))
 
 
 def check_shards(lm, pieces, prefix, sample) -> list[list[int]]:
@@ -143,7 +151,8 @@ def check_shards(lm, pieces, prefix, sample) -> list[list[int]]:
     return [[sample[j] for j in shard] for shard in deal(counts, min(cores(lm) - 1, batches))]
 
 
-def start_check(lm, pieces, payloads, prefix, sample, aside: bool = True, resume=None, progress=None):
+def start_check(lm, pieces, payloads, prefix, sample, aside: bool = True, resume=None, progress=None,
+                arithmetic: int = 2):
     """`check` of the sample while the caller codes other chunks on the other cores: in forked
     processes of one core (`check_shards`; a decoding step of a few rows costs little more than one
     of one row, and a core of its own keeps it from waiting on the coding). Here and now, on all
@@ -151,32 +160,40 @@ def start_check(lm, pieces, payloads, prefix, sample, aside: bool = True, resume
     `aside`). Returns `.ready()`, `.result()` (the failed indices) and `.cancel()` (sharding)."""
     from ..sharding import AllOf, Done, Forked
 
-    exact_model(lm)  # made before the fork, so the children share it
+    exact_model(lm, arithmetic)  # made before the fork, so the children share it
     shards = check_shards(lm, pieces, prefix, list(sample)) if aside else []
     if not shards:
-        return Done(check(lm, pieces, payloads, prefix, sample, resume=resume, progress=progress))
+        return Done(check(lm, pieces, payloads, prefix, sample, resume=resume, progress=progress,
+                          arithmetic=arithmetic))
     started = []
     try:
         for shard in shards:
             started.append(Forked(lambda shard=shard: check(lm, pieces, payloads, prefix, shard, threads=1,
-                                                            resume=resume, progress=progress)))
+                                                            resume=resume, progress=progress,
+                                                            arithmetic=arithmetic)))
     except BaseException:  # a fork that failed: the others' work is not wanted
         AllOf(started).cancel()
         raise
     return AllOf(started)
 
 
-def segments(pieces, payloads: dict, prefix, failed, pack: bool = True) -> list[tuple[object, list[int]]]:
+def segments(pieces, payloads: dict, prefix, failed, pack: bool = True,
+             arithmetic: int = 2) -> list[tuple[object, list[int]]]:
     """(coded segment, the indices of the pieces it holds) for all `pieces` in order: raw bytes for
     a piece with no ids or one in `failed`; the chunks between them, with their `payloads` (by
-    piece index), as lm-packed segments of at most MAX_SEGMENT_BYTES, or, a lone chunk (or every
-    chunk unless `pack`), as an lm or lm-long segment."""
-    from . import CodedSegment, lm_packed, raw
+    piece index, coded under `arithmetic`), in segments of at most MAX_SEGMENT_BYTES. Under /3,
+    lm3 segments (each chunk one of its own unless `pack`); under /2, lm-packed ones or, a lone
+    chunk (or every chunk unless `pack`), an lm or lm-long segment."""
+    from . import CodedSegment, lm3, lm_packed, raw
 
     out, run = [], []
 
     def close_run():
-        if len(run) == 1 or (run and not pack):
+        if arithmetic == lm3.ARITHMETIC:
+            groups = [list(run)] if pack else [[i] for i in run]
+            out.extend((lm3.encode([pieces[i].data for i in g], [len(pieces[i].ids) for i in g],
+                                   [payloads[i] for i in g], prefix), g) for g in groups if g)
+        elif len(run) == 1 or (run and not pack):
             out.extend((CodedSegment(kind_of(len(pieces[i].ids), prefix), pieces[i].data, payloads[i],
                                      token_count=len(pieces[i].ids), stats={"tokens": len(pieces[i].ids)}), [i])
                        for i in run)
@@ -201,12 +218,13 @@ def segments(pieces, payloads: dict, prefix, failed, pack: bool = True) -> list[
     return out
 
 
-def job_chunk_tokens(jobs, ctx, positions: int, chunks_of) -> list[list[list[int]]]:
+def job_chunk_tokens(jobs, ctx, positions: int, chunks_of, arithmetic: int = 2) -> list[list[list[int]]]:
     """The tokens of each job's chunks, all decoded in one batched call; `chunks_of(job)` gives a
-    job's (payloads, token counts), each chunk coded in at most `positions` with the prefix."""
+    job's (payloads, token counts), each chunk coded under `arithmetic` in at most `positions` with
+    the prefix."""
     from ..exact import decode_chunks
 
-    exact, prefix = exact_model(ctx.model), ctx.header.prefix
+    exact, prefix = exact_model(ctx.model, arithmetic), ctx.header.prefix
     per_job = [chunks_of(job) for job in jobs]
     payloads = [p for payloads, _ in per_job for p in payloads]
     counts = [n for _, counts in per_job for n in counts]
@@ -217,7 +235,8 @@ def job_chunk_tokens(jobs, ctx, positions: int, chunks_of) -> list[list[list[int
     except ValueError as e:
         if len(jobs) == 1:
             raise SegmentError(jobs[0].index, f"the range coder cannot follow the payload ({e})") from None
-        return [job_chunk_tokens([job], ctx, positions, chunks_of)[0] for job in jobs]  # find the damaged one
+        return [job_chunk_tokens([job], ctx, positions, chunks_of, arithmetic)[0]
+                for job in jobs]  # find the damaged one
     out, at = [], 0
     for payloads, _ in per_job:
         out.append(flat[at:at + len(payloads)])

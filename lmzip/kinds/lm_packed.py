@@ -33,10 +33,15 @@ def room(prefix) -> int:
 
 
 def check_entry(entry, header) -> str | None:
+    return entry_problem(entry, header, NAME)
+
+
+def entry_problem(entry, header, name: str) -> str | None:
+    """What is wrong with the entry of a segment of packed chunks (kind `name`), or None."""
     if not header.has_model or not header.prefix:
-        return "an lm-packed segment in an archive that names no model or prefix token"
+        return f"an {name} segment in an archive that names no model or prefix token"
     if entry.vector_count:
-        return "an lm-packed segment has a vector count"
+        return f"an {name} segment has a vector count"
     if not 1 <= entry.token_count <= entry.original_length:
         return f"token count {entry.token_count} is not between 1 and the segment's bytes"
     if entry.payload_length > max_payload(entry.token_count):
@@ -111,7 +116,7 @@ def unpack(payload: bytes, token_count: int, room: int) -> tuple[list[bytes], li
     return chunks, counts
 
 
-def encode(datas: list[bytes], counts: list[int], payloads: list[bytes], prefix):
+def encode(datas: list[bytes], counts: list[int], payloads: list[bytes], prefix, kind: int = KIND, name: str = NAME):
     """One segment of the chunks; the writer refuses what a reader would (every bound of `unpack`)."""
     from . import CodedSegment
 
@@ -119,22 +124,24 @@ def encode(datas: list[bytes], counts: list[int], payloads: list[bytes], prefix)
     try:
         unpack(payload, tokens, room(prefix))
     except ValueError as e:
-        raise InternalError(f"lmzip bug: an lm-packed segment a reader would refuse: {e}") from None
-    return CodedSegment(KIND, b"".join(datas), payload, token_count=tokens,
+        raise InternalError(f"lmzip bug: an {name} segment a reader would refuse: {e}") from None
+    return CodedSegment(kind, b"".join(datas), payload, token_count=tokens,
                         stats={"tokens": tokens, "chunks": len(counts)})
 
 
-def _chunks(job, most: int) -> tuple[list[bytes], list[int]]:
+def _chunks(job, most: int, name: str) -> tuple[list[bytes], list[int]]:
     try:
         return unpack(job.payload, job.entry.token_count, most)
     except ValueError as e:
-        raise SegmentError(job.index, f"damaged lm-packed payload: {e}") from None
+        raise SegmentError(job.index, f"damaged {name} payload: {e}") from None
 
 
-def decode(jobs, ctx) -> list[bytes]:
+def decode(jobs, ctx, arithmetic: int = 2, name: str = NAME) -> list[bytes]:
+    """Each job's chunks, decoded together under `arithmetic` (2 for this kind; kind 5 passes 3)."""
     from .memory import checked_length, detokenize
 
     most = room(ctx.header.prefix)
-    chunk_tokens = lm.job_chunk_tokens(jobs, ctx, LM_LONG_POSITIONS, lambda job: _chunks(job, most))
+    chunk_tokens = lm.job_chunk_tokens(jobs, ctx, LM_LONG_POSITIONS, lambda job: _chunks(job, most, name),
+                                       arithmetic)
     return [checked_length(job, b"".join(detokenize(ctx.model, ids) for ids in chunks))
             for job, chunks in zip(jobs, chunk_tokens)]
