@@ -38,6 +38,12 @@ def test_embedded_fingerprint_and_payloads_are_pinned(embedded):
     assert decode_chunks(exact, payloads, [len(c) for c in chunks], prefix, batch_size=2) == chunks
 
 
+def test_the_codec_checks_the_same_pins():
+    from lmzip.kinds import lm as lm_kind
+
+    assert lm_kind.EMBEDDED_FINGERPRINTS == {2: EMBEDDED_EXACT_FINGERPRINT, 3: EMBEDDED_EXACT_FINGERPRINT_3}
+
+
 def test_embedded_smoothed_fingerprint_and_payloads_are_pinned(embedded):
     lm, _ = embedded
     exact = ExactModel.from_loaded(lm, 3)

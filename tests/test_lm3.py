@@ -147,3 +147,32 @@ def test_a_damaged_chunk_table_names_the_kind(codec):
     damaged = edit_entry(damaged, 0, payload_crc32=crc32(damaged[at:at + e["payload_length"]]))
     with pytest.raises(lmzip.SegmentError, match="damaged lm3 payload"):
         codec.decode(damaged, model=TINY_MODEL)
+
+
+def test_an_exact_form_of_the_embedded_model_other_than_the_pinned_one_is_refused(tiny, monkeypatch):
+    """A torch or tokenizers that rounds or tokenizes otherwise would make archives nobody else
+    decodes: the embedded model's exact forms are checked against their pinned fingerprints."""
+    import copy
+
+    from lmzip.kinds import lm as lm_kind
+
+    def as_embedded():
+        fake = copy.copy(tiny)
+        fake.__dict__.pop("_exact3", None)
+        object.__setattr__(fake, "source", "embedded")
+        return fake
+
+    monkeypatch.setitem(lm_kind.EMBEDDED_FINGERPRINTS, 3, "0" * 64)
+    with pytest.raises(lmzip.ModelError, match="another exact form of the embedded model under arithmetic /3"):
+        lm_kind.exact_model(as_embedded(), 3)
+    monkeypatch.setitem(lm_kind.EMBEDDED_FINGERPRINTS, 3, TINY_FINGERPRINT_3)
+    assert lm_kind.exact_model(as_embedded(), 3).fingerprint.hex() == TINY_FINGERPRINT_3
+
+
+def test_a_scaling_that_would_round_is_refused():
+    """Powers of two scale exactly only inside float32's normal range (below it a result rounds, or
+    is flushed to zero on hosts that flush subnormals)."""
+    assert torch.equal(smoothing._scaled(torch.tensor([3.0, -5e-30]), torch.tensor([2.0 ** -16, 2.0 ** 16])),
+                       torch.tensor([3.0 * 2 ** -16, -5e-30 * 2 ** 16]))
+    with pytest.raises(lmzip.ModelError, match="leaves float32's normal range"):
+        smoothing._scaled(torch.tensor([1e-38 * 3]), torch.tensor([2.0 ** -16]))

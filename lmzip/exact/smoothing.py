@@ -98,7 +98,18 @@ def exponents(x_max: torch.Tensor, w_max: torch.Tensor) -> torch.Tensor:
 
 
 def _powers(e: torch.Tensor) -> torch.Tensor:
-    return torch.ldexp(torch.ones(e.shape, dtype=torch.float32), e.to(torch.float32))
+    """2**e as float32, exactly (numpy's ldexp sets the exponent; torch's is a pow)."""
+    return torch.from_numpy(np.ldexp(np.ones(e.shape, dtype=np.float32), e.numpy().astype(np.int32)))
+
+
+def _scaled(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """t * factor, checked to be exact (undone by the reciprocal): a result below float32's normal
+    range would round, and a host that flushes subnormals would round it otherwise."""
+    out = t * factor
+    if not torch.equal(out * (1 / factor), t):
+        raise ModelError("the model's weights are too small for arithmetic /3's smoothing "
+                         "(a scaled weight leaves float32's normal range)")
+    return out
 
 
 def _column_maxima(*weights: torch.Tensor) -> torch.Tensor:
@@ -115,8 +126,9 @@ def smoothed_layer(w, maxima_attn, maxima_mlp, maxima_down):
     sm = _powers(exponents(maxima_mlp, _column_maxima(w.gate_up)))
     sd = _powers(exponents(maxima_down, _column_maxima(w.down)))
     rows = torch.cat([torch.ones(w.down.shape[1]), 1 / sd])      # gate rows unchanged, up row n / 2**e_n
-    return FloatLayer(attn_norm=w.attn_norm / sa, qkv=w.qkv * sa, o=w.o, mlp_norm=w.mlp_norm / sm,
-                      gate_up=w.gate_up * sm * rows[:, None], down=w.down * sd)
+    return FloatLayer(attn_norm=_scaled(w.attn_norm, 1 / sa), qkv=_scaled(w.qkv, sa), o=w.o,
+                      mlp_norm=_scaled(w.mlp_norm, 1 / sm), gate_up=_scaled(_scaled(w.gate_up, sm), rows[:, None]),
+                      down=_scaled(w.down, sd))
 
 
 def smoothed_weights(exact, weights, tokenizer):
@@ -127,5 +139,5 @@ def smoothed_weights(exact, weights, tokenizer):
     maxima = channel_maxima(exact, calibration_ids(tokenizer))
     sh = _powers(exponents(maxima.head, _column_maxima(weights.head)))
     layers = (smoothed_layer(w, a, m, d) for w, a, m, d in zip(weights.layers, maxima.attn, maxima.mlp, maxima.down))
-    return FloatWeights(embed=weights.embed, layers=layers, final_norm=weights.final_norm / sh,
-                        head=weights.head * sh)
+    return FloatWeights(embed=weights.embed, layers=layers, final_norm=_scaled(weights.final_norm, 1 / sh),
+                        head=_scaled(weights.head, sh))

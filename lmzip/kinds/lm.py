@@ -58,14 +58,35 @@ def work(entry) -> int:
     return entry.token_count
 
 
+# The embedded model's exact form under each arithmetic, as SPEC.md defines it. A build that differs
+# (a torch that rounds, or a tokenizers that tokenizes /3's calibration text, otherwise) would code
+# archives that other machines cannot decode, and fail to decode theirs with checksum errors.
+EMBEDDED_FINGERPRINTS = {2: "5da9b9fc712a952841b5d33652f8091b4c329fe6dadd28243b43d9e01a66dc4e",
+                         3: "ad4eb8df5f08770c94b83c17ad85f23f8d31dc78bc63627041b3fe546e76b01b"}
+
+
 def exact_model(lm, arithmetic: int = 2):
-    """The model's exact form for arithmetic /2 (which answers /1 too) or /3, made once per loaded model."""
+    """The model's exact form for arithmetic /2 (which answers /1 too) or /3, made once per loaded
+    model; the embedded model's is checked against its pinned fingerprint."""
     from ..exact import ExactModel
 
     key = f"_exact{arithmetic}"
     if key not in lm.__dict__:
-        lm.__dict__[key] = ExactModel.from_loaded(lm, arithmetic)
+        exact = ExactModel.from_loaded(lm, arithmetic)
+        check_pinned(lm, exact)
+        lm.__dict__[key] = exact
     return lm.__dict__[key]
+
+
+def check_pinned(lm, exact) -> None:
+    from ..errors import ModelError
+
+    pinned = EMBEDDED_FINGERPRINTS.get(exact.arithmetic) if lm.source == "embedded" else None
+    if pinned is not None and exact.fingerprint.hex() != pinned:
+        raise ModelError(f"this installation makes another exact form of the embedded model under arithmetic "
+                         f"/{exact.arithmetic} (fingerprint {exact.fingerprint.hex()[:16]}, lmzip defines "
+                         f"{pinned[:16]}): its torch or tokenizers rounds or tokenizes otherwise; install the "
+                         "versions in lmzip's constraints.txt")
 
 
 def max_chunk_tokens(prefix) -> int:

@@ -2,7 +2,7 @@
 
 Arithmetic `lmzip-exact-lm/3` is /2's forward pass over weights smoothed by powers of two
 (lmzip/exact/smoothing.py): the int8 roundings of the Linears' inputs lose less, and alice29.txt
-codes about 1.2 % smaller (BENCHMARKS.md). The payload is kind 4's chunk table and chunks (one
+codes about 1.5 % smaller (BENCHMARKS.md). The payload is kind 4's chunk table and chunks (one
 chunk or more, each at most 8192 positions with the prefix). A kind of its own, so that a reader
 without /3 reports such a segment as unsupported rather than decoding it under /2's frequencies.
 """
