@@ -121,11 +121,11 @@ def float_bits(model, chunks, prefix) -> float:
     return bits
 
 
-def exact_bits(lm, chunks, prefix) -> float:
+def exact_bits(lm, chunks, prefix, arithmetic: int = 2) -> float:
     from lmzip.exact.coding import chunk_logits
     from lmzip.exact.forward import frequencies
     from lmzip.exact.model import ExactModel
-    exact = ExactModel.from_loaded(lm)
+    exact = ExactModel.from_loaded(lm, arithmetic)
     bits = 0.0
     for chunk in chunks:
         f = frequencies(exact, chunk_logits(exact, chunk, prefix)).double()
@@ -173,7 +173,9 @@ def main(argv=None):
     prefix = (lm.tokenizer.get_vocab().get("<|endoftext|>", lm.tokenizer.eos_token_id),)
     print(f"{args.file}: {len(chunks)} chunks of {args.chunk_tokens} tokens, {n} bytes", flush=True)
     if not args.no_exact:
-        print(f"  exact model (integer frequencies): {exact_bits(lm, chunks, prefix) / n:.4f} bpb", flush=True)
+        for arithmetic in (2, 3):
+            print(f"  exact model /{arithmetic} (integer frequencies): "
+                  f"{exact_bits(lm, chunks, prefix, arithmetic) / n:.4f} bpb", flush=True)
     untie_head(lm.model)
     original = {k: v.clone() for k, v in lm.model.state_dict().items()}
     if args.only:
