@@ -27,14 +27,20 @@ def embedded():
     return lm, ExactModel.from_loaded(lm)
 
 
-def test_embedded_fingerprint_and_payloads_are_pinned(embedded):
+PINS = {2: (EMBEDDED_EXACT_FINGERPRINT, PAYLOADS), 3: (EMBEDDED_EXACT_FINGERPRINT_3, PAYLOADS_3)}
+
+
+@pytest.mark.parametrize("arithmetic", sorted(PINS))
+def test_embedded_fingerprint_and_payloads_are_pinned(embedded, arithmetic):
     lm, exact = embedded
-    assert exact.fingerprint.hex() == EMBEDDED_EXACT_FINGERPRINT
+    exact = exact if arithmetic == 2 else ExactModel.from_loaded(lm, arithmetic)
+    fingerprint, pinned_payloads = PINS[arithmetic]
+    assert exact.fingerprint.hex() == fingerprint
     prefix = (lm.tokenizer.get_vocab()["<|endoftext|>"],)
     ids = lm.tokenizer(SENTENCE, add_special_tokens=False)["input_ids"]
     chunks = [ids, ids[:3]]
     payloads = encode_chunks(exact, chunks, prefix)
-    assert [p.hex() for p in payloads] == PAYLOADS
+    assert [p.hex() for p in payloads] == pinned_payloads
     assert decode_chunks(exact, payloads, [len(c) for c in chunks], prefix, batch_size=2) == chunks
 
 
@@ -42,15 +48,3 @@ def test_the_codec_checks_the_same_pins():
     from lmzip.kinds import lm as lm_kind
 
     assert lm_kind.EMBEDDED_FINGERPRINTS == {2: EMBEDDED_EXACT_FINGERPRINT, 3: EMBEDDED_EXACT_FINGERPRINT_3}
-
-
-def test_embedded_smoothed_fingerprint_and_payloads_are_pinned(embedded):
-    lm, _ = embedded
-    exact = ExactModel.from_loaded(lm, 3)
-    assert exact.fingerprint.hex() == EMBEDDED_EXACT_FINGERPRINT_3
-    prefix = (lm.tokenizer.get_vocab()["<|endoftext|>"],)
-    ids = lm.tokenizer(SENTENCE, add_special_tokens=False)["input_ids"]
-    chunks = [ids, ids[:3]]
-    payloads = encode_chunks(exact, chunks, prefix)
-    assert [p.hex() for p in payloads] == PAYLOADS_3
-    assert decode_chunks(exact, payloads, [len(c) for c in chunks], prefix, batch_size=2) == chunks
