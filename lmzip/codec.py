@@ -20,6 +20,7 @@ from .container import KIND_MEMORY, ArchiveWriter, Header
 from .journal import Journal, model_identity
 from .errors import (ContentChecksumError, HeaderError, InputError, InternalError, ModelMismatchError,
                      ModelUnavailableError, OptionError, SegmentError, WorkLimitError, fitting_out_of_memory)
+from .exact.model import VERSIONS
 from .fit import FitConfig, fit_regions, sink_prefix
 from .inspection import decode_work, inspect  # noqa: F401 - inspect: for `from lmzip.codec import inspect`
 from .kinds.memory import max_positions
@@ -35,7 +36,7 @@ METHODS = kinds.METHODS
 LM_CHUNK_TOKENS = 2047
 # The lm method's arithmetic: /3 (kind lm3) unless asked for /2 (kinds 2 to 4, for older readers)
 LM_ARITHMETIC = 3
-LM_ARITHMETICS = (2, 3)
+LM_ARITHMETICS = tuple(VERSIONS)
 LM_PROGRESS_CHUNKS = 16  # lm chunks coded between two progress reports
 # Growing segments (no fixed length) are cut from regions fitted side by side, one after another
 # within a region. A region's last segment is whatever is left of it, so regions are long, but a

@@ -25,7 +25,7 @@ from lmzip.models import load_model
 from lmzip.rangecoder import MAX_TOTAL
 
 PREFIX = (256,)
-# Pins: a change to the arithmetic must change ARITHMETIC_VERSION, then these. The frequencies are
+# Pins: a change to the arithmetic must take a new version (model.VERSIONS), then these. The frequencies are
 # those of arithmetic /1 too (/2 only adds positions 2048 to 8191).
 TINY_FINGERPRINT = "7d054096993982db0a8ea96244e197e5c4f9abc405313a061d675bbcb6b1d65d"
 TINY_FREQ_SHA256 = "9782e05e21f70de4e11a4e4b5f600645268615fdfb93ce891d4b501bdbd2522d"

@@ -20,6 +20,7 @@ from conftest import TINY_MODEL
 TEXT = b"Alice was beginning to get very tired of sitting by her sister on the bank. \xff\xfe binary " * 3
 # Pins of /3 on the tiny model: a change to the smoothing, the calibration text or /2 moves them.
 TINY_FINGERPRINT_3 = "96278ef5c436700994732e382a5ed2ae4ec3c807d1aac0d0e51451b70c69c126"
+CALIBRATION_SHA256 = "0b1b3fa5e5d5cbf5960f24e082ef6000150b5dec81fa7af994d06f02100a58e9"  # as SPEC.md 1.6
 TINY_FREQ_SHA256_3 = "ca7d323173bc315c3b6875b87ff77251ef990deb08f8c88c0da68cacd993f648"
 
 
@@ -70,7 +71,7 @@ def test_the_kind_chooses_the_arithmetic(codec):
     payload = lambda b: b[entries(b)[0]["payload_offset"]:]  # noqa: E731
     assert payload(blob3) != payload(blob2)
     relabelled = edit_entry(blob3, 0, kind=lm_packed.KIND)
-    with pytest.raises(lmzip.LmzError):
+    with pytest.raises(lmzip.SegmentError, match="damaged segment 0"):
         codec.decode(relabelled, model=TINY_MODEL)
 
 
@@ -115,8 +116,9 @@ def test_pinned_fingerprint_and_frequencies(exact3, exact2):
 
 
 def test_calibration_text_is_pinned(monkeypatch):
-    assert hashlib.sha256(smoothing.calibration_text().encode()).hexdigest() == smoothing.CALIBRATION_SHA256
-    assert "\r\n" in smoothing.calibration_text() and "\t" in smoothing.calibration_text()
+    text = smoothing.calibration_text()
+    assert hashlib.sha256(text.encode()).hexdigest() == CALIBRATION_SHA256 == smoothing.CALIBRATION_SHA256
+    assert "\r\n" in text and "\t" in text
     monkeypatch.setattr(smoothing, "CALIBRATION_SHA256", "0" * 64)
     with pytest.raises(lmzip.ModelError, match="reinstall"):
         smoothing.calibration_text()
@@ -175,4 +177,6 @@ def test_a_scaling_that_would_round_is_refused():
     assert torch.equal(smoothing._scaled(torch.tensor([3.0, -5e-30]), torch.tensor([2.0 ** -16, 2.0 ** 16])),
                        torch.tensor([3.0 * 2 ** -16, -5e-30 * 2 ** 16]))
     with pytest.raises(lmzip.ModelError, match="leaves float32's normal range"):
-        smoothing._scaled(torch.tensor([1e-38 * 3]), torch.tensor([2.0 ** -16]))
+        smoothing._scaled(torch.tensor([1e-38 * 3]), torch.tensor([2.0 ** -16]))  # rounds
+    with pytest.raises(lmzip.ModelError, match="leaves float32's normal range"):
+        smoothing._scaled(torch.tensor([2.0 ** -120]), torch.tensor([2.0 ** -16]))  # exact, but subnormal

@@ -75,16 +75,17 @@ def test_a_run_is_cut_at_the_segment_size_limit(codec, monkeypatch):
     assert codec.decode(blob, model=TINY_MODEL) == text
 
 
-def test_a_chunk_that_fails_the_check_splits_its_run(codec, monkeypatch):
+@pytest.mark.parametrize("arithmetic,packed", [(2, "lm-packed"), (3, "lm3")])
+def test_a_chunk_that_fails_the_check_splits_its_run(codec, monkeypatch, arithmetic, packed):
     import lmzip.exact
 
     real = lmzip.exact.check_chunks
     monkeypatch.setattr(lmzip.exact, "check_chunks", lambda exact, chunks, payloads, prefix, **kw:
                         set(range(len(chunks))))  # every sampled chunk (0, 16, 32) fails
     text = TEXT[:76] * 6
-    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4)
+    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4, lm_arithmetic=arithmetic)
     monkeypatch.setattr(lmzip.exact, "check_chunks", real)
-    assert kinds(blob)[:4] == ["zstd", "lm3", "zstd", "lm3"]  # the same runs under /3 (lm3)
+    assert kinds(blob)[:4] == ["zstd", packed, "zstd", packed]
     assert codec.decode(blob, model=TINY_MODEL) == text
 
 
@@ -204,16 +205,17 @@ def test_the_segment_the_coder_cannot_follow_is_the_one_named(codec, archives, m
         codec.decode(blob, model=TINY_MODEL)
 
 
-def test_progress_counts_each_byte_once_with_packed_runs(codec):
+@pytest.mark.parametrize("arithmetic,packed", [(2, "lm-packed"), (3, "lm3")])
+def test_progress_counts_each_byte_once_with_packed_runs(codec, arithmetic, packed):
     seen = []
     text = TEXT * 4
-    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4,
+    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4, lm_arithmetic=arithmetic,
                         progress=lambda p: seen.append((p.done, p.lm, p.memory, p.zstd)))
     done = [d for d, *_ in seen]
-    assert "lm3" in kinds(blob)
+    assert packed in kinds(blob)
     assert done == sorted(done) and done[-1] == len(text)
     found = kinds(blob)
-    assert seen[-1][1:] == (found.count("lm3"), 0, found.count("zstd"))
+    assert seen[-1][1:] == (found.count(packed) + found.count("lm"), 0, found.count("zstd"))
 
 
 def test_decoding_progress_counts_lm_segments_as_lm(codec, archives):

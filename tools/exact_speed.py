@@ -3,7 +3,9 @@
 A decode step (B rows, one token each, over a key/value cache of C positions) and a
 whole-sequence pass (one row of T tokens, what the encoder runs per chunk), on real text
 from FILE, one torch thread by default. The SHA-256 of the logits shows that a change of
-implementation left the arithmetic alone: it must not change between versions.
+implementation left the arithmetic alone: it must not change between versions. `--arithmetic`
+3 (the default, what lmzip writes) gives other digests than 2, which the earlier BENCHMARKS.md
+sections list.
 
     python tools/exact_speed.py ../shared/corpus/alice29.txt --rows 1 10 --context 1000 --passes 1024
     python tools/exact_speed.py ../shared/corpus/alice29.txt --rows 1 11 --passes --kernel float32

@@ -10,6 +10,12 @@ each variant beside the exact model's own bits on the same chunks:
   norm-in    the inputs of q/k/v, gate/up and the head (the norms' outputs), per token vector
              at +-L (L = 127 in the exact model)
   other-in   the inputs of o_proj and down_proj likewise
+  2 limbs    an input at +-127 * 128 (two int8 limbs' worth) instead of +-127
+  smoothed   SmoothQuant's factors as powers of two, 2**rne(log2(max|x|^a / max|W|^(1-a))), from
+             the float32 model's channel maxima over --calibration's first tokens (with the
+             prefix token; /3 rounds half the binary exponent instead, on the integer model's
+             maxima: SPEC.md 1.6); --unsmoothed leaves Linears out
+  --only     weights at +-63 and int8 inputs of the named Linears alone
 
 The attention's own roundings (int8 heads, the exp table, 18-bit weights) are not imitated:
 what the exact model loses beyond the last variant is theirs. A study tool: nothing in lmzip
@@ -179,7 +185,6 @@ def main(argv=None):
     untie_head(lm.model)
     original = {k: v.clone() for k, v in lm.model.state_dict().items()}
     if args.only:
-        untie_head(lm.model)
         quantize_weights(lm.model)
         hooks = [mod.register_forward_pre_hook(lambda m, a: (fake_quant(a[0], 127),))
                  for name, mod in linears(lm.model) if name.rsplit(".", 1)[-1] in args.only]

@@ -4,7 +4,7 @@ Every Linear weight becomes int8 values in [-63, 63] with one float32 scale per
 output row (63, not 127: without VNNI, oneDNN's int8 GEMM sums pairs of
 products in saturating 16-bit lanes, and 255 * 63 * 2 is the largest pair that
 cannot saturate). The token embedding stays float32 (a lookup is a copy); the
-tied output head is its int8 form. Quantizing runs once per load with
+tied output head is its int8 form (under /3, of its smoothed columns). Quantizing runs once per load with
 separately rounded element-wise operations, so every machine gets the same
 integers; `fingerprint` pins them.
 """
@@ -25,10 +25,9 @@ from . import tables
 from .cache_kernel import FLOAT32, cache_kernel
 from .matmul import INT8, WEIGHT_LIMIT, fastest_kernel, prepare
 
-ARITHMETIC_VERSION = b"lmzip-exact-lm/2"
-# /3: /2 over weights smoothed by powers of two measured on a calibration text (smoothing.py)
-SMOOTHED_VERSION = b"lmzip-exact-lm/3"
-VERSIONS = {2: ARITHMETIC_VERSION, 3: SMOOTHED_VERSION}
+# The arithmetic versions this code computes, by number (SPEC.md): /2 (which answers /1 within 2048
+# positions), and /3, /2 over weights smoothed by powers of two from a calibration text (smoothing.py)
+VERSIONS = {2: b"lmzip-exact-lm/2", 3: b"lmzip-exact-lm/3"}
 # prefix + chunk tokens (arithmetic /2; /1 is the same restricted to 2048)
 MAX_POSITIONS = LM_LONG_POSITIONS
 V1_POSITIONS = LM_POSITIONS
@@ -104,7 +103,7 @@ class FloatWeights:
     embed: torch.Tensor      # (V, H) input embeddings
     layers: Iterable[FloatLayer]  # read once
     final_norm: torch.Tensor
-    head: torch.Tensor       # (V, H) output head (the tied embedding)
+    head: torch.Tensor       # (V, H) output head (the tied embedding; /3 scales its columns)
 
 
 def float_weights(model) -> tuple[Shape, FloatWeights]:
@@ -122,7 +121,8 @@ def float_weights(model) -> tuple[Shape, FloatWeights]:
                   vocab=model.get_input_embeddings().num_embeddings,
                   eps=float(np.float32(config.rms_norm_eps)), rope_theta=theta)
     return shape, FloatWeights(embed=_f32(model.get_input_embeddings().weight), layers=_float_layers(model),
-                               final_norm=_f32(model.model.norm.weight), head=_f32(model.get_output_embeddings().weight))
+                               final_norm=_f32(model.model.norm.weight),
+                               head=_f32(model.get_output_embeddings().weight))
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ def calibration_text() -> str:
 def calibration_ids(tokenizer) -> list[int]:
     ids = tokenizer(calibration_text(), add_special_tokens=False)["input_ids"][:CALIBRATION_TOKENS]
     if not ids:
-        raise ValueError("the tokenizer makes no tokens of the calibration text")
+        raise ModelError("the model's tokenizer makes no tokens of arithmetic /3's calibration text")
     return list(ids)
 
 
@@ -54,7 +54,8 @@ def _normed_maxima(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 @dataclasses.dataclass
 class Maxima:
-    """Per layer, the largest magnitude of each input channel of qkv, gate_up and down (float64)."""
+    """Per layer, the largest magnitude of each input channel of qkv, gate_up and down, and of the
+    head after the last layer (float64)."""
     attn: list[torch.Tensor]
     mlp: list[torch.Tensor]
     down: list[torch.Tensor]
@@ -103,10 +104,11 @@ def _powers(e: torch.Tensor) -> torch.Tensor:
 
 
 def _scaled(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """t * factor, checked to be exact (undone by the reciprocal): a result below float32's normal
-    range would round, and a host that flushes subnormals would round it otherwise."""
+    """t * factor, checked to be exact and normal: a result below float32's normal range may round,
+    and a host that flushes subnormals to zero would compute with another value."""
     out = t * factor
-    if not torch.equal(out * (1 / factor), t):
+    subnormal = (out != 0) & (out.abs() < torch.finfo(torch.float32).tiny)
+    if not torch.equal(out * (1 / factor), t) or bool(subnormal.any()):
         raise ModelError("the model's weights are too small for arithmetic /3's smoothing "
                          "(a scaled weight leaves float32's normal range)")
     return out

@@ -13,7 +13,8 @@ A kind module has:
   a checksum mismatch;
 - an `encode...` function that turns a piece of input into a `CodedSegment`.
 
-Adding a kind is one new module and one line in `KINDS` below.
+Adding a kind is one new module and one line in `KINDS` below (and, for a kind coded under the
+model's predictions, in `LM_KINDS`).
 """
 
 from __future__ import annotations

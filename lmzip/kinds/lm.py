@@ -6,8 +6,9 @@ same numbers bit for bit on any machine, thread count, batch or instruction set
 fingerprints. The context of a segment is the header's prefix tokens and the segment's
 own earlier tokens, so segments decode independently and in batches. Kind 2 holds chunks of at
 most 2048 positions with the prefix (arithmetic /1), kind 3 (lm_long.py) longer ones, up to 8192
-(arithmetic /2, which gives the same frequencies at 2048 positions or fewer); the encoder writes
-kind 2 where it can, so those segments stay readable by a reader that knows only /1.
+(arithmetic /2, which gives the same frequencies at 2048 positions or fewer); coding under /2, the
+encoder writes kind 2 where it can, so those segments stay readable by a reader that knows only /1.
+Under /3 (the default) it writes kind 5 (lm3.py) for every chunk.
 """
 
 from __future__ import annotations
