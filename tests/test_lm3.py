@@ -75,9 +75,11 @@ def test_the_kind_chooses_the_arithmetic(codec):
         codec.decode(relabelled, model=TINY_MODEL)
 
 
-def test_unknown_arithmetic_is_refused(codec):
+def test_unknown_arithmetic_is_refused(codec, tiny):
     with pytest.raises(lmzip.OptionError, match="lm arithmetic"):
         codec.encode(TEXT, method="lm", model=TINY_MODEL, lm_arithmetic=1)
+    with pytest.raises(ValueError, match="unknown exact arithmetic /4"):
+        ExactModel.from_loaded(tiny, 4)
 
 
 def test_exponents_are_half_the_binary_logarithm_of_the_ratio():

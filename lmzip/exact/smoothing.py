@@ -114,8 +114,8 @@ def _scaled(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _column_maxima(*weights: torch.Tensor) -> torch.Tensor:
-    return torch.stack([w.abs().amax(0) for w in weights]).amax(0)
+def _column_maxima(w: torch.Tensor) -> torch.Tensor:
+    return w.abs().amax(0)
 
 
 def smoothed_layer(w, maxima_attn, maxima_mlp, maxima_down):
