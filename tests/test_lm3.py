@@ -96,7 +96,7 @@ def test_smoothing_leaves_every_product_of_the_float_model_as_it_was(tiny):
     exact = ExactModel.from_weights(shape, w)
     w = float_weights(tiny.model)[1]
     w.layers = list(w.layers)
-    smooth = smoothing.smoothed_weights(exact, w, tiny.tokenizer)
+    smooth = smoothing.smoothed_weights(smoothing.calibration_maxima(exact, tiny.tokenizer), w)
     smooth.layers = list(smooth.layers)
     assert any(not torch.equal(a.qkv, b.qkv) for a, b in zip(w.layers, smooth.layers))  # it did smooth
     inter = shape.intermediate

@@ -159,19 +159,24 @@ class ExactModel:
         self.exp_i32 = self.exp.int()    # ... and as int32, which the C attention sums (fused.py)
 
     @classmethod
-    def from_loaded(cls, lm, arithmetic: int = 2) -> "ExactModel":
-        """Quantize a LoadedModel (lmzip.models) once, for arithmetic /2 or, smoothed, /3."""
+    def from_loaded(cls, lm, arithmetic: int = 2, cache: str | None = None) -> "ExactModel":
+        """Quantize a LoadedModel (lmzip.models) once, for arithmetic /2 or, smoothed, /3. /3's
+        calibration maxima are computed (cache None), or with cache "use" read from lmzip's cache
+        where it holds them for this model (calibration_cache.py; that saves building /2 and its
+        calibration pass), with "refresh" computed and written there."""
         if arithmetic not in VERSIONS:
             raise ValueError(f"unknown exact arithmetic /{arithmetic}")
         shape, weights = float_weights(lm.model)
-        exact = cls.from_weights(shape, weights)
-        if arithmetic == 3:
-            from .smoothing import smoothed_weights
+        if arithmetic == 2:
+            return cls.from_weights(shape, weights)
+        from .calibration_cache import cached_maxima
+        from .smoothing import calibration_maxima, smoothed_weights
 
-            smoothed = smoothed_weights(exact, float_weights(lm.model)[1], lm.tokenizer)
-            del exact  # /2's weights go before /3's are made
-            exact = cls.from_weights(shape, smoothed, arithmetic=3)
-        return exact
+        def calibrate():  # /2's model lives only for its pass over the calibration text
+            return calibration_maxima(cls.from_weights(shape, float_weights(lm.model)[1]), lm.tokenizer)
+
+        maxima = cached_maxima(lm, shape, calibrate, refresh=cache == "refresh") if cache else calibrate()
+        return cls.from_weights(shape, smoothed_weights(maxima, weights), arithmetic=3)
 
     @classmethod
     def from_weights(cls, shape: Shape, weights: "FloatWeights", arithmetic: int = 2) -> "ExactModel":

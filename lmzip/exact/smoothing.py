@@ -133,12 +133,16 @@ def smoothed_layer(w, maxima_attn, maxima_mlp, maxima_down):
                       down=_scaled(w.down, sd))
 
 
-def smoothed_weights(exact, weights, tokenizer):
-    """/3's float weights: `weights` (model.FloatWeights, which `exact` quantizes as /2) smoothed
-    with the channel maxima of `exact`'s pass over the calibration text; layers made as read."""
+def calibration_maxima(exact, tokenizer) -> Maxima:
+    """The channel maxima of `exact`'s (/2) pass over the calibration text."""
+    return channel_maxima(exact, calibration_ids(tokenizer))
+
+
+def smoothed_weights(maxima: Maxima, weights):
+    """/3's float weights: `weights` (model.FloatWeights, /2's) smoothed with the exponents of the
+    calibration `maxima`; layers made as read."""
     from .model import FloatWeights
 
-    maxima = channel_maxima(exact, calibration_ids(tokenizer))
     sh = _powers(exponents(maxima.head, _column_maxima(weights.head)))
     layers = (smoothed_layer(w, a, m, d) for w, a, m, d in zip(weights.layers, maxima.attn, maxima.mlp, maxima.down))
     return FloatWeights(embed=weights.embed, layers=layers, final_norm=_scaled(weights.final_norm, 1 / sh),

@@ -68,25 +68,37 @@ EMBEDDED_FINGERPRINTS = {2: "5da9b9fc712a952841b5d33652f8091b4c329fe6dadd28243b4
 
 def exact_model(lm, arithmetic: int = 2):
     """The model's exact form for arithmetic /2 (which answers /1 too) or /3, made once per loaded
-    model; the embedded model's is checked against its pinned fingerprint."""
+    model (/3's calibration maxima kept in lmzip's cache); the embedded model's is checked against
+    its pinned fingerprint."""
     from ..exact import ExactModel
 
     key = f"_exact{arithmetic}"
     if key not in lm.__dict__:
-        exact = ExactModel.from_loaded(lm, arithmetic)
+        exact = ExactModel.from_loaded(lm, arithmetic, cache="use")
+        if arithmetic == 3 and pinned_differs(lm, exact):  # a cache file with other maxima (edited, or lmzip's bug): made anew
+            exact = ExactModel.from_loaded(lm, arithmetic, cache="refresh")
         check_pinned(lm, exact)
         lm.__dict__[key] = exact
     return lm.__dict__[key]
 
 
+def pinned(lm, arithmetic: int) -> str | None:
+    return EMBEDDED_FINGERPRINTS.get(arithmetic) if lm.source == "embedded" else None
+
+
+def pinned_differs(lm, exact) -> bool:
+    expected = pinned(lm, exact.arithmetic)
+    return expected is not None and exact.fingerprint.hex() != expected
+
+
 def check_pinned(lm, exact) -> None:
     from ..errors import ModelError
 
-    pinned = EMBEDDED_FINGERPRINTS.get(exact.arithmetic) if lm.source == "embedded" else None
-    if pinned is not None and exact.fingerprint.hex() != pinned:
+    if pinned_differs(lm, exact):
+        expected = pinned(lm, exact.arithmetic)
         raise ModelError(f"this installation makes another exact form of the embedded model under arithmetic "
                          f"/{exact.arithmetic} (fingerprint {exact.fingerprint.hex()[:16]}, lmzip defines "
-                         f"{pinned[:16]}): its torch or tokenizers rounds or tokenizes otherwise; install the "
+                         f"{expected[:16]}): its torch or tokenizers rounds or tokenizes otherwise; install the "
                          "versions in lmzip's constraints.txt")
 
 
