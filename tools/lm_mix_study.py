@@ -53,7 +53,7 @@ def collect(args) -> None:
     if args.bytes:
         data = data[:args.bytes]
     lm = load_model(args.model, device="cpu")
-    exact = ExactModel.from_loaded(lm)
+    exact = ExactModel.from_loaded(lm, args.arithmetic)
     ids = lm.tokenizer(data.decode("utf-8"), add_special_tokens=False)["input_ids"]
     prefix = (lm.tokenizer.get_vocab().get("<|endoftext|>", lm.tokenizer.eos_token_id),)
     chunks = [ids[i:i + args.chunk_tokens] for i in range(0, len(ids), args.chunk_tokens)]
@@ -138,15 +138,20 @@ def main():
     c.add_argument("--threads", type=int, default=1)
     c.add_argument("--first-chunk", type=int, default=0, help="skip the chunks before this one")
     c.add_argument("--max-positions", type=int, default=0, help="raise the exact model's position limit")
+    c.add_argument("--arithmetic", type=int, choices=(2, 3), default=3, help="the exact arithmetic (lmzip writes 3)")
     s = sub.add_parser("study")
     s.add_argument("npz", nargs="+")
+    g = sub.add_parser("lockstep")
+    g.add_argument("npz", nargs="+")
+    g.add_argument("--groups", type=int, nargs="+", default=[1000, 16, 11, 6, 1])
+    g.add_argument("--table-group", type=int, default=16, help="group size of the fitted weight table")
     t = sub.add_parser("step")
     t.add_argument("--model", default=None)
     t.add_argument("--rows", type=int, nargs="+", default=[4, 16])
     t.add_argument("--context", type=int, nargs="+", default=[1024, 4096, 8000])
     t.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    {"collect": collect, "study": study, "step": step_cost}[args.cmd](args)
+    {"collect": collect, "study": study, "lockstep": lockstep_study, "step": step_cost}[args.cmd](args)
 
 def load(path):
     d = np.load(path)
@@ -201,6 +206,104 @@ def ngram_model(tokens, chunk, order):
             counts[(ctx, tokens[i])] = hit[i] + 1
             ctx_tot[ctx] = seen[i] + 1
     return hit, seen
+
+
+def lockstep_counts(tokens, chunk, order, group):
+    """Per position: the count of the actual token after its last `order` tokens (in its chunk), and
+    of that context, over the tokens at earlier positions (within their chunk) of every chunk of its
+    group: the statistics a batch decoding the group in lockstep has. Groups are runs of about
+    `group` consecutive chunks (as even as can be)."""
+    tokens, chunk = np.asarray(tokens), np.asarray(chunk)
+    ids = np.unique(chunk)
+    n_groups = -(-len(ids) // group)
+    hit = np.zeros(len(tokens), dtype=np.int64)
+    seen = np.zeros(len(tokens), dtype=np.int64)
+    for members in np.array_split(ids, n_groups):
+        rows = [np.flatnonzero(chunk == c) for c in members]
+        counts, ctx_tot = {}, {}
+        for p in range(max(len(r) for r in rows)):
+            pending = []
+            for r in rows:
+                if p < len(r) and p >= order:
+                    i = r[p]
+                    ctx = tuple(tokens[i - order:i].tolist())
+                    seen[i] = ctx_tot.get(ctx, 0)
+                    hit[i] = counts.get((ctx, int(tokens[i])), 0)
+                    pending.append((ctx, int(tokens[i])))
+            for ctx, tok in pending:
+                counts[(ctx, tok)] = counts.get((ctx, tok), 0) + 1
+                ctx_tot[ctx] = ctx_tot.get(ctx, 0) + 1
+    return hit, seen
+
+
+def lockstep_models(tokens, chunk, group):
+    """Per position: (count of the actual token, count of the context, order used) of the order-2
+    counts shared in lockstep by the chunk's group, else order 1 where the order-2 context is unseen."""
+    h2, s2 = lockstep_counts(tokens, chunk, 2, group)
+    h1, s1 = lockstep_counts(tokens, chunk, 1, group)
+    use2 = s2 > 0
+    return np.where(use2, h2, h1), np.where(use2, s2, s1), np.where(use2, 2, 1)
+
+
+def table_bucket(seen, order):
+    """Kind 6's weight bucket: the order and floor(log2 N) up to 15; -1 where nothing was seen."""
+    return np.where(seen > 0, (order - 1) * 16 + np.minimum(np.log2(np.maximum(seen, 1)).astype(int), 15), -1)
+
+
+def weighted_bits(p_lm, p_other, bucket, table):
+    """Bits of p = (64 - w) / 64 p_lm + w / 64 p_other, w = table[bucket] (0 where bucket is -1)."""
+    w = np.where(bucket >= 0, table[np.maximum(bucket, 0)], 0) / 64
+    return -np.log2((1 - w) * p_lm + w * p_other).sum()
+
+
+def best_table(p_lm, p_other, bucket):
+    """Per bucket, the weight in 64ths (0 to 63) with the fewest bits."""
+    table = np.zeros(32, dtype=np.int64)
+    for b in range(32):
+        rows = bucket == b
+        if rows.any():
+            w = np.arange(64)[None, :] / 64
+            table[b] = (-np.log2((1 - w) * p_lm[rows, None] + w * p_other[rows, None])).sum(0).argmin()
+    return table
+
+
+def lockstep_study(args) -> None:
+    """Order-k counts shared by the chunks of a group decoded in lockstep, mixed with the lm."""
+    files = []
+    for path in args.npz:
+        d = load(path)
+        tokens, chunk, n_bytes = d["tokens"], d["chunk"], int(d["n_bytes"])
+        p_lm = d["freq"] / d["total"]
+        print(f"{path}: lm {-np.log2(p_lm).sum() / n_bytes:.4f} bpb, {len(np.unique(chunk))} chunks")
+        for group in args.groups:
+            per_order = {k: lockstep_counts(tokens, chunk, k, group) for k in (1, 2, 3, 4)}
+            chains = {"order 1": (1,), "order 2, else 1": (2, 1), "order 3, 2, 1": (3, 2, 1),
+                      "order 4, 3, 2, 1": (4, 3, 2, 1)}
+            for name, chain in chains.items():  # the longest context seen before, PPM style
+                hit, seen = per_order[chain[-1]]
+                order = np.full(len(tokens), chain[-1])
+                for k in chain[-2::-1]:
+                    hk, sk = per_order[k]
+                    use = sk > 0
+                    hit, seen, order = np.where(use, hk, hit), np.where(use, sk, seen), np.where(use, k, order)
+                p_other = np.where(seen > 0, hit / np.maximum(seen, 1), 0.0)
+                bucket = np.where(seen > 0, order * 16 + np.minimum(np.log2(np.maximum(seen, 1)).astype(int), 15), -1)
+                o = mix_bits(p_lm, p_other, bucket, False)
+                f = mix_bits(p_lm, p_other, bucket, True)
+                print(f"  groups of {group} chunks, {name}: oracle {o / n_bytes:.4f}, online {f / n_bytes:.4f} bpb")
+        hit, seen, order = lockstep_models(tokens, chunk, args.table_group)
+        files.append((path, n_bytes, p_lm, np.where(seen > 0, hit / np.maximum(seen, 1), 0.0), table_bucket(seen, order)))
+    tables = {path: best_table(p, q, b) for path, _, p, q, b in files}
+    pooled = best_table(*(np.concatenate([f[i] for f in files]) for i in (2, 3, 4)))
+    print(f"weights in 64ths, order 2 else 1, groups of {args.table_group}, fitted on every file:")
+    print(f"  order 1: {pooled[:16].tolist()}\n  order 2: {pooled[16:].tolist()}")
+    for path, n_bytes, p, q, b in files:
+        others = [t for other, t in tables.items() if other != path]
+        row = {"own": tables[path], "pooled": pooled}
+        if others:
+            row["the other file's"] = others[0]
+        print(f"  {path}: " + ", ".join(f"{name} table {weighted_bits(p, q, b, t) / n_bytes:.4f}"
+                                          for name, t in row.items()) + " bpb")
 
 
 GRID = np.array([0, 1 / 64, 1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 15 / 16, 31 / 32])
