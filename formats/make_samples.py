@@ -96,11 +96,14 @@ def main() -> None:
     long_text = text * 32  # past 2048 positions: one lm-long segment (arithmetic /2)
     lm_long = codec.encode(long_text, method="lm", model=TINY, tokens_per_segment=8191, lm_arithmetic=2)
     assert [s["kind"] for s in lmzip.inspect(lm_long)["segments"]] == ["lm-long"]
-    # arithmetic /3 (kind 5, what compress --method lm writes now): short chunks, and one past 2048
-    lm3 = codec.encode(mixed, method="lm", model=TINY, tokens_per_segment=16)
+    # arithmetic /3 (kind 5): short chunks, and one past 2048
+    lm3 = codec.encode(mixed, method="lm", model=TINY, tokens_per_segment=16, lm_mix=False)
     assert [s["kind"] for s in lmzip.inspect(lm3)["segments"]] == ["lm3", "zstd"] * 2 + ["lm3"]
-    lm3_long = codec.encode(long_text, method="lm", model=TINY, tokens_per_segment=8191)
+    lm3_long = codec.encode(long_text, method="lm", model=TINY, tokens_per_segment=8191, lm_mix=False)
     assert [s["kind"] for s in lmzip.inspect(lm3_long)["segments"]] == ["lm3"]
+    # kind 6 (what compress --method lm writes now): chunks sharing counts, groups of at most 16
+    lm3_group = codec.encode(text * 4, method="lm", model=TINY, tokens_per_segment=16)
+    assert [s["kind"] for s in lmzip.inspect(lm3_group)["segments"]] == ["lm3-group"] * 2
 
     samples = {
         "good-empty.lmz": (lmzip.encode(b"", method="zstd"), b""),
@@ -112,6 +115,7 @@ def main() -> None:
         "good-lm-packed-tiny.lmz": (lm_packed, mixed),
         "good-lm3-tiny.lmz": (lm3, mixed),
         "good-lm3-long-tiny.lmz": (lm3_long, long_text),
+        "good-lm3-group-tiny.lmz": (lm3_group, text * 4),
         "good-compatible-header-extension.lmz": (longer_header(zstd_text, 3, 40, compatible_flags=0x8000), text),
         "good-compatible-segment-flag.lmz": (edit_entry(zstd_text, 0, flags=0x80), text),
         "bad-magic.lmz": (b"\x89LMX" + zstd_text[4:], lmzip.NotLmzError),
@@ -153,6 +157,7 @@ def main() -> None:
         "bad-lm-packed-table.lmz": (payload_crc(more_tokens_in_first_chunk(lm_packed, first_packed), first_packed),
                                     lmzip.SegmentError),
         "bad-lm3-payload.lmz": (payload_crc(flip(lm3, payload_offset(lm3, 1) - 3, 0x10), 0), lmzip.SegmentError),
+        "bad-lm3-group-as-lm3.lmz": (edit_entry(lm3_group, 0, kind=5), lmzip.SegmentError),
         "bad-absurd-prefix.lmz": (edit_header(memory, prefix_length=0xFFFF), lmzip.LimitError),
         "unsupported-version-4.lmz": (longer_header(zstd_text, 4, 2000), lmzip.UnsupportedVersionError),
         "unsupported-incompatible-flag.lmz": (edit_header(zstd_text, incompatible_flags=0x0001),

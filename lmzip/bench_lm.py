@@ -22,31 +22,37 @@ from . import container
 from .codec import LM_ARITHMETIC, Codec, ProgressCallback, lm_pieces
 from .errors import InputError, InternalError
 from .fit import FitConfig, sink_prefix
-from .kinds import LM_KINDS, lm3, lm_packed
+from .kinds import LM_KINDS, lm3, lm3_group, lm_packed
 from .kinds import lm as lm_kind
 
-PACKED_KINDS = (lm_packed.KIND, lm3.KIND)  # a chunk table, then the chunks
+PACKED_KINDS = (lm_packed.KIND, lm3.KIND, lm3_group.KIND)  # a chunk table, then the chunks
 
 
-def _ideal_bits(lm, pieces, prefix, arithmetic: int) -> tuple[float, float, int]:
-    """(softmax bits, integer-frequency bits, tokens) over the lm chunks `pieces` (all the encoder coded,
-    a chunk that failed its check too: the model's bits, not the archive's)."""
-    from .exact.coding import chunk_logits
-    from .exact.forward import frequencies
+def _ideal_bits(lm, pieces, prefix, arithmetic: int, mix: bool) -> tuple[float, float, float, int]:
+    """(softmax bits, integer-frequency bits, bits under the coded frequencies, tokens) over the lm
+    chunks `pieces` (all the encoder coded, a chunk that failed its check too: the model's bits, not
+    the archive's); the coded frequencies are the integer ones with, if `mix`, kind 6's shared
+    counts mixed in."""
+    from .exact.coding import _symbol_frequencies, chunk_logits
+    from .exact.mixing import mix_symbol
 
     exact = lm_kind.exact_model(lm, arithmetic)
-    soft = freq = 0.0
+    contexts = lm_kind.shared_contexts(pieces, lm_kind.group_pieces(pieces, prefix)) if mix else {}
+    soft = freq = coded = 0.0
     tokens = 0
-    for piece in pieces:
+    for i, piece in enumerate(pieces):
         if piece.ids is None:
             continue
         logits = chunk_logits(exact, piece.ids, prefix)
-        sym = torch.tensor(piece.ids)[:, None]
-        soft -= torch.log_softmax(logits.double(), -1).gather(1, sym).sum().item() / math.log(2)
-        f = frequencies(exact, logits).double()
-        freq -= (f.gather(1, sym)[:, 0].log2() - f.sum(-1).log2()).sum().item()
+        sym = torch.tensor(piece.ids)
+        soft -= torch.log_softmax(logits.double(), -1).gather(1, sym[:, None]).sum().item() / math.log(2)
+        symbols = list(zip(*_symbol_frequencies(exact, logits, sym)))
+        freq += sum(math.log2(t / f) for _, f, t in symbols)
+        if i in contexts:
+            symbols = [mix_symbol(*s, y, found) for s, y, found in zip(symbols, piece.ids, contexts[i]())]
+        coded += sum(math.log2(t / f) for _, f, t in symbols)
         tokens += len(piece.ids)
-    return soft, freq, tokens
+    return soft, freq, coded, tokens
 
 
 def _chunk_count(archive: container.Archive, prefix) -> int:
@@ -82,8 +88,9 @@ def run(codec: Codec, paths: list[str], *, model: str | None = None, chunk_token
     lm_payload = sum(s.payload_length for s in archive.segments if s.kind in LM_KINDS)
     prefix = archive.header.prefix
     pieces = lm_pieces(lm, data, chunk_tokens, prefix)
-    soft, freq, tokens = (_ideal_bits(lm, pieces, prefix, LM_ARITHMETIC) if ideal
-                          else (None, None, report.memory_tokens))
+    mixed = any(s.kind == lm3_group.KIND for s in archive.segments)
+    soft, freq, coded, tokens = (_ideal_bits(lm, pieces, prefix, LM_ARITHMETIC, mixed) if ideal
+                                 else (None, None, None, report.memory_tokens))
     zstd_size = len(zstandard.ZstdCompressor(level=19).compress(data))
     xz_size = len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))
     n = len(data)
@@ -96,6 +103,7 @@ def run(codec: Codec, paths: list[str], *, model: str | None = None, chunk_token
         "lm_payload_bits_per_byte": 8 * lm_payload / n,
         "ideal_softmax_bits_per_byte": soft / n if soft is not None else None,
         "integer_frequency_bits_per_byte": freq / n if freq is not None else None,
+        "coded_frequency_bits_per_byte": coded / n if coded is not None else None,
         "frequency_cost_bits_per_token": (freq - soft) / tokens if soft is not None and tokens else None,
         "encode_kb_per_second": n / 1000 / encode_seconds, "decode_kb_per_second": n / 1000 / decode_seconds,
         "encode_seconds": encode_seconds, "decode_seconds": decode_seconds,
@@ -126,7 +134,8 @@ def format_table(result: dict) -> str:
         f"lm payloads {s['lm_payload_bits_per_byte']:.3f} bits per byte; ideal under the exact model's softmax "
         f"{f(s['ideal_softmax_bits_per_byte'], '.3f')}, under its integer frequencies "
         f"{f(s['integer_frequency_bits_per_byte'], '.3f')} "
-        f"(they cost {f(s['frequency_cost_bits_per_token'], '.4f')} bits per token)",
+        f"(they cost {f(s['frequency_cost_bits_per_token'], '.4f')} bits per token), with the counts shared "
+        f"in each segment mixed in (what the payloads code) {f(s['coded_frequency_bits_per_byte'], '.3f')}",
         f"encode {s['encode_kb_per_second']:.2f} KB/s ({s['encode_seconds']:.1f} s), decode "
         f"{s['decode_kb_per_second']:.2f} KB/s ({s['decode_seconds']:.1f} s), {s['threads']} threads, "
         f"batch {s['batch_size']}, weights multiplied by the {s['weight_products']} kernel",

@@ -20,6 +20,7 @@ from .container import KIND_MEMORY, ArchiveWriter, Header
 from .journal import Journal, model_identity
 from .errors import (ContentChecksumError, HeaderError, InputError, InternalError, ModelMismatchError,
                      ModelUnavailableError, OptionError, SegmentError, WorkLimitError, fitting_out_of_memory)
+from .exact.mixing import MAX_VOCAB as MIX_MAX_VOCAB
 from .exact.model import VERSIONS
 from .fit import FitConfig, fit_regions, sink_prefix
 from .inspection import decode_work, inspect  # noqa: F401 - inspect: for `from lmzip.codec import inspect`
@@ -34,7 +35,8 @@ METHODS = kinds.METHODS
 # alice29: 1.489 bits per byte at 128, 1.264 at 512, 1.172 at 2047) and decodes slower per token
 # (BENCHMARKS.md); 2047 fills the exact arithmetic's 2048 positions after the prefix token.
 LM_CHUNK_TOKENS = 2047
-# The lm method's arithmetic: /3 (kind lm3) unless asked for /2 (kinds 2 to 4, for older readers)
+# The lm method's arithmetic: /3 (kind lm3-group, or lm3 unmixed) unless asked for /2 (kinds 2 to 4,
+# for older readers)
 LM_ARITHMETIC = 3
 LM_ARITHMETICS = tuple(VERSIONS)
 LM_PROGRESS_CHUNKS = 16  # lm chunks coded between two progress reports
@@ -130,9 +132,10 @@ class _LmCoder:
     the coding: each check process takes a core for as long as it runs, the coding the others."""
 
     def __init__(self, lm, pieces, prefix, payloads: dict[int, bytes], book, state: Progress,
-                 progress: ProgressCallback | None, sample, arithmetic: int):
+                 progress: ProgressCallback | None, sample, arithmetic: int, contexts: dict | None = None):
         self.lm, self.pieces, self.prefix, self.payloads, self.book = lm, pieces, prefix, payloads, book
         self.state, self.progress, self.sample, self.arithmetic = state, progress, set(sample), arithmetic
+        self.contexts = contexts  # kind 6: per piece index, its group's shared counts
 
     def code(self, todo: list[int], threads: int) -> None:
         """Code `todo` on `threads` cores, in rounds with a progress report after each."""
@@ -141,8 +144,10 @@ class _LmCoder:
             batch = todo[start:start + size]
             kept = (lm_journal.keeper(self.book, self.pieces, batch, self.prefix, self.arithmetic)
                     if self.book else None)
+            contexts = [self.contexts[i] for i in batch] if self.contexts else None
             self.payloads.update(zip(batch, kinds.lm.code(self.lm, [self.pieces[i] for i in batch], self.prefix,
-                                                          done=kept, threads=threads, arithmetic=self.arithmetic)))
+                                                          done=kept, threads=threads, arithmetic=self.arithmetic,
+                                                          contexts=contexts)))
             self._count(i for i in batch if i not in self.sample)  # those count once checked
 
     def check_and_code_rest(self, to_check: list[int], rest: list[int]) -> set[int]:
@@ -170,7 +175,8 @@ class _LmCoder:
         self.code(rest, cores)
         if failed is None:
             failed = self._checked(kinds.lm.check(self.lm, self.pieces, self.payloads, self.prefix, to_check,
-                                                  arithmetic=self.arithmetic, **self._check_journal()), to_check)
+                                                  arithmetic=self.arithmetic, contexts=self.contexts,
+                                                  **self._check_journal()), to_check)
         return failed
 
     def _check_journal(self) -> dict:
@@ -186,7 +192,8 @@ class _LmCoder:
             return None
         try:
             return kinds.lm.start_check(self.lm, self.pieces, self.payloads, self.prefix, to_check, aside=aside,
-                                        arithmetic=self.arithmetic, **self._check_journal())
+                                        arithmetic=self.arithmetic, contexts=self.contexts,
+                                        **self._check_journal())
         except OSError:  # no process could be forked (EAGAIN, ENOMEM)
             return None
 
@@ -289,7 +296,8 @@ class Codec:
                   zstd_level: int = kinds.zstd.DEFAULT_LEVEL,
                   progress: ProgressCallback | None = None, workers: int = 1,
                   journal: str | os.PathLike | None = None, cluster: str | None = None,
-                  pack_lm: bool = True, lm_arithmetic: int = LM_ARITHMETIC, **fit_options) -> EncodeReport:
+                  pack_lm: bool = True, lm_arithmetic: int = LM_ARITHMETIC, lm_mix: bool | None = None,
+                  **fit_options) -> EncodeReport:
         """Encode `data` (bytes, or str as UTF-8) and write the archive to `out`.
 
         With `tokens_per_segment` None, segments grow while their vectors hold
@@ -302,7 +310,9 @@ class Codec:
         `lm_arithmetic` 3 (the default) codes lm chunks under arithmetic /3, in kind 5 (lm3)
         segments; 2 under /2, in kinds 2 to 4, which readers before kind 5 know. `pack_lm` False
         writes each lm chunk as a segment of its own (under /2: kinds 2 and 3, which readers older
-        than kind 4, lm-packed, know), at 32 bytes of table per chunk.
+        than kind 4, lm-packed, know), at 32 bytes of table per chunk. `lm_mix` (default: under /3
+        with `pack_lm`) mixes counts shared by the chunks of each segment of up to 16 into their
+        frequencies, in kind 6 (lm3-group) segments; False writes kind 5.
         Extra keyword options (vectors, max_steps, lr, batch_size, margin, …) set
         fields of the FitConfig.
         """
@@ -321,13 +331,18 @@ class Codec:
         if lm_arithmetic not in LM_ARITHMETICS:
             raise OptionError(f"unknown lm arithmetic {lm_arithmetic!r} (choose from "
                               f"{', '.join(map(str, LM_ARITHMETICS))})")
+        mix_asked = bool(lm_mix)
+        if lm_mix is None:
+            lm_mix = lm_arithmetic == 3 and pack_lm
+        if lm_mix and (lm_arithmetic != 3 or not pack_lm):
+            raise OptionError("lm_mix needs arithmetic 3 and packed chunks (kind 6 is a segment of chunks under /3)")
         if method != "memory" and (workers > 1 or cluster is not None):
             raise OptionError(f"workers and cluster fit memory segments; method {method} takes neither")
 
         sha256 = hashlib.sha256(data).digest()
         if method == "lm":
             return self._encode_lm(data, out, model, fit, tokens_per_segment, zstd_level, progress, sha256,
-                                   pack_lm, journal, lm_arithmetic)
+                                   pack_lm, journal, lm_arithmetic, lm_mix, mix_asked)
         if method == "zstd":
             regions, lm, growing = [segmenting.Piece(data, None)], None, False
         else:
@@ -361,10 +376,11 @@ class Codec:
     def _encode_lm(self, data: bytes, out: BinaryIO, model: str | None, fit: FitConfig,
                    tokens_per_segment: int | None, zstd_level: int, progress: ProgressCallback | None,
                    sha256: bytes, pack: bool, journal: str | os.PathLike | None,
-                   arithmetic: int = LM_ARITHMETIC) -> EncodeReport:
-        """Range-code the text's tokens under the model, in independent chunks (kind lm3 under
-        arithmetic /3; lm-packed, lm and lm-long under /2). With `journal`, each chunk's payload is
-        kept there as it is coded, and each sampled chunk's check outcome once it is known."""
+                   arithmetic: int = LM_ARITHMETIC, mix: bool = False, mix_asked: bool = False) -> EncodeReport:
+        """Range-code the text's tokens under the model, in chunks (kind lm3 under arithmetic /3, or
+        with `mix` lm3-group, whose chunks share counts within a segment; lm-packed, lm and lm-long
+        under /2). With `journal`, each chunk's payload is kept there as it is coded, and each sampled
+        chunk's check outcome once it is known."""
         lm = self.model(model)
         prefix = sink_prefix(lm, fit)
         if not prefix:
@@ -377,7 +393,7 @@ class Codec:
         sample = coded[::kinds.lm.CHECK_EVERY]
         book, payloads, checked = None, {}, {}
         if journal is not None:
-            ident = lm_journal.identity(lm, sha256, tokens_per_segment, prefix, pieces, arithmetic)
+            ident = lm_journal.identity(lm, sha256, tokens_per_segment, prefix, pieces, arithmetic, mix)
             book, payloads = lm_journal.resume(journal, ident, pieces)
             checked = {i: ok for i, ok in lm_journal.checks(book, payloads).items() if i in sample}
         resumed = len(payloads)
@@ -386,11 +402,18 @@ class Codec:
         if progress:
             progress(state)
         # the sample first, so that its check runs beside the coding of the rest
-        coder = _LmCoder(lm, pieces, prefix, payloads, book, state, progress, sample, arithmetic)
+        if mix and lm.vocab_size > MIX_MAX_VOCAB:
+            if mix_asked:
+                raise OptionError(f"lm_mix needs a vocabulary of at most {MIX_MAX_VOCAB} tokens, not {lm.vocab_size}")
+            mix = False  # kind 6's totals would pass the range coder's
+        groups = kinds.lm.group_pieces(pieces, prefix) if mix else None
+        contexts = kinds.lm.shared_contexts(pieces, groups) if mix else None
+        coder = _LmCoder(lm, pieces, prefix, payloads, book, state, progress, sample, arithmetic, contexts)
         coder.code([i for i in sample if i not in payloads], kinds.lm.cores(lm))
         failed = {i for i, ok in checked.items() if not ok} | coder.check_and_code_rest(
             [i for i in sample if i not in checked], [i for i in coded if i not in payloads])
-        for segment, held in kinds.lm.segments(pieces, payloads, prefix, failed, pack=pack, arithmetic=arithmetic):
+        for segment, held in kinds.lm.segments(pieces, payloads, prefix, failed, pack=pack, arithmetic=arithmetic,
+                                               groups=groups):
             counted = sum(len(pieces[i].data) for i in held if pieces[i].ids is not None)  # coded and checked
             self._put(segment, writer, run, state, progress, counted=counted)
         run.flush()

@@ -48,7 +48,7 @@ def _ids():
 
 
 def test_lm_method_writes_lm3_and_it_comes_back(codec):
-    blob = codec.encode(TEXT, method="lm", model=TINY_MODEL, tokens_per_segment=8)
+    blob = codec.encode(TEXT, method="lm", model=TINY_MODEL, tokens_per_segment=8, lm_mix=False)
     assert kinds(blob) == ["lm3", "zstd"] * 3 + ["lm3"]  # a lone chunk too: kind 5 has no loose form
     assert codec.decode(blob, model=TINY_MODEL) == TEXT
     loose = codec.encode(TEXT, method="lm", model=TINY_MODEL, tokens_per_segment=8, pack_lm=False)
@@ -65,7 +65,7 @@ def test_the_same_bytes_at_any_batch_size(codec, batch_size):
 def test_the_kind_chooses_the_arithmetic(codec):
     """The same chunks under /2 and /3 code differently, and a kind 5 segment relabelled as kind 4
     (the same layout, decoded under /2) fails its check instead of returning other bytes."""
-    blob3 = codec.encode(TEXT[:70], method="lm", model=TINY_MODEL, tokens_per_segment=8)
+    blob3 = codec.encode(TEXT[:70], method="lm", model=TINY_MODEL, tokens_per_segment=8, lm_mix=False)
     blob2 = codec.encode(TEXT[:70], method="lm", model=TINY_MODEL, tokens_per_segment=8, lm_arithmetic=2)
     assert kinds(blob3) == ["lm3"] and kinds(blob2) == ["lm-packed"]
     payload = lambda b: b[entries(b)[0]["payload_offset"]:]  # noqa: E731
@@ -143,13 +143,14 @@ def test_lm3_entries_are_bounded_as_lm_packed_ones(codec):
     assert lmzip.kinds.get(5) is lm3
 
 
-def test_a_damaged_chunk_table_names_the_kind(codec):
-    blob = codec.encode(TEXT[:70], method="lm", model=TINY_MODEL, tokens_per_segment=8)
+@pytest.mark.parametrize("mix,name", [(False, "lm3"), (True, "lm3-group")])
+def test_a_damaged_chunk_table_names_the_kind(codec, mix, name):
+    blob = codec.encode(TEXT[:70], method="lm", model=TINY_MODEL, tokens_per_segment=8, lm_mix=mix)
     e = entries(blob)[0]
     at = e["payload_offset"]
     damaged = blob[:at] + bytes([blob[at] + 1]) + blob[at + 1:]  # one chunk more than the table holds
     damaged = edit_entry(damaged, 0, payload_crc32=crc32(damaged[at:at + e["payload_length"]]))
-    with pytest.raises(lmzip.SegmentError, match="damaged lm3 payload"):
+    with pytest.raises(lmzip.SegmentError, match=f"damaged {name} payload"):
         codec.decode(damaged, model=TINY_MODEL)
 
 

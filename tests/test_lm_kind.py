@@ -120,9 +120,9 @@ def test_the_sample_is_coded_first_and_checked_in_one_call_beside_the_rest(codec
 
     real_code = lm_kind.code
 
-    def coding(lm, pieces, prefix, done=None, threads=None, arithmetic=2):
+    def coding(lm, pieces, prefix, done=None, threads=None, arithmetic=2, contexts=None):
         event(f"code {len(pieces)} {threads}")
-        return real_code(lm, pieces, prefix, done=done, threads=threads, arithmetic=arithmetic)
+        return real_code(lm, pieces, prefix, done=done, threads=threads, arithmetic=arithmetic, contexts=contexts)
 
     def failing_check(exact, chunks, payloads, prefix, **kw):
         event(f"check {len(chunks)} {os.getpid()}")
@@ -161,18 +161,19 @@ def first_chunk_fails(real):
     return check
 
 
-def test_the_archive_is_the_same_with_the_check_beside_or_after(codec, two_cores, monkeypatch):
+@pytest.mark.parametrize("mix,kind", [(False, "lm3"), (True, "lm3-group")])
+def test_the_archive_is_the_same_with_the_check_beside_or_after(codec, two_cores, monkeypatch, mix, kind):
     import torch
 
     import lmzip.exact
 
     text = TEXT[:60] * 12
     monkeypatch.setattr(lmzip.exact, "check_chunks", first_chunk_fails(lmzip.exact.check_chunks))
-    beside = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4)
+    beside = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4, lm_mix=mix)
     torch.set_num_threads(1)  # one core: the check runs here, before the rest is coded
-    assert codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4) == beside
+    assert codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4, lm_mix=mix) == beside
     monkeypatch.undo()
-    assert kinds(beside)[:2] == ["zstd", "lm3"] and codec.decode(beside, model=TINY_MODEL) == text
+    assert kinds(beside)[:2] == ["zstd", kind] and codec.decode(beside, model=TINY_MODEL) == text
 
 
 @forking
@@ -195,7 +196,7 @@ def test_a_check_process_that_dies_costs_its_time_not_the_run(codec, two_cores, 
         return real(exact, chunks, payloads, prefix, **kw)
 
     monkeypatch.setattr(lmzip.exact, "check_chunks", killed_in_a_child)
-    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4)
+    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4, lm_mix=False)
     monkeypatch.undo()
     assert killed.exists() and here == [12] and kinds(blob)[:2] == ["zstd", "lm3"]
     assert codec.decode(blob, model=TINY_MODEL) == text
@@ -275,7 +276,7 @@ def test_a_sampled_chunk_the_decoder_cannot_follow_fails_alone(codec, monkeypatc
     text = TEXT[:60] * 12
     monkeypatch.setattr(lm_kind, "check_shards", lambda *a: [])  # the check here, where calls are seen
     monkeypatch.setattr(lmzip.exact, "check_chunks", first_damaged)
-    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4)
+    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4, lm_mix=False)
     monkeypatch.undo()
     assert calls == [12] and kinds(blob)[:2] == ["zstd", "lm3"]
     assert kinds(blob).count("zstd") == 1  # that chunk alone

@@ -83,7 +83,8 @@ def test_a_chunk_that_fails_the_check_splits_its_run(codec, monkeypatch, arithme
     monkeypatch.setattr(lmzip.exact, "check_chunks", lambda exact, chunks, payloads, prefix, **kw:
                         set(range(len(chunks))))  # every sampled chunk (0, 16, 32) fails
     text = TEXT[:76] * 6
-    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4, lm_arithmetic=arithmetic)
+    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4, lm_arithmetic=arithmetic,
+                        lm_mix=False)
     monkeypatch.setattr(lmzip.exact, "check_chunks", real)
     assert kinds(blob)[:4] == ["zstd", packed, "zstd", packed]
     assert codec.decode(blob, model=TINY_MODEL) == text
@@ -205,12 +206,12 @@ def test_the_segment_the_coder_cannot_follow_is_the_one_named(codec, archives, m
         codec.decode(blob, model=TINY_MODEL)
 
 
-@pytest.mark.parametrize("arithmetic,packed", [(2, "lm-packed"), (3, "lm3")])
+@pytest.mark.parametrize("arithmetic,packed", [(2, "lm-packed"), (3, "lm3"), (3, "lm3-group")])
 def test_progress_counts_each_byte_once_with_packed_runs(codec, arithmetic, packed):
     seen = []
     text = TEXT * 4
     blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4, lm_arithmetic=arithmetic,
-                        progress=lambda p: seen.append((p.done, p.lm, p.memory, p.zstd)))
+                        lm_mix=packed == "lm3-group", progress=lambda p: seen.append((p.done, p.lm, p.memory, p.zstd)))
     done = [d for d, *_ in seen]
     assert packed in kinds(blob)
     assert done == sorted(done) and done[-1] == len(text)

@@ -137,7 +137,7 @@ def coded_chunks(monkeypatch, crash_on_call: int | None = None, crash_after_chun
     counts = []
     journaled = []
 
-    def counted(lm, pieces, prefix, done=None, threads=None, arithmetic=2):
+    def counted(lm, pieces, prefix, done=None, threads=None, arithmetic=2, contexts=None):
         if len(counts) + 1 == crash_on_call:
             raise KeyboardInterrupt
 
@@ -148,7 +148,8 @@ def coded_chunks(monkeypatch, crash_on_call: int | None = None, crash_after_chun
                 raise KeyboardInterrupt
 
         counts.append(len(pieces))
-        return REAL_CODE(lm, pieces, prefix, done=kept if done else None, threads=threads, arithmetic=arithmetic)
+        return REAL_CODE(lm, pieces, prefix, done=kept if done else None, threads=threads, arithmetic=arithmetic,
+                         contexts=contexts)
 
     monkeypatch.setattr(lm_kind, "code", counted)
     return counts
@@ -182,8 +183,10 @@ def test_an_lm_journal_is_refused_for_other_options_and_checked_chunk_by_chunk(c
         codec.encode(LM_TEXT, journal=journal, **{**LM, "tokens_per_segment": 25})
     with pytest.raises(lmzip.JournalError, match="its --method differ"):
         codec.encode(LM_TEXT, journal=journal, **OPTIONS)
-    with pytest.raises(lmzip.JournalError, match="its lm arithmetic differ"):  # chunks coded under /3, not /2
+    with pytest.raises(lmzip.JournalError, match="its lm arithmetic, shared counts"):  # /3 and kind 6, not /2
         codec.encode(LM_TEXT, journal=journal, lm_arithmetic=2, **LM)
+    with pytest.raises(lmzip.JournalError, match=r"its shared counts \(kind 6\) differ"):  # kind 6, not 5
+        codec.encode(LM_TEXT, journal=journal, lm_mix=False, **LM)
     first = sorted(journal.glob("*.seg"))[0]
     good = first.read_bytes()
     kept = journal_module._decode_segment(good)
@@ -254,9 +257,10 @@ def _rerun_goes_on_with_the_check(codec, tmp_path, monkeypatch, coding):
     import json
     import shutil
 
+    LM5 = {**LM, "lm_mix": False}  # kind 5: a kind 6 check starts over (its rows share counts)
     monkeypatch.setattr(coding, "CHECK_NOTE_STEPS", 4)
     monkeypatch.setattr(lm_kind, "check_shards", lambda *a: [])  # checked here, before the rest is coded
-    fresh = codec.encode(LM_TEXT, **LM)
+    fresh = codec.encode(LM_TEXT, **LM5)
     real_next, steps, resumed = coding.next_symbols, [], []
 
     def dies_at_step_10(*args):
@@ -268,7 +272,7 @@ def _rerun_goes_on_with_the_check(codec, tmp_path, monkeypatch, coding):
     monkeypatch.setattr(coding, "next_symbols", dies_at_step_10)
     journal = tmp_path / "j"
     with pytest.raises(KeyboardInterrupt):
-        codec.encode(LM_TEXT, journal=journal, **LM)
+        codec.encode(LM_TEXT, journal=journal, **LM5)
     assert sorted(p.name for p in journal.glob("*.note")) == ["checking.0.note", "checking.16.note"]
     shutil.copytree(journal, tmp_path / "other")
     note = tmp_path / "other" / "checking.16.note"
@@ -278,12 +282,34 @@ def _rerun_goes_on_with_the_check(codec, tmp_path, monkeypatch, coding):
     monkeypatch.setattr(lmzip.exact, "check_chunks", lambda exact, chunks, *a, **kw:
                         resumed.append((kw["resume"], max(map(len, chunks)))) or real_check(exact, chunks, *a, **kw))
     steps.clear()
-    assert codec.encode(LM_TEXT, journal=journal, **LM) == fresh
+    assert codec.encode(LM_TEXT, journal=journal, **LM5) == fresh
     assert [{j: tokens for j, (tokens, _) in r.items()} for r, _ in resumed] == [{0: 8, 1: 8}]
     assert len(steps) == resumed[0][1] - 8  # from token 9 on
     resumed.clear()  # a state of another payload is not taken up
-    assert codec.encode(LM_TEXT, journal=tmp_path / "other", **LM) == fresh
+    assert codec.encode(LM_TEXT, journal=tmp_path / "other", **LM5) == fresh
     assert [{j: tokens for j, (tokens, _) in r.items()} for r, _ in resumed] == [{0: 8}]
+
+
+def test_a_kind_6_rerun_after_a_kill_in_the_check_checks_again_and_makes_the_same_archive(codec, tmp_path,
+                                                                                           monkeypatch):
+    from lmzip.exact import coding
+
+    monkeypatch.setattr(coding, "CHECK_NOTE_STEPS", 4)
+    monkeypatch.setattr(lm_kind, "check_shards", lambda *a: [])
+    fresh = codec.encode(LM_TEXT, **LM)
+    real_next, steps = coding.next_symbols, []
+
+    def dies_at_step_10(*args):
+        steps.append(1)
+        if len(steps) == 10:
+            raise KeyboardInterrupt
+        return real_next(*args)
+
+    monkeypatch.setattr(coding, "next_symbols", dies_at_step_10)
+    with pytest.raises(KeyboardInterrupt):
+        codec.encode(LM_TEXT, journal=tmp_path / "j", **LM)
+    monkeypatch.setattr(coding, "next_symbols", real_next)
+    assert codec.encode(LM_TEXT, journal=tmp_path / "j", **LM) == fresh
 
 
 def test_a_check_state_that_cannot_be_journaled_costs_only_that_state(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ import torch
 from ..rangecoder import RangeDecoder, RangeEncoder
 from ..sharding import beat, deal, map_shards, map_shards_forked
 from .forward import Cache, decoding_cache, final_states, forward, frequencies, head
+from .mixing import Counts, mix_row, mix_symbol
 from .model import MAX_POSITIONS, ExactModel
 
 FREQ_ROWS = 64  # positions whose frequency rows are built at once (each row is V int64)
@@ -80,10 +81,12 @@ def chunk_symbols(exact: ExactModel, chunk: Sequence[int], prefix: Sequence[int]
 
 def encode_chunks(exact: ExactModel, chunks: Sequence[Sequence[int]], prefix: Sequence[int],
                   positions: int = MAX_POSITIONS, threads: int = 1,
-                  done: Callable[[int, bytes], None] | None = None) -> list[bytes]:
+                  done: Callable[[int, bytes], None] | None = None, contexts=None) -> list[bytes]:
     """One range-coded payload per chunk of token ids, each at most `positions` with the prefix;
     chunks are dealt to up to `threads` CPU threads (the arithmetic is the same on any).
-    `done(index, payload)` is called as each chunk is coded, from the thread that coded it."""
+    `done(index, payload)` is called as each chunk is coded, from the thread that coded it.
+    `contexts`, one per chunk: a callable giving, per position, the shared counts to mix in
+    (mixing.group_contexts), or None for the lm frequencies alone."""
     prefix = tuple(int(t) for t in prefix)
     _check_lengths(exact, prefix, [len(c) for c in chunks], positions)
     if any(not 0 <= t < exact.shape.vocab for chunk in chunks for t in chunk):
@@ -92,7 +95,7 @@ def encode_chunks(exact: ExactModel, chunks: Sequence[Sequence[int]], prefix: Se
     def shard(indices: list[int]) -> list[bytes]:
         payloads = []
         for i in indices:
-            payloads.append(_encode_chunk(exact, chunks[i], prefix))
+            payloads.append(_encode_chunk(exact, chunks[i], prefix, contexts[i]() if contexts else None))
             if done:
                 done(i, payloads[-1])
         return payloads
@@ -101,24 +104,28 @@ def encode_chunks(exact: ExactModel, chunks: Sequence[Sequence[int]], prefix: Se
     return map_shards(shard, shards, len(chunks))
 
 
-def _encode_chunk(exact: ExactModel, chunk: Sequence[int], prefix: tuple[int, ...]) -> bytes:
+def _encode_chunk(exact: ExactModel, chunk: Sequence[int], prefix: tuple[int, ...], contexts=None) -> bytes:
     encoder = RangeEncoder()
     if chunk:
-        for cum, freq, total in zip(*chunk_symbols(exact, chunk, prefix)):
+        symbols = zip(*chunk_symbols(exact, chunk, prefix))
+        if contexts is not None:
+            symbols = (mix_symbol(*symbol, token, found) for symbol, token, found in zip(symbols, chunk, contexts))
+        for cum, freq, total in symbols:
             encoder.encode(cum, freq, total)
     return encoder.finish()
 
 
 def decode_chunks(exact: ExactModel, payloads: Sequence[bytes], token_counts: Sequence[int],
                   prefix: Sequence[int], batch_size: int = 64, positions: int = MAX_POSITIONS,
-                  threads: int = 1) -> list[list[int]]:
+                  threads: int = 1, groups: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
     """The token ids of each payload; raises ValueError on a payload the coder cannot follow.
 
     Chunks are dealt to up to `threads` CPU cores (forked processes of one thread where the
     platform allows, else threads), and each runs its chunks `batch_size` at a time (longest
     first, so a batch's rows finish close together);
     a damaged payload decodes to wrong tokens or raises ValueError, never loops: each row stops
-    after its token count.
+    after its token count. `groups` (index lists that partition the payloads): chunks coded with
+    the counts of their group mixed in (mixing.py), each group decoded in one batch.
     """
     prefix = tuple(int(t) for t in prefix)
     if len(payloads) != len(token_counts):
@@ -126,12 +133,30 @@ def decode_chunks(exact: ExactModel, payloads: Sequence[bytes], token_counts: Se
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     _check_lengths(exact, prefix, token_counts, positions)
-    shards = deal(token_counts, max(1, min(threads, len(payloads))))
+    if groups is None:
+        groups = [[i] for i in range(len(payloads))]
+        mixed = False
+    else:
+        mixed = True
+        if sorted(i for g in groups for i in g) != list(range(len(payloads))):
+            raise ValueError("the groups must partition the chunks")
+    shards = deal([sum(token_counts[i] for i in g) for g in groups], max(1, min(threads, len(groups))))
+
+    def shard(members: list[int]) -> list[list[int]]:
+        own = [groups[g] for g in members]
+        flat = [i for g in own for i in g]
+        local = {i: j for j, i in enumerate(flat)}
+        tokens = _decode_shard(exact, [payloads[i] for i in flat], [token_counts[i] for i in flat], prefix,
+                               batch_size, [[local[i] for i in g] for g in own] if mixed else None)
+        return [[tokens[local[i]] for i in g] for g in own]
+
     # processes, not threads: a step is thousands of small operations, and threads queue on the GIL
-    return map_shards_forked(lambda indices: _decode_shard(exact, [payloads[i] for i in indices],
-                                                           [token_counts[i] for i in indices], prefix,
-                                                           batch_size),
-                             shards, len(payloads))
+    per_group = map_shards_forked(shard, shards, len(groups))
+    out: list[list[int]] = [[] for _ in payloads]
+    for g, tokens in zip(groups, per_group):
+        for i, t in zip(g, tokens):
+            out[i] = t
+    return out
 
 
 CHECK_NOTE_STEPS = 128  # a check reports each row's state every this many tokens
@@ -142,7 +167,8 @@ RESTORE_POSITIONS = 512  # rows x positions per whole-sequence pass that rebuild
 def check_chunks(exact: ExactModel, chunks: Sequence[Sequence[int]], payloads: Sequence[bytes],
                  prefix: Sequence[int], batch_size: int = 64, positions: int = MAX_POSITIONS, threads: int = 1,
                  resume: dict[int, tuple[int, str]] | None = None,
-                 progress: Callable[[int, int, str], None] | None = None, every: int | None = None) -> set[int]:
+                 progress: Callable[[int, int, str], None] | None = None, every: int | None = None,
+                 contexts=None) -> set[int]:
     """The indices of the chunks whose payload does not decode back to them, decoded as
     decode_chunks does (the same steps, `next_symbols`); a row stops at its first wrong token.
 
@@ -151,6 +177,7 @@ def check_chunks(exact: ExactModel, chunks: Sequence[Sequence[int]], payloads: S
     a report: that row's cache is rebuilt by whole-sequence passes, its decoder replayed over its
     first tokens, and it goes on from there if the rebuilt state has the reported digest (the rest
     of the check is then the one the reporting run would have made); else it starts over.
+    `contexts` as encode_chunks's: the chunks were coded with shared counts mixed in (no `resume`).
     """
     prefix = tuple(int(t) for t in prefix)
     if len(payloads) != len(chunks):
@@ -158,7 +185,7 @@ def check_chunks(exact: ExactModel, chunks: Sequence[Sequence[int]], payloads: S
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     _check_lengths(exact, prefix, [len(c) for c in chunks], positions)
-    resume, every = resume or {}, every or CHECK_NOTE_STEPS
+    resume, every = ({} if contexts else resume or {}), every or CHECK_NOTE_STEPS
     starts = [resume[i][0] if i in resume and 0 < resume[i][0] < len(chunks[i]) else 0 for i in range(len(chunks))]
     digests = [resume[i][1] if starts[i] else None for i in range(len(chunks))]
 
@@ -170,7 +197,8 @@ def check_chunks(exact: ExactModel, chunks: Sequence[Sequence[int]], payloads: S
             group.sort(key=lambda i: -len(chunks[i]))
             for first in range(0, len(group), batch_size):
                 rows = group[first:first + batch_size]
-                outcome = _check_batch(exact, chunks, payloads, prefix, rows, start, digests, progress, every)
+                outcome = _check_batch(exact, chunks, payloads, prefix, rows, start, digests, progress, every,
+                                       contexts)
                 again += [i for i in rows if outcome[i] is None]
                 failed.update((i, bad) for i, bad in outcome.items() if bad is not None)
         return [failed[i] for i in indices]
@@ -205,7 +233,7 @@ class StateDigests:
 
 
 def _check_batch(exact: ExactModel, chunks, payloads, prefix: tuple[int, ...], rows: list[int], start: int,
-                 digests, progress, every: int) -> dict[int, bool | None]:
+                 digests, progress, every: int, contexts=None) -> dict[int, bool | None]:
     """Each row's outcome: True if its payload fails, False if it decodes to its chunk, None if
     its state at `start` could not be rebuilt."""
     device = exact.device
@@ -227,9 +255,14 @@ def _check_batch(exact: ExactModel, chunks, payloads, prefix: tuple[int, ...], r
     else:
         ids = [list(prefix)] * len(active)
     done = start
+    found = {i: contexts[i]() for i in active} if contexts else None  # (start is 0 then)
     while active:
         step_ids = torch.tensor(ids, dtype=torch.long, device=device)
-        symbols = next_symbols(exact, forward(exact, step_ids, cache)[:, -1], [decoders[i] for i in active])
+        mix = None
+        if found is not None:
+            hits = [next(found[i]) for i in active]
+            mix = lambda f: [mix_row(f[row], hit) for row, hit in enumerate(hits)]  # noqa: E731
+        symbols = next_symbols(exact, forward(exact, step_ids, cache)[:, -1], [decoders[i] for i in active], mix)
         done += 1
         keep = []
         for row, (i, sym) in enumerate(zip(active, symbols)):
@@ -292,27 +325,48 @@ def _restore(exact: ExactModel, cache: Cache, states: StateDigests, chunks, pref
     return [r for r in range(len(chunks)) if r in wrong or states.of(r, decoders[r]) != digests[r]]
 
 
-def _decode_shard(exact: ExactModel, payloads, counts, prefix, batch_size: int) -> list[list[int]]:
-    order = sorted(range(len(payloads)), key=lambda i: -counts[i])
+def _decode_shard(exact: ExactModel, payloads, counts, prefix, batch_size: int, groups=None) -> list[list[int]]:
+    """Each payload's tokens, in batches of at most `batch_size` rows (longest first); with `groups`,
+    batches of whole groups, each group's counts mixed in."""
+    if groups is None:
+        order = sorted(range(len(payloads)), key=lambda i: -counts[i])
+        batches = [(order[start:start + batch_size], None) for start in range(0, len(order), batch_size)]
+    else:
+        batches, rows = [], []
+        for g in sorted(groups, key=lambda g: -max(counts[i] for i in g)):  # a group is never split
+            if rows and len(rows) + len(g) > batch_size:
+                batches.append((rows, True))
+                rows = []
+            rows = rows + list(g)
+        if rows:
+            batches.append((rows, True))
+    group_of = {i: n for n, g in enumerate(groups or []) for i in g}
     out: list[list[int]] = [[] for _ in payloads]
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+    for rows, mixed in batches:
+        row_groups = [group_of[i] for i in rows] if mixed else None
         for i, tokens in zip(rows, _decode_batch(exact, [payloads[i] for i in rows],
-                                                  [counts[i] for i in rows], prefix)):
+                                                  [counts[i] for i in rows], prefix, row_groups)):
             out[i] = tokens
     return out
 
 
-def _decode_batch(exact: ExactModel, payloads, counts, prefix) -> list[list[int]]:
+def _decode_batch(exact: ExactModel, payloads, counts, prefix, row_groups=None) -> list[list[int]]:
+    """The rows' tokens, decoded in lockstep; with `row_groups` (each row's group), the counts of
+    each group's tokens at earlier positions mixed into its rows' frequencies."""
     device = exact.device
     decoders = [RangeDecoder(p) for p in payloads]
     tokens: list[list[int]] = [[] for _ in payloads]
+    shared = {g: Counts() for g in set(row_groups)} if row_groups is not None else None
     active = [i for i, n in enumerate(counts) if n > 0]
     if active:
         cache = decoding_cache(exact, len(active), len(prefix) + max(counts))
         step_ids = torch.tensor([list(prefix)] * len(active), dtype=torch.long, device=device)
     while active:
-        symbols = next_symbols(exact, forward(exact, step_ids, cache)[:, -1], [decoders[i] for i in active])
+        mix = None
+        if shared is not None:
+            found = [shared[row_groups[i]].context(tokens[i][-2:]) for i in active]
+            mix = lambda f: [mix_row(f[row], hit) for row, hit in enumerate(found)]  # noqa: E731
+        symbols = next_symbols(exact, forward(exact, step_ids, cache)[:, -1], [decoders[i] for i in active], mix)
         keep = []
         for row, (i, sym) in enumerate(zip(active, symbols)):
             if isinstance(sym, ValueError):
@@ -322,6 +376,9 @@ def _decode_batch(exact: ExactModel, payloads, counts, prefix) -> list[list[int]
                 keep.append(row)
             else:
                 decoders[i].finish()
+        if shared is not None:  # this position's tokens count from the next step on
+            for i in active:
+                shared[row_groups[i]].add(tokens[i][-3:-1], tokens[i][-1])
         active = _keep_rows(cache, active, keep)
         step_ids = torch.tensor([[tokens[i][-1]] for i in active], dtype=torch.long, device=device)
     for i, n in enumerate(counts):
@@ -330,11 +387,16 @@ def _decode_batch(exact: ExactModel, payloads, counts, prefix) -> list[list[int]
     return tokens
 
 
-def next_symbols(exact: ExactModel, logits: torch.Tensor, decoders: list[RangeDecoder]) -> list[int | ValueError]:
+def next_symbols(exact: ExactModel, logits: torch.Tensor, decoders: list[RangeDecoder],
+                 mix: Callable[[torch.Tensor], object] | None = None) -> list[int | ValueError]:
     """Each row's next token, read by its range decoder under the exact frequencies of its logits
-    (B, V); the ValueError of a decoder that cannot follow its payload in its place."""
+    (B, V), after `mix` changed them in place; the ValueError of a decoder that cannot follow its
+    payload in its place."""
     beat()  # a decoding step: progress, for a process that watches this one
-    inclusive = torch.cumsum(frequencies(exact, logits), dim=-1)         # (B, V) int64, exact
+    freqs = frequencies(exact, logits)
+    if mix is not None:
+        mix(freqs)
+    inclusive = torch.cumsum(freqs, dim=-1)                              # (B, V) int64, exact
     targets, errors = [], {}
     for row, (decoder, total) in enumerate(zip(decoders, inclusive[:, -1].tolist())):
         try:

@@ -8,7 +8,8 @@ own earlier tokens, so segments decode independently and in batches. Kind 2 hold
 most 2048 positions with the prefix (arithmetic /1), kind 3 (lm_long.py) longer ones, up to 8192
 (arithmetic /2, which gives the same frequencies at 2048 positions or fewer); coding under /2, the
 encoder writes kind 2 where it can, so those segments stay readable by a reader that knows only /1.
-Under /3 (the default) it writes kind 5 (lm3.py) for every chunk.
+Under /3 (the default) it writes kind 6 (lm3_group.py), chunks that share counts within a segment,
+or kind 5 (lm3.py) when asked not to mix them.
 """
 
 from __future__ import annotations
@@ -124,10 +125,11 @@ CHECK_EVERY = 16  # the encoder decodes every 16th chunk (and the first) as the 
 # on the other cores, then makes `segments`
 
 
-def code(lm, pieces, prefix, done=None, threads: int | None = None, arithmetic: int = 2) -> list[bytes]:
+def code(lm, pieces, prefix, done=None, threads: int | None = None, arithmetic: int = 2,
+         contexts=None) -> list[bytes]:
     """The range-coded payload of each piece's `ids` under `arithmetic`, from one whole-chunk pass
     each, on `threads` cores (default: all); `done(i, payload)` as the i-th piece's is ready (from a
-    shard thread)."""
+    shard thread); `contexts` (one per piece, `shared_contexts`'): kind 6's counts mixed in."""
     from ..exact import encode_chunks
     from ..precision import exact_float32
     from ..sharding import fewer_threads
@@ -137,14 +139,15 @@ def code(lm, pieces, prefix, done=None, threads: int | None = None, arithmetic: 
     # exact_float32: the exact forward refuses reduced-precision matmuls. Chunks dealt to one-thread
     # threads code 1.3x faster than one two-thread pass at a time (BENCHMARKS.md)
     with exact_float32(), fewer_threads(threads if threads < cores(lm) else None):
-        return encode_chunks(exact, [p.ids for p in pieces], prefix, threads=threads, done=done)
+        return encode_chunks(exact, [p.ids for p in pieces], prefix, threads=threads, done=done, contexts=contexts)
 
 
 def check(lm, pieces, payloads, prefix, sample, threads: int | None = None, resume=None, progress=None,
-          arithmetic: int = 2) -> set[int]:
+          arithmetic: int = 2, contexts=None) -> set[int]:
     """The indices in `sample` whose payload does not decode back to its piece's ids, all decoded in
     batches (a lone chunk decodes several times slower per token). `resume` and `progress` are
-    check_chunks's, by piece index: where a rerun may start a row, and a callback to report it."""
+    check_chunks's, by piece index: where a rerun may start a row, and a callback to report it;
+    `contexts` (by piece index, `shared_contexts`'): kind 6's counts were mixed in."""
     from ..exact import check_chunks
     from ..precision import exact_float32
 
@@ -159,7 +162,8 @@ def check(lm, pieces, payloads, prefix, sample, threads: int | None = None, resu
         failed = check_chunks(exact, chunks, [payloads[i] for i in sample], prefix,
                               batch_size=decode_rows(len(prefix) + max(map(len, chunks))),
                               threads=cores(lm) if threads is None else threads,
-                              resume=starts, progress=report)
+                              resume=starts, progress=report,
+                              contexts=[contexts[i] for i in sample] if contexts else None)
     return {sample[j] for j in failed}
 
 
@@ -186,7 +190,7 @@ def check_shards(lm, pieces, prefix, sample) -> list[list[int]]:
 
 
 def start_check(lm, pieces, payloads, prefix, sample, aside: bool = True, resume=None, progress=None,
-                arithmetic: int = 2):
+                arithmetic: int = 2, contexts=None):
     """`check` of the sample while the caller codes other chunks on the other cores: in forked
     processes of one core (`check_shards`; a decoding step of a few rows costs little more than one
     of one row, and a core of its own keeps it from waiting on the coding). Here and now, on all
@@ -198,13 +202,13 @@ def start_check(lm, pieces, payloads, prefix, sample, aside: bool = True, resume
     shards = check_shards(lm, pieces, prefix, list(sample)) if aside else []
     if not shards:
         return Done(check(lm, pieces, payloads, prefix, sample, resume=resume, progress=progress,
-                          arithmetic=arithmetic))
+                          arithmetic=arithmetic, contexts=contexts))
     started = []
     try:
         for shard in shards:
             started.append(Forked(lambda shard=shard: check(lm, pieces, payloads, prefix, shard, threads=1,
                                                             resume=resume, progress=progress,
-                                                            arithmetic=arithmetic)))
+                                                            arithmetic=arithmetic, contexts=contexts)))
     except BaseException:  # a fork that failed: the others' work is not wanted
         AllOf(started).cancel()
         raise
@@ -212,13 +216,17 @@ def start_check(lm, pieces, payloads, prefix, sample, aside: bool = True, resume
 
 
 def segments(pieces, payloads: dict, prefix, failed, pack: bool = True,
-             arithmetic: int = 2) -> list[tuple[object, list[int]]]:
+             arithmetic: int = 2, groups=None) -> list[tuple[object, list[int]]]:
     """(coded segment, the indices of the pieces it holds) for all `pieces` in order: raw bytes for
     a piece with no ids or one in `failed`; the chunks between them, with their `payloads` (by
     piece index, coded under `arithmetic`), in segments of at most MAX_SEGMENT_BYTES. Under /3,
     lm3 segments (each chunk one of its own unless `pack`); under /2, lm-packed ones or, a lone
-    chunk (or every chunk unless `pack`), an lm or lm-long segment."""
+    chunk (or every chunk unless `pack`), an lm or lm-long segment. With `groups` (`group_pieces`'),
+    one lm3-group segment per group, or raw bytes for each of its pieces if one failed."""
     from . import CodedSegment, lm3, lm_packed, raw
+
+    if groups is not None:
+        return _group_segments(pieces, payloads, prefix, failed, groups)
 
     out, run = [], []
 
@@ -252,10 +260,71 @@ def segments(pieces, payloads: dict, prefix, failed, pack: bool = True,
     return out
 
 
-def job_chunk_tokens(jobs, ctx, positions: int, chunks_of, arithmetic: int = 2) -> list[list[list[int]]]:
+def _group_segments(pieces, payloads, prefix, failed, groups) -> list[tuple[object, list[int]]]:
+    from . import lm3_group, raw
+
+    first = {g[0]: g for g in groups}
+    out, i = [], 0
+    while i < len(pieces):
+        g = first.get(i)
+        if g is None or failed & set(g):  # the others' payloads counted the failed chunk's tokens
+            for j in g or [i]:
+                out.append((raw(pieces[j].data), [j]))
+        else:
+            out.append((lm3_group.encode([pieces[j].data for j in g], [len(pieces[j].ids) for j in g],
+                                         [payloads[j] for j in g], prefix), list(g)))
+        i += len(g) if g else 1
+    return out
+
+
+def group_pieces(pieces, prefix) -> list[list[int]]:
+    """Kind 6's groups of piece indices: runs of consecutive pieces with ids, cut where a segment
+    would pass MAX_SEGMENT_BYTES, each run cut into ceil(n / m) groups as even as can be (the first
+    ones a chunk longer), m the most a group of the run's longest chunk may hold (16 at 2048
+    positions, 4 at 8192: mixing.group_limit)."""
+    from ..exact.mixing import group_limit
+
+    runs, run, size = [], [], 0
+    for i, piece in enumerate(pieces):
+        if piece.ids is None or (run and size + len(piece.data) > MAX_SEGMENT_BYTES):
+            runs.append(run)
+            run, size = [], 0
+        if piece.ids is not None:
+            run.append(i)
+            size += len(piece.data)
+    runs.append(run)
+    groups = []
+    for run in filter(None, runs):
+        n = -(-len(run) // group_limit(len(prefix) + max(len(pieces[i].ids) for i in run)))
+        small, extra = divmod(len(run), n)
+        at = 0
+        for k in range(n):
+            size = small + (k < extra)
+            groups.append(run[at:at + size])
+            at += size
+    return groups
+
+
+def shared_contexts(pieces, groups) -> dict:
+    """Per piece index in `groups`: a callable giving, per position of its chunk, the counts of its
+    group's tokens at earlier positions (mixing.group_contexts)."""
+    import functools
+
+    from ..exact.mixing import group_contexts
+
+    out = {}
+    for g in groups:
+        ids = [pieces[j].ids for j in g]
+        for row, i in enumerate(g):
+            out[i] = functools.partial(group_contexts, ids, row)
+    return out
+
+
+def job_chunk_tokens(jobs, ctx, positions: int, chunks_of, arithmetic: int = 2,
+                     grouped: bool = False) -> list[list[list[int]]]:
     """The tokens of each job's chunks, all decoded in one batched call; `chunks_of(job)` gives a
     job's (payloads, token counts), each chunk coded under `arithmetic` in at most `positions` with
-    the prefix."""
+    the prefix; `grouped`: each job's chunks a group, coded with its shared counts mixed in."""
     from ..exact import decode_chunks
 
     exact, prefix = exact_model(ctx.model, arithmetic), ctx.header.prefix
@@ -263,13 +332,17 @@ def job_chunk_tokens(jobs, ctx, positions: int, chunks_of, arithmetic: int = 2) 
     payloads = [p for payloads, _ in per_job for p in payloads]
     counts = [n for _, counts in per_job for n in counts]
     rows = min(ctx.batch_size, decode_rows(min(positions, len(prefix) + max(counts))))
+    groups, at = [], 0
+    for job_payloads, _ in per_job:
+        groups.append(list(range(at, at + len(job_payloads))))
+        at += len(job_payloads)
     try:  # the exact arithmetic runs on the CPU wherever the model is: all its threads, also on a GPU host
         flat = decode_chunks(exact, payloads, counts, prefix, batch_size=rows, positions=positions,
-                             threads=cores(ctx.model))
+                             threads=cores(ctx.model), groups=groups if grouped else None)
     except ValueError as e:
         if len(jobs) == 1:
             raise SegmentError(jobs[0].index, f"the range coder cannot follow the payload ({e})") from None
-        return [job_chunk_tokens([job], ctx, positions, chunks_of, arithmetic)[0]
+        return [job_chunk_tokens([job], ctx, positions, chunks_of, arithmetic, grouped)[0]
                 for job in jobs]  # find the damaged one
     out, at = [], 0
     for payloads, _ in per_job:

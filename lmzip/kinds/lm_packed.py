@@ -88,9 +88,11 @@ def pack(payloads: list[bytes], counts: list[int]) -> bytes:
     return b"".join(table + list(payloads))
 
 
-def unpack(payload: bytes, token_count: int, room: int) -> tuple[list[bytes], list[int]]:
+def unpack(payload: bytes, token_count: int, room: int, group_positions: int | None = None
+           ) -> tuple[list[bytes], list[int]]:
     """(payloads, token counts) of a packed payload whose entry says `token_count` tokens, each chunk
-    at most `room` tokens; ValueError naming what is wrong."""
+    at most `room` tokens; with `group_positions` (kind 6: the prefix's length), at most as many
+    chunks as one group holds (mixing.group_limit); ValueError naming what is wrong."""
     n, at = read_varint(payload, 0)
     if not 1 <= n <= token_count:
         raise ValueError(f"{n} chunks for {token_count} tokens")
@@ -107,6 +109,12 @@ def unpack(payload: bytes, token_count: int, room: int) -> tuple[list[bytes], li
         lengths.append(length)
     if sum(counts) != token_count:
         raise ValueError(f"the chunks hold {sum(counts)} tokens, the entry says {token_count}")
+    if group_positions is not None:
+        from ..exact.mixing import group_limit
+
+        most = group_limit(group_positions + max(counts))
+        if n > most:
+            raise ValueError(f"{n} chunks in one group, more than the {most} its longest chunk allows")
     if at + sum(lengths) != len(payload):
         raise ValueError(f"the chunks take {sum(lengths)} bytes after the table, the payload has {len(payload) - at}")
     chunks = []
@@ -116,32 +124,35 @@ def unpack(payload: bytes, token_count: int, room: int) -> tuple[list[bytes], li
     return chunks, counts
 
 
-def encode(datas: list[bytes], counts: list[int], payloads: list[bytes], prefix, kind: int = KIND, name: str = NAME):
+def encode(datas: list[bytes], counts: list[int], payloads: list[bytes], prefix, kind: int = KIND, name: str = NAME,
+           grouped: bool = False):
     """One segment of the chunks; the writer refuses what a reader would (every bound of `unpack`)."""
     from . import CodedSegment
 
     tokens, payload = sum(counts), pack(payloads, counts)
     try:
-        unpack(payload, tokens, room(prefix))
+        unpack(payload, tokens, room(prefix), len(prefix) if grouped else None)
     except ValueError as e:
         raise InternalError(f"lmzip bug: an {name} segment a reader would refuse: {e}") from None
     return CodedSegment(kind, b"".join(datas), payload, token_count=tokens,
                         stats={"tokens": tokens, "chunks": len(counts)})
 
 
-def _chunks(job, most: int, name: str) -> tuple[list[bytes], list[int]]:
+def _chunks(job, most: int, name: str, group_positions: int | None = None) -> tuple[list[bytes], list[int]]:
     try:
-        return unpack(job.payload, job.entry.token_count, most)
+        return unpack(job.payload, job.entry.token_count, most, group_positions)
     except ValueError as e:
         raise SegmentError(job.index, f"damaged {name} payload: {e}") from None
 
 
-def decode(jobs, ctx, arithmetic: int = 2, name: str = NAME) -> list[bytes]:
-    """Each job's chunks, decoded together under `arithmetic` (2 for this kind; kind 5 passes 3)."""
+def decode(jobs, ctx, arithmetic: int = 2, name: str = NAME, grouped: bool = False) -> list[bytes]:
+    """Each job's chunks, decoded together under `arithmetic` (2 for this kind; kind 5 passes 3);
+    `grouped` (kind 6): each job's chunks coded with their shared counts mixed in."""
     from .memory import checked_length, detokenize
 
     most = room(ctx.header.prefix)
-    chunk_tokens = lm.job_chunk_tokens(jobs, ctx, LM_LONG_POSITIONS, lambda job: _chunks(job, most, name),
-                                       arithmetic)
+    group = len(ctx.header.prefix) if grouped else None
+    chunk_tokens = lm.job_chunk_tokens(jobs, ctx, LM_LONG_POSITIONS, lambda job: _chunks(job, most, name, group),
+                                       arithmetic, grouped)
     return [checked_length(job, b"".join(detokenize(ctx.model, ids) for ids in chunks))
             for job, chunks in zip(jobs, chunk_tokens)]
