@@ -1,12 +1,13 @@
 """Segment kind 6, lm3-group: kind 5's chunks, each token's frequencies mixed with counts shared
 by the segment's chunks.
 
-The chunks of a segment (at most 16, and at most 16 x 2048 positions in all: mixing.group_limit)
-decode in one batch, one position per step, so each may use
-what all of them held at earlier positions: counts of the token after the last one or two tokens,
-mixed into the lm frequencies under arithmetic /3 (lmzip/exact/mixing.py, SPEC.md 1.7). Chunks
-are no longer independent within a segment, only across segments. On alice29.txt about 1 % smaller
-than kind 5, on asyoulik.txt 1.3 % (BENCHMARKS.md).
+The chunks of a segment (at most 16, and 16 x 2048 positions in all: mixing.group_limit) decode
+in one batch, one position per step, so each may use what all of them held at earlier positions:
+counts of the token after the last one or two tokens, mixed into the lm frequencies under
+arithmetic /3 (lmzip/exact/mixing.py, SPEC.md 1.7). Chunks are no longer independent within a
+segment, only across segments, and a group is one batch whatever batch size the caller asks for
+(its bound keeps the cache within the 1.5 GB of a batch of kind 5). On alice29.txt 0.9 % smaller
+than kind 5, on asyoulik.txt 1.2 % (BENCHMARKS.md).
 """
 
 from __future__ import annotations
