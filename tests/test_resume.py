@@ -238,9 +238,11 @@ def test_an_lm_rerun_takes_the_check_outcomes_the_journal_holds(codec, tmp_path,
     assert codec.encode(LM_TEXT, journal=tmp_path / "other", **LM) == fresh and checked == [1]
 
 
-def test_an_lm_rerun_goes_on_with_the_check_a_kill_cut_short(codec, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mix", [False, True])
+def test_an_lm_rerun_goes_on_with_the_check_a_kill_cut_short(codec, tmp_path, monkeypatch, mix):
     """A check under way journals each row's state; killed there, the rerun rebuilds that state
-    and decodes only the rest of the sample, and the archive is the same."""
+    (kind 6: with its shared counts) and decodes only the rest of the sample, and the archive is
+    the same."""
     import torch
 
     from lmzip.exact import coding
@@ -248,19 +250,19 @@ def test_an_lm_rerun_goes_on_with_the_check_a_kill_cut_short(codec, tmp_path, mo
     saved = torch.get_num_threads()
     torch.set_num_threads(1)  # the sample's two rows in one batch, in this process
     try:
-        _rerun_goes_on_with_the_check(codec, tmp_path, monkeypatch, coding)
+        _rerun_goes_on_with_the_check(codec, tmp_path, monkeypatch, coding, mix)
     finally:
         torch.set_num_threads(saved)
 
 
-def _rerun_goes_on_with_the_check(codec, tmp_path, monkeypatch, coding):
+def _rerun_goes_on_with_the_check(codec, tmp_path, monkeypatch, coding, mix):
     import json
     import shutil
 
-    LM5 = {**LM, "lm_mix": False}  # kind 5: a kind 6 check starts over (its rows share counts)
+    LM_RUN = {**LM, "lm_mix": mix}
     monkeypatch.setattr(coding, "CHECK_NOTE_STEPS", 4)
     monkeypatch.setattr(lm_kind, "check_shards", lambda *a: [])  # checked here, before the rest is coded
-    fresh = codec.encode(LM_TEXT, **LM5)
+    fresh = codec.encode(LM_TEXT, **LM_RUN)
     real_next, steps, resumed = coding.next_symbols, [], []
 
     def dies_at_step_10(*args):
@@ -272,7 +274,7 @@ def _rerun_goes_on_with_the_check(codec, tmp_path, monkeypatch, coding):
     monkeypatch.setattr(coding, "next_symbols", dies_at_step_10)
     journal = tmp_path / "j"
     with pytest.raises(KeyboardInterrupt):
-        codec.encode(LM_TEXT, journal=journal, **LM5)
+        codec.encode(LM_TEXT, journal=journal, **LM_RUN)
     assert sorted(p.name for p in journal.glob("*.note")) == ["checking.0.note", "checking.16.note"]
     shutil.copytree(journal, tmp_path / "other")
     note = tmp_path / "other" / "checking.16.note"
@@ -282,34 +284,12 @@ def _rerun_goes_on_with_the_check(codec, tmp_path, monkeypatch, coding):
     monkeypatch.setattr(lmzip.exact, "check_chunks", lambda exact, chunks, *a, **kw:
                         resumed.append((kw["resume"], max(map(len, chunks)))) or real_check(exact, chunks, *a, **kw))
     steps.clear()
-    assert codec.encode(LM_TEXT, journal=journal, **LM5) == fresh
+    assert codec.encode(LM_TEXT, journal=journal, **LM_RUN) == fresh
     assert [{j: tokens for j, (tokens, _) in r.items()} for r, _ in resumed] == [{0: 8, 1: 8}]
     assert len(steps) == resumed[0][1] - 8  # from token 9 on
     resumed.clear()  # a state of another payload is not taken up
-    assert codec.encode(LM_TEXT, journal=tmp_path / "other", **LM5) == fresh
+    assert codec.encode(LM_TEXT, journal=tmp_path / "other", **LM_RUN) == fresh
     assert [{j: tokens for j, (tokens, _) in r.items()} for r, _ in resumed] == [{0: 8}]
-
-
-def test_a_kind_6_rerun_after_a_kill_in_the_check_checks_again_and_makes_the_same_archive(codec, tmp_path,
-                                                                                           monkeypatch):
-    from lmzip.exact import coding
-
-    monkeypatch.setattr(coding, "CHECK_NOTE_STEPS", 4)
-    monkeypatch.setattr(lm_kind, "check_shards", lambda *a: [])
-    fresh = codec.encode(LM_TEXT, **LM)
-    real_next, steps = coding.next_symbols, []
-
-    def dies_at_step_10(*args):
-        steps.append(1)
-        if len(steps) == 10:
-            raise KeyboardInterrupt
-        return real_next(*args)
-
-    monkeypatch.setattr(coding, "next_symbols", dies_at_step_10)
-    with pytest.raises(KeyboardInterrupt):
-        codec.encode(LM_TEXT, journal=tmp_path / "j", **LM)
-    monkeypatch.setattr(coding, "next_symbols", real_next)
-    assert codec.encode(LM_TEXT, journal=tmp_path / "j", **LM) == fresh
 
 
 def test_a_check_state_that_cannot_be_journaled_costs_only_that_state(tmp_path, monkeypatch):

@@ -177,7 +177,7 @@ def check_chunks(exact: ExactModel, chunks: Sequence[Sequence[int]], payloads: S
     a report: that row's cache is rebuilt by whole-sequence passes, its decoder replayed over its
     first tokens, and it goes on from there if the rebuilt state has the reported digest (the rest
     of the check is then the one the reporting run would have made); else it starts over.
-    `contexts` as encode_chunks's: the chunks were coded with shared counts mixed in (no `resume`).
+    `contexts` as encode_chunks's: the chunks were coded with shared counts mixed in.
     """
     prefix = tuple(int(t) for t in prefix)
     if len(payloads) != len(chunks):
@@ -185,7 +185,7 @@ def check_chunks(exact: ExactModel, chunks: Sequence[Sequence[int]], payloads: S
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     _check_lengths(exact, prefix, [len(c) for c in chunks], positions)
-    resume, every = ({} if contexts else resume or {}), every or CHECK_NOTE_STEPS
+    resume, every = resume or {}, every or CHECK_NOTE_STEPS
     starts = [resume[i][0] if i in resume and 0 < resume[i][0] < len(chunks[i]) else 0 for i in range(len(chunks))]
     digests = [resume[i][1] if starts[i] else None for i in range(len(chunks))]
 
@@ -244,9 +244,11 @@ def _check_batch(exact: ExactModel, chunks, payloads, prefix: tuple[int, ...], r
         return outcome
     cache = decoding_cache(exact, len(active), len(prefix) + max(len(chunks[i]) for i in active))
     states = StateDigests(len(active))
+    found = {i: contexts[i]() for i in active} if contexts else None  # each row's counts, position by position
     if start:
         lost = set(_restore(exact, cache, states, [chunks[i] for i in active], prefix, start,
-                            [decoders[i] for i in active], [digests[i] for i in active], every))
+                            [decoders[i] for i in active], [digests[i] for i in active], every,
+                            [found[i] for i in active] if found else None))
         outcome.update((active[r], None) for r in lost)
         keep = [r for r in range(len(active)) if r not in lost]
         active = _keep_rows(cache, active, keep)
@@ -255,7 +257,6 @@ def _check_batch(exact: ExactModel, chunks, payloads, prefix: tuple[int, ...], r
     else:
         ids = [list(prefix)] * len(active)
     done = start
-    found = {i: contexts[i]() for i in active} if contexts else None  # (start is 0 then)
     while active:
         step_ids = torch.tensor(ids, dtype=torch.long, device=device)
         mix = None
@@ -291,12 +292,13 @@ def _finishes(decoder: RangeDecoder) -> bool:
 
 
 def _restore(exact: ExactModel, cache: Cache, states: StateDigests, chunks, prefix: tuple[int, ...], start: int,
-             decoders: list[RangeDecoder], digests: list[str], every: int) -> list[int]:
+             decoders: list[RangeDecoder], digests: list[str], every: int, found=None) -> list[int]:
     """Fill the empty `cache` with the prefix and each row's first start - 1 tokens, in
     whole-sequence passes (the exact arithmetic makes them equal to decoding steps), and replay
-    each row's decoder over its first `start` tokens under their logits: the state of a decoding
-    loop that has just read token start - 1, its `states` hashed as that loop's reports did. The
-    rows whose state differs from their digest."""
+    each row's decoder over its first `start` tokens under their logits (and, with `found`, each
+    row's iterator of shared counts, mixed in as they go): the state of a decoding loop that has
+    just read token start - 1, its `states` hashed as that loop's reports did. The rows whose
+    state differs from their digest."""
     ids = torch.tensor([list(prefix) + list(c[:start - 1]) for c in chunks], dtype=torch.long, device=exact.device)
     span = max(1, RESTORE_POSITIONS // len(chunks))
     wrong = set()
@@ -311,9 +313,12 @@ def _restore(exact: ExactModel, cache: Cache, states: StateDigests, chunks, pref
         for row, (chunk, decoder) in enumerate(zip(chunks, decoders)):
             if row in wrong:
                 continue
-            symbols = torch.tensor(chunk[lo - len(prefix) + 1:hi - len(prefix) + 1], dtype=torch.long,
-                                   device=exact.device)
-            for cum, freq, total in zip(*_symbol_frequencies(exact, logits[row, lo - first:], symbols)):
+            tokens = chunk[lo - len(prefix) + 1:hi - len(prefix) + 1]
+            symbols = torch.tensor(tokens, dtype=torch.long, device=exact.device)
+            for token, (cum, freq, total) in zip(tokens, zip(*_symbol_frequencies(exact, logits[row, lo - first:],
+                                                                                  symbols))):
+                if found is not None:
+                    cum, freq, total = mix_symbol(cum, freq, total, token, next(found[row]))
                 try:
                     decoder.target(total)
                     decoder.consume(cum, freq)  # raises unless the target lies in [cum, cum + freq)
