@@ -34,25 +34,29 @@ def exact3(tiny):
 
 
 def test_a_symbol_is_coded_under_its_row_of_the_mixed_frequencies():
-    """The encoder mixes one symbol's (cum, freq, total), the decoder a whole row: the same integers."""
+    """The encoder mixes one symbol's (cum, freq, total), the decoder a batch of rows: the same integers."""
     rng = random.Random(0)
-    for _ in range(200):
-        v = rng.randrange(2, 40)
-        f = torch.tensor([rng.randrange(1, 1 << 24) for _ in range(v)], dtype=torch.int64)
-        after = {rng.randrange(v): rng.randrange(1, 50) for _ in range(rng.randrange(1, 6))}
-        seen = rng.choice([sum(after.values()), 512, 1024, 1 << 20])  # the last ones: w = 0 or small
-        after = {t: min(n, seen) for t, n in after.items()}
-        found = (rng.choice((1, 2)), tuple(sorted(after.items())), max(seen, sum(after.values())))
-        row = f.clone()
-        mixing.mix_row(row, found)
-        inclusive = torch.cumsum(row, 0).tolist()
-        for y in range(v):
-            cum, freq = int(f[:y].sum()), int(f[y])
-            assert mixing.mix_symbol(cum, freq, int(f.sum()), y, found) == (
-                inclusive[y] - int(row[y]), int(row[y]), inclusive[-1])
-        assert int(row.min()) >= 1
-        w = mixing.weight(found[0], found[2])
-        assert (w == 0) == torch.equal(row, f)  # no weight: the lm frequencies as they are, not 64 times them
+    for _ in range(60):
+        v, b = rng.randrange(2, 40), rng.randrange(1, 5)
+        f = torch.tensor([[rng.randrange(1, 1 << 24) for _ in range(v)] for _ in range(b)], dtype=torch.int64)
+        found = []
+        for _ in range(b):
+            after = {rng.randrange(v): rng.randrange(1, 50) for _ in range(rng.randrange(1, 6))}
+            seen = rng.choice([sum(after.values()), 512, 1024, 1 << 20])  # the last ones: w = 0 or small
+            after = {t: min(n, seen) for t, n in after.items()}
+            hit = (rng.choice((1, 2)), tuple(sorted(after.items())), max(seen, sum(after.values())))
+            found.append(rng.choice([hit, hit, None]))
+        rows = f.clone()
+        mixing.mix_rows(rows, found)
+        for r, hit in enumerate(found):
+            inclusive = torch.cumsum(rows[r], 0).tolist()
+            for y in range(v):
+                cum, freq = int(f[r, :y].sum()), int(f[r, y])
+                assert mixing.mix_symbol(cum, freq, int(f[r].sum()), y, hit) == (
+                    inclusive[y] - int(rows[r, y]), int(rows[r, y]), inclusive[-1])
+            assert int(rows[r].min()) >= 1
+            w = mixing.weight(hit[0], hit[2]) if hit else 0
+            assert (w == 0) == torch.equal(rows[r], f[r])  # no weight: the lm frequencies as they are
 
 
 def test_counts_see_only_earlier_positions_of_the_group():

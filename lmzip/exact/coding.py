@@ -17,7 +17,7 @@ import torch
 from ..rangecoder import RangeDecoder, RangeEncoder
 from ..sharding import beat, deal, map_shards, map_shards_forked
 from .forward import Cache, decoding_cache, final_states, forward, frequencies, head
-from .mixing import Counts, mix_row, mix_symbol
+from .mixing import Counts, mix_rows, mix_symbol
 from .model import MAX_POSITIONS, ExactModel
 
 FREQ_ROWS = 64  # positions whose frequency rows are built at once (each row is V int64)
@@ -262,7 +262,7 @@ def _check_batch(exact: ExactModel, chunks, payloads, prefix: tuple[int, ...], r
         mix = None
         if found is not None:
             hits = [next(found[i]) for i in active]
-            mix = lambda f: [mix_row(f[row], hit) for row, hit in enumerate(hits)]  # noqa: E731
+            mix = lambda f: mix_rows(f, hits)  # noqa: E731
         symbols = next_symbols(exact, forward(exact, step_ids, cache)[:, -1], [decoders[i] for i in active], mix)
         done += 1
         keep = []
@@ -370,7 +370,7 @@ def _decode_batch(exact: ExactModel, payloads, counts, prefix, row_groups=None) 
         mix = None
         if shared is not None:
             found = [shared[row_groups[i]].context(tokens[i][-2:]) for i in active]
-            mix = lambda f: [mix_row(f[row], hit) for row, hit in enumerate(found)]  # noqa: E731
+            mix = lambda f: mix_rows(f, found)  # noqa: E731
         symbols = next_symbols(exact, forward(exact, step_ids, cache)[:, -1], [decoders[i] for i in active], mix)
         keep = []
         for row, (i, sym) in enumerate(zip(active, symbols)):

@@ -74,24 +74,31 @@ def additions(after, seen: int, total: int, w: int) -> tuple[list[int], list[int
     return [t for t, _ in after], [w * (n * total // seen) for _, n in after]
 
 
-def mix_row(freq: torch.Tensor, found) -> None:
-    """Mix the counts `found` (Counts.context's answer) into one row of int64 frequencies, in place."""
-    if found is None:
+def mix_rows(freqs: torch.Tensor, found: Sequence) -> None:
+    """Mix each row's counts (Counts.context's answer, or None) into the (B, V) int64 frequencies,
+    in place, with a few tensor operations for the whole batch."""
+    weights = [(row, weight(hit[0], hit[2]), hit) for row, hit in enumerate(found) if hit is not None]
+    weights = [(row, w, hit) for row, w, hit in weights if w]
+    if not weights:
         return
-    order, after, seen = found
-    w = weight(order, seen)
-    if not w:
-        return
-    total = int(freq.sum())
-    tokens, adds = additions(after, seen, total, w)
-    freq.mul_(ONE - w)
-    freq[torch.tensor(tokens, dtype=torch.long, device=freq.device)] += torch.tensor(adds, dtype=torch.int64,
-                                                                                    device=freq.device)
+    totals = freqs.sum(dim=-1).tolist()  # before mixing: T of each row
+    factors = [1] * freqs.shape[0]
+    at, adds = [], []
+    vocab = freqs.shape[1]
+    for row, w, (_, after, seen) in weights:
+        factors[row] = ONE - w
+        tokens, values = additions(after, seen, totals[row], w)
+        at += [row * vocab + t for t in tokens]
+        adds += values
+    device = freqs.device
+    freqs.mul_(torch.tensor(factors, dtype=torch.int64, device=device)[:, None])
+    freqs.view(-1).index_add_(0, torch.tensor(at, dtype=torch.long, device=device),
+                              torch.tensor(adds, dtype=torch.int64, device=device))
 
 
 def mix_symbol(cum: int, freq: int, total: int, token: int, found) -> tuple[int, int, int]:
     """(cum, freq, total) of `token` under the mixed frequencies, from its lm ones: the same
-    numbers as mix_row's row would give."""
+    numbers as its row of mix_rows' would give."""
     if found is None:
         return cum, freq, total
     order, after, seen = found
