@@ -202,3 +202,12 @@ def test_an_entry_of_more_tokens_than_16_chunks_hold_is_refused(codec):
     assert lm3_group.check_entry(entry, header) is None
     big = entry.__class__(**{**entry.__dict__, "token_count": 16 * room + 1, "original_length": 1 << 30})
     assert "16 chunks" in lm3_group.check_entry(big, header)
+
+
+def test_a_vocabulary_too_large_for_the_mixed_totals_writes_kind_5(codec, monkeypatch):
+    import lmzip.codec
+
+    monkeypatch.setattr(lmzip.codec, "MIX_MAX_VOCAB", 100)  # the tiny model has 257 tokens
+    assert set(kinds(codec.encode(TEXT, method="lm", model=TINY_MODEL, tokens_per_segment=12))) == {"lm3"}
+    with pytest.raises(OptionError, match="vocabulary"):
+        codec.encode(TEXT, method="lm", model=TINY_MODEL, tokens_per_segment=12, lm_mix=True)
