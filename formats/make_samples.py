@@ -101,9 +101,12 @@ def main() -> None:
     assert [s["kind"] for s in lmzip.inspect(lm3)["segments"]] == ["lm3", "zstd"] * 2 + ["lm3"]
     lm3_long = codec.encode(long_text, method="lm", model=TINY, tokens_per_segment=8191, lm_mix=False)
     assert [s["kind"] for s in lmzip.inspect(lm3_long)["segments"]] == ["lm3"]
-    # kind 6 (what compress --method lm writes now): chunks sharing counts, groups of at most 16
-    lm3_group = codec.encode(text * 4, method="lm", model=TINY, tokens_per_segment=16)
+    # kind 6: chunks sharing counts, groups of at most 16
+    lm3_group = codec.encode(text * 4, method="lm", model=TINY, tokens_per_segment=16, lm_head=0)
     assert [s["kind"] for s in lmzip.inspect(lm3_group)["segments"]] == ["lm3-group"] * 2
+    # kind 7 (what compress --method lm writes now): kind 6's groups, each chunk but the first after its head
+    lm3_head = codec.encode(text * 4, method="lm", model=TINY, tokens_per_segment=16)
+    assert [s["kind"] for s in lmzip.inspect(lm3_head)["segments"]] == ["lm3-head"] * 2
 
     samples = {
         "good-empty.lmz": (lmzip.encode(b"", method="zstd"), b""),
@@ -116,6 +119,7 @@ def main() -> None:
         "good-lm3-tiny.lmz": (lm3, mixed),
         "good-lm3-long-tiny.lmz": (lm3_long, long_text),
         "good-lm3-group-tiny.lmz": (lm3_group, text * 4),
+        "good-lm3-head-tiny.lmz": (lm3_head, text * 4),
         "good-compatible-header-extension.lmz": (longer_header(zstd_text, 3, 40, compatible_flags=0x8000), text),
         "good-compatible-segment-flag.lmz": (edit_entry(zstd_text, 0, flags=0x80), text),
         "bad-magic.lmz": (b"\x89LMX" + zstd_text[4:], lmzip.NotLmzError),
@@ -158,11 +162,12 @@ def main() -> None:
                                     lmzip.SegmentError),
         "bad-lm3-payload.lmz": (payload_crc(flip(lm3, payload_offset(lm3, 1) - 3, 0x10), 0), lmzip.SegmentError),
         "bad-lm3-group-as-lm3.lmz": (edit_entry(lm3_group, 0, kind=5), lmzip.SegmentError),
+        "bad-lm3-head-as-lm3-group.lmz": (edit_entry(lm3_head, 0, kind=6), lmzip.SegmentError),
         "bad-absurd-prefix.lmz": (edit_header(memory, prefix_length=0xFFFF), lmzip.LimitError),
         "unsupported-version-4.lmz": (longer_header(zstd_text, 4, 2000), lmzip.UnsupportedVersionError),
         "unsupported-incompatible-flag.lmz": (edit_header(zstd_text, incompatible_flags=0x0001),
                                               lmzip.UnsupportedError),
-        "unsupported-segment-kind.lmz": (edit_entry(zstd_text, 0, kind=7), lmzip.UnsupportedKindError),
+        "unsupported-segment-kind.lmz": (edit_entry(zstd_text, 0, kind=255), lmzip.UnsupportedKindError),
         "unsupported-segment-flag.lmz": (edit_entry(zstd_text, 0, flags=0x01), lmzip.UnsupportedError),
     }
     for name, (blob, expected) in samples.items():

@@ -22,28 +22,32 @@ from . import container
 from .codec import LM_ARITHMETIC, Codec, ProgressCallback, lm_pieces
 from .errors import InputError, InternalError
 from .fit import FitConfig, sink_prefix
-from .kinds import LM_KINDS, lm3, lm3_group, lm_packed
+from .kinds import LM_KINDS, lm3, lm3_group, lm3_head, lm_packed
 from .kinds import lm as lm_kind
 
 PACKED_KINDS = (lm_packed.KIND, lm3.KIND, lm3_group.KIND)  # a chunk table, then the chunks
 
 
-def _ideal_bits(lm, pieces, prefix, arithmetic: int, mix: bool) -> tuple[float, float, float, int]:
+def _ideal_bits(lm, pieces, prefix, arithmetic: int, mix: bool, head: int = 0) -> tuple[float, float, float, int]:
     """(softmax bits, integer-frequency bits, bits under the coded frequencies, tokens) over the lm
     chunks `pieces` (all the encoder coded, a chunk that failed its check too: the model's bits, not
     the archive's); the coded frequencies are the integer ones with, if `mix`, kind 6's shared
-    counts mixed in."""
+    counts mixed in, and with a `head`, each chunk but a group's first after kind 7's head (all
+    three figures then count the head's help)."""
     from .exact.coding import _symbol_frequencies, chunk_logits
     from .exact.mixing import mix_symbol
 
     exact = lm_kind.exact_model(lm, arithmetic)
-    contexts = lm_kind.shared_contexts(pieces, lm_kind.group_pieces(pieces, prefix)) if mix else {}
+    groups = lm_kind.group_pieces(pieces, prefix, head) if mix else []
+    heads = lm_kind.group_heads(pieces, groups, prefix, head) if head else None
+    contexts = lm_kind.shared_contexts(pieces, groups, heads) if mix else {}
+    before = lm_kind.head_tokens(pieces, groups, heads) if head else {}
     soft = freq = coded = 0.0
     tokens = 0
     for i, piece in enumerate(pieces):
         if piece.ids is None:
             continue
-        logits = chunk_logits(exact, piece.ids, prefix)
+        logits = chunk_logits(exact, piece.ids, tuple(prefix) + before.get(i, ()))
         sym = torch.tensor(piece.ids)
         soft -= torch.log_softmax(logits.double(), -1).gather(1, sym[:, None]).sum().item() / math.log(2)
         symbols = list(zip(*_symbol_frequencies(exact, logits, sym)))
@@ -59,7 +63,9 @@ def _chunk_count(archive: container.Archive, prefix) -> int:
     """The lm chunks the archive holds (chunks that failed the encoder's check are zstd, not counted)."""
     count = 0
     for i, s in enumerate(archive.segments):
-        if s.kind in PACKED_KINDS:
+        if s.kind == lm3_head.KIND:
+            count += len(lm3_head.unpack(bytes(archive.payload(i)), s.token_count, prefix)[2])
+        elif s.kind in PACKED_KINDS:
             count += len(lm_packed.unpack(bytes(archive.payload(i)), s.token_count, lm_packed.room(prefix))[1])
         elif s.kind in LM_KINDS:
             count += 1
@@ -88,8 +94,9 @@ def run(codec: Codec, paths: list[str], *, model: str | None = None, chunk_token
     lm_payload = sum(s.payload_length for s in archive.segments if s.kind in LM_KINDS)
     prefix = archive.header.prefix
     pieces = lm_pieces(lm, data, chunk_tokens, prefix)
-    mixed = any(s.kind == lm3_group.KIND for s in archive.segments)
-    soft, freq, coded, tokens = (_ideal_bits(lm, pieces, prefix, LM_ARITHMETIC, mixed) if ideal
+    mixed = any(s.kind in (lm3_group.KIND, lm3_head.KIND) for s in archive.segments)
+    head = lm3_head.HEAD_TOKENS if any(s.kind == lm3_head.KIND for s in archive.segments) else 0  # encode_to's
+    soft, freq, coded, tokens = (_ideal_bits(lm, pieces, prefix, LM_ARITHMETIC, mixed, head) if ideal
                                  else (None, None, None, report.memory_tokens))
     zstd_size = len(zstandard.ZstdCompressor(level=19).compress(data))
     xz_size = len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))

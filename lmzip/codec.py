@@ -132,10 +132,12 @@ class _LmCoder:
     the coding: each check process takes a core for as long as it runs, the coding the others."""
 
     def __init__(self, lm, pieces, prefix, payloads: dict[int, bytes], book, state: Progress,
-                 progress: ProgressCallback | None, sample, arithmetic: int, contexts: dict | None = None):
+                 progress: ProgressCallback | None, sample, arithmetic: int, contexts: dict | None = None,
+                 heads: dict | None = None):
         self.lm, self.pieces, self.prefix, self.payloads, self.book = lm, pieces, prefix, payloads, book
         self.state, self.progress, self.sample, self.arithmetic = state, progress, set(sample), arithmetic
         self.contexts = contexts  # kind 6: per piece index, its group's shared counts
+        self.heads = heads  # kind 7: per piece index, the head its chunk follows
 
     def code(self, todo: list[int], threads: int) -> None:
         """Code `todo` on `threads` cores, in rounds with a progress report after each."""
@@ -145,9 +147,10 @@ class _LmCoder:
             kept = (lm_journal.keeper(self.book, self.pieces, batch, self.prefix, self.arithmetic)
                     if self.book else None)
             contexts = [self.contexts[i] for i in batch] if self.contexts else None
+            heads = [self.heads[i] for i in batch] if self.heads else None
             self.payloads.update(zip(batch, kinds.lm.code(self.lm, [self.pieces[i] for i in batch], self.prefix,
                                                           done=kept, threads=threads, arithmetic=self.arithmetic,
-                                                          contexts=contexts)))
+                                                          contexts=contexts, heads=heads)))
             self._count(i for i in batch if i not in self.sample)  # those count once checked
 
     def check_and_code_rest(self, to_check: list[int], rest: list[int]) -> set[int]:
@@ -176,7 +179,7 @@ class _LmCoder:
         if failed is None:
             failed = self._checked(kinds.lm.check(self.lm, self.pieces, self.payloads, self.prefix, to_check,
                                                   arithmetic=self.arithmetic, contexts=self.contexts,
-                                                  **self._check_journal()), to_check)
+                                                  heads=self.heads, **self._check_journal()), to_check)
         return failed
 
     def _check_journal(self) -> dict:
@@ -192,7 +195,7 @@ class _LmCoder:
             return None
         try:
             return kinds.lm.start_check(self.lm, self.pieces, self.payloads, self.prefix, to_check, aside=aside,
-                                        arithmetic=self.arithmetic, contexts=self.contexts,
+                                        arithmetic=self.arithmetic, contexts=self.contexts, heads=self.heads,
                                         **self._check_journal())
         except OSError:  # no process could be forked (EAGAIN, ENOMEM)
             return None
@@ -297,7 +300,7 @@ class Codec:
                   progress: ProgressCallback | None = None, workers: int = 1,
                   journal: str | os.PathLike | None = None, cluster: str | None = None,
                   pack_lm: bool = True, lm_arithmetic: int = LM_ARITHMETIC, lm_mix: bool | None = None,
-                  **fit_options) -> EncodeReport:
+                  lm_head: int | None = None, **fit_options) -> EncodeReport:
         """Encode `data` (bytes, or str as UTF-8) and write the archive to `out`.
 
         With `tokens_per_segment` None, segments grow while their vectors hold
@@ -312,7 +315,9 @@ class Codec:
         writes each lm chunk as a segment of its own (under /2: kinds 2 and 3, which readers older
         than kind 4, lm-packed, know), at 32 bytes of table per chunk. `lm_mix` (default: under /3
         with `pack_lm`) mixes counts shared by the chunks of each segment of up to 16 into their
-        frequencies, in kind 6 (lm3-group) segments; False writes kind 5.
+        frequencies, in kind 6 (lm3-group) segments; False writes kind 5. `lm_head` (default 128 where
+        counts are mixed): every chunk of such a segment but the first is coded after that many
+        first tokens of the first (kind 7, lm3-head); 0 writes kind 6.
         Extra keyword options (vectors, max_steps, lr, batch_size, margin, …) set
         fields of the FitConfig.
         """
@@ -336,13 +341,20 @@ class Codec:
             lm_mix = lm_arithmetic == 3 and pack_lm
         if lm_mix and (lm_arithmetic != 3 or not pack_lm):
             raise OptionError("lm_mix needs arithmetic 3 and packed chunks (kind 6 is a segment of chunks under /3)")
+        head_asked = bool(lm_head)
+        if lm_head is None:
+            lm_head = kinds.lm3_head.HEAD_TOKENS if lm_mix else 0
+        if not 0 <= lm_head <= MAX_TOKENS_PER_SEGMENT:
+            raise OptionError(f"lm_head must be 0 to {MAX_TOKENS_PER_SEGMENT} tokens, not {lm_head}")
+        if lm_head and not lm_mix:
+            raise OptionError("lm_head needs lm_mix (kind 7's chunks are a group that shares counts)")
         if method != "memory" and (workers > 1 or cluster is not None):
             raise OptionError(f"workers and cluster fit memory segments; method {method} takes neither")
 
         sha256 = hashlib.sha256(data).digest()
         if method == "lm":
             return self._encode_lm(data, out, model, fit, tokens_per_segment, zstd_level, progress, sha256,
-                                   pack_lm, journal, lm_arithmetic, lm_mix, mix_asked)
+                                   pack_lm, journal, lm_arithmetic, lm_mix, mix_asked or head_asked, lm_head)
         if method == "zstd":
             regions, lm, growing = [segmenting.Piece(data, None)], None, False
         else:
@@ -376,10 +388,11 @@ class Codec:
     def _encode_lm(self, data: bytes, out: BinaryIO, model: str | None, fit: FitConfig,
                    tokens_per_segment: int | None, zstd_level: int, progress: ProgressCallback | None,
                    sha256: bytes, pack: bool, journal: str | os.PathLike | None,
-                   arithmetic: int = LM_ARITHMETIC, mix: bool = False, mix_asked: bool = False) -> EncodeReport:
+                   arithmetic: int = LM_ARITHMETIC, mix: bool = False, mix_asked: bool = False,
+                   head: int = 0) -> EncodeReport:
         """Range-code the text's tokens under the model, in chunks (kind lm3 under arithmetic /3, or
-        with `mix` lm3-group, whose chunks share counts within a segment; lm-packed, lm and lm-long
-        under /2). With `journal`, each chunk's payload is kept there as it is coded, and each sampled
+        with `mix` lm3-group, whose chunks share counts within a segment, and with a `head` lm3-head,
+        whose chunks but the first follow the first's head; lm-packed, lm and lm-long under /2). With `journal`, each chunk's payload is kept there as it is coded, and each sampled
         chunk's check outcome once it is known."""
         lm = self.model(model)
         prefix = sink_prefix(lm, fit)
@@ -393,7 +406,8 @@ class Codec:
         sample = coded[::kinds.lm.CHECK_EVERY]
         book, payloads, checked = None, {}, {}
         if journal is not None:
-            ident = lm_journal.identity(lm, sha256, tokens_per_segment, prefix, pieces, arithmetic, mix)
+            ident = lm_journal.identity(lm, sha256, tokens_per_segment, prefix, pieces, arithmetic, mix,
+                                        head if mix and lm.vocab_size <= MIX_MAX_VOCAB else 0)
             book, payloads = lm_journal.resume(journal, ident, pieces)
             checked = {i: ok for i, ok in lm_journal.checks(book, payloads).items() if i in sample}
         resumed = len(payloads)
@@ -406,14 +420,18 @@ class Codec:
             if mix_asked:
                 raise OptionError(f"lm_mix needs a vocabulary of at most {MIX_MAX_VOCAB} tokens, not {lm.vocab_size}")
             mix = False  # kind 6's totals would pass the range coder's
-        groups = kinds.lm.group_pieces(pieces, prefix) if mix else None
-        contexts = kinds.lm.shared_contexts(pieces, groups) if mix else None
-        coder = _LmCoder(lm, pieces, prefix, payloads, book, state, progress, sample, arithmetic, contexts)
+        head = head if mix else 0
+        groups = kinds.lm.group_pieces(pieces, prefix, head) if mix else None
+        heads = kinds.lm.group_heads(pieces, groups, prefix, head) if head else None
+        contexts = kinds.lm.shared_contexts(pieces, groups, heads) if mix else None
+        head_tokens = kinds.lm.head_tokens(pieces, groups, heads) if head else None
+        coder = _LmCoder(lm, pieces, prefix, payloads, book, state, progress, sample, arithmetic, contexts,
+                         head_tokens)
         coder.code([i for i in sample if i not in payloads], kinds.lm.cores(lm))
         failed = {i for i, ok in checked.items() if not ok} | coder.check_and_code_rest(
             [i for i in sample if i not in checked], [i for i in coded if i not in payloads])
         for segment, held in kinds.lm.segments(pieces, payloads, prefix, failed, pack=pack, arithmetic=arithmetic,
-                                               groups=groups):
+                                               groups=groups, heads=heads):
             counted = sum(len(pieces[i].data) for i in held if pieces[i].ids is not None)  # coded and checked
             self._put(segment, writer, run, state, progress, counted=counted)
         run.flush()

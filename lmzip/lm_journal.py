@@ -24,14 +24,16 @@ from .segmenting import Piece
 
 
 def identity(lm, input_sha256: bytes, tokens_per_segment: int | None, prefix, pieces: list[Piece],
-             arithmetic: int, mix: bool = False) -> dict:
-    """What a journal must match to be resumed: input, chunking, prefix, model, arithmetic and
-    whether shared counts are mixed in (kind 6)."""
+             arithmetic: int, mix: bool = False, head: int = 0) -> dict:
+    """What a journal must match to be resumed: input, chunking, prefix, model, arithmetic,
+    whether shared counts are mixed in (kind 6) and the head (kind 7)."""
     ident = {"input_sha256": input_sha256.hex(), "method": "lm", "tokens_per_segment": tokens_per_segment,
              "prefix": list(prefix), "arithmetic": VERSIONS[arithmetic].decode(), "model": model_identity(lm),
              "chunks": [len(p.data) for p in pieces]}
     if mix:  # only then: a journal of kind 5 chunks from before kind 6 still resumes
         ident["shared_counts"] = True
+    if head:
+        ident["head_tokens"] = head
     return ident
 
 

@@ -565,9 +565,9 @@ def _steps_spy(monkeypatch):
         seen["steps"] += 1
         return real_next(*args)
 
-    def restore(exact, cache, states, chunks, prefix, start, *rest):
-        lost = real_restore(exact, cache, states, chunks, prefix, start, *rest)
-        seen["restored"].append((start, len(chunks), len(lost)))
+    def restore(exact, cache, states, seqs, heads, prefix, start, *rest):
+        lost = real_restore(exact, cache, states, seqs, heads, prefix, start, *rest)
+        seen["restored"].append((start, len(seqs), len(lost)))
         return lost
 
     monkeypatch.setattr(coding, "next_symbols", step)

@@ -129,7 +129,7 @@ def test_calibration_text_is_pinned(monkeypatch):
 def test_lm3_entries_are_bounded_as_lm_packed_ones(codec):
     from dataclasses import replace
 
-    blob = codec.encode(TEXT[:70], method="lm", model=TINY_MODEL, tokens_per_segment=8)
+    blob = codec.encode(TEXT[:70], method="lm", model=TINY_MODEL, tokens_per_segment=8, lm_mix=False)
     header = container.parse(blob).header
     entry = container.Segment(lm3.KIND, original_length=100, payload_length=lm_packed.max_payload(10),
                               payload_offset=0, crc32=0, token_count=10)
@@ -143,13 +143,14 @@ def test_lm3_entries_are_bounded_as_lm_packed_ones(codec):
     assert lmzip.kinds.get(5) is lm3
 
 
-@pytest.mark.parametrize("mix,name", [(False, "lm3"), (True, "lm3-group")])
-def test_a_damaged_chunk_table_names_the_kind(codec, mix, name):
-    blob = codec.encode(TEXT[:70], method="lm", model=TINY_MODEL, tokens_per_segment=8, lm_mix=mix)
+@pytest.mark.parametrize("options,name", [({"lm_mix": False}, "lm3"), ({"lm_head": 0}, "lm3-group"), ({}, "lm3-head")])
+def test_a_damaged_chunk_table_names_the_kind(codec, options, name):
+    blob = codec.encode(TEXT[:70], method="lm", model=TINY_MODEL, tokens_per_segment=8, **options)
     e = entries(blob)[0]
-    at = e["payload_offset"]
+    start = e["payload_offset"]
+    at = start + (name == "lm3-head")  # kind 7's table follows its head's varint
     damaged = blob[:at] + bytes([blob[at] + 1]) + blob[at + 1:]  # one chunk more than the table holds
-    damaged = edit_entry(damaged, 0, payload_crc32=crc32(damaged[at:at + e["payload_length"]]))
+    damaged = edit_entry(damaged, 0, payload_crc32=crc32(damaged[start:start + e["payload_length"]]))
     with pytest.raises(lmzip.SegmentError, match=f"damaged {name} payload"):
         codec.decode(damaged, model=TINY_MODEL)
 

@@ -121,8 +121,8 @@ def test_groups_of_long_chunks_are_fewer_and_a_run_is_cut_at_the_segment_bound()
     assert lm_kind.group_pieces(big, [0]) == [[0, 1], [2, 3], [4]]
 
 
-def test_lm_method_writes_lm3_group_and_it_comes_back(codec):
-    blob = codec.encode(TEXT, method="lm", model=TINY_MODEL, tokens_per_segment=12)
+def test_lm_method_without_a_head_writes_lm3_group_and_it_comes_back(codec):
+    blob = codec.encode(TEXT, method="lm", model=TINY_MODEL, tokens_per_segment=12, lm_head=0)
     assert set(kinds(blob)) == {"lm3-group"}
     assert codec.decode(blob, model=TINY_MODEL) == TEXT
     kind5 = codec.encode(TEXT, method="lm", model=TINY_MODEL, tokens_per_segment=12, lm_mix=False)
@@ -132,13 +132,13 @@ def test_lm_method_writes_lm3_group_and_it_comes_back(codec):
 
 
 def test_the_archive_is_pinned(codec):
-    blob = codec.encode(TEXT, method="lm", model=TINY_MODEL, tokens_per_segment=12)
+    blob = codec.encode(TEXT, method="lm", model=TINY_MODEL, tokens_per_segment=12, lm_head=0)
     digest = hashlib.sha256(blob).hexdigest()
     assert digest == GROUP_ARCHIVE_SHA256
 
 
 def test_a_segment_decoded_without_its_counts_is_an_error_not_wrong_bytes(codec):
-    blob = codec.encode(TEXT, method="lm", model=TINY_MODEL, tokens_per_segment=12)
+    blob = codec.encode(TEXT, method="lm", model=TINY_MODEL, tokens_per_segment=12, lm_head=0)
     with pytest.raises(lmzip.SegmentError):
         codec.decode(edit_entry(blob, 0, kind=5), model=TINY_MODEL)
 
@@ -152,7 +152,7 @@ def test_a_chunk_that_fails_its_check_sends_its_group_to_zstd(codec, monkeypatch
 
     monkeypatch.setattr(lm_kind, "check", first_fails)
     monkeypatch.setattr(lm_kind, "check_shards", lambda *a: [])  # the check runs here, through `check`
-    blob = codec.encode(TEXT, method="lm", model=TINY_MODEL, tokens_per_segment=12)
+    blob = codec.encode(TEXT, method="lm", model=TINY_MODEL, tokens_per_segment=12, lm_head=0)
     got = kinds(blob)
     assert got[0] == "zstd" and "lm3-group" in got  # the first group as raw bytes, the others coded
     assert codec.decode(blob, model=TINY_MODEL) == TEXT
@@ -170,7 +170,7 @@ def test_a_kind_5_journal_is_not_resumed_for_a_kind_6_run(codec, tmp_path):
     journal = tmp_path / "j"
     codec.encode(TEXT, method="lm", model=TINY_MODEL, tokens_per_segment=12, lm_mix=False, journal=journal)
     with pytest.raises(lmzip.LmzError, match="shared counts"):
-        codec.encode(TEXT, method="lm", model=TINY_MODEL, tokens_per_segment=12, journal=journal)
+        codec.encode(TEXT, method="lm", model=TINY_MODEL, tokens_per_segment=12, lm_head=0, journal=journal)
 
 
 def test_a_chunk_table_of_more_chunks_than_a_group_holds_is_damage(codec):
@@ -183,7 +183,7 @@ def test_a_chunk_table_of_more_chunks_than_a_group_holds_is_damage(codec):
     with pytest.raises(ValueError, match="17 chunks in one group"):
         lm_packed.unpack(table, 17, 100, group_positions=1)
     lm_packed.unpack(table, 17, 100)  # a kind 5 table may hold them
-    blob = codec.encode(TEXT[:180], method="lm", model=TINY_MODEL, tokens_per_segment=100)
+    blob = codec.encode(TEXT[:180], method="lm", model=TINY_MODEL, tokens_per_segment=100, lm_head=0)
     assert kinds(blob) == ["lm3-group"]
     e = entries(blob)[0]
     payload = lm_packed.pack([b""] * 17, [1] * 16 + [e["token_count"] - 16])
@@ -194,7 +194,7 @@ def test_a_chunk_table_of_more_chunks_than_a_group_holds_is_damage(codec):
 
 
 def test_an_entry_of_more_tokens_than_16_chunks_hold_is_refused(codec):
-    blob = codec.encode(TEXT, method="lm", model=TINY_MODEL, tokens_per_segment=12)
+    blob = codec.encode(TEXT, method="lm", model=TINY_MODEL, tokens_per_segment=12, lm_head=0)
     header = lmzip.container.parse(blob).header
     entry = lmzip.container.parse(blob).segments[0]
     from lmzip.kinds import lm3_group, lm_packed

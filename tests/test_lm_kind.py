@@ -120,9 +120,10 @@ def test_the_sample_is_coded_first_and_checked_in_one_call_beside_the_rest(codec
 
     real_code = lm_kind.code
 
-    def coding(lm, pieces, prefix, done=None, threads=None, arithmetic=2, contexts=None):
+    def coding(lm, pieces, prefix, done=None, threads=None, arithmetic=2, contexts=None, heads=None):
         event(f"code {len(pieces)} {threads}")
-        return real_code(lm, pieces, prefix, done=done, threads=threads, arithmetic=arithmetic, contexts=contexts)
+        return real_code(lm, pieces, prefix, done=done, threads=threads, arithmetic=arithmetic, contexts=contexts,
+                         heads=heads)
 
     def failing_check(exact, chunks, payloads, prefix, **kw):
         event(f"check {len(chunks)} {os.getpid()}")
@@ -161,17 +162,18 @@ def first_chunk_fails(real):
     return check
 
 
-@pytest.mark.parametrize("mix,kind", [(False, "lm3"), (True, "lm3-group")])
-def test_the_archive_is_the_same_with_the_check_beside_or_after(codec, two_cores, monkeypatch, mix, kind):
+@pytest.mark.parametrize("options,kind", [({"lm_mix": False}, "lm3"), ({"lm_head": 0}, "lm3-group"),
+                                          ({}, "lm3-head")])
+def test_the_archive_is_the_same_with_the_check_beside_or_after(codec, two_cores, monkeypatch, options, kind):
     import torch
 
     import lmzip.exact
 
     text = TEXT[:60] * 12
     monkeypatch.setattr(lmzip.exact, "check_chunks", first_chunk_fails(lmzip.exact.check_chunks))
-    beside = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4, lm_mix=mix)
+    beside = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4, **options)
     torch.set_num_threads(1)  # one core: the check runs here, before the rest is coded
-    assert codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4, lm_mix=mix) == beside
+    assert codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4, **options) == beside
     monkeypatch.undo()
     assert kinds(beside)[:2] == ["zstd", kind] and codec.decode(beside, model=TINY_MODEL) == text
 

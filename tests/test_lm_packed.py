@@ -206,12 +206,13 @@ def test_the_segment_the_coder_cannot_follow_is_the_one_named(codec, archives, m
         codec.decode(blob, model=TINY_MODEL)
 
 
-@pytest.mark.parametrize("arithmetic,packed", [(2, "lm-packed"), (3, "lm3"), (3, "lm3-group")])
+@pytest.mark.parametrize("arithmetic,packed", [(2, "lm-packed"), (3, "lm3"), (3, "lm3-group"), (3, "lm3-head")])
 def test_progress_counts_each_byte_once_with_packed_runs(codec, arithmetic, packed):
     seen = []
     text = TEXT * 4
+    options = {"lm-packed": {}, "lm3": {"lm_mix": False}, "lm3-group": {"lm_head": 0}, "lm3-head": {}}[packed]
     blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=4, lm_arithmetic=arithmetic,
-                        lm_mix=packed == "lm3-group", progress=lambda p: seen.append((p.done, p.lm, p.memory, p.zstd)))
+                        progress=lambda p: seen.append((p.done, p.lm, p.memory, p.zstd)), **options)
     done = [d for d, *_ in seen]
     assert packed in kinds(blob)
     assert done == sorted(done) and done[-1] == len(text)

@@ -137,7 +137,7 @@ def coded_chunks(monkeypatch, crash_on_call: int | None = None, crash_after_chun
     counts = []
     journaled = []
 
-    def counted(lm, pieces, prefix, done=None, threads=None, arithmetic=2, contexts=None):
+    def counted(lm, pieces, prefix, done=None, threads=None, arithmetic=2, contexts=None, heads=None):
         if len(counts) + 1 == crash_on_call:
             raise KeyboardInterrupt
 
@@ -149,7 +149,7 @@ def coded_chunks(monkeypatch, crash_on_call: int | None = None, crash_after_chun
 
         counts.append(len(pieces))
         return REAL_CODE(lm, pieces, prefix, done=kept if done else None, threads=threads, arithmetic=arithmetic,
-                         contexts=contexts)
+                         contexts=contexts, heads=heads)
 
     monkeypatch.setattr(lm_kind, "code", counted)
     return counts
@@ -183,9 +183,9 @@ def test_an_lm_journal_is_refused_for_other_options_and_checked_chunk_by_chunk(c
         codec.encode(LM_TEXT, journal=journal, **{**LM, "tokens_per_segment": 25})
     with pytest.raises(lmzip.JournalError, match="its --method differ"):
         codec.encode(LM_TEXT, journal=journal, **OPTIONS)
-    with pytest.raises(lmzip.JournalError, match="its lm arithmetic, shared counts"):  # /3 and kind 6, not /2
+    with pytest.raises(lmzip.JournalError, match=r"its head \(kind 7\), lm arithmetic, shared counts"):  # /3 and kind 7, not /2
         codec.encode(LM_TEXT, journal=journal, lm_arithmetic=2, **LM)
-    with pytest.raises(lmzip.JournalError, match=r"its shared counts \(kind 6\) differ"):  # kind 6, not 5
+    with pytest.raises(lmzip.JournalError, match=r"its head \(kind 7\), shared counts \(kind 6\) differ"):  # not kind 5
         codec.encode(LM_TEXT, journal=journal, lm_mix=False, **LM)
     first = sorted(journal.glob("*.seg"))[0]
     good = first.read_bytes()
@@ -238,7 +238,7 @@ def test_an_lm_rerun_takes_the_check_outcomes_the_journal_holds(codec, tmp_path,
     assert codec.encode(LM_TEXT, journal=tmp_path / "other", **LM) == fresh and checked == [1]
 
 
-@pytest.mark.parametrize("mix", [False, True])
+@pytest.mark.parametrize("mix", [False, True, "head"])
 def test_an_lm_rerun_goes_on_with_the_check_a_kill_cut_short(codec, tmp_path, monkeypatch, mix):
     """A check under way journals each row's state; killed there, the rerun rebuilds that state
     (kind 6: with its shared counts) and decodes only the rest of the sample, and the archive is
@@ -259,15 +259,19 @@ def _rerun_goes_on_with_the_check(codec, tmp_path, monkeypatch, coding, mix):
     import json
     import shutil
 
-    LM_RUN = {**LM, "lm_mix": mix}
+    LM_RUN = {**LM, **({"lm_mix": False} if mix is False else {"lm_head": 0} if mix is True else {})}
     monkeypatch.setattr(coding, "CHECK_NOTE_STEPS", 4)
     monkeypatch.setattr(lm_kind, "check_shards", lambda *a: [])  # checked here, before the rest is coded
     fresh = codec.encode(LM_TEXT, **LM_RUN)
     real_next, steps, resumed = coding.next_symbols, [], []
 
+    # kind 7: chunk 16 follows its group's head, fed for its first 23 steps; the kill comes once it
+    # has 9 tokens of its own (chunk 0 has 20 by then)
+    kill, tokens = (34, {0: 20, 1: 9}) if mix == "head" else (10, {0: 8, 1: 8})
+
     def dies_at_step_10(*args):
         steps.append(1)
-        if len(steps) == 10 and not resumed:
+        if len(steps) == kill and not resumed:
             raise KeyboardInterrupt  # as a kill would, between two journaled states
         return real_next(*args)
 
@@ -282,14 +286,18 @@ def _rerun_goes_on_with_the_check(codec, tmp_path, monkeypatch, coding, mix):
 
     real_check = coding.check_chunks
     monkeypatch.setattr(lmzip.exact, "check_chunks", lambda exact, chunks, *a, **kw:
-                        resumed.append((kw["resume"], max(map(len, chunks)))) or real_check(exact, chunks, *a, **kw))
+                        resumed.append((kw["resume"], list(map(len, chunks)))) or real_check(exact, chunks, *a, **kw))
     steps.clear()
     assert codec.encode(LM_TEXT, journal=journal, **LM_RUN) == fresh
-    assert [{j: tokens for j, (tokens, _) in r.items()} for r, _ in resumed] == [{0: 8, 1: 8}]
-    assert len(steps) == resumed[0][1] - 8  # from token 9 on
+    assert [{j: t for j, (t, _) in r.items()} for r, _ in resumed] == [tokens]
+    lengths = resumed[0][1]
+    if mix == "head":  # at other positions in head and chunk: one batch after the other
+        assert len(steps) == sum(lengths[j] - t for j, t in tokens.items())
+    else:  # one batch, from the token after the states on
+        assert len(steps) == max(lengths) - 8
     resumed.clear()  # a state of another payload is not taken up
     assert codec.encode(LM_TEXT, journal=tmp_path / "other", **LM_RUN) == fresh
-    assert [{j: tokens for j, (tokens, _) in r.items()} for r, _ in resumed] == [{0: 8}]
+    assert [{j: t for j, (t, _) in r.items()} for r, _ in resumed] == [{0: tokens[0]}]
 
 
 def test_a_check_state_that_cannot_be_journaled_costs_only_that_state(tmp_path, monkeypatch):

@@ -81,21 +81,24 @@ def chunk_symbols(exact: ExactModel, chunk: Sequence[int], prefix: Sequence[int]
 
 def encode_chunks(exact: ExactModel, chunks: Sequence[Sequence[int]], prefix: Sequence[int],
                   positions: int = MAX_POSITIONS, threads: int = 1,
-                  done: Callable[[int, bytes], None] | None = None, contexts=None) -> list[bytes]:
+                  done: Callable[[int, bytes], None] | None = None, contexts=None,
+                  heads: Sequence[Sequence[int]] | None = None) -> list[bytes]:
     """One range-coded payload per chunk of token ids, each at most `positions` with the prefix;
     chunks are dealt to up to `threads` CPU threads (the arithmetic is the same on any).
     `done(index, payload)` is called as each chunk is coded, from the thread that coded it.
     `contexts`, one per chunk: a callable giving, per position, the shared counts to mix in
-    (mixing.group_contexts), or None for the lm frequencies alone."""
+    (mixing.group_contexts), or None for the lm frequencies alone. `heads`, one per chunk: tokens
+    its context has after the prefix and before its own (kind 7's head; empty for none)."""
     prefix = tuple(int(t) for t in prefix)
-    _check_lengths(exact, prefix, [len(c) for c in chunks], positions)
-    if any(not 0 <= t < exact.shape.vocab for chunk in chunks for t in chunk):
+    heads = [tuple(int(t) for t in h) for h in heads] if heads is not None else [()] * len(chunks)
+    _check_lengths(exact, prefix, [len(h) + len(c) for h, c in zip(heads, chunks)], positions)
+    if any(not 0 <= t < exact.shape.vocab for chunk in [*chunks, *heads] for t in chunk):
         raise ValueError("a token is outside the vocabulary")
 
     def shard(indices: list[int]) -> list[bytes]:
         payloads = []
         for i in indices:
-            payloads.append(_encode_chunk(exact, chunks[i], prefix, contexts[i]() if contexts else None))
+            payloads.append(_encode_chunk(exact, chunks[i], prefix + heads[i], contexts[i]() if contexts else None))
             if done:
                 done(i, payloads[-1])
         return payloads
@@ -117,7 +120,8 @@ def _encode_chunk(exact: ExactModel, chunk: Sequence[int], prefix: tuple[int, ..
 
 def decode_chunks(exact: ExactModel, payloads: Sequence[bytes], token_counts: Sequence[int],
                   prefix: Sequence[int], batch_size: int = 64, positions: int = MAX_POSITIONS,
-                  threads: int = 1, groups: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
+                  threads: int = 1, groups: Sequence[Sequence[int]] | None = None,
+                  heads: Sequence[int] | None = None) -> list[list[int]]:
     """The token ids of each payload; raises ValueError on a payload the coder cannot follow.
 
     Chunks are dealt to up to `threads` CPU cores (forked processes of one thread where the
@@ -125,14 +129,15 @@ def decode_chunks(exact: ExactModel, payloads: Sequence[bytes], token_counts: Se
     first, so a batch's rows finish close together);
     a damaged payload decodes to wrong tokens or raises ValueError, never loops: each row stops
     after its token count. `groups` (index lists that partition the payloads): chunks coded with
-    the counts of their group mixed in (mixing.py), each group decoded in one batch.
+    the counts of their group mixed in (mixing.py), each group decoded in one batch. `heads`, one
+    per group (kind 7): each chunk of the group but the first was coded after the prefix and that
+    many first tokens of the group's first chunk.
     """
     prefix = tuple(int(t) for t in prefix)
     if len(payloads) != len(token_counts):
         raise ValueError("one token count per payload")
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    _check_lengths(exact, prefix, token_counts, positions)
     if groups is None:
         groups = [[i] for i in range(len(payloads))]
         mixed = False
@@ -140,6 +145,11 @@ def decode_chunks(exact: ExactModel, payloads: Sequence[bytes], token_counts: Se
         mixed = True
         if sorted(i for g in groups for i in g) != list(range(len(payloads))):
             raise ValueError("the groups must partition the chunks")
+    heads = list(heads) if heads is not None else [0] * len(groups)
+    if len(heads) != len(groups) or any(not 0 <= h <= (token_counts[g[0]] if g else 0) for h, g in zip(heads, groups)):
+        raise ValueError("a group's head is longer than its first chunk")
+    _check_lengths(exact, prefix, [token_counts[i] + (h if i != g[0] else 0) for h, g in zip(heads, groups) for i in g],
+                   positions)
     shards = deal([sum(token_counts[i] for i in g) for g in groups], max(1, min(threads, len(groups))))
 
     def shard(members: list[int]) -> list[list[int]]:
@@ -147,7 +157,8 @@ def decode_chunks(exact: ExactModel, payloads: Sequence[bytes], token_counts: Se
         flat = [i for g in own for i in g]
         local = {i: j for j, i in enumerate(flat)}
         tokens = _decode_shard(exact, [payloads[i] for i in flat], [token_counts[i] for i in flat], prefix,
-                               batch_size, [[local[i] for i in g] for g in own] if mixed else None)
+                               batch_size, [[local[i] for i in g] for g in own] if mixed else None,
+                               [heads[g] for g in members])
         return [[tokens[local[i]] for i in g] for g in own]
 
     # processes, not threads: a step is thousands of small operations, and threads queue on the GIL
@@ -168,7 +179,7 @@ def check_chunks(exact: ExactModel, chunks: Sequence[Sequence[int]], payloads: S
                  prefix: Sequence[int], batch_size: int = 64, positions: int = MAX_POSITIONS, threads: int = 1,
                  resume: dict[int, tuple[int, str]] | None = None,
                  progress: Callable[[int, int, str], None] | None = None, every: int | None = None,
-                 contexts=None) -> set[int]:
+                 contexts=None, heads: Sequence[Sequence[int]] | None = None) -> set[int]:
     """The indices of the chunks whose payload does not decode back to them, decoded as
     decode_chunks does (the same steps, `next_symbols`); a row stops at its first wrong token.
 
@@ -177,28 +188,34 @@ def check_chunks(exact: ExactModel, chunks: Sequence[Sequence[int]], payloads: S
     a report: that row's cache is rebuilt by whole-sequence passes, its decoder replayed over its
     first tokens, and it goes on from there if the rebuilt state has the reported digest (the rest
     of the check is then the one the reporting run would have made); else it starts over.
-    `contexts` as encode_chunks's: the chunks were coded with shared counts mixed in.
+    `contexts` and `heads` as encode_chunks's: the chunks were coded with shared counts mixed in,
+    and after their heads (which, known here, are fed as part of the prefix).
     """
     prefix = tuple(int(t) for t in prefix)
     if len(payloads) != len(chunks):
         raise ValueError("one payload per chunk")
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    _check_lengths(exact, prefix, [len(c) for c in chunks], positions)
+    heads = [tuple(int(t) for t in h) for h in heads] if heads is not None else [()] * len(chunks)
+    _check_lengths(exact, prefix, [len(h) + len(c) for h, c in zip(heads, chunks)], positions)
     resume, every = resume or {}, every or CHECK_NOTE_STEPS
     starts = [resume[i][0] if i in resume and 0 < resume[i][0] < len(chunks[i]) else 0 for i in range(len(chunks))]
     digests = [resume[i][1] if starts[i] else None for i in range(len(chunks))]
+    # a row's position in its head and chunk: rows restored to the same one share a batch; the
+    # others start together, a row's head fed as the decoder feeds it, one token a step
+    at = [len(heads[i]) + starts[i] if starts[i] else 0 for i in range(len(chunks))]
+    seqs = [heads[i] + tuple(chunks[i]) for i in range(len(chunks))]
 
     def shard(indices: list[int]) -> list[bool]:
         failed = {}
         again: list[int] = []  # rows whose state could not be rebuilt: checked from their start
-        for start in sorted({starts[i] for i in indices} | {0}, reverse=True):
-            group = [i for i in indices if starts[i] == start] + (again if start == 0 else [])
-            group.sort(key=lambda i: -len(chunks[i]))
+        for start in sorted({at[i] for i in indices} | {0}, reverse=True):
+            group = [i for i in indices if at[i] == start] + (again if start == 0 else [])
+            group.sort(key=lambda i: -len(seqs[i]))
             for first in range(0, len(group), batch_size):
                 rows = group[first:first + batch_size]
-                outcome = _check_batch(exact, chunks, payloads, prefix, rows, start, digests, progress, every,
-                                       contexts)
+                outcome = _check_batch(exact, seqs, [len(h) for h in heads], payloads, prefix, rows, start, digests,
+                                       progress, every, contexts)
                 again += [i for i in rows if outcome[i] is None]
                 failed.update((i, bad) for i, bad in outcome.items() if bad is not None)
         return [failed[i] for i in indices]
@@ -232,44 +249,52 @@ class StateDigests:
         return hashlib.sha256(self.chains[row] + state).hexdigest()
 
 
-def _check_batch(exact: ExactModel, chunks, payloads, prefix: tuple[int, ...], rows: list[int], start: int,
+def _check_batch(exact: ExactModel, seqs, heads, payloads, prefix: tuple[int, ...], rows: list[int], start: int,
                  digests, progress, every: int, contexts=None) -> dict[int, bool | None]:
     """Each row's outcome: True if its payload fails, False if it decodes to its chunk, None if
-    its state at `start` could not be rebuilt."""
+    its state at `start` could not be rebuilt. `seqs`: each row's head (its first `heads` tokens,
+    fed, not decoded) and chunk; `start`: the position in them every row goes on from (0: the
+    rows start afresh)."""
     device = exact.device
     decoders = {i: RangeDecoder(payloads[i]) for i in rows}
-    outcome: dict[int, bool | None] = {i: not _finishes(decoders[i]) for i in rows if not chunks[i]}
-    active = [i for i in rows if chunks[i]]
+    outcome: dict[int, bool | None] = {i: not _finishes(decoders[i]) for i in rows if len(seqs[i]) == heads[i]}
+    active = [i for i in rows if len(seqs[i]) > heads[i]]
     if not active:
         return outcome
-    cache = decoding_cache(exact, len(active), len(prefix) + max(len(chunks[i]) for i in active))
+    cache = decoding_cache(exact, len(active), len(prefix) + max(len(seqs[i]) for i in active))
     states = StateDigests(len(active))
-    found = {i: contexts[i]() for i in active} if contexts else None  # each row's counts, position by position
+    found = {i: contexts[i]() for i in active} if contexts else None  # each row's counts, token by token
     if start:
-        lost = set(_restore(exact, cache, states, [chunks[i] for i in active], prefix, start,
-                            [decoders[i] for i in active], [digests[i] for i in active], every,
+        lost = set(_restore(exact, cache, states, [seqs[i] for i in active], [heads[i] for i in active], prefix,
+                            start, [decoders[i] for i in active], [digests[i] for i in active], every,
                             [found[i] for i in active] if found else None))
         outcome.update((active[r], None) for r in lost)
         keep = [r for r in range(len(active)) if r not in lost]
         active = _keep_rows(cache, active, keep)
         states.select(keep)
-        ids = [[chunks[i][start - 1]] for i in active]
+        ids = [[seqs[i][start - 1]] for i in active]
     else:
         ids = [list(prefix)] * len(active)
     done = start
     while active:
         step_ids = torch.tensor(ids, dtype=torch.long, device=device)
+        coded = [r for r, i in enumerate(active) if done >= heads[i]]  # the rows past their head
         mix = None
         if found is not None:
-            hits = [next(found[i]) for i in active]
+            hits = [next(found[active[r]]) for r in coded]
             mix = lambda f: mix_rows(f, hits)  # noqa: E731
-        symbols = next_symbols(exact, forward(exact, step_ids, cache)[:, -1], [decoders[i] for i in active], mix)
+        logits = forward(exact, step_ids, cache)[:, -1]
+        if len(coded) < len(active):
+            logits = logits[coded]
+        symbols = dict(zip(coded, next_symbols(exact, logits, [decoders[active[r]] for r in coded], mix)))
         done += 1
         keep = []
-        for row, (i, sym) in enumerate(zip(active, symbols)):
-            if sym != chunks[i][done - 1]:  # a wrong token, or the decoder's ValueError
+        for row, i in enumerate(active):
+            if row not in symbols:
+                keep.append(row)  # a head's token, fed
+            elif symbols[row] != seqs[i][done - 1]:  # a wrong token, or the decoder's ValueError
                 outcome[i] = True
-            elif done == len(chunks[i]):
+            elif done == len(seqs[i]):
                 outcome[i] = not _finishes(decoders[i])
             else:
                 keep.append(row)
@@ -278,8 +303,9 @@ def _check_batch(exact: ExactModel, chunks, payloads, prefix: tuple[int, ...], r
         if progress and active and done % every == 0:
             states.extend(cache, cache.length)
             for row, i in enumerate(active):
-                progress(i, done, states.of(row, decoders[i]))
-        ids = [[chunks[i][done - 1]] for i in active]
+                if done > heads[i]:
+                    progress(i, done - heads[i], states.of(row, decoders[i]))
+        ids = [[seqs[i][done - 1]] for i in active]
     return outcome
 
 
@@ -291,16 +317,16 @@ def _finishes(decoder: RangeDecoder) -> bool:
     return True
 
 
-def _restore(exact: ExactModel, cache: Cache, states: StateDigests, chunks, prefix: tuple[int, ...], start: int,
+def _restore(exact: ExactModel, cache: Cache, states: StateDigests, seqs, heads, prefix: tuple[int, ...], start: int,
              decoders: list[RangeDecoder], digests: list[str], every: int, found=None) -> list[int]:
-    """Fill the empty `cache` with the prefix and each row's first start - 1 tokens, in
-    whole-sequence passes (the exact arithmetic makes them equal to decoding steps), and replay
-    each row's decoder over its first `start` tokens under their logits (and, with `found`, each
-    row's iterator of shared counts, mixed in as they go): the state of a decoding loop that has
-    just read token start - 1, its `states` hashed as that loop's reports did. The rows whose
-    state differs from their digest."""
-    ids = torch.tensor([list(prefix) + list(c[:start - 1]) for c in chunks], dtype=torch.long, device=exact.device)
-    span = max(1, RESTORE_POSITIONS // len(chunks))
+    """Fill the empty `cache` with the prefix and each row's first start - 1 tokens of its head and
+    chunk (`seqs`), in whole-sequence passes (the exact arithmetic makes them equal to decoding
+    steps), and replay each row's decoder over its chunk's tokens among its first `start` (past its
+    `heads` tokens) under their logits (and, with `found`, each row's iterator of shared counts,
+    mixed in as they go): the state of a decoding loop that has just read token start - 1, its
+    `states` hashed as that loop's reports did. The rows whose state differs from their digest."""
+    ids = torch.tensor([list(prefix) + list(c[:start - 1]) for c in seqs], dtype=torch.long, device=exact.device)
+    span = max(1, RESTORE_POSITIONS // len(seqs))
     wrong = set()
     for first in range(0, ids.shape[1], span):
         logits = forward(exact, ids[:, first:first + span], cache)
@@ -310,12 +336,13 @@ def _restore(exact: ExactModel, cache: Cache, states: StateDigests, chunks, pref
         hi = first + logits.shape[1]
         if lo >= hi:
             continue
-        for row, (chunk, decoder) in enumerate(zip(chunks, decoders)):
-            if row in wrong:
+        for row, (seq, head, decoder) in enumerate(zip(seqs, heads, decoders)):
+            own = max(lo, len(prefix) - 1 + head)  # the first position that predicts a chunk's token
+            if row in wrong or own >= hi:
                 continue
-            tokens = chunk[lo - len(prefix) + 1:hi - len(prefix) + 1]
+            tokens = seq[own - len(prefix) + 1:hi - len(prefix) + 1]
             symbols = torch.tensor(tokens, dtype=torch.long, device=exact.device)
-            for token, (cum, freq, total) in zip(tokens, zip(*_symbol_frequencies(exact, logits[row, lo - first:],
+            for token, (cum, freq, total) in zip(tokens, zip(*_symbol_frequencies(exact, logits[row, own - first:],
                                                                                   symbols))):
                 if found is not None:
                     cum, freq, total = mix_symbol(cum, freq, total, token, next(found[row]))
@@ -327,69 +354,89 @@ def _restore(exact: ExactModel, cache: Cache, states: StateDigests, chunks, pref
                     break
     for reported in range(every, start + 1, every):
         states.extend(cache, len(prefix) + reported - 1)
-    return [r for r in range(len(chunks)) if r in wrong or states.of(r, decoders[r]) != digests[r]]
+    return [r for r in range(len(seqs)) if r in wrong or states.of(r, decoders[r]) != digests[r]]
 
 
-def _decode_shard(exact: ExactModel, payloads, counts, prefix, batch_size: int, groups=None) -> list[list[int]]:
+def _decode_shard(exact: ExactModel, payloads, counts, prefix, batch_size: int, groups=None,
+                  heads=None) -> list[list[int]]:
     """Each payload's tokens, in batches of at most `batch_size` rows (longest first); with `groups`,
-    batches of whole groups, each group's counts mixed in."""
+    batches of whole groups, each group's counts mixed in (and `heads`, one per group: its other
+    chunks' head, taken from its first chunk as it is decoded)."""
     if groups is None:
         order = sorted(range(len(payloads)), key=lambda i: -counts[i])
-        batches = [(order[start:start + batch_size], None) for start in range(0, len(order), batch_size)]
+        batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     else:
         batches, rows = [], []
         for g in sorted(groups, key=lambda g: -max(counts[i] for i in g)):  # a group is never split
             if rows and len(rows) + len(g) > batch_size:
-                batches.append((rows, True))
+                batches.append(rows)
                 rows = []
             rows = rows + list(g)
         if rows:
-            batches.append((rows, True))
-    group_of = {i: n for n, g in enumerate(groups or []) for i in g}
+            batches.append(rows)
+    plan = {}  # chunk index: (its group, the chunk its head comes from, the head's length)
+    for n, g in enumerate(groups or []):
+        h = heads[n] if heads else 0
+        plan.update((i, (n, g[0], h if i != g[0] else 0)) for i in g)
     out: list[list[int]] = [[] for _ in payloads]
-    for rows, mixed in batches:
-        row_groups = [group_of[i] for i in rows] if mixed else None
+    for rows in batches:
+        rowplan = None
+        if groups is not None:
+            at = {i: r for r, i in enumerate(rows)}
+            rowplan = [(plan[i][0], at[plan[i][1]], plan[i][2]) for i in rows]
         for i, tokens in zip(rows, _decode_batch(exact, [payloads[i] for i in rows],
-                                                  [counts[i] for i in rows], prefix, row_groups)):
+                                                  [counts[i] for i in rows], prefix, rowplan)):
             out[i] = tokens
     return out
 
 
-def _decode_batch(exact: ExactModel, payloads, counts, prefix, row_groups=None) -> list[list[int]]:
-    """The rows' tokens, decoded in lockstep; with `row_groups` (each row's group), the counts of
-    each group's tokens at earlier positions mixed into its rows' frequencies."""
+def _decode_batch(exact: ExactModel, payloads, counts, prefix, rowplan=None) -> list[list[int]]:
+    """The rows' tokens, decoded in lockstep; with `rowplan` (per row: its group, the row its head
+    comes from, the head's length), the counts of each group's tokens at earlier positions mixed
+    into its rows' frequencies, and a row with a head fed its source row's tokens, one a step, before
+    its own are decoded (so its sequence is the head, then its tokens)."""
     device = exact.device
     decoders = [RangeDecoder(p) for p in payloads]
-    tokens: list[list[int]] = [[] for _ in payloads]
-    shared = {g: Counts() for g in set(row_groups)} if row_groups is not None else None
+    heads = [h for _, _, h in rowplan] if rowplan is not None else [0] * len(payloads)
+    seqs: list[list[int]] = [[] for _ in payloads]  # each row's head, then its tokens
+    shared = {g: Counts() for g, _, _ in rowplan} if rowplan is not None else None
     active = [i for i, n in enumerate(counts) if n > 0]
     if active:
-        cache = decoding_cache(exact, len(active), len(prefix) + max(counts))
+        cache = decoding_cache(exact, len(active), len(prefix) + max(counts[i] + heads[i] for i in active))
         step_ids = torch.tensor([list(prefix)] * len(active), dtype=torch.long, device=device)
     while active:
+        coded = [r for r, i in enumerate(active) if len(seqs[i]) >= heads[i]]  # the rows past their head
         mix = None
         if shared is not None:
-            found = [shared[row_groups[i]].context(tokens[i][-2:]) for i in active]
+            found = [shared[rowplan[active[r]][0]].context(seqs[active[r]][-2:]) for r in coded]
             mix = lambda f: mix_rows(f, found)  # noqa: E731
-        symbols = next_symbols(exact, forward(exact, step_ids, cache)[:, -1], [decoders[i] for i in active], mix)
-        keep = []
-        for row, (i, sym) in enumerate(zip(active, symbols)):
+        logits = forward(exact, step_ids, cache)[:, -1]
+        if len(coded) < len(active):
+            logits = logits[coded]
+        symbols = next_symbols(exact, logits, [decoders[active[r]] for r in coded], mix)
+        for r, sym in zip(coded, symbols):
             if isinstance(sym, ValueError):
                 raise sym
-            tokens[i].append(sym)
-            if len(tokens[i]) < counts[i]:
+            seqs[active[r]].append(sym)
+        for i in active:
+            if len(seqs[i]) < heads[i]:  # this step's token of its source, decoded above
+                seqs[i].append(seqs[rowplan[i][1]][len(seqs[i])])
+        if shared is not None:  # this position's tokens count from the next step on
+            for r in coded:
+                i = active[r]
+                shared[rowplan[i][0]].add(seqs[i][-3:-1], seqs[i][-1])
+        keep = []
+        for row, i in enumerate(active):
+            if len(seqs[i]) < heads[i] + counts[i]:
                 keep.append(row)
             else:
                 decoders[i].finish()
-        if shared is not None:  # this position's tokens count from the next step on
-            for i in active:
-                shared[row_groups[i]].add(tokens[i][-3:-1], tokens[i][-1])
         active = _keep_rows(cache, active, keep)
-        step_ids = torch.tensor([[tokens[i][-1]] for i in active], dtype=torch.long, device=device)
+        step_ids = torch.tensor([[seqs[i][-1]] for i in active], dtype=torch.long, device=device)
     for i, n in enumerate(counts):
         if n == 0:
             decoders[i].finish()
-    return tokens
+    return [seq[h:] for seq, h in zip(seqs, heads)]
 
 
 def next_symbols(exact: ExactModel, logits: torch.Tensor, decoders: list[RangeDecoder],

@@ -111,13 +111,19 @@ def mix_symbol(cum: int, freq: int, total: int, token: int, found) -> tuple[int,
     return (ONE - w) * cum + below, (ONE - w) * freq + own, (ONE - w) * total + sum(adds)
 
 
-def group_contexts(chunks: Sequence[Sequence[int]], row: int):
-    """For chunk `row` of a group, at each of its positions p: Counts.context of its tokens
-    before p, over the group's tokens at positions below p."""
+def group_contexts(chunks: Sequence[Sequence[int]], row: int, head: int = 0):
+    """For chunk `row` of a group, at each of its positions: Counts.context of the tokens before it,
+    over the group's tokens at positions below it. With a `head` (kind 7), each chunk but the first
+    follows the first chunk's first `head` tokens: positions count from the head's start, and the
+    head's tokens are counted once, as the first chunk's."""
+    seqs = [list(chunks[0])] + [list(chunks[0][:head]) + list(c) for c in chunks[1:]] if chunks else []
+    starts = [0] + [head] * (len(chunks) - 1)
     counts = Counts()
-    for p in range(len(chunks[row])):
+    seq = seqs[row]
+    for p in range(len(seq)):
         if p:
-            for chunk in chunks:
-                if p - 1 < len(chunk):
-                    counts.add(chunk[max(0, p - 3):p - 1], chunk[p - 1])
-        yield counts.context(chunks[row][max(0, p - 2):p])
+            for own, first in zip(seqs, starts):
+                if first <= p - 1 < len(own):
+                    counts.add(own[max(0, p - 3):p - 1], own[p - 1])
+        if p >= starts[row]:
+            yield counts.context(seq[max(0, p - 2):p])

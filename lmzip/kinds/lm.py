@@ -126,10 +126,11 @@ CHECK_EVERY = 16  # the encoder decodes every 16th chunk (and the first) as the 
 
 
 def code(lm, pieces, prefix, done=None, threads: int | None = None, arithmetic: int = 2,
-         contexts=None) -> list[bytes]:
+         contexts=None, heads=None) -> list[bytes]:
     """The range-coded payload of each piece's `ids` under `arithmetic`, from one whole-chunk pass
     each, on `threads` cores (default: all); `done(i, payload)` as the i-th piece's is ready (from a
-    shard thread); `contexts` (one per piece, `shared_contexts`'): kind 6's counts mixed in."""
+    shard thread); `contexts` (one per piece, `shared_contexts`'): kind 6's counts mixed in; `heads`
+    (one per piece, `head_tokens`'): kind 7's."""
     from ..exact import encode_chunks
     from ..precision import exact_float32
     from ..sharding import fewer_threads
@@ -139,15 +140,17 @@ def code(lm, pieces, prefix, done=None, threads: int | None = None, arithmetic: 
     # exact_float32: the exact forward refuses reduced-precision matmuls. Chunks dealt to one-thread
     # threads code 1.3x faster than one two-thread pass at a time (BENCHMARKS.md)
     with exact_float32(), fewer_threads(threads if threads < cores(lm) else None):
-        return encode_chunks(exact, [p.ids for p in pieces], prefix, threads=threads, done=done, contexts=contexts)
+        return encode_chunks(exact, [p.ids for p in pieces], prefix, threads=threads, done=done, contexts=contexts,
+                             heads=heads)
 
 
 def check(lm, pieces, payloads, prefix, sample, threads: int | None = None, resume=None, progress=None,
-          arithmetic: int = 2, contexts=None) -> set[int]:
+          arithmetic: int = 2, contexts=None, heads=None) -> set[int]:
     """The indices in `sample` whose payload does not decode back to its piece's ids, all decoded in
     batches (a lone chunk decodes several times slower per token). `resume` and `progress` are
     check_chunks's, by piece index: where a rerun may start a row, and a callback to report it;
-    `contexts` (by piece index, `shared_contexts`'): kind 6's counts were mixed in."""
+    `contexts` (by piece index, `shared_contexts`'): kind 6's counts were mixed in; `heads` (by piece
+    index, `head_tokens`'): kind 7's."""
     from ..exact import check_chunks
     from ..precision import exact_float32
 
@@ -160,10 +163,12 @@ def check(lm, pieces, payloads, prefix, sample, threads: int | None = None, resu
     report = (lambda j, tokens, digest: progress(sample[j], tokens, digest)) if progress else None
     with exact_float32():
         failed = check_chunks(exact, chunks, [payloads[i] for i in sample], prefix,
-                              batch_size=decode_rows(len(prefix) + max(map(len, chunks))),
+                              batch_size=decode_rows(len(prefix) + max(len(heads[i]) if heads else 0 for i in sample)
+                                                     + max(map(len, chunks))),
                               threads=cores(lm) if threads is None else threads,
                               resume=starts, progress=report,
-                              contexts=[contexts[i] for i in sample] if contexts else None)
+                              contexts=[contexts[i] for i in sample] if contexts else None,
+                              heads=[heads[i] for i in sample] if heads else None)
     return {sample[j] for j in failed}
 
 
@@ -190,7 +195,7 @@ def check_shards(lm, pieces, prefix, sample) -> list[list[int]]:
 
 
 def start_check(lm, pieces, payloads, prefix, sample, aside: bool = True, resume=None, progress=None,
-                arithmetic: int = 2, contexts=None):
+                arithmetic: int = 2, contexts=None, heads=None):
     """`check` of the sample while the caller codes other chunks on the other cores: in forked
     processes of one core (`check_shards`; a decoding step of a few rows costs little more than one
     of one row, and a core of its own keeps it from waiting on the coding). Here and now, on all
@@ -202,13 +207,14 @@ def start_check(lm, pieces, payloads, prefix, sample, aside: bool = True, resume
     shards = check_shards(lm, pieces, prefix, list(sample)) if aside else []
     if not shards:
         return Done(check(lm, pieces, payloads, prefix, sample, resume=resume, progress=progress,
-                          arithmetic=arithmetic, contexts=contexts))
+                          arithmetic=arithmetic, contexts=contexts, heads=heads))
     started = []
     try:
         for shard in shards:
             started.append(Forked(lambda shard=shard: check(lm, pieces, payloads, prefix, shard, threads=1,
                                                             resume=resume, progress=progress,
-                                                            arithmetic=arithmetic, contexts=contexts)))
+                                                            arithmetic=arithmetic, contexts=contexts,
+                                                            heads=heads)))
     except BaseException:  # a fork that failed: the others' work is not wanted
         AllOf(started).cancel()
         raise
@@ -216,17 +222,18 @@ def start_check(lm, pieces, payloads, prefix, sample, aside: bool = True, resume
 
 
 def segments(pieces, payloads: dict, prefix, failed, pack: bool = True,
-             arithmetic: int = 2, groups=None) -> list[tuple[object, list[int]]]:
+             arithmetic: int = 2, groups=None, heads=None) -> list[tuple[object, list[int]]]:
     """(coded segment, the indices of the pieces it holds) for all `pieces` in order: raw bytes for
     a piece with no ids or one in `failed`; the chunks between them, with their `payloads` (by
     piece index, coded under `arithmetic`), in segments of at most MAX_SEGMENT_BYTES. Under /3,
     lm3 segments (each chunk one of its own unless `pack`); under /2, lm-packed ones or, a lone
     chunk (or every chunk unless `pack`), an lm or lm-long segment. With `groups` (`group_pieces`'),
-    one lm3-group segment per group, or raw bytes for each of its pieces if one failed."""
+    one lm3-group segment per group (lm3-head with `heads`, one per group), or raw bytes for each
+    of its pieces if one failed."""
     from . import CodedSegment, lm3, lm_packed, raw
 
     if groups is not None:
-        return _group_segments(pieces, payloads, prefix, failed, groups)
+        return _group_segments(pieces, payloads, prefix, failed, groups, heads)
 
     out, run = [], []
 
@@ -260,10 +267,11 @@ def segments(pieces, payloads: dict, prefix, failed, pack: bool = True,
     return out
 
 
-def _group_segments(pieces, payloads, prefix, failed, groups) -> list[tuple[object, list[int]]]:
-    from . import lm3_group, raw
+def _group_segments(pieces, payloads, prefix, failed, groups, heads=None) -> list[tuple[object, list[int]]]:
+    from . import lm3_group, lm3_head, raw
 
     first = {g[0]: g for g in groups}
+    head_of = {g[0]: h for g, h in zip(groups, heads)} if heads is not None else None
     out, i = [], 0
     while i < len(pieces):
         g = first.get(i)
@@ -271,18 +279,20 @@ def _group_segments(pieces, payloads, prefix, failed, groups) -> list[tuple[obje
             for j in g or [i]:
                 out.append((raw(pieces[j].data), [j]))
         else:
-            out.append((lm3_group.encode([pieces[j].data for j in g], [len(pieces[j].ids) for j in g],
-                                         [payloads[j] for j in g], prefix), list(g)))
+            args = ([pieces[j].data for j in g], [len(pieces[j].ids) for j in g], [payloads[j] for j in g], prefix)
+            segment = lm3_head.encode(*args, head_of[i]) if head_of is not None else lm3_group.encode(*args)
+            out.append((segment, list(g)))
         i += len(g) if g else 1
     return out
 
 
-def group_pieces(pieces, prefix) -> list[list[int]]:
+def group_pieces(pieces, prefix, head: int = 0) -> list[list[int]]:
     """Kind 6's groups of piece indices: runs of consecutive pieces with ids, cut where a segment
     would pass MAX_SEGMENT_BYTES, each run cut into ceil(n / m) groups as even as can be (the first
     ones a chunk longer), m the most a group of the run's longest chunk may hold (16 at 2048
-    positions, 4 at 8192: mixing.group_limit)."""
+    positions, 4 at 8192: mixing.group_limit), after a `head` of at most that many tokens (kind 7)."""
     from ..exact.mixing import group_limit
+    from ..limits import LM_LONG_POSITIONS
 
     runs, run, size = [], [], 0
     for i, piece in enumerate(pieces):
@@ -295,7 +305,8 @@ def group_pieces(pieces, prefix) -> list[list[int]]:
     runs.append(run)
     groups = []
     for run in filter(None, runs):
-        n = -(-len(run) // group_limit(len(prefix) + max(len(pieces[i].ids) for i in run)))
+        longest = max(len(pieces[i].ids) for i in run)
+        n = -(-len(run) // group_limit(min(LM_LONG_POSITIONS, len(prefix) + head + longest)))
         small, extra = divmod(len(run), n)
         at = 0
         for k in range(n):
@@ -305,45 +316,62 @@ def group_pieces(pieces, prefix) -> list[list[int]]:
     return groups
 
 
-def shared_contexts(pieces, groups) -> dict:
+def shared_contexts(pieces, groups, heads=None) -> dict:
     """Per piece index in `groups`: a callable giving, per position of its chunk, the counts of its
-    group's tokens at earlier positions (mixing.group_contexts)."""
+    group's tokens at earlier positions (mixing.group_contexts; `heads`, one per group: kind 7's)."""
     import functools
 
     from ..exact.mixing import group_contexts
 
     out = {}
-    for g in groups:
+    for n, g in enumerate(groups):
         ids = [pieces[j].ids for j in g]
         for row, i in enumerate(g):
-            out[i] = functools.partial(group_contexts, ids, row)
+            out[i] = functools.partial(group_contexts, ids, row, heads[n] if heads else 0)
+    return out
+
+
+def group_heads(pieces, groups, prefix, most: int) -> list[int]:
+    """Kind 7's head of each group: lm3_head.head_length of its chunks, at most `most` tokens."""
+    from .lm3_head import head_length
+
+    return [head_length(prefix, [len(pieces[i].ids) for i in g], most) for g in groups]
+
+
+def head_tokens(pieces, groups, heads) -> dict:
+    """Per piece index in `groups`: the head its chunk is coded after (empty for a group's first)."""
+    out = {}
+    for g, h in zip(groups, heads):
+        out.update((i, tuple(pieces[g[0]].ids[:h]) if i != g[0] else ()) for i in g)
     return out
 
 
 def job_chunk_tokens(jobs, ctx, positions: int, chunks_of, arithmetic: int = 2,
-                     grouped: bool = False) -> list[list[list[int]]]:
+                     grouped: bool = False, heads=None) -> list[list[list[int]]]:
     """The tokens of each job's chunks, all decoded in one batched call; `chunks_of(job)` gives a
     job's (payloads, token counts), each chunk coded under `arithmetic` in at most `positions` with
-    the prefix; `grouped`: each job's chunks a group, coded with its shared counts mixed in."""
+    the prefix; `grouped`: each job's chunks a group, coded with its shared counts mixed in;
+    `heads` (kind 7), one per job: its other chunks were coded after that many of its first's tokens."""
     from ..exact import decode_chunks
 
     exact, prefix = exact_model(ctx.model, arithmetic), ctx.header.prefix
     per_job = [chunks_of(job) for job in jobs]
     payloads = [p for payloads, _ in per_job for p in payloads]
     counts = [n for _, counts in per_job for n in counts]
-    rows = min(ctx.batch_size, decode_rows(min(positions, len(prefix) + max(counts))))
+    rows = min(ctx.batch_size, decode_rows(min(positions, len(prefix) + max(heads or [0]) + max(counts))))
     groups, at = [], 0
     for job_payloads, _ in per_job:
         groups.append(list(range(at, at + len(job_payloads))))
         at += len(job_payloads)
     try:  # the exact arithmetic runs on the CPU wherever the model is: all its threads, also on a GPU host
         flat = decode_chunks(exact, payloads, counts, prefix, batch_size=rows, positions=positions,
-                             threads=cores(ctx.model), groups=groups if grouped else None)
+                             threads=cores(ctx.model), groups=groups if grouped else None, heads=heads)
     except ValueError as e:
         if len(jobs) == 1:
             raise SegmentError(jobs[0].index, f"the range coder cannot follow the payload ({e})") from None
-        return [job_chunk_tokens([job], ctx, positions, chunks_of, arithmetic, grouped)[0]
-                for job in jobs]  # find the damaged one
+        return [job_chunk_tokens([job], ctx, positions, chunks_of, arithmetic, grouped,
+                                 [heads[k]] if heads else None)[0]
+                for k, job in enumerate(jobs)]  # find the damaged one
     out, at = [], 0
     for payloads, _ in per_job:
         out.append(flat[at:at + len(payloads)])

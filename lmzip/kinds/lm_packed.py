@@ -36,15 +36,16 @@ def check_entry(entry, header) -> str | None:
     return entry_problem(entry, header, NAME)
 
 
-def entry_problem(entry, header, name: str) -> str | None:
-    """What is wrong with the entry of a segment of packed chunks (kind `name`), or None."""
+def entry_problem(entry, header, name: str, extra: int = 0) -> str | None:
+    """What is wrong with the entry of a segment of packed chunks (kind `name`, whose payload may
+    have `extra` bytes before the chunk table), or None."""
     if not header.has_model or not header.prefix:
         return f"an {name} segment in an archive that names no model or prefix token"
     if entry.vector_count:
         return f"an {name} segment has a vector count"
     if not 1 <= entry.token_count <= entry.original_length:
         return f"token count {entry.token_count} is not between 1 and the segment's bytes"
-    if entry.payload_length > max_payload(entry.token_count):
+    if entry.payload_length > max_payload(entry.token_count) + extra:
         return f"payload of {entry.payload_length} bytes is too long for {entry.token_count} tokens"
     return None
 
