@@ -53,6 +53,21 @@ def test_verbose_compress_names_the_kind_of_segments(workdir):
     assert "1 lm segment (" in r.stderr and "memory" not in r.stderr and "vectors" not in r.stderr
 
 
+def test_head_sets_the_lm_kind_and_is_only_for_method_lm(workdir):
+    Path("long.txt").write_bytes(TEXT * 6)
+    kinds = {}
+    for head in ("0", "5"):
+        r = run("compress", "-f", "--method", "lm", "--tokens", "8", "--head", head, "--model", TINY_MODEL,
+                "long.txt")
+        assert r.exit_code == 0, r.output
+        kinds[head] = {s["kind"] for s in lmzip.inspect(Path("long.txt.lmz").read_bytes())["segments"]}
+        os.rename("long.txt.lmz", f"long{head}.txt.lmz")
+        assert run("decompress", "-c", "--model", TINY_MODEL, f"long{head}.txt.lmz").stdout_bytes == TEXT * 6
+    assert kinds == {"0": {"lm3-group"}, "5": {"lm3-head"}}
+    r = run("compress", "-f", "--method", "zstd", "--head", "5", "doc.txt")
+    assert r.exit_code == 2 and "--head is for --method lm" in r.stderr
+
+
 def test_never_overwrites_without_force(workdir):
     Path("doc.txt.lmz").write_bytes(b"precious")
     r = run("compress", "--method", "zstd", "doc.txt")
