@@ -95,7 +95,8 @@ def run(codec: Codec, paths: list[str], *, model: str | None = None, chunk_token
     prefix = archive.header.prefix
     pieces = lm_pieces(lm, data, chunk_tokens, prefix)
     mixed = any(s.kind in (lm3_group.KIND, lm3_head.KIND) for s in archive.segments)
-    head = lm3_head.HEAD_TOKENS if any(s.kind == lm3_head.KIND for s in archive.segments) else 0  # encode_to's
+    head = max((lm3_head.unpack(bytes(archive.payload(i)), s.token_count, prefix)[0]
+                for i, s in enumerate(archive.segments) if s.kind == lm3_head.KIND), default=0)
     soft, freq, coded, tokens = (_ideal_bits(lm, pieces, prefix, LM_ARITHMETIC, mixed, head) if ideal
                                  else (None, None, None, report.memory_tokens))
     zstd_size = len(zstandard.ZstdCompressor(level=19).compress(data))

@@ -94,6 +94,8 @@ def test_head_lengths_leave_room_and_none_for_a_lone_chunk():
     assert lm3_head.head_length([0], [8191, 8100]) == 91  # 1 + 91 + 8100 = 8192 positions
     assert lm3_head.head_length([0], [8191, 8191]) == 0
     assert lm3_head.head_length([0], [500]) == 0
+    # the steps that feed the head to the other chunks stay within the group's tokens (its work)
+    assert lm3_head.head_length([0], [2047, 1, 1, 1], most=2047) == 2050 // 3
 
 
 def test_the_lm_method_writes_lm3_head_and_it_comes_back(codec):
@@ -140,12 +142,20 @@ def test_a_kind_6_journal_is_not_resumed_for_a_kind_7_run(codec, tmp_path):
     (3, [5], "does not fit"),                # a lone chunk has none
     (8000, [8100, 300], "does not fit"),     # the second chunk's positions would pass 8192
     (0, [1] * 17, "17 chunks in one group"),
-    (2000, [2000] + [100] * 15, "16 chunks in one group, more than the 15"),  # 1 + 2000 + 100 = 2101 a row
+    (100, [2047] * 16, "16 chunks in one group, more than the 15"),  # 1 + 100 + 2047 = 2148 positions a row
+    (2046, [2047] + [1] * 15, "does not fit"),  # 15 x 2046 fed steps for 2,062 tokens of work
 ])
 def test_a_head_or_table_a_reader_refuses(head, counts, problem):
     payload = lm3_head.pack(head, [b""] * len(counts), counts)
     with pytest.raises(ValueError, match=problem):
         lm3_head.unpack(payload, sum(counts), [0])
+
+
+def test_heads_are_one_per_chunk(exact3):
+    with pytest.raises(ValueError, match="one head per chunk"):
+        encode_chunks(exact3, [[5], [6]], [0], heads=[()])
+    with pytest.raises(ValueError, match="head token is outside"):
+        check_chunks(exact3, [[5]], [b""], [0], heads=[(10**6,)])
 
 
 def test_a_head_that_fits_is_read_back():

@@ -34,6 +34,14 @@ def _check_lengths(exact: ExactModel, prefix: Sequence[int], counts: Sequence[in
             raise ValueError(f"a chunk of {count} tokens is outside 0..{limit}")
 
 
+def _heads(heads, n: int) -> list[tuple[int, ...]]:
+    if heads is None:
+        return [()] * n
+    if len(heads) != n:
+        raise ValueError("one head per chunk")
+    return [tuple(int(t) for t in h) for h in heads]
+
+
 def _symbol_frequencies(exact: ExactModel, logits: torch.Tensor, symbols: torch.Tensor):
     """For logits (S, V) and the symbols coded under them (S,): (cum, freq, total) int64 lists."""
     cums, freqs, totals = [], [], []
@@ -90,7 +98,7 @@ def encode_chunks(exact: ExactModel, chunks: Sequence[Sequence[int]], prefix: Se
     (mixing.group_contexts), or None for the lm frequencies alone. `heads`, one per chunk: tokens
     its context has after the prefix and before its own (kind 7's head; empty for none)."""
     prefix = tuple(int(t) for t in prefix)
-    heads = [tuple(int(t) for t in h) for h in heads] if heads is not None else [()] * len(chunks)
+    heads = _heads(heads, len(chunks))
     _check_lengths(exact, prefix, [len(h) + len(c) for h, c in zip(heads, chunks)], positions)
     if any(not 0 <= t < exact.shape.vocab for chunk in [*chunks, *heads] for t in chunk):
         raise ValueError("a token is outside the vocabulary")
@@ -196,8 +204,10 @@ def check_chunks(exact: ExactModel, chunks: Sequence[Sequence[int]], payloads: S
         raise ValueError("one payload per chunk")
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    heads = [tuple(int(t) for t in h) for h in heads] if heads is not None else [()] * len(chunks)
+    heads = _heads(heads, len(chunks))
     _check_lengths(exact, prefix, [len(h) + len(c) for h, c in zip(heads, chunks)], positions)
+    if any(not 0 <= t < exact.shape.vocab for head in heads for t in head):
+        raise ValueError("a head token is outside the vocabulary")
     resume, every = resume or {}, every or CHECK_NOTE_STEPS
     starts = [resume[i][0] if i in resume and 0 < resume[i][0] < len(chunks[i]) else 0 for i in range(len(chunks))]
     digests = [resume[i][1] if starts[i] else None for i in range(len(chunks))]

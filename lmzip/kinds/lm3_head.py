@@ -28,10 +28,13 @@ work = lm.work
 
 def head_length(prefix, counts, most: int = HEAD_TOKENS) -> int:
     """The head a group of chunks with these token counts gets: at most `most` tokens and the first
-    chunk's, and short enough that every other chunk fits its positions after it; 0 for a lone chunk."""
+    chunk's, short enough that every other chunk fits its positions after it, and that the steps
+    feeding it to the other chunks are at most the group's tokens (a reader bounds work by
+    those); 0 for a lone chunk."""
     if len(counts) < 2:
         return 0
-    return max(0, min(most, counts[0], LM_LONG_POSITIONS - len(prefix) - max(counts[1:])))
+    fits = LM_LONG_POSITIONS - len(prefix) - max(counts[1:])
+    return max(0, min(most, counts[0], fits, sum(counts) // (len(counts) - 1)))
 
 
 def check_entry(entry, header) -> str | None:
@@ -56,7 +59,7 @@ def unpack(payload: bytes, token_count: int, prefix) -> tuple[int, list[bytes], 
     payloads, counts = lm_packed.unpack(payload[at:], token_count, lm_packed.room(prefix))
     if head and head != head_length(prefix, counts, head):
         raise ValueError(f"a head of {head} tokens does not fit (the first chunk's tokens, the others' "
-                         f"positions after it, and none for a lone chunk)")
+                         f"positions after it, its steps within the group's tokens, and none for a lone chunk)")
     most = group_limit(len(prefix) + max(counts[0], head + max(counts[1:], default=0)))
     if len(counts) > most:
         raise ValueError(f"{len(counts)} chunks in one group, more than the {most} its longest row allows")
