@@ -392,9 +392,15 @@ class Codec:
                    head: int = 0) -> EncodeReport:
         """Range-code the text's tokens under the model, in chunks (kind lm3 under arithmetic /3, or
         with `mix` lm3-group, whose chunks share counts within a segment, and with a `head` lm3-head,
-        whose chunks but the first follow the first's head; lm-packed, lm and lm-long under /2). With `journal`, each chunk's payload is kept there as it is coded, and each sampled
-        chunk's check outcome once it is known."""
+        whose chunks but the first follow the first's head; lm-packed, lm and lm-long under /2).
+        With `journal`, each chunk's payload is kept there as it is coded, and each sampled chunk's
+        check outcome once it is known."""
         lm = self.model(model)
+        if mix and lm.vocab_size > MIX_MAX_VOCAB:
+            if mix_asked:
+                raise OptionError(f"lm_mix needs a vocabulary of at most {MIX_MAX_VOCAB} tokens, not {lm.vocab_size}")
+            mix = False  # kind 6's totals would pass the range coder's
+        head = head if mix else 0
         prefix = sink_prefix(lm, fit)
         if not prefix:
             raise OptionError("the lm method needs a prefix token (the model has no start-of-text token)")
@@ -406,8 +412,7 @@ class Codec:
         sample = coded[::kinds.lm.CHECK_EVERY]
         book, payloads, checked = None, {}, {}
         if journal is not None:
-            ident = lm_journal.identity(lm, sha256, tokens_per_segment, prefix, pieces, arithmetic, mix,
-                                        head if mix and lm.vocab_size <= MIX_MAX_VOCAB else 0)
+            ident = lm_journal.identity(lm, sha256, tokens_per_segment, prefix, pieces, arithmetic, mix, head)
             book, payloads = lm_journal.resume(journal, ident, pieces)
             checked = {i: ok for i, ok in lm_journal.checks(book, payloads).items() if i in sample}
         resumed = len(payloads)
@@ -415,18 +420,13 @@ class Codec:
         state.done += sum(len(pieces[i].data) for i in payloads if i not in sample or i in checked)
         if progress:
             progress(state)
-        # the sample first, so that its check runs beside the coding of the rest
-        if mix and lm.vocab_size > MIX_MAX_VOCAB:
-            if mix_asked:
-                raise OptionError(f"lm_mix needs a vocabulary of at most {MIX_MAX_VOCAB} tokens, not {lm.vocab_size}")
-            mix = False  # kind 6's totals would pass the range coder's
-        head = head if mix else 0
         groups = kinds.lm.group_pieces(pieces, prefix, head) if mix else None
         heads = kinds.lm.group_heads(pieces, groups, prefix, head) if head else None
         contexts = kinds.lm.shared_contexts(pieces, groups, heads) if mix else None
         head_tokens = kinds.lm.head_tokens(pieces, groups, heads) if head else None
         coder = _LmCoder(lm, pieces, prefix, payloads, book, state, progress, sample, arithmetic, contexts,
                          head_tokens)
+        # the sample first, so that its check runs beside the coding of the rest
         coder.code([i for i in sample if i not in payloads], kinds.lm.cores(lm))
         failed = {i for i, ok in checked.items() if not ok} | coder.check_and_code_rest(
             [i for i in sample if i not in checked], [i for i in coded if i not in payloads])
