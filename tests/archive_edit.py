@@ -103,6 +103,13 @@ def payload_offset(blob: bytes, index: int) -> int:
     return _ENTRY.unpack_from(blob, start + index * ENTRY_SIZE)[6]
 
 
+def kinds(blob: bytes) -> list[str]:
+    """Each segment's kind, by name, as lmzip.inspect reports it."""
+    import lmzip
+
+    return [s["kind"] for s in lmzip.inspect(blob)["segments"]]
+
+
 def entries(blob: bytes) -> list[dict]:
     start, end = table_span(blob)
     return [dict(zip(ENTRY_FIELDS, _ENTRY.unpack_from(blob, at))) for at in range(start, end, ENTRY_SIZE)]

@@ -35,3 +35,11 @@ def codec():
 @pytest.fixture(scope="session")
 def tiny(codec):
     return codec.model(TINY_MODEL)
+
+
+@pytest.fixture(scope="module")
+def exact3(tiny):
+    """The tiny model's exact form under arithmetic /3, made afresh for each test module."""
+    from lmzip.exact.model import ExactModel
+
+    return ExactModel.from_loaded(tiny, 3)

@@ -11,6 +11,7 @@ from lmzip import cluster
 from lmzip.fit import FitConfig
 from lmzip.segmenting import Region
 
+from archive_edit import kinds
 from conftest import ROOT, TINY_MODEL, TINY_OPTIONS
 
 TEXT = ("Alice was beginning to get very tired of sitting by her sister on the bank, "
@@ -28,10 +29,6 @@ def ray():
         ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield ray
     ray.shutdown()
-
-
-def kinds(blob):
-    return [s["kind"] for s in lmzip.inspect(blob)["segments"]]
 
 
 def test_the_test_cluster_listens_on_localhost_only(ray):

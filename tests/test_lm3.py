@@ -14,7 +14,7 @@ from lmzip.exact import smoothing
 from lmzip.exact.model import ExactModel, float_weights
 from lmzip.kinds import lm3, lm_packed
 
-from archive_edit import edit_entry, entries
+from archive_edit import edit_entry, entries, kinds
 from conftest import TINY_MODEL
 
 TEXT = b"Alice was beginning to get very tired of sitting by her sister on the bank. \xff\xfe binary " * 3
@@ -22,15 +22,6 @@ TEXT = b"Alice was beginning to get very tired of sitting by her sister on the b
 TINY_FINGERPRINT_3 = "96278ef5c436700994732e382a5ed2ae4ec3c807d1aac0d0e51451b70c69c126"
 CALIBRATION_SHA256 = "0b1b3fa5e5d5cbf5960f24e082ef6000150b5dec81fa7af994d06f02100a58e9"  # as SPEC.md 1.6
 TINY_FREQ_SHA256_3 = "ca7d323173bc315c3b6875b87ff77251ef990deb08f8c88c0da68cacd993f648"
-
-
-def kinds(blob):
-    return [s["kind"] for s in lmzip.inspect(blob)["segments"]]
-
-
-@pytest.fixture(scope="module")
-def exact3(tiny):
-    return ExactModel.from_loaded(tiny, arithmetic=3)
 
 
 @pytest.fixture(scope="module")

@@ -11,26 +11,16 @@ import lmzip
 from lmzip.errors import OptionError
 from lmzip.exact import mixing
 from lmzip.exact.coding import check_chunks, decode_chunks, encode_chunks
-from lmzip.exact.model import ExactModel
 from lmzip.kinds import lm as lm_kind
 from lmzip.segmenting import Piece
 
-from archive_edit import edit_entry
+from archive_edit import edit_entry, kinds
 from conftest import TINY_MODEL
 
 TEXT = (b"Alice was beginning to get very tired of sitting by her sister on the bank. "
         b"The Rabbit said: oh dear, oh dear, I shall be late. ") * 5
 # The archive of TEXT in 12-token chunks: pinned, as the format (the mixing's integers) must not move.
 GROUP_ARCHIVE_SHA256 = "c262d1394db6eb945f57b5a2d48d2f349a3b9e1855c440a0e9f46e155f3689ef"
-
-
-def kinds(blob):
-    return [s["kind"] for s in lmzip.inspect(blob)["segments"]]
-
-
-@pytest.fixture(scope="module")
-def exact3(tiny):
-    return ExactModel.from_loaded(tiny, 3)
 
 
 def test_a_symbol_is_coded_under_its_row_of_the_mixed_frequencies():

@@ -10,27 +10,17 @@ import lmzip
 from lmzip.errors import OptionError
 from lmzip.exact import mixing
 from lmzip.exact.coding import check_chunks, decode_chunks, encode_chunks
-from lmzip.exact.model import ExactModel
 from lmzip.kinds import lm as lm_kind
 from lmzip.kinds import lm3_head, lm_packed
 from lmzip.segmenting import Piece
 
-from archive_edit import edit_entry
+from archive_edit import edit_entry, kinds
 from conftest import TINY_MODEL
 
 TEXT = (b"Alice was beginning to get very tired of sitting by her sister on the bank. "
         b"The Rabbit said: oh dear, oh dear, I shall be late. ") * 5
 # The archive of TEXT in 12-token chunks: pinned, as the format (which tokens a row is fed) must not move.
 HEAD_ARCHIVE_SHA256 = "18b82feba53f80b19ed687e0995f9014a96871cce3dd612c620fcadf23a31ada"
-
-
-def kinds(blob):
-    return [s["kind"] for s in lmzip.inspect(blob)["segments"]]
-
-
-@pytest.fixture(scope="module")
-def exact3(tiny):
-    return ExactModel.from_loaded(tiny, 3)
 
 
 def coded_group(exact3, chunks, groups, most, threads=1):

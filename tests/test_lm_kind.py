@@ -11,14 +11,10 @@ from lmzip.kinds import lm as lm_kind
 from lmzip.kinds import lm_long
 from lmzip.sharding import can_fork
 
-from archive_edit import edit_entry, entries, flip
+from archive_edit import edit_entry, entries, flip, kinds
 from conftest import TINY_MODEL
 
 TEXT = b"Alice was beginning to get very tired of sitting by her sister on the bank. \xff\xfe binary " * 3
-
-
-def kinds(blob):
-    return [s["kind"] for s in lmzip.inspect(blob)["segments"]]
 
 
 @pytest.fixture(scope="module")

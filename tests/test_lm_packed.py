@@ -10,14 +10,10 @@ from lmzip import container
 from lmzip.kinds import lm as lm_kind
 from lmzip.kinds import lm_packed
 
-from archive_edit import edit_entry, entries
+from archive_edit import edit_entry, entries, kinds
 from conftest import TINY_MODEL
 
 TEXT = b"Alice was beginning to get very tired of sitting by her sister on the bank. \xff\xfe binary " * 3
-
-
-def kinds(blob):
-    return [s["kind"] for s in lmzip.inspect(blob)["segments"]]
 
 
 def payloads(blob):

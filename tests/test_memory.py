@@ -15,13 +15,10 @@ from lmzip import container, segmenting
 from lmzip.generate import greedy_decode
 from lmzip.models import weights_fingerprint
 
+from archive_edit import kinds
 from conftest import TINY_MODEL, TINY_OPTIONS
 
 SENTENCE = "Alice was beginning to get very tired of sitting by her sister on the bank."
-
-
-def kinds(blob):
-    return [s["kind"] for s in lmzip.inspect(blob)["segments"]]
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,12 @@ from lmzip import fit as fit_module
 from lmzip import journal as journal_module
 from lmzip.kinds import lm as lm_kind
 
+from archive_edit import kinds
 from conftest import ROOT, TINY_MODEL, TINY_OPTIONS
 
 TEXT = ("Alice was beginning to get very tired of sitting by her sister on the bank, "
         "and of having nothing to do: once or twice she had peeped into the book.")
 OPTIONS = {**TINY_OPTIONS, "tokens_per_segment": None, "start_tokens": 12, "grow_tokens": 8, "max_steps": 60}
-
-
-def kinds(blob):
-    return [s["kind"] for s in lmzip.inspect(blob)["segments"]]
 
 
 def counting_fits(monkeypatch):
