@@ -22,7 +22,7 @@ from . import container
 from .codec import LM_ARITHMETIC, Codec, ProgressCallback, lm_pieces
 from .errors import InputError, InternalError
 from .fit import FitConfig, sink_prefix
-from .kinds import LM_KINDS, lm3, lm3_group, lm3_head, lm_packed
+from .kinds import LM_KINDS, lm3, lm3_group, lm3_head, lm3_text, lm_packed
 from .kinds import lm as lm_kind
 
 PACKED_KINDS = (lm_packed.KIND, lm3.KIND, lm3_group.KIND)  # a chunk table, then the chunks
@@ -59,17 +59,23 @@ def _ideal_bits(lm, pieces, prefix, arithmetic: int, mix: bool, head: int = 0) -
     return soft, freq, coded, tokens
 
 
-def _chunk_count(archive: container.Archive, prefix) -> int:
-    """The lm chunks the archive holds (chunks that failed the encoder's check are zstd, not counted)."""
-    count = 0
+def _layout(archive: container.Archive, prefix) -> tuple[int, int, int]:
+    """(the lm chunks the archive holds, its longest head, the line flags its segments use): chunks
+    that failed the encoder's check are zstd, not counted."""
+    count = head = lines = 0
     for i, s in enumerate(archive.segments):
-        if s.kind == lm3_head.KIND:
-            count += len(lm3_head.unpack(bytes(archive.payload(i)), s.token_count, prefix)[2])
+        payload = bytes(archive.payload(i))
+        if s.kind == lm3_text.KIND:
+            flags, _, h, payloads, _ = lm3_text.unpack(payload, s.token_count, prefix)
+            count, head, lines = count + len(payloads), max(head, h), lines | flags
+        elif s.kind == lm3_head.KIND:
+            h, payloads, _ = lm3_head.unpack(payload, s.token_count, prefix)
+            count, head = count + len(payloads), max(head, h)
         elif s.kind in PACKED_KINDS:
-            count += len(lm_packed.unpack(bytes(archive.payload(i)), s.token_count, lm_packed.room(prefix))[1])
+            count += len(lm_packed.unpack(payload, s.token_count, lm_packed.room(prefix))[1])
         elif s.kind in LM_KINDS:
             count += 1
-    return count
+    return count, head, lines
 
 
 def run(codec: Codec, paths: list[str], *, model: str | None = None, chunk_tokens: int | None = None,
@@ -93,10 +99,10 @@ def run(codec: Codec, paths: list[str], *, model: str | None = None, chunk_token
     archive = container.parse(blob)
     lm_payload = sum(s.payload_length for s in archive.segments if s.kind in LM_KINDS)
     prefix = archive.header.prefix
-    pieces = lm_pieces(lm, data, chunk_tokens, prefix)
-    mixed = any(s.kind in (lm3_group.KIND, lm3_head.KIND) for s in archive.segments)
-    head = max((lm3_head.unpack(bytes(archive.payload(i)), s.token_count, prefix)[0]
-                for i, s in enumerate(archive.segments) if s.kind == lm3_head.KIND), default=0)
+    chunks, head, lines = _layout(archive, prefix)
+    # the chunks as the encoder cut them: a flag no segment uses changed no chunk's text
+    pieces, _ = lm_pieces(lm, data, chunk_tokens, prefix, lines)
+    mixed = any(s.kind in (lm3_group.KIND, lm3_head.KIND, lm3_text.KIND) for s in archive.segments)
     soft, freq, coded, tokens = (_ideal_bits(lm, pieces, prefix, LM_ARITHMETIC, mixed, head) if ideal
                                  else (None, None, None, report.memory_tokens))
     zstd_size = len(zstandard.ZstdCompressor(level=19).compress(data))
@@ -105,7 +111,7 @@ def run(codec: Codec, paths: list[str], *, model: str | None = None, chunk_token
     return {"summary": {
         "model": lm.model_id, "bytes": n, "tokens": tokens, "segments": report.segments,
         "lm_segments": report.memory_segments,
-        "lm_chunks": _chunk_count(archive, prefix), "chunk_tokens": chunk_tokens or "default",
+        "lm_chunks": chunks, "chunk_tokens": chunk_tokens or "default",
         "prefix": list(sink_prefix(lm, FitConfig())),
         "lmz_bytes": len(blob), "lmz_bits_per_byte": 8 * len(blob) / n,
         "lm_payload_bits_per_byte": 8 * lm_payload / n,

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, fields, replace
 from typing import BinaryIO, Callable
 
-from . import container, inspection, kinds, lm_journal, segmenting
+from . import container, inspection, kinds, linebreaks, lm_journal, segmenting
 from .batch_decode import default_batch_size
 from .container import KIND_MEMORY, ArchiveWriter, Header
 from .journal import Journal, model_identity
@@ -300,7 +300,7 @@ class Codec:
                   progress: ProgressCallback | None = None, workers: int = 1,
                   journal: str | os.PathLike | None = None, cluster: str | None = None,
                   pack_lm: bool = True, lm_arithmetic: int = LM_ARITHMETIC, lm_mix: bool | None = None,
-                  lm_head: int | None = None, **fit_options) -> EncodeReport:
+                  lm_head: int | None = None, lm_lines: bool | None = None, **fit_options) -> EncodeReport:
         """Encode `data` (bytes, or str as UTF-8) and write the archive to `out`.
 
         With `tokens_per_segment` None, segments grow while their vectors hold
@@ -317,7 +317,9 @@ class Codec:
         with `pack_lm`) mixes counts shared by the chunks of each segment of up to 16 into their
         frequencies, in kind 6 (lm3-group) segments; False writes kind 5. `lm_head` (default 128 where
         counts are mixed): every chunk of such a segment but the first is coded after that many
-        first tokens of the first (kind 7, lm3-head); 0 writes kind 6.
+        first tokens of the first (kind 7, lm3-head); 0 writes kind 6. `lm_lines` (default True where
+        counts are mixed) codes CRLF as LF and a hard-wrapped text's line breaks as spaces, where that
+        pays (kind 8, lm3-text); False keeps each text's line breaks as they are.
         Extra keyword options (vectors, max_steps, lr, batch_size, margin, …) set
         fields of the FitConfig.
         """
@@ -348,13 +350,19 @@ class Codec:
             raise OptionError(f"lm_head must be 0 to {MAX_TOKENS_PER_SEGMENT} tokens, not {lm_head}")
         if lm_head and not lm_mix:
             raise OptionError("lm_head needs lm_mix (kind 7's chunks are a group that shares counts)")
+        lines_asked = bool(lm_lines)
+        if lm_lines is None:
+            lm_lines = lm_mix
+        if lm_lines and not lm_mix:
+            raise OptionError("lm_lines needs lm_mix (kind 8's chunks are a group that shares counts)")
         if method != "memory" and (workers > 1 or cluster is not None):
             raise OptionError(f"workers and cluster fit memory segments; method {method} takes neither")
 
         sha256 = hashlib.sha256(data).digest()
         if method == "lm":
             return self._encode_lm(data, out, model, fit, tokens_per_segment, zstd_level, progress, sha256,
-                                   pack_lm, journal, lm_arithmetic, lm_mix, mix_asked or head_asked, lm_head)
+                                   pack_lm, journal, lm_arithmetic, lm_mix, mix_asked or head_asked or lines_asked,
+                                   lm_head, lm_lines)
         if method == "zstd":
             regions, lm, growing = [segmenting.Piece(data, None)], None, False
         else:
@@ -389,10 +397,11 @@ class Codec:
                    tokens_per_segment: int | None, zstd_level: int, progress: ProgressCallback | None,
                    sha256: bytes, pack: bool, journal: str | os.PathLike | None,
                    arithmetic: int = LM_ARITHMETIC, mix: bool = False, mix_asked: bool = False,
-                   head: int = 0) -> EncodeReport:
+                   head: int = 0, lines: bool = False) -> EncodeReport:
         """Range-code the text's tokens under the model, in chunks (kind lm3 under arithmetic /3, or
         with `mix` lm3-group, whose chunks share counts within a segment, and with a `head` lm3-head,
-        whose chunks but the first follow the first's head; lm-packed, lm and lm-long under /2).
+        whose chunks but the first follow the first's head, and with `lines` lm3-text, over text whose
+        line breaks are made what the model reads best; lm-packed, lm and lm-long under /2).
         With `journal`, each chunk's payload is kept there as it is coded, and each sampled chunk's
         check outcome once it is known."""
         lm = self.model(model)
@@ -401,10 +410,11 @@ class Codec:
                 raise OptionError(f"lm_mix needs a vocabulary of at most {MIX_MAX_VOCAB} tokens, not {lm.vocab_size}")
             mix = False  # kind 6's totals would pass the range coder's
         head = head if mix else 0
+        lines = linebreaks.choose(segmenting.text_runs(data)) if mix and lines else 0
         prefix = sink_prefix(lm, fit)
         if not prefix:
             raise OptionError("the lm method needs a prefix token (the model has no start-of-text token)")
-        pieces = lm_pieces(lm, data, tokens_per_segment, prefix)
+        pieces, lines = lm_pieces(lm, data, tokens_per_segment, prefix, lines)
         writer = ArchiveWriter()
         run = _RawRun(writer, zstd_level)
         state = Progress(0, len(data))
@@ -412,7 +422,7 @@ class Codec:
         sample = coded[::kinds.lm.CHECK_EVERY]
         book, payloads, checked = None, {}, {}
         if journal is not None:
-            ident = lm_journal.identity(lm, sha256, tokens_per_segment, prefix, pieces, arithmetic, mix, head)
+            ident = lm_journal.identity(lm, sha256, tokens_per_segment, prefix, pieces, arithmetic, mix, head, lines)
             book, payloads = lm_journal.resume(journal, ident, pieces)
             checked = {i: ok for i, ok in lm_journal.checks(book, payloads).items() if i in sample}
         resumed = len(payloads)
@@ -431,7 +441,7 @@ class Codec:
         failed = {i for i, ok in checked.items() if not ok} | coder.check_and_code_rest(
             [i for i in sample if i not in checked], [i for i in coded if i not in payloads])
         for segment, held in kinds.lm.segments(pieces, payloads, prefix, failed, pack=pack, arithmetic=arithmetic,
-                                               groups=groups, heads=heads):
+                                               groups=groups, heads=heads, lines=lines):
             counted = sum(len(pieces[i].data) for i in held if pieces[i].ids is not None)  # coded and checked
             self._put(segment, writer, run, state, progress, counted=counted)
         run.flush()
@@ -661,10 +671,19 @@ def _next_fit(fitted, lm: LoadedModel, fit: FitConfig):
 
 
 def lm_pieces(lm: LoadedModel, data: bytes, tokens_per_segment: int | None,
-              prefix: tuple[int, ...]) -> list[segmenting.Piece]:
-    """The text cut as `--method lm` cuts it: chunks of tokens, and runs that are not UTF-8 (ids None)."""
+              prefix: tuple[int, ...], lines: int = 0) -> tuple[list[segmenting.Piece], int]:
+    """The text cut as `--method lm` cuts it: chunks of tokens (of the text as the `lines` flags
+    code it), and runs that are not UTF-8 (ids None); and the flags, 0 where a chunk coded under
+    them would not fit."""
     most = kinds.lm.max_chunk_tokens(prefix)
     if tokens_per_segment is not None and tokens_per_segment > most:
         raise OptionError(f"the lm method takes chunks of at most {most} tokens, not {tokens_per_segment}")
     chunk = min(tokens_per_segment or LM_CHUNK_TOKENS, most)
-    return list(segmenting.plan(data, lm.tokenizer, chunk, worth=lambda tokenizer, text: True))
+    if lines:
+        # a chunk codes on its own the line breaks at its ends, which the cut counted as the whole
+        # text's: a token more at either end at most
+        pieces = list(segmenting.plan(data, lm.tokenizer, max(1, min(chunk, most - 2)),
+                                      worth=lambda tokenizer, text: True, lines=lines))
+        if all(p.ids is None or len(p.ids) <= most for p in pieces):
+            return pieces, lines
+    return list(segmenting.plan(data, lm.tokenizer, chunk, worth=lambda tokenizer, text: True)), 0

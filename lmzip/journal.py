@@ -29,7 +29,7 @@ from .kinds import CodedSegment
 MANIFEST = "manifest.json"
 _WHAT = {"input_sha256": "input", "method": "--method", "tokens_per_segment": "--tokens", "zstd_level": "--level",
          "fit": "fitting options", "lmzip": "lmzip version", "arithmetic": "lm arithmetic", "chunks": "chunks", "shared_counts": "shared counts (kind 6)",
-         "head_tokens": "head (kind 7)",
+         "head_tokens": "head (kind 7)", "line_flags": "line breaks (kind 8)",
          "regions": "regions", "prefix": "prefix tokens", "model": "model", "journal_version": "journal format"}
 JOURNAL_VERSION = 1
 

@@ -24,9 +24,9 @@ from .segmenting import Piece
 
 
 def identity(lm, input_sha256: bytes, tokens_per_segment: int | None, prefix, pieces: list[Piece],
-             arithmetic: int, mix: bool = False, head: int = 0) -> dict:
+             arithmetic: int, mix: bool = False, head: int = 0, lines: int = 0) -> dict:
     """What a journal must match to be resumed: input, chunking, prefix, model, arithmetic,
-    whether shared counts are mixed in (kind 6) and the head (kind 7)."""
+    whether shared counts are mixed in (kind 6), the head (kind 7) and the line flags (kind 8)."""
     ident = {"input_sha256": input_sha256.hex(), "method": "lm", "tokens_per_segment": tokens_per_segment,
              "prefix": list(prefix), "arithmetic": VERSIONS[arithmetic].decode(), "model": model_identity(lm),
              "chunks": [len(p.data) for p in pieces]}
@@ -34,6 +34,8 @@ def identity(lm, input_sha256: bytes, tokens_per_segment: int | None, prefix, pi
         ident["shared_counts"] = True
     if head:
         ident["head_tokens"] = head
+    if lines:
+        ident["line_flags"] = lines
     return ident
 
 

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterator
 
+from . import linebreaks
+
 # Invalid UTF-8 bytes come back from surrogateescape as U+DC80..U+DCFF; valid
 # UTF-8 never decodes to a surrogate, so these mark exactly the binary runs.
 _ESCAPED_BYTES = re.compile("[\udc80-\udcff]+")
@@ -100,9 +102,11 @@ def _cut_points(tokenizer, text: str, tokens_per_segment: int) -> Iterator[int]:
     yield len(text)
 
 
-def memory_piece(tokenizer, text: str) -> Piece:
-    """A piece of text, with its tokens if they detokenize back to exactly the text."""
+def memory_piece(tokenizer, text: str, lines: int = 0) -> Piece:
+    """A piece of text, with its tokens (of the text as `linebreaks.coded` makes it under `lines`)
+    if they detokenize back to exactly that text."""
     data = text.encode("utf-8")
+    text = linebreaks.coded(text, lines)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     # At most one token per byte: the decoder then never runs more steps than the
     # segment has bytes, which bounds the work a hostile archive can ask for.
@@ -111,18 +115,26 @@ def memory_piece(tokenizer, text: str) -> Piece:
     return Piece(data, tuple(ids))
 
 
-def plan(data: bytes, tokenizer, tokens_per_segment: int, worth=worth_fitting) -> Iterator[Piece]:
-    """Cut `data` into pieces of about `tokens_per_segment` tokens; runs of valid UTF-8 that
-    `worth(tokenizer, text)` turns down go to zstd whole."""
+def plan(data: bytes, tokenizer, tokens_per_segment: int, worth=worth_fitting, lines: int = 0) -> Iterator[Piece]:
+    """Cut `data` into pieces of about `tokens_per_segment` tokens (of the text as the `lines`
+    flags code it: linebreaks.py); runs of valid UTF-8 that `worth(tokenizer, text)` turns down
+    go to zstd whole."""
     for text, valid in _runs(data):
         if not valid or not worth(tokenizer, text):
             yield Piece(text.encode("utf-8", errors="surrogateescape"), None)
             continue
+        coded, offsets = linebreaks.coded_offsets(text, lines)
         a = 0
-        for b in _cut_points(tokenizer, text, tokens_per_segment):
+        for b in _cut_points(tokenizer, coded, tokens_per_segment):
+            b = offsets[b]
             if b > a:
-                yield memory_piece(tokenizer, text[a:b])
+                yield memory_piece(tokenizer, text[a:b], lines)
                 a = b
+
+
+def text_runs(data: bytes) -> str:
+    """The text of `data`'s valid UTF-8 runs, each after a NUL (so that none continues another)."""
+    return "".join("\0" + text for text, valid in _runs(data) if valid)
 
 
 class Stream:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import UnsupportedKindError
-from . import lm, lm3, lm3_group, lm3_head, lm_long, lm_packed, memory, zstd
+from . import lm, lm3, lm3_group, lm3_head, lm3_text, lm_long, lm_packed, memory, zstd
 
 
 @dataclass(frozen=True)
@@ -60,9 +60,10 @@ class DecodeContext:
 
 # What encode(method=...) takes: memory segments, the lm kinds, or zstd alone.
 METHODS = ("memory", "lm", "zstd")
-KINDS = {module.KIND: module for module in (zstd, memory, lm, lm_long, lm_packed, lm3, lm3_group, lm3_head)}
+KINDS = {module.KIND: module for module in (zstd, memory, lm, lm_long, lm_packed, lm3, lm3_group, lm3_head,
+                                                 lm3_text)}
 LM_KINDS = frozenset({lm.KIND, lm_long.KIND, lm_packed.KIND, lm3.KIND, lm3_group.KIND,
-                      lm3_head.KIND})  # tokens range-coded under the model
+                      lm3_head.KIND, lm3_text.KIND})  # tokens range-coded under the model
 
 
 def get(kind: int):

@@ -222,18 +222,19 @@ def start_check(lm, pieces, payloads, prefix, sample, aside: bool = True, resume
 
 
 def segments(pieces, payloads: dict, prefix, failed, pack: bool = True,
-             arithmetic: int = 2, groups=None, heads=None) -> list[tuple[object, list[int]]]:
+             arithmetic: int = 2, groups=None, heads=None, lines: int = 0) -> list[tuple[object, list[int]]]:
     """(coded segment, the indices of the pieces it holds) for all `pieces` in order: raw bytes for
     a piece with no ids or one in `failed`; the chunks between them, with their `payloads` (by
     piece index, coded under `arithmetic`), in segments of at most MAX_SEGMENT_BYTES. Under /3,
     lm3 segments (each chunk one of its own unless `pack`); under /2, lm-packed ones or, a lone
     chunk (or every chunk unless `pack`), an lm or lm-long segment. With `groups` (`group_pieces`'),
     one lm3-group segment per group (lm3-head with `heads`, one per group), or raw bytes for each
-    of its pieces if one failed."""
+    of its pieces if one failed; with `lines` (linebreaks' flags the pieces' ids were made under),
+    lm3-text where they change a group's text."""
     from . import CodedSegment, lm3, lm_packed, raw
 
     if groups is not None:
-        return _group_segments(pieces, payloads, prefix, failed, groups, heads)
+        return _group_segments(pieces, payloads, prefix, failed, groups, heads, lines)
 
     out, run = [], []
 
@@ -267,8 +268,9 @@ def segments(pieces, payloads: dict, prefix, failed, pack: bool = True,
     return out
 
 
-def _group_segments(pieces, payloads, prefix, failed, groups, heads=None) -> list[tuple[object, list[int]]]:
-    from . import lm3_group, lm3_head, raw
+def _group_segments(pieces, payloads, prefix, failed, groups, heads=None, lines: int = 0
+                    ) -> list[tuple[object, list[int]]]:
+    from . import lm3_group, lm3_head, lm3_text, raw
 
     first = {g[0]: g for g in groups}
     head_of = {g[0]: h for g, h in zip(groups, heads)} if heads is not None else None
@@ -280,7 +282,10 @@ def _group_segments(pieces, payloads, prefix, failed, groups, heads=None) -> lis
                 out.append((raw(pieces[j].data), [j]))
         else:
             args = ([pieces[j].data for j in g], [len(pieces[j].ids) for j in g], [payloads[j] for j in g], prefix)
-            segment = lm3_head.encode(*args, head_of[i]) if head_of is not None else lm3_group.encode(*args)
+            head = head_of[i] if head_of is not None else 0
+            segment = lm3_text.encode(*args, head, lines) if lines else None
+            if segment is None:
+                segment = lm3_head.encode(*args, head) if head_of is not None else lm3_group.encode(*args)
             out.append((segment, list(g)))
         i += len(g) if g else 1
     return out
