@@ -68,6 +68,21 @@ def test_head_sets_the_lm_kind_and_is_only_for_method_lm(workdir):
     assert r.exit_code == 2 and "--head is for --method lm" in r.stderr
 
 
+def test_keep_lines_writes_kind_7_for_a_crlf_text_and_is_only_for_method_lm(workdir):
+    text = TEXT.replace(b"\n", b"\r\n") * 2
+    assert b"\r\n" in text
+    Path("crlf.txt").write_bytes(text)
+    kinds = {}
+    for flags in ((), ("--keep-lines",)):
+        r = run("compress", "-f", "--method", "lm", "--tokens", "8", *flags, "--model", TINY_MODEL, "crlf.txt")
+        assert r.exit_code == 0, r.output
+        kinds[flags] = {s["kind"] for s in lmzip.inspect(Path("crlf.txt.lmz").read_bytes())["segments"]}
+        assert run("decompress", "-c", "--model", TINY_MODEL, "crlf.txt.lmz").stdout_bytes == text
+    assert kinds == {(): {"lm3-text"}, ("--keep-lines",): {"lm3-head"}}
+    r = run("compress", "-f", "--method", "zstd", "--keep-lines", "doc.txt")
+    assert r.exit_code == 2 and "--keep-lines is for --method lm" in r.stderr
+
+
 def test_never_overwrites_without_force(workdir):
     Path("doc.txt.lmz").write_bytes(b"precious")
     r = run("compress", "--method", "zstd", "doc.txt")
