@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 import zstandard
 
-from . import container
+from . import container, linebreaks, segmenting
 from .codec import LM_ARITHMETIC, Codec, ProgressCallback, lm_pieces
+from .exact.mixing import MAX_VOCAB as MIX_MAX_VOCAB
 from .errors import InputError, InternalError
 from .fit import FitConfig, sink_prefix
 from .kinds import LM_KINDS, lm3, lm3_group, lm3_head, lm3_text, lm_packed
@@ -59,15 +60,15 @@ def _ideal_bits(lm, pieces, prefix, arithmetic: int, mix: bool, head: int = 0) -
     return soft, freq, coded, tokens
 
 
-def _layout(archive: container.Archive, prefix) -> tuple[int, int, int]:
-    """(the lm chunks the archive holds, its longest head, the line flags its segments use): chunks
-    that failed the encoder's check are zstd, not counted."""
-    count = head = lines = 0
+def _layout(archive: container.Archive, prefix) -> tuple[int, int]:
+    """(the lm chunks the archive holds, its longest head): chunks that failed the encoder's check
+    are zstd, not counted."""
+    count = head = 0
     for i, s in enumerate(archive.segments):
         payload = bytes(archive.payload(i))
         if s.kind == lm3_text.KIND:
-            flags, _, h, payloads, _ = lm3_text.unpack(payload, s.token_count, prefix)
-            count, head, lines = count + len(payloads), max(head, h), lines | flags
+            _, _, h, payloads, _ = lm3_text.unpack(payload, s.token_count, prefix)
+            count, head = count + len(payloads), max(head, h)
         elif s.kind == lm3_head.KIND:
             h, payloads, _ = lm3_head.unpack(payload, s.token_count, prefix)
             count, head = count + len(payloads), max(head, h)
@@ -75,7 +76,7 @@ def _layout(archive: container.Archive, prefix) -> tuple[int, int, int]:
             count += len(lm_packed.unpack(payload, s.token_count, lm_packed.room(prefix))[1])
         elif s.kind in LM_KINDS:
             count += 1
-    return count, head, lines
+    return count, head
 
 
 def run(codec: Codec, paths: list[str], *, model: str | None = None, chunk_tokens: int | None = None,
@@ -99,8 +100,9 @@ def run(codec: Codec, paths: list[str], *, model: str | None = None, chunk_token
     archive = container.parse(blob)
     lm_payload = sum(s.payload_length for s in archive.segments if s.kind in LM_KINDS)
     prefix = archive.header.prefix
-    chunks, head, lines = _layout(archive, prefix)
-    # the chunks as the encoder cut them: a flag no segment uses changed no chunk's text
+    chunks, head = _layout(archive, prefix)
+    # the chunks as the encoder cut them, under the line flags it chose for this input
+    lines = linebreaks.choose(segmenting.text_runs(data)) if lm.vocab_size <= MIX_MAX_VOCAB else 0
     pieces, _ = lm_pieces(lm, data, chunk_tokens, prefix, lines)
     mixed = any(s.kind in (lm3_group.KIND, lm3_head.KIND, lm3_text.KIND) for s in archive.segments)
     soft, freq, coded, tokens = (_ideal_bits(lm, pieces, prefix, LM_ARITHMETIC, mixed, head) if ideal

@@ -407,7 +407,8 @@ class Codec:
         lm = self.model(model)
         if mix and lm.vocab_size > MIX_MAX_VOCAB:
             if mix_asked:
-                raise OptionError(f"lm_mix needs a vocabulary of at most {MIX_MAX_VOCAB} tokens, not {lm.vocab_size}")
+                raise OptionError(f"lm_mix (which lm_head and lm_lines need) needs a vocabulary of at most "
+                                  f"{MIX_MAX_VOCAB} tokens, not {lm.vocab_size}")
             mix = False  # kind 6's totals would pass the range coder's
         head = head if mix else 0
         lines = linebreaks.choose(segmenting.text_runs(data)) if mix and lines else 0

@@ -53,6 +53,18 @@ def test_a_text_whose_lines_are_kept_is_kind_7(codec):
                                   lm_lines=False))) == {"lm3-head"}
 
 
+def test_each_group_takes_the_flags_that_change_its_text(codec):
+    one_line_paragraphs = "\r\n\r\n".join([PARAGRAPH * 2] * 12)  # CRLF, no soft breaks
+    no_breaks = PARAGRAPH * 24
+    text = ((WRAPPED * 2).decode() + "\r\n\r\n" + one_line_paragraphs + "\r\n\r\n" + no_breaks).encode()
+    blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=40)
+    info = lmzip.container.parse(blob)
+    flags = [lm3_text.unpack(bytes(info.payload(i)), s.token_count, info.header.prefix)[0]
+             if s.kind == lm3_text.KIND else 0 for i, s in enumerate(info.segments)]
+    assert flags[0] == 3 and 1 in flags and flags[-1] == 0 and kinds(blob)[-1] == "lm3-head"
+    assert codec.decode(blob, model=TINY_MODEL) == text
+
+
 def test_crlf_alone_and_without_a_head(codec):
     text = "\r\n".join(PARAGRAPH[i:i + 30] for i in range(0, 150, 30)).encode() * 2
     blob = codec.encode(text, method="lm", model=TINY_MODEL, tokens_per_segment=25, lm_head=0)
@@ -67,6 +79,30 @@ def test_chunks_cut_on_the_coded_text_never_split_a_crlf(codec, tiny):
     assert flags == 3 and len(pieces) > 10
     assert b"".join(p.data for p in pieces) == WRAPPED
     assert all(linebreaks.crlf_only(p.data.decode()) for p in pieces)
+
+
+def test_a_chunk_that_would_pass_its_positions_keeps_the_text_as_it_is(tiny, monkeypatch):
+    from lmzip import segmenting
+    from lmzip.codec import lm_pieces
+
+    real = segmenting.memory_piece
+    longer = lambda tokenizer, text, lines=0: (segmenting.Piece(text.encode(), (5,) * 9000) if lines  # noqa: E731
+                                               else real(tokenizer, text))
+    monkeypatch.setattr(segmenting, "memory_piece", longer)
+    pieces, flags = lm_pieces(tiny, WRAPPED, None, (0,), linebreaks.CRLF | linebreaks.UNWRAP)
+    assert flags == 0 and b"".join(p.data for p in pieces) == WRAPPED and max(len(p.ids) for p in pieces) < 9000
+
+
+def test_coded_text_longer_than_the_segment_is_refused_before_it_is_restored(codec, tiny):
+    from dataclasses import replace
+
+    from lmzip.kinds import DecodeContext, DecodeJob
+
+    blob = codec.encode(WRAPPED, method="lm", model=TINY_MODEL, tokens_per_segment=40)
+    info = lmzip.container.parse(blob)
+    entry = replace(info.segments[0], original_length=info.segments[0].original_length // 2)
+    with pytest.raises(lmzip.SegmentError, match="coded text, more than"):
+        lm3_text.decode([DecodeJob(0, entry, bytes(info.payload(0)))], DecodeContext(info.header, model=tiny))
 
 
 def test_the_archive_is_pinned(codec):

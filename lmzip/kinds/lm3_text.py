@@ -63,9 +63,12 @@ def encode(datas: list[bytes], counts: list[int], payloads: list[bytes], prefix,
     writer refuses what a reader would)."""
     from . import CodedSegment
 
-    flags, joined = group_lines([d.decode("utf-8") for d in datas], lines)
+    texts = [d.decode("utf-8") for d in datas]
+    flags, joined = group_lines(texts, lines)
     if not flags:
         return None
+    if joined.texts != [linebreaks.coded(t, lines) for t in texts]:  # what the chunks' tokens were made from
+        raise InternalError(f"lmzip bug: a group's line flags {flags} code other text than its chunks' {lines}")
     tokens, payload = sum(counts), pack(flags, joined.stream, head, payloads, counts)
     try:
         unpack(payload, tokens, prefix)
@@ -102,6 +105,10 @@ def decode(jobs, ctx) -> list[bytes]:
     for job, chunks in zip(jobs, chunk_tokens):
         flags, stream = parsed[job.index][:2]
         texts = [ctx.model.tokenizer.decode(ids, clean_up_tokenization_spaces=False) for ids in chunks]
+        coded = sum(len(t.encode("utf-8", errors="surrogatepass")) for t in texts)
+        if coded > job.entry.original_length:  # restoring never shortens a text: refused before the walk
+            raise SegmentError(job.index, f"decoded {coded} bytes of coded text, more than the segment's "
+                                          f"{job.entry.original_length}")
         try:
             texts = linebreaks.restore(texts, flags, stream)
         except ValueError as e:
