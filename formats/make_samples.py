@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import struct
 import sys
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +32,8 @@ from lmzip.container import MIN_HEADER_SIZE, crc32  # noqa: E402
 
 OUT = ROOT / "formats"
 TINY = "tests/data/tiny-llama"  # relative, so the archive names a path that works from the root
+WRAP_TEXT = ("Alice was beginning to get very tired of sitting by her sister on the bank, and of having "
+             "nothing to do: once or twice she had peeped into the book her sister was reading. ")
 TEXT = "Hello, lmzip!\r\nA short text,\nwith CRLF and LF, emoji 😀 and a NUL \x00 too.\n"
 def payload_crc(blob: bytes, index: int) -> bytes:
     """Recompute a segment's payload CRC-32 after its payload was edited (so the damage gets past it)."""
@@ -107,6 +110,11 @@ def main() -> None:
     # kind 7 (what compress --method lm writes now): kind 6's groups, each chunk but the first after its head
     lm3_head = codec.encode(text * 4, method="lm", model=TINY, tokens_per_segment=16)
     assert [s["kind"] for s in lmzip.inspect(lm3_head)["segments"]] == ["lm3-head"] * 2
+    # kind 8 (what compress --method lm writes for CRLF or hard-wrapped text): kind 7 over the text
+    # with CRLF as LF and its wrapped lines joined
+    wrapped = "\r\n\r\n".join(textwrap.fill(WRAP_TEXT * 3, 30).replace("\n", "\r\n") for _ in range(4)).encode()
+    lm3_text = codec.encode(wrapped, method="lm", model=TINY, tokens_per_segment=40)
+    assert {s["kind"] for s in lmzip.inspect(lm3_text)["segments"]} == {"lm3-text"}
 
     samples = {
         "good-empty.lmz": (lmzip.encode(b"", method="zstd"), b""),
@@ -120,6 +128,7 @@ def main() -> None:
         "good-lm3-long-tiny.lmz": (lm3_long, long_text),
         "good-lm3-group-tiny.lmz": (lm3_group, text * 4),
         "good-lm3-head-tiny.lmz": (lm3_head, text * 4),
+        "good-lm3-text-tiny.lmz": (lm3_text, wrapped),
         "good-compatible-header-extension.lmz": (longer_header(zstd_text, 3, 40, compatible_flags=0x8000), text),
         "good-compatible-segment-flag.lmz": (edit_entry(zstd_text, 0, flags=0x80), text),
         "bad-magic.lmz": (b"\x89LMX" + zstd_text[4:], lmzip.NotLmzError),
@@ -163,6 +172,7 @@ def main() -> None:
         "bad-lm3-payload.lmz": (payload_crc(flip(lm3, payload_offset(lm3, 1) - 3, 0x10), 0), lmzip.SegmentError),
         "bad-lm3-group-as-lm3.lmz": (edit_entry(lm3_group, 0, kind=5), lmzip.SegmentError),
         "bad-lm3-head-as-lm3-group.lmz": (edit_entry(lm3_head, 0, kind=6), lmzip.SegmentError),
+        "bad-lm3-text-as-lm3-head.lmz": (edit_entry(lm3_text, 0, kind=7), lmzip.SegmentError),
         "bad-absurd-prefix.lmz": (edit_header(memory, prefix_length=0xFFFF), lmzip.LimitError),
         "unsupported-version-4.lmz": (longer_header(zstd_text, 4, 2000), lmzip.UnsupportedVersionError),
         "unsupported-incompatible-flag.lmz": (edit_header(zstd_text, incompatible_flags=0x0001),
