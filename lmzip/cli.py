@@ -305,8 +305,8 @@ def _fit_config(params: dict) -> FitConfig:
                    "--method lm: 2047, at most 8191 (8191: about 3% smaller, 4 times slower to decode)].")
 @click.option("--head", "lm_head", type=click.IntRange(0, 8191), default=None, metavar="N",
               help="--method lm: code each chunk of a segment after the first N tokens of its first chunk "
-                   "[default: 128; 512: about 0.6% smaller, a quarter more decoding steps; 0: segment kind 6, "
-                   "for lmzip before kind 7].")
+                   "[default: 128; 512: about 0.6% smaller, a quarter more decoding steps; 0: none (with "
+                   "--keep-lines, segment kind 6, for lmzip before kind 7)].")
 @click.option("--keep-lines", is_flag=True, default=False,
               help="--method lm: code CRLF line ends and hard-wrapped lines as they are (segment kind 7, for "
                    "lmzip before kind 8) [default: as LF, and wrapped lines joined, where that pays: "
