@@ -79,18 +79,23 @@ def encode(datas: list[bytes], counts: list[int], payloads: list[bytes], prefix,
                         stats={"tokens": tokens, "chunks": len(counts)})
 
 
-def _parsed(job, prefix) -> tuple[int, list[bytes], list[int]]:
+def parsed(job, prefix, unpack=unpack, name: str = NAME):
+    """`unpack` of the job's payload (this kind's, or kind 8's), SegmentError if it is damaged."""
     try:
         return unpack(job.payload, job.entry.token_count, prefix)
     except ValueError as e:
-        raise SegmentError(job.index, f"damaged {NAME} payload: {e}") from None
+        raise SegmentError(job.index, f"damaged {name} payload: {e}") from None
+
+
+def group_tokens(jobs, ctx, tables: dict) -> list[list[list[int]]]:
+    """Each job's chunks' tokens, decoded in one batch; `tables`: (head, payloads, token counts) by job index."""
+    return lm.job_chunk_tokens(jobs, ctx, LM_LONG_POSITIONS, lambda job: tables[job.index][1:], ARITHMETIC,
+                               grouped=True, heads=[tables[job.index][0] for job in jobs])
 
 
 def decode(jobs, ctx) -> list[bytes]:
     from .memory import checked_length, detokenize
 
-    parsed = {job.index: _parsed(job, ctx.header.prefix) for job in jobs}
-    chunk_tokens = lm.job_chunk_tokens(jobs, ctx, LM_LONG_POSITIONS, lambda job: parsed[job.index][1:],
-                                       ARITHMETIC, grouped=True, heads=[parsed[job.index][0] for job in jobs])
+    tables = {job.index: parsed(job, ctx.header.prefix) for job in jobs}
     return [checked_length(job, b"".join(detokenize(ctx.model, ids) for ids in chunks))
-            for job, chunks in zip(jobs, chunk_tokens)]
+            for job, chunks in zip(jobs, group_tokens(jobs, ctx, tables))]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from .. import linebreaks
 from ..errors import InternalError, SegmentError
-from ..limits import LM_LONG_POSITIONS
 from . import lm, lm3_head, lm_packed
 
 KIND = 8
@@ -88,21 +87,12 @@ def group_lines(texts: list[str], lines: int):
     return flags, linebreaks.join(texts, flags)
 
 
-def _parsed(job, prefix):
-    try:
-        return unpack(job.payload, job.entry.token_count, prefix)
-    except ValueError as e:
-        raise SegmentError(job.index, f"damaged {NAME} payload: {e}") from None
-
-
 def decode(jobs, ctx) -> list[bytes]:
     from .memory import checked_length
 
-    parsed = {job.index: _parsed(job, ctx.header.prefix) for job in jobs}
-    chunk_tokens = lm.job_chunk_tokens(jobs, ctx, LM_LONG_POSITIONS, lambda job: parsed[job.index][3:],
-                                       ARITHMETIC, grouped=True, heads=[parsed[job.index][2] for job in jobs])
+    parsed = {job.index: lm3_head.parsed(job, ctx.header.prefix, unpack, NAME) for job in jobs}
     out = []
-    for job, chunks in zip(jobs, chunk_tokens):
+    for job, chunks in zip(jobs, lm3_head.group_tokens(jobs, ctx, {i: p[2:] for i, p in parsed.items()})):
         flags, stream = parsed[job.index][:2]
         texts = [ctx.model.tokenizer.decode(ids, clean_up_tokenization_spaces=False) for ids in chunks]
         coded = sum(len(t.encode("utf-8", errors="surrogatepass")) for t in texts)
