@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 import zstandard
 
-from . import container, linebreaks, segmenting
+from . import container
 from .codec import LM_ARITHMETIC, Codec, ProgressCallback, lm_pieces
-from .exact.mixing import MAX_VOCAB as MIX_MAX_VOCAB
 from .errors import InputError, InternalError
 from .fit import FitConfig, sink_prefix
 from .kinds import LM_KINDS, lm3, lm3_group, lm3_head, lm3_text, lm_packed
@@ -101,9 +100,7 @@ def run(codec: Codec, paths: list[str], *, model: str | None = None, chunk_token
     lm_payload = sum(s.payload_length for s in archive.segments if s.kind in LM_KINDS)
     prefix = archive.header.prefix
     chunks, head = _layout(archive, prefix)
-    # the chunks as the encoder cut them, under the line flags it chose for this input
-    lines = linebreaks.choose(segmenting.text_runs(data)) if lm.vocab_size <= MIX_MAX_VOCAB else 0
-    pieces, _ = lm_pieces(lm, data, chunk_tokens, prefix, lines)
+    pieces, _ = lm_pieces(lm, data, chunk_tokens, prefix, report.line_flags)  # as the encoder cut them
     mixed = any(s.kind in (lm3_group.KIND, lm3_head.KIND, lm3_text.KIND) for s in archive.segments)
     soft, freq, coded, tokens = (_ideal_bits(lm, pieces, prefix, LM_ARITHMETIC, mixed, head) if ideal
                                  else (None, None, None, report.memory_tokens))

@@ -98,6 +98,7 @@ class EncodeReport:
     memory_vectors: int
     fits: list[SegmentFit]  # every segment that was fitted, in archive order
     resumed: int = 0  # memory segments or lm chunks taken from the journal, not done again
+    line_flags: int = 0  # method lm: the linebreaks flags its chunks were cut and coded under
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -450,7 +451,7 @@ class Codec:
                         **self._model_fields(lm, replace(fit, vectors=0, margin=0.0), prefix))
         size = writer.finish(out, header)
         return EncodeReport(len(data), size, writer.segment_count, state.lm, state.zstd, state.tokens, 0, [],
-                            resumed=resumed)
+                            resumed=resumed, line_flags=lines)
 
     @staticmethod
     def _put(segment: kinds.CodedSegment, writer: ArchiveWriter, run: "_RawRun", state: Progress,

@@ -100,7 +100,18 @@ class Joined:
 def join(texts: list[str], flags: int) -> Joined:
     """The coded form of consecutive chunks' texts under `flags` (CRLF needs `crlf_only` texts),
     checked by `restore`, the decoder's own function, on exactly what it returns."""
-    originals = texts
+    joined = _join(texts, flags)
+    try:
+        restored = restore(joined.texts, flags, joined.stream)
+    except ValueError as e:
+        restored = e
+    if restored != texts:
+        raise InternalError(f"lmzip bug: line flags {flags} do not restore the text ({restored!r:.60})")
+    return joined
+
+
+def _join(texts: list[str], flags: int) -> Joined:
+    """`join` without the check (for `choose`, which keeps only the stream's length)."""
     if flags & CRLF:
         if not all(map(crlf_only, texts)):
             raise InternalError("lmzip bug: CRLF line flags for a text with a lone \\r or \\n")
@@ -120,12 +131,6 @@ def join(texts: list[str], flags: int) -> Joined:
             _scan(text, model, tell)
             breaks += original.count("\n") - text.count("\n")
         stream = encoder.finish()
-    try:
-        restored = restore(coded, flags, stream)
-    except ValueError as e:
-        restored = e
-    if restored != originals:
-        raise InternalError(f"lmzip bug: line flags {flags} do not restore the text ({restored!r:.60})")
     return Joined(coded, stream, breaks)
 
 
@@ -140,13 +145,14 @@ def coded(text: str, flags: int) -> str:
     return _unwrap(text) if flags & UNWRAP else text
 
 
-def coded_offsets(text: str, flags: int) -> tuple[str, list[int]]:
+def coded_offsets(text: str, flags: int) -> tuple[str, list[int] | None]:
     """`coded(text, flags)` and, for each of its characters and its end, the offset in `text` it
-    came from: a cut before a CRLF's "\n" in the coded text cuts before its "\r"."""
-    offsets = list(range(len(text) + 1))
-    if flags & CRLF:
-        offsets = [i for i in offsets if not (i < len(text) and text[i] == "\n" and i and text[i - 1] == "\r")]
-    return coded(text, flags), offsets
+    came from (a cut before a CRLF's "\n" in the coded text cuts before its "\r"); None where
+    they are the same (no CRLF flag: unwrapping keeps every offset)."""
+    if not flags & CRLF:
+        return coded(text, flags), None
+    lf_of_crlf = {i for i in range(1, len(text)) if text[i] == "\n" and text[i - 1] == "\r"}
+    return coded(text, flags), [i for i in range(len(text) + 1) if i not in lf_of_crlf]
 
 
 def choose(text: str) -> int:
@@ -155,7 +161,7 @@ def choose(text: str) -> int:
     flags = CRLF if "\r\n" in text and crlf_only(text) else 0
     lf = coded(text, flags)
     if sum(1 for i, ch in enumerate(lf) if ch == "\n" and _soft(lf, i)) >= MIN_BREAKS:
-        joined = join([text], flags | UNWRAP)
+        joined = _join([text], flags | UNWRAP)
         if 8 * len(joined.stream) <= MOST_BITS_PER_BREAK * joined.breaks:
             flags |= UNWRAP
     return flags

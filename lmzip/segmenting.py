@@ -126,7 +126,7 @@ def plan(data: bytes, tokenizer, tokens_per_segment: int, worth=worth_fitting, l
         coded, offsets = linebreaks.coded_offsets(text, lines)
         a = 0
         for b in _cut_points(tokenizer, coded, tokens_per_segment):
-            b = offsets[b]
+            b = offsets[b] if offsets is not None else b
             if b > a:
                 yield memory_piece(tokenizer, text[a:b], lines)
                 a = b

@@ -1,4 +1,5 @@
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,14 @@ FORMATS = ROOT / "formats"
 # float32 fitting, so that what fits does not depend on the CPU's bf16 support.
 TINY_OPTIONS = dict(model=TINY_MODEL, tokens_per_segment=8, vectors=1, max_vectors=1, max_steps=300,
                     lr=0.1, margin=0.5, batch_size=8, hinge=1.0, bf16=False)
+
+
+def word_chunks(lengths, seed: int = 1) -> list[list[int]]:
+    """Chunks of these lengths drawn from ten token ids (3 to 59): repetitive, as text is, so that
+    counts shared by a group change the frequencies."""
+    rng = random.Random(seed)
+    words = [rng.randrange(3, 60) for _ in range(10)]
+    return [[rng.choice(words) for _ in range(n)] for n in lengths]
 
 
 @pytest.fixture(scope="session")

@@ -83,6 +83,13 @@ def test_a_damaged_stream_is_an_error_or_other_text():
         assert restored != [PROSE]  # the segment's crc32 then refuses it
 
 
+def test_the_writer_checks_its_join_with_the_readers_restore(monkeypatch):
+    monkeypatch.setattr(linebreaks, "restore", lambda texts, flags, stream: [t.upper() for t in texts])
+    with pytest.raises(InternalError, match="do not restore"):
+        linebreaks.join([PROSE], UNWRAP)
+    assert linebreaks.choose(PROSE) == UNWRAP  # the writer's choice keeps only the stream's length
+
+
 def test_the_writer_refuses_crlf_flags_for_a_lone_newline():
     with pytest.raises(InternalError):
         linebreaks.join(["a\nb\r\n"], CRLF)

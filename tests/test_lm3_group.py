@@ -15,7 +15,7 @@ from lmzip.kinds import lm as lm_kind
 from lmzip.segmenting import Piece
 
 from archive_edit import edit_entry, kinds
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, word_chunks
 
 TEXT = (b"Alice was beginning to get very tired of sitting by her sister on the bank. "
         b"The Rabbit said: oh dear, oh dear, I shall be late. ") * 5
@@ -70,9 +70,7 @@ def test_weights_are_in_64ths_and_bucketed_by_order_and_count():
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
 def test_groups_decode_to_their_chunks_at_any_threads_and_batch(exact3, threads, batch_size):
-    rng = random.Random(1)
-    words = [rng.randrange(3, 60) for _ in range(10)]
-    chunks = [[rng.choice(words) for _ in range(n)] for n in (30, 25, 30, 7, 18, 1, 0)]
+    chunks = word_chunks((30, 25, 30, 7, 18, 1, 0))
     groups = [[0, 1, 2], [3, 4, 5, 6]]  # an empty chunk too
     contexts = lm_kind.shared_contexts([Piece(b"", c) for c in chunks], groups)
     per_chunk = [contexts[i] for i in range(len(chunks))]

@@ -2,7 +2,6 @@
 head (SPEC.md, "lm3-head payloads (kind 7)")."""
 
 import hashlib
-import random
 
 import pytest
 
@@ -15,7 +14,7 @@ from lmzip.kinds import lm3_head, lm_packed
 from lmzip.segmenting import Piece
 
 from archive_edit import edit_entry, kinds
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, word_chunks
 
 TEXT = (b"Alice was beginning to get very tired of sitting by her sister on the bank. "
         b"The Rabbit said: oh dear, oh dear, I shall be late. ") * 5
@@ -36,9 +35,7 @@ def coded_group(exact3, chunks, groups, most, threads=1):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
 def test_groups_with_heads_decode_to_their_chunks_at_any_threads_and_batch(exact3, threads, batch_size):
-    rng = random.Random(1)
-    words = [rng.randrange(3, 60) for _ in range(10)]
-    chunks = [[rng.choice(words) for _ in range(n)] for n in (30, 25, 30, 4, 18, 1, 0)]
+    chunks = word_chunks((30, 25, 30, 4, 18, 1, 0))
     groups = [[0, 1, 2], [3, 4, 5, 6]]  # the second group's head is its whole first chunk; an empty chunk
     heads, (contexts, before), payloads = coded_group(exact3, chunks, groups, 6, threads)
     assert heads == [6, 4] and before[1] == tuple(chunks[0][:6]) and before[0] == () == before[3]
